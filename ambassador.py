@@ -1,0 +1,2441 @@
+#!/usr/bin/env python3
+"""Ambassador: a sidecar HTTP proxy in one file, standard library only, CPython 3.6 to 3.13.
+
+A legacy app that cannot be changed calls http://localhost:9000.  Ambassador runs beside it,
+one listener per remote service, and forwards each call to that service's cluster, adding what
+the app lacks: timeouts, keep-alive pooling, header hygiene, request ids, metrics, access logs.
+
+Usage:
+    python ambassador.py --demo                     # try it: two demo services, nothing to install
+    python ambassador.py -c ambassador.toml         # run until SIGTERM / SIGINT / POST /quitquitquit
+    python ambassador.py -c ambassador.toml --check # validate only: no DNS, no binding
+    python ambassador.py --version
+
+How a request flows (Envoy's words: the app is *downstream*, the remote service *upstream*):
+
+    app --HTTP/1.1--> Listener ----------> DownstreamConnection ------> forward()
+                      (accept, one thread   (read head, limits,          |
+                       per connection,       parse, hygiene,              v
+                       connection limit)     error replies)           Cluster.pick_endpoint()
+                                                                          |
+                                                                          v
+    remote service <--HTTP/1.1-- UpstreamConnection <---------------- ConnectionPool (per Endpoint)
+                                 (send head, stream body,              (keep-alive, checked for a
+                                  read head, stream response back)      close before reuse)
+
+    Every request ends in Telemetry: Metrics (Prometheus text on the admin port) and AccessLog.
+
+Contents (grep -n '^# ====' for line numbers):
+     1 Imports and compatibility       8 Upstream: Endpoint, ConnectionPool, Cluster
+     2 Constants and defaults          9 Resilience (grows with the resilience issue)
+     3 Errors                         10 Telemetry: Metrics, AccessLog
+     4 Foundations                    11 Admin
+     5 Configuration                  12 Process: Ambassador, demo, main()
+     6 Listeners                      13 Appendix: TOML parser for Python < 3.11
+     7 Request pipeline
+"""
+
+# ==================================================================================================
+# 1. Imports and compatibility
+#    The only section that asks "which Python".  Every shim is tagged compat(<version>).
+# ==================================================================================================
+
+import argparse
+import bisect
+import collections
+import difflib
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import select
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import NamedTuple, Optional, Tuple
+
+try:
+    import tomllib
+except ImportError:  # compat(3.10): no tomllib; the appendix parser reads the TOML configs use
+    tomllib = None
+
+__version__ = "0.1.0"
+__all__ = ["Ambassador", "Config", "load_config", "parse_config", "toml_loads", "main"]
+
+monotonic = time.monotonic
+
+
+# ==================================================================================================
+# 2. Constants and defaults
+#    Every number a user might ask about, in one place; the README's config reference mirrors these.
+# ==================================================================================================
+
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
+DEFAULT_LISTEN_HOST = "127.0.0.1"             # secure default: only the pod / host itself
+DEFAULT_TIMEOUT_S = 15.0                      # Envoy's route timeout
+DEFAULT_CONNECT_TIMEOUT_S = 1.0
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_MAX_HEADER_BYTES = 65536
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+MAX_HEADER_COUNT = 100                        # past it: 431
+MAX_CHUNK_LINE_BYTES = 4096                   # chunk size line with extensions; past it: 400
+MAX_TRAILER_BYTES = 16384
+DRAIN_QUIET_S = 1.0                           # drain ends after this long with no active request
+UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
+POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
+BODY_BUFFER_BYTES = 65536                     # a request body up to this is kept to be sent again
+IO_CHUNK_BYTES = 65536
+ACCESS_LOG_MAX_QUEUE = 65536                  # entries waiting for the writer; past it, counted drops
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                     1.0, 2.5, 5.0, 10.0)
+
+# RFC 9110 7.6.1: never forwarded, nor is any header that Connection names.
+HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"])
+# RFC 9110 9.2.2; a request with Idempotency-Key is treated as one of these.
+IDEMPOTENT_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+# ==================================================================================================
+# 3. Errors
+#    Config problems carry key paths; a ProxyError is a reply Ambassador gives itself, with its
+#    status and the x-ambassador-error tag that also goes to the access log.
+# ==================================================================================================
+
+class ConfigError(Exception):
+    """Every problem found in a config, each a line 'key.path: reason'."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        Exception.__init__(self, "\n".join(self.problems))
+
+
+class StartupError(Exception):
+    """A listener or the admin port could not be bound: exit 1, nothing left running."""
+
+
+class ProxyError(Exception):
+    """A request Ambassador answers itself.  `status` and `tag` are the reply's."""
+    status = 502
+    tag = "internal-error"
+
+    def __init__(self, detail="", status=None):
+        Exception.__init__(self, detail)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(ProxyError):
+    """The request is malformed or ambiguous: answered, never forwarded, connection closed."""
+    status, tag = 400, "bad-request"
+
+
+class RequestTimeout(BadRequest):
+    status, tag = 408, "request-timeout"
+
+
+class Overflow(ProxyError):
+    status, tag = 503, "overflow"
+
+
+class ConnectFailure(ProxyError):
+    """No connection was made: the request never left Ambassador."""
+    status, tag = 502, "connect-failure"
+
+
+class UpstreamReset(ProxyError):
+    """The upstream closed or reset the connection before a complete response head."""
+    status, tag = 502, "upstream-reset"
+
+
+class UpstreamTimeout(ProxyError):
+    status, tag = 504, "upstream-timeout"
+
+
+class UpstreamProtocolError(ProxyError):
+    status, tag = 502, "upstream-protocol-error"
+
+
+class DownstreamGone(Exception):
+    """The app closed or reset its connection, or stopped reading: normal life, not an error."""
+
+
+# ==================================================================================================
+# 4. Foundations
+#    Small helpers used by two or more sections: durations, addresses, value formatting.
+# ==================================================================================================
+
+_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+
+
+def parse_duration(value):
+    """'250ms', '2s', '1m', '1h' or a number of seconds -> float seconds; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected a duration like \"250ms\" or \"5s\", got %s" % show(value))
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        for unit, scale in _DURATION_UNITS:
+            number = value[:-len(unit)]
+            if value.endswith(unit) and number and all(c.isdigit() or c == "." for c in number) \
+                    and number.count(".") <= 1 and number != ".":
+                seconds = float(number) * scale
+                break
+        else:
+            raise ValueError("expected a duration like \"250ms\" or \"5s\", got %s" % show(value))
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError("expected a duration >= 0, got %s" % show(value))
+    return seconds
+
+
+def parse_address(value, default_host=DEFAULT_LISTEN_HOST):
+    """'host:port', '[v6]:port' or an integer port (on default_host) -> (host, port)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        host, port = default_host, value
+    elif isinstance(value, str):
+        if value.startswith("["):
+            host, sep, port = value[1:].partition("]:")
+        else:
+            host, sep, port = value.rpartition(":")
+            if ":" in host:
+                raise ValueError("expected \"host:port\" (IPv6 as \"[::1]:port\"), got %s"
+                                 % show(value))
+        if not sep or not host or not port.isdigit():
+            raise ValueError("expected \"host:port\", got %s" % show(value))
+        port = int(port)
+    else:
+        raise ValueError("expected \"host:port\" or a port number, got %s" % show(value))
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be 0-65535, got %d" % port)
+    return host, port
+
+
+def format_address(address):
+    host, port = address
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def show(value):
+    """A config value as a user wrote it, for error messages: strings quoted, others as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+# ==================================================================================================
+# 5. Configuration
+#    TOML -> validated, immutable records.  Every problem is reported with its dotted key path;
+#    keys of features that have not landed yet are refused as "not supported yet".
+# ==================================================================================================
+
+class AdminConfig(NamedTuple):
+    listen: Tuple[str, int] = parse_address(DEFAULT_ADMIN_LISTEN)
+
+
+class LogConfig(NamedTuple):
+    access: str = "-"                     # "-" stdout, "off", or a file path
+    format: str = "json"                  # json | text
+    level: str = "info"
+
+
+class ShutdownConfig(NamedTuple):
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
+
+
+class ListenerConfig(NamedTuple):
+    name: str
+    listen: Tuple[str, int]
+    cluster: str
+    protocol: str = "http"
+    timeout: float = DEFAULT_TIMEOUT_S
+    host_rewrite: bool = True
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+
+
+class ClusterConfig(NamedTuple):
+    name: str
+    endpoints: Tuple[Tuple[str, int], ...]
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+    discovery: str = "static"
+
+
+class Config(NamedTuple):
+    path: str
+    listeners: Tuple[ListenerConfig, ...]
+    clusters: dict                       # name -> ClusterConfig (never mutated after load)
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+
+
+def _kind_duration(value):
+    return parse_duration(value)
+
+
+def _kind_int(minimum, maximum=None):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+                or (maximum is not None and value > maximum):
+            bound = ">= %d" % minimum if maximum is None else "in %d..%d" % (minimum, maximum)
+            raise ValueError("expected an integer %s, got %s" % (bound, show(value)))
+        return value
+    return check
+
+
+def _kind_bool(value):
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false, got %s" % show(value))
+    return value
+
+
+def _kind_string(value):
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string, got %s" % show(value))
+    return value
+
+
+def _kind_one_of(*choices):
+    def check(value):
+        if value not in choices:
+            raise ValueError("expected one of %s, got %s"
+                             % (", ".join(json.dumps(c) for c in choices), show(value)))
+        return value
+    return check
+
+
+def _kind_listen(value):
+    return parse_address(value)
+
+
+def _kind_endpoints(value):
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty array of \"host:port\", got %s" % show(value))
+    endpoints = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError("expected \"host:port\" strings, got %s" % show(item))
+        host, port = parse_address(item)
+        if port == 0:
+            raise ValueError("endpoint port must be 1-65535, got %s" % show(item))
+        endpoints.append((host, port))
+    return tuple(endpoints)
+
+
+# Each table's keys: name -> (kind, default); REQUIRED marks keys without a default.  Keys that a
+# later issue implements are listed in _NOT_YET so that the format stays designed once.
+REQUIRED = object()
+_ADMIN_KEYS = {"listen": (_kind_listen, AdminConfig().listen)}
+_LOG_KEYS = {"access": (_kind_string, "-"),
+             "format": (_kind_one_of("json", "text"), "json"),
+             "level": (_kind_one_of("debug", "info", "warning", "error"), "info")}
+_SHUTDOWN_KEYS = {"drain_timeout": (_kind_duration, DEFAULT_DRAIN_TIMEOUT_S)}
+_LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
+                  "cluster": (_kind_string, REQUIRED),
+                  "protocol": (_kind_one_of("http"), "http"),
+                  "timeout": (_kind_duration, DEFAULT_TIMEOUT_S),
+                  "host_rewrite": (_kind_bool, True),
+                  "max_connections": (_kind_int(1), DEFAULT_MAX_CONNECTIONS),
+                  "idle_timeout": (_kind_duration, DEFAULT_IDLE_TIMEOUT_S),
+                  "header_timeout": (_kind_duration, DEFAULT_HEADER_TIMEOUT_S),
+                  "max_header_bytes": (_kind_int(1024, 1048576), DEFAULT_MAX_HEADER_BYTES)}
+_CLUSTER_KEYS = {"endpoints": (_kind_endpoints, REQUIRED),
+                 "connect_timeout": (_kind_duration, DEFAULT_CONNECT_TIMEOUT_S),
+                 "discovery": (_kind_one_of("static"), "static")}
+_NOT_YET = {"": ("tracing",),
+            "listeners": ("retry", "tls"),
+            "clusters": ("dns_refresh", "lb_policy", "circuit_breaker", "outlier_detection",
+                         "health_check", "tls")}
+_TOP_KEYS = ("admin", "log", "shutdown", "listeners", "clusters") + _NOT_YET[""]
+
+
+class _Validator:
+    """Walks the parsed TOML, collecting every problem with its key path instead of stopping."""
+
+    def __init__(self):
+        self.problems = []
+
+    def problem(self, path, reason):
+        self.problems.append("%s: %s" % (path, reason))
+
+    def table(self, path, raw, keys, not_yet=()):
+        """raw (a dict) checked against keys -> {key: value}, defaults filled in."""
+        values = {}
+        if not isinstance(raw, dict):
+            self.problem(path, "expected a table, got %s" % show(raw))
+            raw = {}
+        for key in raw:
+            if key in not_yet:
+                self.problem("%s.%s" % (path, key), "not supported yet")
+            elif key not in keys:
+                self.unknown("%s.%s" % (path, key), key, list(keys) + list(not_yet))
+        for key, (kind, default) in keys.items():
+            if key not in raw:
+                if default is REQUIRED:
+                    self.problem("%s.%s" % (path, key), "required key is missing")
+                else:
+                    values[key] = default
+                continue
+            try:
+                values[key] = kind(raw[key])
+            except ValueError as e:
+                self.problem("%s.%s" % (path, key), str(e))
+        return values
+
+    def unknown(self, path, key, known):
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        self.problem(path, "unknown key" + (" (did you mean %s?)" % json.dumps(near[0])
+                                            if near else ""))
+
+
+def parse_config(raw, path="<config>"):
+    """A parsed TOML document -> Config; raises ConfigError listing every problem."""
+    v = _Validator()
+    for key in raw:
+        if key in _NOT_YET[""]:
+            v.problem(key, "not supported yet")
+        elif key not in _TOP_KEYS:
+            v.unknown(key, key, list(_TOP_KEYS))
+    admin = AdminConfig(**v.table("admin", raw.get("admin", {}), _ADMIN_KEYS))
+    log = LogConfig(**v.table("log", raw.get("log", {}), _LOG_KEYS))
+    shutdown = ShutdownConfig(**v.table("shutdown", raw.get("shutdown", {}), _SHUTDOWN_KEYS))
+
+    clusters = {}
+    raw_clusters = raw.get("clusters", {})
+    if not isinstance(raw_clusters, dict):
+        v.problem("clusters", "expected a table of clusters, got %s" % show(raw_clusters))
+        raw_clusters = {}
+    for name, table in raw_clusters.items():
+        values = v.table("clusters.%s" % name, table, _CLUSTER_KEYS, _NOT_YET["clusters"])
+        if "endpoints" in values:
+            clusters[name] = ClusterConfig(name=name, **values)
+
+    listeners = []
+    raw_listeners = raw.get("listeners", {})
+    if not isinstance(raw_listeners, dict) or not raw_listeners:
+        v.problem("listeners", "expected at least one [listeners.<name>] table")
+        raw_listeners = {}
+    ports = {}
+    if admin.listen[1]:
+        ports[admin.listen[1]] = "admin.listen"
+    for name, table in raw_listeners.items():
+        where = "listeners.%s" % name
+        values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"])
+        if "cluster" in values and values["cluster"] not in raw_clusters:
+            v.problem(where + ".cluster", "no cluster named %s (clusters: %s)"
+                      % (json.dumps(values["cluster"]),
+                         ", ".join(sorted(raw_clusters)) or "none"))
+        port = values.get("listen", (None, 0))[1]
+        if port and port in ports:
+            v.problem(where + ".listen", "port %d is already used by %s" % (port, ports[port]))
+        elif port:
+            ports[port] = where + ".listen"
+        if "listen" in values and "cluster" in values:
+            listeners.append(ListenerConfig(name=name, **values))
+    if v.problems:
+        raise ConfigError(v.problems)
+    return Config(path=path, listeners=tuple(listeners), clusters=clusters, admin=admin, log=log,
+                  shutdown=shutdown)
+
+
+def load_config(path):
+    """Read, parse and validate a TOML file; ConfigError with '<file>: ...' lines otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(["%s: no such file" % path])
+    except OSError as e:
+        raise ConfigError(["%s: %s" % (path, e.strerror or e)])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(["%s: not UTF-8 (byte %d)" % (path, e.start)])
+    try:
+        raw = parse_toml(text)
+    except TOMLError as e:
+        raise ConfigError(["%s:%d:%d: %s" % (path, e.line, e.column, e.reason)])
+    return parse_config(raw, path)
+
+
+def parse_toml(text):
+    """tomllib where it exists, else the appendix parser; both raise TOMLError with a position."""
+    if tomllib is None:
+        return toml_loads(text)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        m = re.search(r" \(at line (\d+), column (\d+)\)$", message)
+        if m:
+            raise TOMLError(message[:m.start()], int(m.group(1)), int(m.group(2)))
+        m = re.search(r" \(at end of document\)$", message)
+        line = text.count("\n") + 1
+        raise TOMLError(message[:m.start()] if m else message, line,
+                        len(text) - text.rfind("\n"))
+
+
+def config_as_json(config):
+    """The effective config with defaults filled in, in the same shape as the TOML."""
+    def record(r):
+        out = {}
+        for key, value in r._asdict().items():
+            if key == "name":
+                continue
+            if key == "listen":
+                value = format_address(value)
+            elif key == "endpoints":
+                value = [format_address(e) for e in value]
+            out[key] = value
+        return out
+    return {"admin": record(config.admin), "log": record(config.log),
+            "shutdown": record(config.shutdown),
+            "listeners": {l.name: record(l) for l in config.listeners},
+            "clusters": {name: record(c) for name, c in sorted(config.clusters.items())}}
+
+
+# ==================================================================================================
+# 6. Listeners
+#    One bound socket per configured listener; one named daemon thread per downstream connection,
+#    at most max_connections of them, past which a caller gets a fast 503 from the accept thread.
+# ==================================================================================================
+
+class Listener:
+    """A listener's live state: config, cluster, and the counters behind the connection limit,
+    the active-requests gauge and the drain.  Thread-safe."""
+
+    def __init__(self, config, cluster, telemetry, draining):
+        self.config = config
+        self.name = config.name
+        self.cluster = cluster
+        self.telemetry = telemetry
+        self.draining = draining              # threading.Event shared by the process
+        self._lock = threading.Lock()         # guards connections, active_requests, last_active
+        self.connections = 0
+        self.active_requests = 0
+        self.last_active = monotonic()
+
+    def try_open_connection(self):
+        with self._lock:
+            if self.connections >= self.config.max_connections:
+                return False
+            self.connections += 1
+            return True
+
+    def close_connection(self):
+        with self._lock:
+            self.connections -= 1
+
+    def begin_request(self):
+        with self._lock:
+            self.active_requests += 1
+
+    def end_request(self):
+        with self._lock:
+            self.active_requests -= 1
+            self.last_active = monotonic()
+
+    def quiet_since(self):
+        """Monotonic time since which no request was active, or None while one is."""
+        with self._lock:
+            return None if self.active_requests else self.last_active
+
+
+_OVERFLOW_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+                   b"x-ambassador-error: overflow\r\ncontent-length: 37\r\nconnection: close\r\n\r\n"
+                   b"overflow: too many connections open\r\n")
+
+
+class ListenerServer(socketserver.TCPServer):
+    """Accepts one listener's downstream connections and serves each in its own thread.
+
+    Like ThreadingMixIn, but threads are named and counted: past max_connections the accepting
+    thread answers 503 itself and closes, so a flood never grows an unbounded pile of threads."""
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, listener):
+        self.listener = listener
+        if ":" in listener.config.listen[0]:
+            self.address_family = socket.AF_INET6
+        socketserver.TCPServer.__init__(self, listener.config.listen, None)
+
+    def process_request(self, sock, client_address):
+        listener = self.listener
+        if not listener.try_open_connection():
+            listener.telemetry.rejected_connection(listener)
+            try:
+                sock.setblocking(False)
+                sock.send(_OVERFLOW_REPLY)
+            except OSError:
+                pass
+            self.shutdown_request(sock)
+            return
+        name = "downstream:%s:%s" % (listener.name, client_address[1])
+        threading.Thread(target=self._serve_connection, args=(sock, client_address), name=name,
+                         daemon=True).start()
+
+    def _serve_connection(self, sock, client_address):
+        try:
+            DownstreamConnection(self.listener, sock, client_address).serve()
+        except Exception:
+            self.listener.telemetry.internal_error("downstream connection")
+        finally:
+            self.listener.close_connection()
+            self.shutdown_request(sock)
+
+
+class HeadTooLarge(Exception):
+    """A head longer than its limit; `in_first_line` says whether the first line alone was."""
+
+    def __init__(self, in_first_line):
+        Exception.__init__(self)
+        self.in_first_line = in_first_line
+
+
+class FramingError(ValueError):
+    """A body's framing cannot be trusted (bad chunk size, missing CRLF, huge trailers)."""
+
+
+class SocketReader:
+    """Buffered reads from one socket for HTTP framing: heads, lines, byte counts.
+
+    Used by one thread at a time.  A head arrives with one recv in the common case and is split in
+    one pass, which is what makes this cheaper than http.client's email-based parser."""
+    __slots__ = ("sock", "buf")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def read_head(self, max_bytes, deadline, head_timeout=None):
+        """The bytes of a head without its final CRLF CRLF, or b"" at EOF before any byte.
+
+        deadline bounds the wait; once a first byte has come and head_timeout is given, the head
+        must be complete head_timeout later.  Raises socket.timeout, HeadTooLarge, EOFError."""
+        sock = self.sock
+        buf = self.buf.lstrip(b"\r\n")        # RFC 9112 2.2: ignore empty lines before a request
+        searched = 0
+        while True:
+            end = buf.find(b"\r\n\r\n", searched)
+            if end >= 0:
+                self.buf = buf[end + 4:]
+                return buf[:end]
+            if len(buf) > max_bytes:
+                self.buf = buf
+                raise HeadTooLarge(buf.find(b"\r\n", 0, max_bytes) < 0)
+            searched = max(0, len(buf) - 3)
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                self.buf = buf
+                raise socket.timeout("timed out")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(IO_CHUNK_BYTES)
+            except socket.timeout:
+                self.buf = buf
+                raise
+            if not data:
+                self.buf = buf
+                if buf:
+                    raise EOFError("connection closed in the middle of a head")
+                return b""
+            if not buf and head_timeout is not None:
+                deadline = monotonic() + head_timeout
+                data = data.lstrip(b"\r\n")
+            buf += data
+
+    def read_some(self, limit):
+        """Up to limit bytes: buffered ones first, else one recv; b"" at EOF."""
+        buf = self.buf
+        if buf:
+            if len(buf) <= limit:
+                self.buf = b""
+                return buf
+            self.buf = buf[limit:]
+            return buf[:limit]
+        return self.sock.recv(limit)
+
+    def read_line(self, limit):
+        """One CRLF-terminated line without its CRLF.  FramingError past limit, EOFError at EOF."""
+        searched = 0
+        while True:
+            i = self.buf.find(b"\r\n", searched)
+            if i >= 0:
+                line = self.buf[:i]
+                self.buf = self.buf[i + 2:]
+                return line
+            if len(self.buf) > limit:
+                raise FramingError("line longer than %d bytes" % limit)
+            searched = max(0, len(self.buf) - 1)
+            data = self.sock.recv(IO_CHUNK_BYTES)
+            if not data:
+                raise EOFError("connection closed in the middle of a line")
+            self.buf += data
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+def iter_length(reader, length):
+    """The data of a body of `length` bytes, as it arrives.  EOFError if the peer stops short."""
+    while length:
+        data = reader.read_some(min(length, IO_CHUNK_BYTES))
+        if not data:
+            raise EOFError("connection closed with %d body bytes missing" % length)
+        length -= len(data)
+        yield data
+
+
+def iter_chunked(reader):
+    """The data of a chunked body (RFC 9112 7.1); trailers are read and dropped.
+
+    Raises FramingError on a bad chunk size or a missing CRLF, EOFError if the peer stops short."""
+    while True:
+        line = reader.read_line(MAX_CHUNK_LINE_BYTES)
+        size = line.split(b";", 1)[0].rstrip(b" \t")
+        if not size or len(size) > 15 or not _HEX_DIGITS.issuperset(size):
+            raise FramingError("bad chunk size %r" % line[:40])
+        size = int(size, 16)
+        if not size:
+            break
+        for data in iter_length(reader, size):
+            yield data
+        if reader.read_line(2):
+            raise FramingError("chunk data not followed by CRLF")
+    trailer_bytes = 0
+    while True:
+        line = reader.read_line(MAX_TRAILER_BYTES)
+        if not line:
+            return
+        trailer_bytes += len(line) + 2
+        if trailer_bytes > MAX_TRAILER_BYTES:
+            raise FramingError("trailers larger than %d bytes" % MAX_TRAILER_BYTES)
+
+
+def iter_until_close(reader):
+    """The data of a body delimited by the connection's close."""
+    while True:
+        data = reader.read_some(IO_CHUNK_BYTES)
+        if not data:
+            return
+        yield data
+
+
+# ==================================================================================================
+# 7. Request pipeline
+#    Parse a request head with limits, clean its headers, give it an id, then forward(): pick an
+#    endpoint, send on a pooled connection, stream the response back.  Any failure before the
+#    response started becomes a short reply carrying x-ambassador-error.
+# ==================================================================================================
+
+class Request:
+    """One downstream request as parsed, and what became of it (for the access log and metrics)."""
+    __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked",
+                 "expect_continue", "keep_alive", "request_id", "forwarded_for", "replay_safe",
+                 "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
+                 "bytes_out", "response_started")
+
+    def __init__(self):
+        self.method = b"-"
+        self.target = b"-"
+        self.request_id = None
+        self.status = 0
+        self.error = None
+        self.upstream = None
+        self.attempts = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.response_started = False
+        self.keep_alive = False
+        self.content_length = None
+        self.chunked = False
+
+
+def parse_request(head, req, client_ip):
+    """Fill req from a request head, or raise BadRequest (400, 405, 501, 505, 431).
+
+    Strict where leniency lets two parsers disagree (RFC 9112 11.2, request smuggling): a bare CR
+    or LF, obs-fold, a space before the colon, both Content-Length and Transfer-Encoding, differing
+    Content-Lengths and unknown transfer codings are all refused."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        raise BadRequest("bare CR or LF in the request head")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise BadRequest("malformed request line")
+    method, target, version = parts
+    req.method = method
+    req.target = target[:2048]
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if version[:5] == b"HTTP/" and len(version) == 8:
+            raise BadRequest("HTTP version not supported", status=505)
+        raise BadRequest("malformed request line")
+    if not method or not _TOKEN_CHARS.issuperset(method):
+        raise BadRequest("malformed method")
+    if len(lines) > MAX_HEADER_COUNT + 1:
+        raise BadRequest("more than %d header fields" % MAX_HEADER_COUNT, status=431)
+
+    headers = []
+    content_length = transfer_encoding = host = forwarded_for = None
+    connection = b""
+    expect = None
+    replay_safe = method in IDEMPOTENT_METHODS
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not _TOKEN_CHARS.issuperset(name):
+            raise BadRequest("obs-fold" if line[:1] in (b" ", b"\t") else "malformed header field")
+        value = value.strip(b" \t")
+        lname = name.lower()
+        if lname == b"content-length":
+            if not value.isdigit() or len(value) > 18 or \
+                    (content_length is not None and content_length != int(value)):
+                raise BadRequest("invalid or conflicting Content-Length")
+            content_length = int(value)
+            continue
+        if lname == b"transfer-encoding":
+            transfer_encoding = value if transfer_encoding is None \
+                else transfer_encoding + b"," + value
+            continue
+        if lname == b"host":
+            if host is not None:
+                raise BadRequest("more than one Host")
+            host = value
+            continue
+        if lname == b"connection":
+            connection = connection + b"," + value.lower() if connection else value.lower()
+        elif lname == b"expect":
+            expect = value.lower()
+            continue
+        elif lname == b"x-forwarded-for":
+            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+            continue
+        elif lname == b"x-request-id":
+            if req.request_id is None and value:
+                req.request_id = value[:256]
+            continue
+        elif lname == b"idempotency-key":
+            replay_safe = True
+        headers.append((lname, name, value))
+
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        if version == b"HTTP/1.0":
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip(b" \t").lower() for c in transfer_encoding.split(b",")]
+        if codings[-1] != b"chunked":
+            raise BadRequest("Transfer-Encoding does not end in chunked")
+        if len(codings) > 1:
+            raise BadRequest("transfer coding not implemented", status=501)
+        req.chunked = True
+    req.content_length = content_length
+    if version == b"HTTP/1.1" and host is None:
+        raise BadRequest("missing Host")
+    if expect is not None and expect != b"100-continue":
+        raise BadRequest("unsupported Expect", status=417)
+    req.expect_continue = expect == b"100-continue" and version == b"HTTP/1.1" and \
+        (req.chunked or bool(content_length))
+
+    # Only the path and query go upstream: a listener forwards to its cluster and nowhere else.
+    if target[:1] != b"/":
+        if method == b"CONNECT":
+            raise BadRequest("CONNECT is not allowed: Ambassador is not an open proxy", status=405)
+        scheme, sep, rest = target.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https"):
+            slash = rest.find(b"/")
+            query = rest.find(b"?")
+            if slash < 0 or (0 <= query < slash):
+                target = b"/" + rest[query:] if query >= 0 else b"/"
+            else:
+                target = rest[slash:]
+        elif not (target == b"*" and method == b"OPTIONS"):
+            raise BadRequest("malformed request target")
+    req.target = target
+
+    tokens = [t.strip(b" \t") for t in connection.split(b",")] if connection else ()
+    if version == b"HTTP/1.1":
+        req.keep_alive = b"close" not in tokens
+    else:
+        req.keep_alive = b"keep-alive" in tokens
+    if tokens:  # RFC 9110 7.6.1: headers that Connection names are hop-by-hop too
+        named = frozenset(tokens)
+        headers = [h for h in headers if h[0] not in named and h[0] not in HOP_BY_HOP]
+    else:
+        headers = [h for h in headers if h[0] not in HOP_BY_HOP]
+    req.version = version
+    req.headers = headers
+    req.host = host
+    req.replay_safe = replay_safe
+    req.forwarded_for = (forwarded_for + b", " + client_ip) if forwarded_for else client_ip
+    if req.request_id is None:
+        req.request_id = str(uuid.uuid4()).encode()
+
+
+class RequestBody:
+    """A request body on its way upstream.
+
+    A body up to BODY_BUFFER_BYTES is read whole before the first try, so that a try can be
+    sent again byte for byte (and goes upstream with a Content-Length).  A larger one streams
+    from the app's connection and can be sent once: `replayable` turns false at its first byte."""
+
+    def __init__(self, req, downstream):
+        self.req = req
+        self.downstream = downstream
+        self.buffered = b""           # bytes held in memory (the whole body when replayable)
+        self.rest = None              # iterator over the rest of a streamed body
+        self.replayable = True
+
+    def prepare(self):
+        req = self.req
+        if not req.chunked and not req.content_length:
+            return
+        if req.expect_continue:
+            self.downstream.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        reader = self.downstream.reader
+        reader.sock.settimeout(self.downstream.listener.config.idle_timeout)
+        source = iter_chunked(reader) if req.chunked else iter_length(reader, req.content_length)
+        if req.content_length is not None and req.content_length > BODY_BUFFER_BYTES:
+            self.rest = source
+            return
+        held = []
+        size = 0
+        for data in self._read(source):
+            held.append(data)
+            size += len(data)
+            if size > BODY_BUFFER_BYTES:
+                self.rest = source
+                break
+        self.buffered = b"".join(held)
+
+    def framing(self):
+        """The framing header for the upstream request."""
+        if self.rest is None:
+            if self.buffered or self.req.content_length is not None:
+                return b"Content-Length: %d\r\n" % len(self.buffered)
+            return b""
+        if self.req.content_length is not None:
+            return b"Content-Length: %d\r\n" % self.req.content_length
+        return b"Transfer-Encoding: chunked\r\n"
+
+    def send_rest(self, sock):
+        """Stream what was not held from the app to the upstream (after head and held bytes)."""
+        self.replayable = False
+        chunked = self.req.content_length is None
+        for data in self._read(self.rest):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+
+    def _read(self, source):
+        """Data from the app, counted; its failures mapped to what they mean for the request."""
+        try:
+            for data in source:
+                self.req.bytes_in += len(data)
+                yield data
+        except FramingError as e:
+            raise BadRequest(str(e))
+        except (EOFError, OSError) as e:
+            raise DownstreamGone("request body: %s" % (e or type(e).__name__))
+
+
+class Response:
+    """An upstream response head, and how its body is framed."""
+    __slots__ = ("status", "head", "headers", "length", "chunked", "has_body", "keep_alive",
+                 "request_id")
+
+
+def parse_response(head, method):
+    """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0][:7] not in (b"HTTP/1.", ) or len(parts[1]) != 3 \
+            or not parts[1].isdigit():
+        raise UpstreamProtocolError("malformed status line %r" % lines[0][:80])
+    resp = Response()
+    resp.status = int(parts[1])
+    resp.head = lines[0]
+    resp.request_id = None
+    length = None
+    chunked = other_coding = False
+    connection = b""
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+            raise UpstreamProtocolError("malformed header field in the response")
+        value = value.strip(b" \t")
+        lname = name.lower()
+        if lname == b"content-length":
+            if not value.isdigit() or (length is not None and length != int(value)):
+                raise UpstreamProtocolError("invalid or conflicting Content-Length")
+            length = int(value)
+        elif lname == b"transfer-encoding":
+            chunked = value.lower().rstrip(b" \t").endswith(b"chunked")
+            other_coding = not chunked
+        elif lname == b"connection":
+            connection = connection + b"," + value.lower() if connection else value.lower()
+        elif lname == b"x-request-id":
+            resp.request_id = value
+        headers.append((lname, name, value))
+    tokens = frozenset(t.strip(b" \t") for t in connection.split(b",")) if connection else ()
+    resp.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in tokens
+    resp.has_body = not (method == b"HEAD" or resp.status in (204, 304) or resp.status < 200)
+    if chunked or other_coding:
+        length = None              # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
+    resp.chunked = chunked
+    resp.length = length
+    if resp.has_body and length is None and not chunked:
+        resp.keep_alive = False                # delimited by the upstream's close
+    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
+    resp.headers = [h for h in headers if h[0] not in drop and
+                    (h[0] != b"content-length" or not resp.has_body)]
+    return resp
+
+
+def forward(listener, req, downstream):
+    """Send one request to the listener's cluster and stream the response back to the app.
+
+    The layers, each knowing only the next: deadline (listener timeout) -> pooled-connection
+    retry -> Cluster.pick_endpoint -> ConnectionPool -> UpstreamConnection.  Returns whether the
+    downstream connection may carry another request.  Raises ProxyError while no response byte
+    was sent; after that, failures close the downstream connection instead."""
+    config = listener.config
+    cluster = listener.cluster
+    deadline = req.start + config.timeout
+    body = RequestBody(req, downstream)
+    body.prepare()
+    endpoint = cluster.pick_endpoint()
+    fresh_only = False
+    while True:
+        conn = endpoint.pool.acquire(deadline, fresh_only)
+        req.attempts += 1
+        req.upstream = endpoint.label
+        endpoint.begin_request()
+        ok = False
+        try:
+            resp = conn.exchange(req, body, config, deadline)
+            keep = relay_response(req, resp, conn, downstream, listener)
+            ok = resp.status < 500
+            return keep
+        except StaleConnection as e:
+            # A reused connection the upstream had closed: like Go's http.Transport, try once
+            # more on a fresh one if nothing was written, or if sending it twice is safe.
+            if not fresh_only and (e.nothing_written or (req.replay_safe and body.replayable)):
+                fresh_only = True
+                continue
+            raise UpstreamReset(e.reason)
+        finally:
+            endpoint.end_request(ok)
+
+
+class StaleConnection(Exception):
+    """A reused pooled connection failed before any response byte arrived."""
+
+    def __init__(self, reason, nothing_written):
+        Exception.__init__(self, reason)
+        self.reason = reason
+        self.nothing_written = nothing_written
+
+
+def relay_response(req, resp, conn, downstream, listener):
+    """Write the response head and stream its body to the app.  Returns downstream keep-alive."""
+    to_http11 = req.version == b"HTTP/1.1"
+    keep = req.keep_alive and not listener.draining.is_set()
+    parts = [b"HTTP/1.1 ", resp.head[9:], b"\r\n"]
+    for _, name, value in resp.headers:
+        parts += (name, b": ", value, b"\r\n")
+    if resp.request_id is None:
+        parts += (b"X-Request-Id: ", req.request_id, b"\r\n")
+    if resp.has_body:
+        if resp.length is not None:
+            parts.append(b"Content-Length: %d\r\n" % resp.length)
+        elif to_http11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            keep = False                       # an HTTP/1.0 app reads to the close
+    if not keep:
+        parts.append(b"Connection: close\r\n\r\n")
+    elif not to_http11:
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    req.status = resp.status
+    req.response_started = True
+    downstream.send(b"".join(parts))
+    if not resp.has_body:
+        conn.release(resp.keep_alive)
+        return keep
+    # From here a failure can only close the app's connection: a truncated body must never
+    # look complete, so no final chunk and no keep-alive after it.
+    reader = conn.reader
+    reader.sock.settimeout(listener.config.timeout)
+    if resp.length is not None:
+        source = iter_length(reader, resp.length)
+    elif resp.chunked:
+        source = iter_chunked(reader)
+    else:
+        source = iter_until_close(reader)
+    rechunk = resp.length is None and to_http11
+    send = downstream.send
+    try:
+        for data in source:
+            req.bytes_out += len(data)
+            send(b"%x\r\n%s\r\n" % (len(data), data) if rechunk else data)
+    except (EOFError, FramingError, OSError) as e:
+        conn.close()
+        req.error = "upstream-timeout" if isinstance(e, socket.timeout) else "upstream-reset"
+        listener.telemetry.debug("%s: response body cut short: %s", listener.name, e)
+        return False
+    except DownstreamGone:
+        conn.close()
+        raise
+    if rechunk:
+        send(b"0\r\n\r\n")
+    conn.release(resp.keep_alive)
+    return keep
+
+
+def error_reply(status, tag, detail, request_id, keep_alive):
+    """The bytes of a short plain-text reply Ambassador gives itself."""
+    body = ("%s: %s\n" % (tag, detail)).encode("utf-8", "replace")
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (status, http.client.responses.get(status, "Error").encode()),
+        b"Content-Type: text/plain; charset=utf-8\r\nx-ambassador-error: ", tag.encode(),
+        b"\r\nX-Request-Id: ", request_id or b"-",
+        b"\r\nContent-Length: %d\r\n" % len(body),
+        b"\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+        body))
+
+
+class DownstreamConnection:
+    """One connection from the app: its requests one after another (keep-alive), each through
+    parse_request() and forward(), each ending in telemetry.
+
+    Not http.server.BaseHTTPRequestHandler: its header parsing (email.feedparser) is the largest
+    single cost of a threaded Python proxy; SocketReader reads a head in one recv instead."""
+
+    def __init__(self, listener, sock, client_address):
+        self.listener = listener
+        self.sock = sock
+        self.reader = SocketReader(sock)
+        self.client_ip = client_address[0].encode()
+
+    def serve(self):
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        config = self.listener.config
+        while True:
+            try:
+                head = self.reader.read_head(config.max_header_bytes,
+                                             monotonic() + config.idle_timeout,
+                                             config.header_timeout)
+            except socket.timeout:
+                if self.reader.buf:   # a slow client: answer; an idle one is just closed
+                    self.reply_error(Request(), RequestTimeout("request head not complete "
+                                                               "within header_timeout"))
+                return
+            except HeadTooLarge as e:
+                status = 414 if e.in_first_line else 431
+                self.reply_error(Request(), BadRequest(
+                    "request %s larger than max_header_bytes"
+                    % ("line" if status == 414 else "head"), status=status))
+                return
+            except (EOFError, OSError):
+                return
+            if not head or not self.handle(head):
+                return
+
+    def handle(self, head):
+        """One request: parse, forward, account.  Returns whether to read another."""
+        listener = self.listener
+        req = Request()
+        req.start = monotonic()
+        req.wall_start = time.time()
+        listener.begin_request()
+        keep = False
+        try:
+            parse_request(head, req, self.client_ip)
+            keep = forward(listener, req, self)
+        except ProxyError as e:
+            keep = self.reply_error(req, e)
+        except DownstreamGone as e:
+            req.error = req.error or "downstream-disconnect"
+            listener.telemetry.debug("%s: %s", listener.name, e)
+        except (OSError, EOFError) as e:   # the app's socket failed while we wrote to it
+            req.error = req.error or "downstream-disconnect"
+            listener.telemetry.debug("%s: downstream: %s", listener.name, e)
+        finally:
+            listener.end_request()
+            listener.telemetry.record_request(listener, req, monotonic() - req.start)
+        return keep
+
+    def reply_error(self, req, error):
+        """Answer with Ambassador's own reply, unless a response already started.  Returns
+        whether the connection can carry on: only if the request was read in full."""
+        req.error = error.tag
+        if req.response_started:
+            return False
+        req.status = error.status
+        keep = req.keep_alive and not isinstance(error, BadRequest) and \
+            not req.chunked and not req.content_length and not self.listener.draining.is_set()
+        try:
+            self.send(error_reply(error.status, error.tag, error.detail or error.tag,
+                                  req.request_id, keep))
+        except DownstreamGone:
+            return False
+        return keep
+
+    def send(self, data):
+        """Write to the app; DownstreamGone if it closed, reset or stopped reading."""
+        try:
+            self.sock.settimeout(self.listener.config.idle_timeout)
+            self.sock.sendall(data)
+        except OSError as e:
+            raise DownstreamGone("write: %s" % (e or type(e).__name__))
+
+
+# ==================================================================================================
+# 8. Upstream: Endpoint, ConnectionPool, Cluster
+#    Where requests go: a cluster's endpoints, each with a pool of keep-alive connections that
+#    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
+# ==================================================================================================
+
+class UpstreamConnection:
+    """One connection to an endpoint, used by one request at a time, then released or closed."""
+    __slots__ = ("sock", "reader", "pool", "reused", "closed")
+
+    def __init__(self, sock, pool):
+        self.sock = sock
+        self.reader = SocketReader(sock)
+        self.pool = pool
+        self.reused = False
+        self.closed = False
+
+    def exchange(self, req, body, config, deadline):
+        """Send the request (head, then body) and read the response head -> Response.
+
+        Raises StaleConnection when a reused connection fails before any response byte,
+        ConnectFailure/UpstreamReset/UpstreamTimeout/UpstreamProtocolError otherwise."""
+        endpoint = self.pool.endpoint
+        host = endpoint.host_header if config.host_rewrite or req.host is None else req.host
+        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+        for _, name, value in req.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Forwarded-For: ", req.forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n"
+                  b"X-Request-Id: ", req.request_id, b"\r\n", body.framing(), b"\r\n",
+                  body.buffered)
+        data = b"".join(parts)
+        sock = self.sock
+        try:
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(remaining)
+            try:
+                sent = sock.send(data)
+            except OSError as e:
+                if self.reused and not isinstance(e, socket.timeout):
+                    raise StaleConnection("write: %s" % e, nothing_written=True)
+                raise
+            if sent < len(data):
+                sock.sendall(data[sent:])
+            if body.rest is not None:
+                body.send_rest(sock)
+            head = self.reader.read_head(65536, deadline)
+            if not head:
+                raise EOFError("connection closed before a response")
+        except socket.timeout:
+            self.close()
+            raise UpstreamTimeout("no response within the listener timeout (%gs)" % config.timeout)
+        except (EOFError, OSError) as e:
+            self.close()
+            if self.reused and not self.reader.buf:
+                raise StaleConnection("%s" % (e or type(e).__name__), nothing_written=False)
+            raise UpstreamReset("%s" % (e or type(e).__name__))
+        except HeadTooLarge:
+            self.close()
+            raise UpstreamProtocolError("response head larger than 64 KiB")
+        except BaseException:
+            self.close()
+            raise
+        try:
+            resp = parse_response(head, req.method)
+            while 100 <= resp.status < 200:   # 1xx: interim; Ambassador answered Expect itself
+                if resp.status == 101:
+                    raise UpstreamProtocolError("101 Switching Protocols was not asked for")
+                head = self.reader.read_head(65536, deadline)
+                if not head:
+                    raise UpstreamReset("connection closed after an interim response")
+                resp = parse_response(head, req.method)
+        except (socket.timeout, EOFError, OSError, HeadTooLarge) as e:
+            self.close()
+            raise UpstreamReset("after an interim response: %s" % (e or type(e).__name__))
+        except ProxyError:
+            self.close()
+            raise
+        return resp
+
+    def is_closed_by_peer(self):
+        """True when the idle connection shows EOF or unexpected data: it must not be reused."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def release(self, reusable):
+        if reusable and not self.reader.buf:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.pool.closed_one()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one endpoint, newest reused first.  Thread-safe.
+
+    acquire() never hands out a connection that sat idle past UPSTREAM_IDLE_S or that the
+    upstream closed (checked with a zero-timeout poll), so a stale socket is rarely written to."""
+
+    def __init__(self, endpoint, connect_timeout):
+        self.endpoint = endpoint
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()          # guards _idle and open_connections
+        self._idle = []                         # [(UpstreamConnection, idle since)], newest last
+        self.open_connections = 0
+
+    def acquire(self, deadline, fresh_only=False):
+        if not fresh_only:
+            while True:
+                with self._lock:
+                    if not self._idle:
+                        break
+                    conn, since = self._idle.pop()
+                if monotonic() - since < UPSTREAM_IDLE_S and not conn.is_closed_by_peer():
+                    conn.reused = True
+                    return conn
+                conn.close()
+        return self.connect(deadline)
+
+    def connect(self, deadline):
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout("listener timeout passed before connecting")
+        timeout = min(self.connect_timeout, remaining)
+        try:
+            sock = socket.create_connection(self.endpoint.address, timeout)
+        except socket.timeout:
+            if timeout < self.connect_timeout:
+                raise UpstreamTimeout("listener timeout passed while connecting")
+            raise ConnectFailure("connect to %s: timed out after %gs"
+                                 % (self.endpoint.label.decode(), timeout))
+        except OSError as e:
+            raise ConnectFailure("connect to %s: %s"
+                                 % (self.endpoint.label.decode(), e.strerror or e))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self.open_connections += 1
+        return UpstreamConnection(sock, self)
+
+    def release(self, conn):
+        now = monotonic()
+        stale = None
+        with self._lock:
+            if self._idle and now - self._idle[0][1] >= UPSTREAM_IDLE_S:
+                stale = self._idle.pop(0)[0]
+            if len(self._idle) < POOL_MAX_IDLE:
+                self._idle.append((conn, now))
+                conn = None
+        for c in (stale, conn):
+            if c is not None:
+                c.close()
+
+    def closed_one(self):
+        with self._lock:
+            self.open_connections -= 1
+
+    def close_idle(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
+
+class Endpoint:
+    """One address of a cluster, with its pool and request statistics.  Thread-safe."""
+
+    def __init__(self, address, connect_timeout):
+        self.address = address
+        self.label = format_address(address).encode()
+        self.host_header = self.label
+        self.pool = ConnectionPool(self, connect_timeout)
+        self._lock = threading.Lock()   # guards the statistics below
+        self.active_requests = 0
+        self.requests_total = 0
+        self.failures_total = 0
+        self.consecutive_failures = 0
+
+    def begin_request(self):
+        with self._lock:
+            self.active_requests += 1
+            self.requests_total += 1
+
+    def end_request(self, ok):
+        with self._lock:
+            self.active_requests -= 1
+            if ok:
+                self.consecutive_failures = 0
+            else:
+                self.failures_total += 1
+                self.consecutive_failures += 1
+
+    def snapshot(self):
+        with self._lock:
+            return {"address": self.label.decode(), "weight": 1, "health": "unchecked",
+                    "ejected_until": None, "ejections": 0,
+                    "active_requests": self.active_requests,
+                    "consecutive_failures": self.consecutive_failures,
+                    "requests_total": self.requests_total, "failures_total": self.failures_total,
+                    "open_connections": self.pool.open_connections}
+
+
+class Cluster:
+    """A named set of endpoints and the round-robin choice among them.  Thread-safe."""
+
+    def __init__(self, config):
+        self.config = config
+        self.name = config.name
+        self.endpoints = [Endpoint(a, config.connect_timeout) for a in config.endpoints]
+        self._lock = threading.Lock()    # guards _next
+        self._next = 0
+
+    def pick_endpoint(self):
+        endpoints = self.endpoints
+        if len(endpoints) == 1:
+            return endpoints[0]
+        with self._lock:
+            self._next = (self._next + 1) % len(endpoints)
+            return endpoints[self._next]
+
+    def open_connections(self):
+        return sum(e.pool.open_connections for e in self.endpoints)
+
+    def close_idle(self):
+        for e in self.endpoints:
+            e.pool.close_idle()
+
+# ==================================================================================================
+# 9. Telemetry: Metrics, AccessLog
+#    What happened, for people and for Prometheus.  Nothing here may raise into the data path or
+#    block it: counters take one short lock, access-log lines are written by a background thread.
+# ==================================================================================================
+
+def _escape_label(value):
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _format_sample(name, labelnames, labelvalues, value, extra=""):
+    pairs = ",".join('%s="%s"' % (k, _escape_label(v)) for k, v in zip(labelnames, labelvalues))
+    if extra:
+        pairs = pairs + "," + extra if pairs else extra
+    text = repr(float(value)) if isinstance(value, float) else str(value)
+    return "%s{%s} %s" % (name, pairs, text) if pairs else "%s %s" % (name, text)
+
+
+class Counter:
+    """A counter family: label values -> a count that only goes up.  Thread-safe."""
+    kind = "counter"
+
+    def __init__(self, name, help_text, labelnames):
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self._lock = threading.Lock()   # guards _values
+        self._values = {}
+
+    def inc(self, labelvalues=(), amount=1):
+        with self._lock:
+            self._values[labelvalues] = self._values.get(labelvalues, 0) + amount
+
+    def touch(self, labelvalues=()):
+        """Make the series exist at zero, so dashboards see it before the first event."""
+        with self._lock:
+            self._values.setdefault(labelvalues, 0)
+
+    def value(self, labelvalues=()):
+        with self._lock:
+            return self._values.get(labelvalues, 0)
+
+    def render(self):
+        with self._lock:
+            items = sorted(self._values.items())
+        return [_format_sample(self.name, self.labelnames, k, v) for k, v in items]
+
+
+class Gauge:
+    """A gauge family whose values are read at scrape time from the objects that own them."""
+    kind = "gauge"
+
+    def __init__(self, name, help_text, labelnames, collect):
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self._collect = collect       # () -> [(labelvalues, value)]
+
+    def render(self):
+        return [_format_sample(self.name, self.labelnames, k, v) for k, v in self._collect()]
+
+
+class Histogram:
+    """A histogram family with fixed buckets (upper bounds in seconds).  Thread-safe."""
+    kind = "histogram"
+
+    def __init__(self, name, help_text, labelnames, buckets=LATENCY_BUCKETS_S):
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self.buckets = tuple(buckets)
+        self._lock = threading.Lock()   # guards _series
+        self._series = {}               # labelvalues -> [count per bucket..., +Inf count, sum]
+
+    def touch(self, labelvalues):
+        with self._lock:
+            self._series.setdefault(labelvalues, [0] * (len(self.buckets) + 1) + [0.0])
+
+    def observe(self, labelvalues, value):
+        i = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            series = self._series.get(labelvalues)
+            if series is None:
+                series = self._series[labelvalues] = [0] * (len(self.buckets) + 1) + [0.0]
+            series[i] += 1
+            series[-1] += value
+
+    def render(self):
+        with self._lock:
+            items = sorted((k, list(v)) for k, v in self._series.items())
+        lines = []
+        for labelvalues, series in items:
+            cumulative = 0
+            for bound, count in zip(self.buckets + (float("inf"),), series):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(_format_sample(self.name + "_bucket", self.labelnames, labelvalues,
+                                            cumulative, 'le="%s"' % le))
+            lines.append(_format_sample(self.name + "_sum", self.labelnames, labelvalues,
+                                        series[-1]))
+            lines.append(_format_sample(self.name + "_count", self.labelnames, labelvalues,
+                                        cumulative))
+        return lines
+
+
+class Metrics:
+    """The registry: metric families in registration order, rendered as Prometheus text 0.0.4."""
+
+    def __init__(self):
+        self._families = []
+
+    def add(self, family):
+        self._families.append(family)
+        return family
+
+    def render(self):
+        out = []
+        for f in self._families:
+            out.append("# HELP %s %s" % (f.name, f.help.replace("\\", "\\\\").replace("\n", "\\n")))
+            out.append("# TYPE %s %s" % (f.name, f.kind))
+            out.extend(f.render())
+        return "\n".join(out) + "\n"
+
+
+def process_samples():
+    """(resident bytes, cpu seconds, start time) of this process from /proc, or None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/stat") as f:
+            btime = next(int(l.split()[1]) for l in f if l.startswith("btime"))
+    except (OSError, ValueError, StopIteration):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks, btime + int(fields[19]) / ticks
+
+
+class AccessLog:
+    """One line per request, JSON or text, written by a background thread.
+
+    record() only appends to a bounded deque, so a slow or full sink never blocks a request;
+    entries past ACCESS_LOG_MAX_QUEUE are dropped and counted.  close() writes every queued line."""
+
+    FIELDS = ("ts", "listener", "method", "path", "status", "duration_ms", "upstream", "attempts",
+              "bytes_in", "bytes_out", "request_id", "error")
+
+    def __init__(self, target, fmt, on_drop, on_error):
+        self._fmt = fmt
+        self._on_drop, self._on_error = on_drop, on_error
+        self._queue = collections.deque()
+        self._stop = threading.Event()
+        if target == "-":
+            self._file, self._owned = sys.stdout, False
+        else:
+            self._file, self._owned = open(target, "a", encoding="utf-8"), True
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def record(self, entry):
+        """entry: a tuple in FIELDS order, ts as Unix seconds and bytes for method and path."""
+        if len(self._queue) >= ACCESS_LOG_MAX_QUEUE:
+            self._on_drop()
+        else:
+            self._queue.append(entry)
+
+    def close(self):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._write()
+        if self._owned:
+            self._file.close()
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            self._write()
+
+    def _write(self):
+        queue, lines = self._queue, []
+        while queue:
+            lines.append(self.format(queue.popleft()))
+        if lines:
+            try:
+                self._file.write("".join(lines))
+                self._file.flush()
+            except (OSError, ValueError):
+                self._on_error()
+
+    def format(self, entry):
+        (ts, listener, method, path, status, duration_s, upstream, attempts, bytes_in, bytes_out,
+         request_id, error) = entry
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % (ts % 1 * 1000)
+        method = method.decode("latin-1")
+        path = path.decode("latin-1")
+        upstream = upstream.decode() if upstream else None
+        request_id = request_id.decode("latin-1") if request_id else None
+        duration_ms = round(duration_s * 1000, 3)
+        if self._fmt == "json":
+            return json.dumps(dict(zip(self.FIELDS, (
+                stamp, listener, method, path, status, duration_ms, upstream, attempts, bytes_in,
+                bytes_out, request_id, error))), separators=(",", ":")) + "\n"
+        # Envoy's default format, in the fields Ambassador has: people who read one read this.
+        return '[%s] "%s %s" %d %s %d %d %s %d "%s" "%s" "%s"\n' % (
+            stamp, method, path, status, error or "-", bytes_in, bytes_out, duration_ms, attempts,
+            request_id or "-", listener, upstream or "-")
+
+
+class Telemetry:
+    """Metrics and the access log, as the data path sees them: a few calls that never raise."""
+
+    def __init__(self, config, listeners, clusters, draining):
+        self.log = logging.getLogger("ambassador")
+        self.metrics = m = Metrics()
+        self.access_log = None
+        listener_names = [(l.name,) for l in listeners]
+        self.requests = m.add(Counter(
+            "ambassador_requests_total", "Downstream requests by response status code (0: none).",
+            ("listener", "cluster", "code")))
+        self.duration = m.add(Histogram(
+            "ambassador_request_duration_seconds",
+            "Time from a request's head to its last response byte.", ("listener", "cluster")))
+        m.add(Gauge("ambassador_active_requests", "Downstream requests in progress.",
+                    ("listener",), lambda: [((l.name,), l.active_requests) for l in listeners]))
+        m.add(Gauge("ambassador_downstream_connections", "Open connections from the app.",
+                    ("listener",), lambda: [((l.name,), l.connections) for l in listeners]))
+        m.add(Gauge("ambassador_upstream_connections",
+                    "Open connections to the cluster's endpoints, busy and idle.", ("cluster",),
+                    lambda: [((c.name,), c.open_connections())
+                             for _, c in sorted(clusters.items())]))
+        self.rejected_connections = m.add(Counter(
+            "ambassador_downstream_connections_rejected_total",
+            "Connections answered 503 because the listener had max_connections open.",
+            ("listener",)))
+        self.log_dropped = m.add(Counter(
+            "ambassador_access_log_dropped_total", "Access-log lines dropped: queue full.", ()))
+        self.log_errors = m.add(Counter(
+            "ambassador_access_log_write_errors_total", "Failed writes to the access log.", ()))
+        self.internal_errors = m.add(Counter(
+            "ambassador_internal_errors_total", "Bugs: unexpected exceptions, each logged.",
+            ("where",)))
+        m.add(Gauge("ambassador_draining", "1 while shutting down, else 0.", (),
+                    lambda: [((), 1 if draining.is_set() else 0)]))
+        m.add(Gauge("ambassador_build_info", "Version of Ambassador and of Python running it.",
+                    ("version", "python"),
+                    lambda: [((__version__, "%d.%d.%d" % sys.version_info[:3]), 1)]))
+        self._add_process_metrics()
+        for l in listeners:
+            self.duration.touch((l.name, l.cluster.name))
+        for name in listener_names:
+            self.rejected_connections.touch(name)
+        self.log_dropped.touch()
+        self.log_errors.touch()
+
+    def _add_process_metrics(self):
+        if process_samples() is None:
+            return
+        m = self.metrics
+        for index, (name, kind, help_text) in enumerate((
+                ("process_resident_memory_bytes", Gauge, "Resident memory size in bytes."),
+                ("process_cpu_seconds_total", Gauge, "User and system CPU time in seconds."),
+                ("process_start_time_seconds", Gauge, "Start time since the epoch, seconds."))):
+            family = kind(name, help_text, (), lambda i=index: [((), process_samples()[i])])
+            if name.endswith("_total"):
+                family.kind = "counter"
+            m.add(family)
+
+    def open_access_log(self, config):
+        if config.access != "off":
+            self.access_log = AccessLog(config.access, config.format,
+                                        lambda: self.log_dropped.inc(),
+                                        lambda: self.log_errors.inc())
+            self.access_log.start()
+
+    def record_request(self, listener, req, duration_s):
+        try:
+            cluster = listener.cluster.name
+            self.requests.inc((listener.name, cluster, str(req.status)))
+            self.duration.observe((listener.name, cluster), duration_s)
+            if self.access_log is not None:
+                self.access_log.record((
+                    req.wall_start, listener.name, req.method, req.target, req.status, duration_s,
+                    req.upstream, req.attempts, req.bytes_in, req.bytes_out, req.request_id,
+                    req.error))
+        except Exception:
+            self.internal_error("telemetry")
+
+    def rejected_connection(self, listener):
+        self.rejected_connections.inc((listener.name,))
+
+    def internal_error(self, where):
+        """A bug: log the traceback once per place, count every time."""
+        if not self.internal_errors.value((where,)):
+            self.log.exception("internal error in %s", where)
+        self.internal_errors.inc((where,))
+
+    def debug(self, fmt, *args):
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug(fmt, *args)
+
+    def close(self):
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+# ==================================================================================================
+# 10. Admin
+#     GET / /metrics /ready /clusters /config, POST /quitquitquit.  Off the hot path, so it is a
+#     plain http.server; it binds 127.0.0.1 unless configured otherwise.
+# ==================================================================================================
+
+class AdminServer(socketserver.ThreadingMixIn, HTTPServer):
+    """The admin port.  compat(3.6): http.server.ThreadingHTTPServer is 3.7+."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, app):
+        self.app = app
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        HTTPServer.__init__(self, address, AdminHandler)
+
+
+class AdminHandler(BaseHTTPRequestHandler):
+    """Routes admin requests to the Ambassador passed to AdminServer."""
+    server_version = "ambassador-admin/" + __version__
+    INDEX = ("Ambassador admin\n"
+             "GET  /metrics        Prometheus text format\n"
+             "GET  /ready          200 when serving, 503 while starting or draining\n"
+             "GET  /clusters       clusters and their endpoints, JSON\n"
+             "GET  /config         the effective config, defaults filled in, JSON\n"
+             "POST /quitquitquit   graceful exit, as on SIGTERM\n")
+
+    def do_GET(self):
+        app = self.server.app
+        path = self.path.split("?", 1)[0]
+        if path == "/":
+            self.reply(200, self.INDEX)
+        elif path == "/metrics":
+            self.reply(200, app.telemetry.metrics.render(), "text/plain; version=0.0.4")
+        elif path == "/ready":
+            ready = app.is_ready()
+            self.reply(200 if ready else 503, "ready\n" if ready else "draining\n")
+        elif path == "/clusters":
+            self.reply_json(app.clusters_snapshot())
+        elif path == "/config":
+            self.reply_json(config_as_json(app.config))
+        elif path == "/quitquitquit":
+            self.reply(405, "use POST\n")
+        else:
+            self.reply(404, "not found; GET / lists what is here\n")
+
+    def do_POST(self):
+        if self.path.split("?", 1)[0] == "/quitquitquit":
+            self.reply(200, "draining\n")
+            self.server.app.request_stop("POST /quitquitquit")
+        else:
+            self.reply(404, "not found\n")
+
+    def reply_json(self, value):
+        self.reply(200, json.dumps(value, indent=2, sort_keys=True) + "\n", "application/json")
+
+    def reply(self, status, text, content_type="text/plain; charset=utf-8"):
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        logging.getLogger("ambassador").debug("admin: " + fmt, *args)
+
+
+# ==================================================================================================
+# 11. Process: Ambassador, demo, main()
+#     Wiring, start, drain, signals, the command line, and the demo a newcomer runs first.
+# ==================================================================================================
+
+class Ambassador:
+    """The running sidecar, built from a Config.
+
+    bind() claims every socket (StartupError names the one that failed, and nothing stays
+    bound); serve() runs until request_stop(), then drains: /ready turns 503 at once, listeners
+    keep serving until no request was active for DRAIN_QUIET_S or drain_timeout passes; then
+    every socket closes and the access log is flushed.  request_stop() is thread-safe."""
+
+    def __init__(self, config):
+        self.config = config
+        self.log = logging.getLogger("ambassador")
+        self.draining = threading.Event()
+        self._stop = threading.Event()
+        self.clusters = {name: Cluster(c) for name, c in config.clusters.items()}
+        self.listeners = []
+        self.telemetry = Telemetry(config, self.listeners, self.clusters, self.draining)
+        for lc in config.listeners:
+            self.listeners.append(Listener(lc, self.clusters[lc.cluster], self.telemetry,
+                                           self.draining))
+        for listener in self.listeners:
+            self.telemetry.duration.touch((listener.name, listener.cluster.name))
+        self.servers = []
+        self.admin = None
+        self._serving = False
+
+    def bind(self):
+        try:
+            for listener in self.listeners:
+                try:
+                    self.servers.append(ListenerServer(listener))
+                except OSError as e:
+                    raise StartupError("listener %s: cannot listen on %s: %s" % (
+                        listener.name, format_address(listener.config.listen),
+                        e.strerror or e))
+            try:
+                self.admin = AdminServer(self.config.admin.listen, self)
+            except OSError as e:
+                raise StartupError("admin: cannot listen on %s: %s" % (
+                    format_address(self.config.admin.listen), e.strerror or e))
+            try:
+                self.telemetry.open_access_log(self.config.log)
+            except OSError as e:
+                raise StartupError("log.access: cannot open %s: %s" % (
+                    self.config.log.access, e.strerror or e))
+        except StartupError:
+            self.close()
+            raise
+
+    def serve(self):
+        """Serve until request_stop(), drain, close.  Returns the exit code."""
+        self._serving = True
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                             name="listener:%s" % server.listener.name, daemon=True).start()
+        threading.Thread(target=self.admin.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="admin", daemon=True).start()
+        for server in self.servers:
+            self.log.info("listener %s on %s -> cluster %s", server.listener.name,
+                          format_address(server.server_address[:2]), server.listener.cluster.name)
+        self.log.info("admin on %s", format_address(self.admin.server_address[:2]))
+        while not self._stop.wait(0.5):
+            pass
+        self.drain()
+        self.close()
+        self.log.info("stopped")
+        return 0
+
+    def request_stop(self, why):
+        if not self.draining.is_set():
+            self.log.info("draining (%s)", why)
+        self.draining.set()
+        self._stop.set()
+
+    def is_ready(self):
+        return self.admin is not None and not self.draining.is_set()
+
+    def drain(self):
+        """Keep serving while the app may still call out; return when quiet or out of time."""
+        limit = monotonic() + self.config.shutdown.drain_timeout
+        while monotonic() < limit:
+            quiet = [l.quiet_since() for l in self.listeners]
+            if all(q is not None for q in quiet) and \
+                    monotonic() - max(quiet + [0.0]) >= DRAIN_QUIET_S:
+                return
+            time.sleep(0.05)
+        self.log.warning("drain_timeout passed with %d request(s) active",
+                         sum(l.active_requests for l in self.listeners))
+
+    def close(self):
+        # shutdown() waits for serve_forever() to return, so only servers that ran are asked.
+        running = self._serving
+        for server in self.servers + ([self.admin] if self.admin else []):
+            if running:
+                server.shutdown()
+            server.server_close()
+        for cluster in self.clusters.values():
+            cluster.close_idle()
+        self.telemetry.close()
+
+    def clusters_snapshot(self):
+        return {"clusters": {name: {"endpoints": [e.snapshot() for e in c.endpoints]}
+                             for name, c in sorted(self.clusters.items())}}
+
+
+DEMO_CONFIG = """\
+[admin]
+listen = "127.0.0.1:9901"
+
+[listeners.payment]
+listen = 9000
+cluster = "payment"
+timeout = "5s"
+
+[listeners.inventory]
+listen = 9001
+cluster = "inventory"
+timeout = "3s"
+
+[clusters.payment]
+endpoints = ["payment-service:80"]
+
+[clusters.inventory]
+endpoints = ["inventory-service:8080"]
+"""
+
+
+class DemoService(BaseHTTPRequestHandler):
+    """The demo's stand-ins for remote services: `inventory` always answers, `payment` answers
+    503 to every third charge, so that what Ambassador does about failures can be seen."""
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True      # head and body go out in two writes
+
+    def do_GET(self):
+        if self.server.kind == "payment":
+            self.answer(200, {"service": "payment", "status": "up"})
+        else:
+            self.answer(200, {"service": "inventory", "items": [
+                {"sku": "A-100", "name": "widget", "in_stock": 12},
+                {"sku": "B-200", "name": "gadget", "in_stock": 0}]})
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        with self.server.lock:
+            self.server.calls += 1
+            failing = self.server.kind == "payment" and self.server.calls % 3 == 0
+        if failing:
+            self.answer(503, {"service": "payment", "error": "gateway busy, try again"})
+        else:
+            self.answer(200, {"service": self.server.kind, "status": "charged"})
+
+    def answer(self, status, value):
+        body = (json.dumps(value) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        pass
+
+
+def start_demo(config):
+    """Start the demo services on loopback and point every cluster at one -> the new Config."""
+    services = {}
+    for kind in ("payment", "inventory"):
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), DemoService)
+        server.daemon_threads = True
+        server.kind, server.lock, server.calls = kind, threading.Lock(), 0
+        threading.Thread(target=server.serve_forever, name="demo:%s" % kind, daemon=True).start()
+        services[kind] = ("127.0.0.1", server.server_address[1])
+    clusters = {name: c._replace(endpoints=(services["payment" if name == "payment"
+                                                     else "inventory"],))
+                for name, c in config.clusters.items()}
+    config = config._replace(clusters=clusters)
+    print("Ambassador %s demo: the config's listeners, in front of two demo services on loopback."
+          % __version__)
+    print("Try, in another terminal:")
+    for l in config.listeners:
+        url = "http://%s" % format_address(("127.0.0.1" if l.listen[0] in ("0.0.0.0", "::")
+                                            else l.listen[0], l.listen[1]))
+        if l.cluster == "payment":
+            print("  curl -si -X POST %s/charge -d '{\"amount\": 42}'   "
+                  "# payment: every third charge fails (503)" % url)
+        else:
+            print("  curl -si %s/items   # %s: always answers" % (url, l.cluster))
+    print("  curl -s http://%s/metrics | grep '^ambassador_requests_total'"
+          % format_address(config.admin.listen))
+    print("Ctrl-C to stop.")
+    sys.stdout.flush()
+    return config
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="ambassador.py", description=(
+        "A sidecar HTTP proxy: one listener per remote service, with timeouts, keep-alive "
+        "pooling, metrics and access logs.  Standard library only."))
+    p.add_argument("-c", "--config", metavar="FILE", help="the TOML config (see README.md)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config and print the listeners; no DNS, no binding")
+    p.add_argument("--demo", action="store_true",
+                   help="run the config (default: ambassador.toml beside this file) in front of "
+                        "two demo services started on loopback")
+    p.add_argument("--debug", action="store_true", help="debug logging, tracebacks")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    args = p.parse_args(argv)
+    if not (args.config or args.demo or args.version):
+        p.error("-c FILE is required (or --demo to try it out)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        print("ambassador %s (Python %s)" % (__version__, sys.version.split()[0]))
+        return 0
+    try:
+        if args.config:
+            config = load_config(args.config)
+        else:
+            shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ambassador.toml")
+            config = load_config(shipped) if os.path.exists(shipped) \
+                else parse_config(parse_toml(DEMO_CONFIG), "<demo>")
+    except ConfigError as e:
+        for problem in e.problems:
+            sys.stderr.write("ambassador: config error: %s\n" % problem)
+        return 2
+    if args.check:
+        for l in config.listeners:
+            n = len(config.clusters[l.cluster].endpoints)
+            print("%s %s -> cluster %s (%d endpoint%s)" % (
+                l.name, format_address(l.listen), l.cluster, n, "" if n == 1 else "s"))
+        return 0
+
+    level = logging.DEBUG if args.debug else getattr(logging, config.log.level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s ambassador %(levelname)s %(message)s"))
+    log = logging.getLogger("ambassador")
+    log.addHandler(handler)
+    log.setLevel(level)
+    if args.demo:
+        config = start_demo(config)
+    app = Ambassador(config)
+    try:
+        app.bind()
+    except StartupError as e:
+        sys.stderr.write("ambassador: %s\n" % e)
+        return 1
+
+    def on_signal(signum, frame):
+        if app.draining.is_set() and signum == signal.SIGINT:
+            os._exit(1)      # a second Ctrl-C: the person wants out now
+        app.request_stop(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return app.serve()
+    except Exception:
+        log.exception("fatal") if args.debug else log.error("fatal: %s", sys.exc_info()[1])
+        return 1
+
+
+# ==================================================================================================
+# 12. Appendix: the TOML parser for Python < 3.11
+#     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
+#     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
+#     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
+# ==================================================================================================
+
+class TOMLError(ValueError):
+    """A TOML syntax error at a line and column (both 1-based)."""
+
+    def __init__(self, reason, line, column):
+        ValueError.__init__(self, "%s (at line %d, column %d)" % (reason, line, column))
+        self.reason, self.line, self.column = reason, line, column
+
+
+def _toml_error(src, pos, reason):
+    line = src.count("\n", 0, pos) + 1
+    return TOMLError(reason, line, pos - src.rfind("\n", 0, pos))
+
+
+_BARE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+_NUMBER = re.compile(r"""
+    0x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*
+  | 0o[0-7](?:_?[0-7])*
+  | 0b[01](?:_?[01])*
+  | [+-]?(?:inf|nan)
+  | [+-]?(?:0|[1-9](?:_?[0-9])*)
+    (?:\.[0-9](?:_?[0-9])*)?
+    (?:[eE][+-]?[0-9](?:_?[0-9])*)?
+""", re.VERBOSE)
+_VALUE_ENDS = frozenset(" \t\r\n,]}#")
+
+
+def toml_loads(src):
+    """A TOML document (str) -> dict.  Raises TOMLError."""
+    doc = {}
+    table = doc
+    declared = set()        # paths of tables declared by a [header]
+    arrays = set()          # paths of arrays of tables, declared by [[header]]
+    frozen = set()          # paths of values that later keys must not extend (inline, arrays)
+    header = ()
+    pos = 0
+    while True:
+        pos = _skip_blank_lines(src, pos)
+        if pos >= len(src):
+            return doc
+        if src.startswith("[[", pos):
+            pos, key = _parse_key(src, pos + 2)
+            if not src.startswith("]]", pos):
+                raise _toml_error(src, pos, "expected ']]' to end an array-of-tables header")
+            pos += 2
+            table = _open_array_table(src, pos, doc, key, frozen, declared, arrays)
+            header = key
+        elif src.startswith("[", pos):
+            pos, key = _parse_key(src, pos + 1)
+            if not src.startswith("]", pos):
+                raise _toml_error(src, pos, "expected ']' to end a table header")
+            pos += 1
+            if key in declared or key in arrays:
+                raise _toml_error(src, pos, "table %s declared twice" % ".".join(key))
+            declared.add(key)
+            table = _open_table(src, pos, doc, key, frozen)
+            header = key
+        else:
+            pos, key, value = _parse_key_value(src, pos)
+            _assign(src, pos, table, key, value, header, frozen, declared)
+        pos = _skip_space(src, pos)
+        pos = _skip_comment(src, pos)
+        if pos < len(src) and src[pos] not in "\r\n":
+            raise _toml_error(src, pos, "expected a newline after a statement")
+
+
+def _skip_space(src, pos):
+    while pos < len(src) and src[pos] in " \t":
+        pos += 1
+    return pos
+
+
+def _skip_comment(src, pos):
+    if src.startswith("#", pos):
+        end = src.find("\n", pos)
+        pos = len(src) if end < 0 else end
+    return pos
+
+
+def _skip_blank_lines(src, pos):
+    while True:
+        start = pos
+        pos = _skip_comment(src, _skip_space(src, pos))
+        if src.startswith("\r\n", pos):
+            pos += 2
+        elif src.startswith("\n", pos):
+            pos += 1
+        if pos == start:
+            return pos
+
+
+def _open_table(src, pos, doc, key, frozen):
+    table = doc
+    for i, part in enumerate(key):
+        path = key[:i + 1]
+        if path in frozen:
+            raise _toml_error(src, pos, "cannot extend %s, already defined as a value"
+                              % ".".join(path))
+        value = table.setdefault(part, {})
+        if isinstance(value, list):
+            if not value or not isinstance(value[-1], dict):
+                raise _toml_error(src, pos, "%s is an array, not a table" % ".".join(path))
+            value = value[-1]
+        elif not isinstance(value, dict):
+            raise _toml_error(src, pos, "%s is already a value" % ".".join(path))
+        table = value
+    return table
+
+
+def _open_array_table(src, pos, doc, key, frozen, declared, arrays):
+    parent = _open_table(src, pos, doc, key[:-1], frozen)
+    array = parent.get(key[-1])
+    if array is None:
+        array = parent[key[-1]] = []
+        arrays.add(key)
+    elif key not in arrays:
+        raise _toml_error(src, pos, "%s is already defined, not as an array of tables"
+                          % ".".join(key))
+    array.append({})
+    for path in list(declared):              # tables under the previous element are finished
+        if len(path) > len(key) and path[:len(key)] == key:
+            declared.discard(path)
+    return array[-1]
+
+
+def _assign(src, pos, table, key, value, header, frozen, declared):
+    for i, part in enumerate(key[:-1]):
+        path = header + key[:i + 1]
+        existing = table.setdefault(part, {})
+        if not isinstance(existing, dict) or path in frozen or path in declared:
+            raise _toml_error(src, pos, "cannot extend %s with a dotted key" % ".".join(path))
+        table = existing
+    if key[-1] in table:
+        raise _toml_error(src, pos, "key %s defined twice" % ".".join(header + key))
+    table[key[-1]] = value
+    if isinstance(value, (dict, list)):
+        frozen.add(header + key)
+
+
+def _parse_key(src, pos):
+    """A dotted key -> (pos, tuple of parts)."""
+    parts = []
+    while True:
+        pos = _skip_space(src, pos)
+        if src.startswith('"', pos):
+            pos, part = _parse_basic_string(src, pos + 1)
+        elif src.startswith("'", pos):
+            pos, part = _parse_literal_string(src, pos + 1)
+        else:
+            start = pos
+            while pos < len(src) and src[pos] in _BARE_KEY_CHARS:
+                pos += 1
+            if pos == start:
+                raise _toml_error(src, pos, "expected a key")
+            part = src[start:pos]
+        parts.append(part)
+        pos = _skip_space(src, pos)
+        if not src.startswith(".", pos):
+            return pos, tuple(parts)
+        pos += 1
+
+
+def _parse_key_value(src, pos):
+    pos, key = _parse_key(src, pos)
+    if not src.startswith("=", pos):
+        raise _toml_error(src, pos, "expected '=' after a key")
+    pos = _skip_space(src, pos + 1)
+    pos, value = _parse_value(src, pos)
+    return pos, key, value
+
+
+def _parse_value(src, pos):
+    if src.startswith('"""', pos):
+        return _parse_multiline_string(src, pos + 3, '"""')
+    if src.startswith("'''", pos):
+        return _parse_multiline_string(src, pos + 3, "'''")
+    char = src[pos:pos + 1]
+    if char == '"':
+        return _parse_basic_string(src, pos + 1)
+    if char == "'":
+        return _parse_literal_string(src, pos + 1)
+    if char == "[":
+        return _parse_array(src, pos + 1)
+    if char == "{":
+        return _parse_inline_table(src, pos + 1)
+    for word, value in (("true", True), ("false", False)):
+        if src.startswith(word, pos) and src[pos + len(word):pos + len(word) + 1] in _VALUE_ENDS | {""}:
+            return pos + len(word), value
+    m = _NUMBER.match(src, pos)
+    if m:
+        end = m.end()
+        if src[end:end + 1] not in _VALUE_ENDS and end < len(src):
+            if src[end:end + 1] in "-:" and m.group().isdigit():
+                raise _toml_error(src, pos, "dates and times are not supported in configs")
+            raise _toml_error(src, end, "invalid number")
+        return end, _number(m.group())
+    raise _toml_error(src, pos, "expected a value" if char not in "\r\n" else
+                      "expected a value before the end of the line")
+
+
+def _number(text):
+    clean = text.replace("_", "")
+    if clean[:2] in ("0x", "0o", "0b"):
+        return int(clean[2:], {"0x": 16, "0o": 8, "0b": 2}[clean[:2]])
+    if any(c in clean for c in ".eEni"):
+        return float(clean)
+    return int(clean)
+
+
+def _parse_basic_string(src, pos):
+    """After the opening quote -> (pos after the closing quote, str)."""
+    out = []
+    start = pos
+    while True:
+        if pos >= len(src) or src[pos] == "\n":
+            raise _toml_error(src, pos, "unterminated string")
+        char = src[pos]
+        if char == '"':
+            out.append(src[start:pos])
+            return pos + 1, "".join(out)
+        if char == "\\":
+            out.append(src[start:pos])
+            pos, text = _parse_escape(src, pos + 1)
+            out.append(text)
+            start = pos
+            continue
+        if char < " " and char != "\t" or char == "\x7f":
+            raise _toml_error(src, pos, "control character in a string")
+        pos += 1
+
+
+def _parse_escape(src, pos):
+    char = src[pos:pos + 1]
+    if char in _ESCAPES:
+        return pos + 1, _ESCAPES[char]
+    if char in ("u", "U"):
+        size = 4 if char == "u" else 8
+        digits = src[pos + 1:pos + 1 + size]
+        if len(digits) != size or not all(c in "0123456789abcdefABCDEF" for c in digits):
+            raise _toml_error(src, pos, "bad unicode escape")
+        code = int(digits, 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            raise _toml_error(src, pos, "escape is not a unicode scalar value")
+        return pos + 1 + size, chr(code)
+    raise _toml_error(src, pos, "unknown escape \\%s" % char)
+
+
+def _parse_literal_string(src, pos):
+    end = pos
+    while end < len(src) and src[end] not in "'\n":
+        if src[end] < " " and src[end] != "\t":
+            raise _toml_error(src, end, "control character in a string")
+        end += 1
+    if not src.startswith("'", end):
+        raise _toml_error(src, end, "unterminated string")
+    return end + 1, src[pos:end]
+
+
+def _parse_multiline_string(src, pos, delim):
+    if src.startswith("\r\n", pos):          # a newline right after the opening is trimmed
+        pos += 2
+    elif src.startswith("\n", pos):
+        pos += 1
+    out = []
+    start = pos
+    while True:
+        if pos >= len(src):
+            raise _toml_error(src, pos, "unterminated multi-line string")
+        if src.startswith(delim, pos):
+            end = pos
+            while src.startswith(delim[0], end + 3) and end + 3 - pos < 2:
+                end += 1                     # up to two quotes may stand before the closing three
+            out.append(src[start:end])
+            return end + 3, "".join(out)
+        char = src[pos]
+        if char == "\\" and delim == '"""':
+            out.append(src[start:pos])
+            after = _skip_space(src, pos + 1)
+            if src.startswith("\n", after) or src.startswith("\r\n", after):
+                while pos < len(src) and src[after] in " \t\r\n":   # line-ending backslash
+                    after += 1
+                    if after >= len(src):
+                        break
+                pos = start = after
+                continue
+            pos, text = _parse_escape(src, pos + 1)
+            out.append(text)
+            start = pos
+            continue
+        if char < " " and char not in "\t\r\n" or char == "\x7f":
+            raise _toml_error(src, pos, "control character in a string")
+        pos += 1
+
+
+def _skip_array_space(src, pos):
+    while True:
+        start = pos
+        pos = _skip_comment(src, _skip_space(src, pos))
+        while src.startswith("\n", pos) or src.startswith("\r\n", pos):
+            pos += 1 if src[pos] == "\n" else 2
+        if pos == start:
+            return pos
+
+
+def _parse_array(src, pos):
+    array = []
+    while True:
+        pos = _skip_array_space(src, pos)
+        if src.startswith("]", pos):
+            return pos + 1, array
+        pos, value = _parse_value(src, pos)
+        array.append(value)
+        pos = _skip_array_space(src, pos)
+        if src.startswith("]", pos):
+            return pos + 1, array
+        if not src.startswith(",", pos):
+            raise _toml_error(src, pos, "expected ',' or ']' in an array")
+        pos += 1
+
+
+def _parse_inline_table(src, pos):
+    table = {}
+    frozen = set()
+    pos = _skip_space(src, pos)
+    if src.startswith("}", pos):
+        return pos + 1, table
+    while True:
+        pos, key, value = _parse_key_value(src, _skip_space(src, pos))
+        _assign(src, pos, table, key, value, (), frozen, set())
+        pos = _skip_space(src, pos)
+        if src.startswith("}", pos):
+            return pos + 1, table
+        if not src.startswith(",", pos):
+            raise _toml_error(src, pos, "expected ',' or '}' in an inline table")
+        pos += 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
