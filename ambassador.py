@@ -639,10 +639,10 @@ class SocketReader:
         searched = 0
         while True:
             end = buf.find(b"\r\n\r\n", searched)
-            if end >= 0:
+            if 0 <= end <= max_bytes:
                 self.buf = buf[end + 4:]
                 return buf[:end]
-            if len(buf) > max_bytes:
+            if end > max_bytes or len(buf) > max_bytes:
                 self.buf = buf
                 raise HeadTooLarge(buf.find(b"\r\n", 0, max_bytes) < 0)
             searched = max(0, len(buf) - 3)
@@ -939,6 +939,12 @@ class RequestBody:
             return b"Content-Length: %d\r\n" % self.req.content_length
         return b"Transfer-Encoding: chunked\r\n"
 
+    def held_bytes(self):
+        """What goes right after the head: the held bytes, as a chunk if the rest streams chunked."""
+        if self.rest is not None and self.req.content_length is None and self.buffered:
+            return b"%x\r\n%s\r\n" % (len(self.buffered), self.buffered)
+        return self.buffered
+
     def send_rest(self, sock):
         """Stream what was not held from the app to the upstream (after head and held bytes)."""
         self.replayable = False
@@ -1029,12 +1035,12 @@ def forward(listener, req, downstream):
     endpoint = cluster.pick_endpoint()
     fresh_only = False
     while True:
-        conn = endpoint.pool.acquire(deadline, fresh_only)
         req.attempts += 1
         req.upstream = endpoint.label
         endpoint.begin_request()
         ok = False
         try:
+            conn = endpoint.pool.acquire(deadline, fresh_only)
             resp = conn.exchange(req, body, config, deadline)
             keep = relay_response(req, resp, conn, downstream, listener)
             ok = resp.status < 500
@@ -1114,7 +1120,7 @@ def relay_response(req, resp, conn, downstream, listener):
     if rechunk:
         send(b"0\r\n\r\n")
     conn.release(resp.keep_alive)
-    return keep
+    return keep and not listener.draining.is_set()
 
 
 def error_reply(status, tag, detail, request_id, keep_alive):
@@ -1244,7 +1250,7 @@ class UpstreamConnection:
             parts += (name, b": ", value, b"\r\n")
         parts += (b"X-Forwarded-For: ", req.forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n"
                   b"X-Request-Id: ", req.request_id, b"\r\n", body.framing(), b"\r\n",
-                  body.buffered)
+                  body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
         try:

@@ -1,0 +1,381 @@
+"""Fixtures: real upstream servers written here, and ambassador.py run as a real process.
+
+Upstream is a small raw-socket HTTP/1.1 server whose behaviour per request is a function, so
+tests can answer, hang, reset or cut a body short, and it counts connections and requests.
+AmbassadorProcess writes a config, starts `python ambassador.py -c`, waits for /ready with a
+deadline, and always kills the process; its stderr is printed when a test fails."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AMBASSADOR = os.path.join(ROOT, "ambassador.py")
+sys.path.insert(0, ROOT)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    """Poll predicate until it returns a true value; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------ TOML for configs
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def toml_dump(doc, prefix=""):
+    """A nested dict -> TOML text (tables of scalars and arrays: all configs need)."""
+    lines, tables = [], []
+    for k, v in doc.items():
+        (tables if isinstance(v, dict) else lines).append((k, v))
+    out = ["%s = %s" % (k, toml_value(v)) for k, v in lines]
+    for k, v in tables:
+        name = prefix + k
+        scalars = any(not isinstance(x, dict) for x in v.values())
+        if scalars or not v:
+            out.append("\n[%s]" % name)
+        out.append(toml_dump(v, name + "."))
+    return "\n".join(o for o in out if o)
+
+
+# ------------------------------------------------------------------------------ upstream servers
+
+class UpstreamRequest:
+    def __init__(self, method, target, version, headers):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+        self.body = b""
+
+    def header(self, name):
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name):
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+class Reader:
+    def __init__(self, sock):
+        self.sock, self.buf = sock, b""
+
+    def fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError
+        self.buf += data
+
+    def until(self, sep):
+        while sep not in self.buf:
+            self.fill()
+        head, _, self.buf = self.buf.partition(sep)
+        return head
+
+    def exact(self, n):
+        while len(self.buf) < n:
+            self.fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def body_chunks(self, headers_of):
+        length = headers_of("content-length")
+        if headers_of("transfer-encoding"):
+            while True:
+                size = int(self.until(b"\r\n").split(b";")[0], 16)
+                if not size:
+                    while self.until(b"\r\n"):
+                        pass
+                    return
+                while size:
+                    if not self.buf:
+                        self.fill()
+                    data, self.buf = self.buf[:size], self.buf[size:]
+                    size -= len(data)
+                    yield data
+                self.exact(2)
+        elif length:
+            n = int(length)
+            while n:
+                if not self.buf:
+                    self.fill()
+                data, self.buf = self.buf[:n], self.buf[n:]
+                n -= len(data)
+                yield data
+
+
+def respond(sock, status=200, body=b"", headers=(), close=False, reason="OK"):
+    head = ["HTTP/1.1 %d %s" % (status, reason)]
+    head += ["%s: %s" % h for h in headers]
+    if not any(h[0].lower() in ("content-length", "transfer-encoding") for h in headers):
+        head.append("Content-Length: %d" % len(body))
+    if close:
+        head.append("Connection: close")
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+
+def echo(req, sock):
+    """Default behaviour: 200 with a JSON description of what arrived."""
+    body = json.dumps({"method": req.method, "target": req.target, "headers": req.headers,
+                       "body_bytes": len(req.body)}).encode()
+    respond(sock, 200, body, [("Content-Type", "application/json")])
+
+
+class Upstream:
+    """A test upstream on 127.0.0.1.  behaviour(req, sock) answers one request; it returns
+    'close' to close the connection afterwards.  With read_body=False it reads the body itself
+    through req.body_iter."""
+
+    def __init__(self, behaviour=echo, read_body=True):
+        self.behaviour = behaviour
+        self.read_body = read_body
+        self.requests = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self.address = "127.0.0.1:%d" % self.port
+        self._open = []
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._stopped:
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self._open.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = Reader(sock)
+        nth = 0
+        try:
+            while True:
+                nth += 1
+                head = reader.until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+                method, target, version = head[0].split(" ")
+                headers = [tuple(x.strip() for x in l.split(":", 1)) for l in head[1:]]
+                req = UpstreamRequest(method, target, version, headers)
+                req.nth = nth                      # 1 for a connection's first request
+                req.body_iter = reader.body_chunks(req.header)
+                if self.read_body:
+                    req.body = b"".join(req.body_iter)
+                with self._lock:
+                    self.requests.append(req)
+                if self.behaviour(req, sock) == "close":
+                    break
+                for _ in req.body_iter:
+                    pass
+        except (EOFError, OSError, ValueError):
+            pass
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def count(self, method=None):
+        with self._lock:
+            return len([r for r in self.requests if method is None or r.method == method])
+
+    def stop(self):
+        self._stopped = True
+        self._sock.close()
+        with self._lock:
+            for s in self._open:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def upstream_factory():
+    made = []
+
+    def make(behaviour=echo, read_body=True):
+        u = Upstream(behaviour, read_body)
+        made.append(u)
+        return u
+    yield make
+    for u in made:
+        u.stop()
+
+
+@pytest.fixture
+def upstream(upstream_factory):
+    return upstream_factory()
+
+
+# ------------------------------------------------------------------------------ ambassador process
+
+class AmbassadorProcess:
+    """ambassador.py as a real process, configured by a dict rendered to TOML."""
+
+    def __init__(self, tmp_path, config, args=()):
+        self.tmp_path = tmp_path
+        self.config = config
+        self.config_path = str(tmp_path / "ambassador.toml")
+        with open(self.config_path, "w") as f:
+            f.write(toml_dump(config))
+        self.admin_port = int(config["admin"]["listen"].rsplit(":", 1)[1])
+        self.stdout_path = str(tmp_path / "stdout.txt")
+        self.stderr_path = str(tmp_path / "stderr.txt")
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, AMBASSADOR, "-c", self.config_path]
+                                         + list(args), stdout=out, stderr=err, cwd=ROOT)
+
+    def port(self, listener="app"):
+        return int(str(self.config["listeners"][listener]["listen"]).rsplit(":", 1)[-1])
+
+    def admin(self, path, method="GET"):
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
+        try:
+            conn.request(method, path)
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
+
+    def wait_ready(self, timeout=15.0):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError("ambassador exited with %s:\n%s"
+                                     % (self.proc.returncode, self.stderr()))
+            try:
+                return self.admin("/ready")[0] == 200
+            except OSError:
+                return False
+        wait_for(ready, timeout, "ambassador /ready")
+        return self
+
+    def stderr(self):
+        with open(self.stderr_path, errors="replace") as f:
+            return f.read()
+
+    def stdout(self):
+        with open(self.stdout_path, errors="replace") as f:
+            return f.read()
+
+    def rss_peak_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+
+    def terminate(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout=20.0):
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def base_config(endpoints, access="off", **listener):
+    listen = listener.pop("listen", "127.0.0.1:%d" % free_port())
+    config = {
+        "admin": {"listen": "127.0.0.1:%d" % free_port()},
+        "log": {"access": access, "format": "json", "level": "info"},
+        "shutdown": {"drain_timeout": "10s"},
+        "listeners": {"app": dict({"listen": listen, "cluster": "svc"}, **listener)},
+        "clusters": {"svc": {"endpoints": list(endpoints), "connect_timeout": "1s"}},
+    }
+    return config
+
+
+@pytest.fixture
+def ambassador(tmp_path, request):
+    """start(config_or_endpoints, **listener_keys) -> a ready AmbassadorProcess."""
+    started = []
+
+    def start(config, args=(), ready=True, **listener):
+        if not isinstance(config, dict):
+            config = base_config(config, **listener)
+        p = AmbassadorProcess(tmp_path, config, args)
+        started.append(p)
+        return p.wait_ready() if ready else p
+    yield start
+    failed = getattr(request.node, "rep_call", None)
+    for p in started:
+        p.kill()
+        if failed is not None and failed.failed:
+            print("---- ambassador stderr ----\n" + p.stderr())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+# ------------------------------------------------------------------------------ clients
+
+def request(port, method="GET", path="/", body=None, headers=None, timeout=10):
+    """One request on a fresh connection -> (status, {lower header: value}, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def raw(port, data, timeout=5.0):
+    """Send raw bytes, read until the peer closes or timeout -> bytes received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except socket.timeout:
+            pass
+        except OSError:
+            pass
+        return out

@@ -1,0 +1,218 @@
+"""Admin port, metrics exposition, access log, graceful shutdown and the demo: black-box."""
+
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import AMBASSADOR, ROOT, base_config, free_port, raw, request, wait_for
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
+
+
+def parse_exposition(text):
+    """Prometheus text 0.0.4, strictly: -> {family: {"type", "help", "samples": {series: value}}}."""
+    families, current = {}, None
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in families, "family %s twice" % name
+            current = families[name] = {"help": line, "type": None, "samples": {}}
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert current is families.get(name) and not current["samples"], "TYPE after samples"
+            current["type"] = kind
+        else:
+            m = SAMPLE.match(line)
+            assert m, "bad sample line %r" % line
+            name, labels, value = m.group(1), m.group(3) or "", m.group(4)
+            base = re.sub(r"_(bucket|sum|count)$", "", name) if current["type"] == "histogram" \
+                else name
+            assert base in families and families[base] is current, "sample outside its family"
+            parsed = LABEL.findall(labels)
+            assert "".join('%s="%s"%s' % p for p in parsed) == labels, "bad labels %r" % labels
+            series = (name, tuple((k, v) for k, v, _ in parsed))
+            assert series not in current["samples"], "duplicate series %r" % (series,)
+            current["samples"][series] = float(value)
+    for name, f in families.items():
+        assert f["type"] in ("counter", "gauge", "histogram"), name
+        if f["type"] == "counter":
+            assert name.endswith("_total"), name
+        if f["type"] == "histogram":
+            check_histogram(name, f["samples"])
+    return families
+
+
+def check_histogram(name, samples):
+    by_labels = {}
+    for (sample, labels), value in samples.items():
+        key = tuple(l for l in labels if l[0] != "le")
+        by_labels.setdefault(key, []).append((sample, dict(labels).get("le"), value))
+    for key, rows in by_labels.items():
+        buckets = [(float(le), v) for s, le, v in rows if s.endswith("_bucket")]
+        assert buckets[-1][0] == float("inf"), "%s without +Inf" % name
+        assert [b[1] for b in buckets] == sorted(b[1] for b in buckets), "not cumulative"
+        count = [v for s, _, v in rows if s.endswith("_count")]
+        assert count == [buckets[-1][1]] and any(s.endswith("_sum") for s, _, _ in rows)
+
+
+def test_metrics_exist_from_the_start_and_count_requests(ambassador, upstream):
+    amb = ambassador([upstream.address])
+    status, text = amb.admin("/metrics")
+    assert status == 200
+    f = parse_exposition(text)
+    for name in ("ambassador_requests_total", "ambassador_request_duration_seconds",
+                 "ambassador_active_requests", "ambassador_downstream_connections",
+                 "ambassador_upstream_connections", "ambassador_build_info",
+                 "process_resident_memory_bytes", "process_cpu_seconds_total",
+                 "process_start_time_seconds"):
+        assert name in f, name
+    duration = f["ambassador_request_duration_seconds"]["samples"]
+    assert duration[("ambassador_request_duration_seconds_count",
+                     (("listener", "app"), ("cluster", "svc")))] == 0
+    assert f["ambassador_active_requests"]["samples"][
+        ("ambassador_active_requests", (("listener", "app"),))] == 0
+    assert f["ambassador_upstream_connections"]["samples"][
+        ("ambassador_upstream_connections", (("cluster", "svc"),))] == 0
+
+    for _ in range(3):
+        assert request(amb.port())[0] == 200
+    f = parse_exposition(amb.admin("/metrics")[1])
+    assert f["ambassador_requests_total"]["samples"][
+        ("ambassador_requests_total", (("listener", "app"), ("cluster", "svc"), ("code", "200")))
+    ] == 3
+    assert f["ambassador_request_duration_seconds"]["samples"][
+        ("ambassador_request_duration_seconds_count",
+         (("listener", "app"), ("cluster", "svc")))] == 3
+    assert f["ambassador_upstream_connections"]["samples"][
+        ("ambassador_upstream_connections", (("cluster", "svc"),))] == 1      # pooled
+
+
+def test_label_values_are_escaped():
+    import ambassador as a
+    c = a.Counter("x_total", "help", ("l",))
+    c.inc(('a"b\\c\nd',))
+    assert c.render() == ['x_total{l="a\\"b\\\\c\\nd"} 1']
+    parse_exposition("# HELP x_total h\n# TYPE x_total counter\n" + c.render()[0] + "\n")
+
+
+def test_admin_endpoints(ambassador, upstream):
+    amb = ambassador([upstream.address, "[::1]:1"], timeout="2s")
+    status, index = amb.admin("/")
+    assert status == 200 and "/quitquitquit" in index and "/clusters" in index
+    assert amb.admin("/ready") == (200, "ready\n")
+    assert amb.admin("/nope")[0] == 404
+    assert amb.admin("/quitquitquit")[0] == 405                  # GET does not stop it
+    clusters = json.loads(amb.admin("/clusters")[1])["clusters"]
+    endpoints = clusters["svc"]["endpoints"]
+    assert [e["address"] for e in endpoints] == [upstream.address, "[::1]:1"]
+    for key in ("health", "weight", "ejected_until", "active_requests", "consecutive_failures",
+                "requests_total", "failures_total"):
+        assert key in endpoints[0]
+    config = json.loads(amb.admin("/config")[1])
+    listener = config["listeners"]["app"]
+    assert listener["timeout"] == 2.0
+    assert listener["idle_timeout"] == 60.0 and listener["max_header_bytes"] == 65536
+    assert config["clusters"]["svc"]["connect_timeout"] == 1.0
+    assert config["shutdown"]["drain_timeout"] == 10.0
+
+
+def test_access_log_json_lines(ambassador, upstream, tmp_path):
+    log = tmp_path / "access.log"
+    amb = ambassador([upstream.address], access=str(log))
+    request(amb.port(), "POST", "/pay?x=1", body=b"12345", headers={"X-Request-Id": "r-1"})
+    entry = json.loads(wait_for(lambda: log.exists() and log.read_text(), 5, "a log line"))
+    assert entry["listener"] == "app" and entry["method"] == "POST"
+    assert entry["path"] == "/pay?x=1" and entry["status"] == 200
+    assert entry["upstream"] == upstream.address and entry["attempts"] == 1
+    assert entry["bytes_in"] == 5 and entry["bytes_out"] > 0
+    assert entry["request_id"] == "r-1" and entry["error"] is None
+    assert isinstance(entry["duration_ms"], float)
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", entry["ts"])
+    assert list(entry) == ["ts", "listener", "method", "path", "status", "duration_ms",
+                           "upstream", "attempts", "bytes_in", "bytes_out", "request_id", "error"]
+
+
+def test_access_log_text_format_and_error_tag(ambassador, tmp_path):
+    log = tmp_path / "access.log"
+    config = base_config(["127.0.0.1:%d" % free_port()], access=str(log))
+    config["log"]["format"] = "text"
+    amb = ambassador(config)
+    request(amb.port(), "GET", "/down", headers={"X-Request-Id": "r-2"})
+    line = wait_for(lambda: log.exists() and log.read_text(), 5, "a log line")
+    assert re.match(r'^\[\S+Z\] "GET /down" 502 connect-failure 0 0 [\d.]+ 1 "r-2" "app" '
+                    r'"127\.0\.0\.1:\d+"\n$', line), line
+
+
+def test_sigterm_drains_a_request_in_flight_and_exits_0(ambassador, upstream_factory):
+    started = threading.Event()
+
+    def slow(req, sock):
+        started.set()
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        time.sleep(1.0)
+        sock.sendall(b"67890")
+    up = upstream_factory(slow)
+    amb = ambassador([up.address])
+    result = {}
+
+    def call():   # a keep-alive request: the reply is read until Ambassador closes
+        result["reply"] = raw(amb.port(), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", timeout=10)
+    t = threading.Thread(target=call)
+    t.start()
+    assert started.wait(5)
+    amb.terminate(signal.SIGTERM)
+    wait_for(lambda: amb.admin("/ready")[0] == 503, 5, "/ready 503 while draining")
+    assert request(amb.port())[1].get("connection") == "close"   # new requests still served
+    t.join(10)
+    assert result["reply"].startswith(b"HTTP/1.1 200")
+    assert result["reply"].endswith(b"\r\n\r\n1234567890")      # complete, then closed
+    assert amb.wait(15) == 0
+
+
+def test_quitquitquit_stops_gracefully(ambassador, upstream, tmp_path):
+    log = tmp_path / "access.log"
+    amb = ambassador([upstream.address], access=str(log))
+    for _ in range(50):
+        request(amb.port())
+    assert amb.admin("/quitquitquit", "POST")[0] == 200
+    assert request(amb.port())[0] == 200         # still serving while the app shuts down
+    assert amb.wait(15) == 0
+    assert len(log.read_text().splitlines()) == 51                # no line lost
+
+
+def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
+    ports = [free_port() for _ in range(3)]
+    config = tmp_path / "demo.toml"
+    config.write_text(open(ROOT + "/ambassador.toml").read()
+                      .replace("127.0.0.1:9901", "127.0.0.1:%d" % ports[0])
+                      .replace("127.0.0.1:9000", "127.0.0.1:%d" % ports[1])
+                      .replace("127.0.0.1:9001", "127.0.0.1:%d" % ports[2]))
+    proc = subprocess.Popen([sys.executable, AMBASSADOR, "--demo", "-c", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        lines = [proc.stdout.readline().decode() for _ in range(6)]
+        text = "".join(lines)
+        assert "curl -si -X POST http://127.0.0.1:%d/charge" % ports[1] in text
+        assert "curl -si http://127.0.0.1:%d/items" % ports[2] in text
+        assert "http://127.0.0.1:%d/metrics" % ports[0] in text
+
+        def up():
+            try:
+                return request(ports[2], "GET", "/items")
+            except OSError:
+                return None
+        status, _, body = wait_for(up, 10, "the demo inventory listener")
+        assert status == 200 and b"widget" in body
+        codes = [request(ports[1], "POST", "/charge", body=b"{}")[0] for _ in range(6)]
+        assert codes.count(503) == 2 and codes.count(200) == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    assert proc.returncode == 0

@@ -1,0 +1,140 @@
+"""The command line and config validation: every problem is a clear line and exit 2."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import AMBASSADOR, ROOT, free_port
+
+GOOD = """
+[admin]
+listen = "127.0.0.1:%(admin)d"
+
+[listeners.payment]
+listen = %(listen)s
+cluster = %(cluster)s
+%(extra)s
+
+[clusters.payment]
+endpoints = ["payment-service.default.svc.cluster.local:80", "[::1]:8080"]
+"""
+
+
+def run(args, timeout=30):
+    p = subprocess.run([sys.executable, AMBASSADOR] + list(args), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=timeout, cwd=ROOT)
+    return p.returncode, p.stdout.decode(), p.stderr.decode()
+
+
+def write(tmp_path, text, name="a.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def good(extra="", port=None, listen=None, cluster='"payment"'):
+    return GOOD % {"admin": free_port(), "listen": listen or port or free_port(),
+                   "cluster": cluster, "extra": extra}
+
+
+def test_check_validates_without_binding_or_dns(tmp_path):
+    with socket.socket() as busy:                   # a port in use proves nothing is bound
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code, out, err = run(["-c", write(tmp_path, good(port=port)), "--check"])
+    assert code == 0, err
+    assert out == "payment 127.0.0.1:%d -> cluster payment (2 endpoints)\n" % port
+
+
+def test_shipped_config_checks(tmp_path):
+    code, out, err = run(["-c", os.path.join(ROOT, "ambassador.toml"), "--check"])
+    assert code == 0, err
+    assert "payment 127.0.0.1:9000 -> cluster payment (1 endpoint)" in out
+
+
+def test_version():
+    code, out, _ = run(["--version"])
+    assert code == 0 and out.startswith("ambassador ")
+
+
+BAD = [
+    ({"extra": 'timeout = "5 sec"'},
+     'listeners.payment.timeout: expected a duration like "250ms" or "5s", got "5 sec"'),
+    ({"extra": 'timout = "5s"'}, 'listeners.payment.timout: unknown key (did you mean "timeout"?)'),
+    ({"extra": 'max_connections = "three"'},
+     'listeners.payment.max_connections: expected an integer >= 1, got "three"'),
+    ({"extra": 'host_rewrite = "yes"'},
+     'listeners.payment.host_rewrite: expected true or false, got "yes"'),
+    ({"extra": 'protocol = "grpc"'},
+     'listeners.payment.protocol: expected one of "http", got "grpc"'),
+    ({"listen": '"nowhere"'}, 'listeners.payment.listen: expected "host:port", got "nowhere"'),
+    ({"listen": '70000'}, 'listeners.payment.listen: port must be 0-65535, got 70000'),
+    ({"extra": '[listeners.payment.retry]\nattempts = 3'},
+     'listeners.payment.retry: not supported yet'),
+    ({"cluster": '"nope"'}, 'listeners.payment.cluster: no cluster named "nope"'),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_listener_values_exit_2_with_key_path(tmp_path, override, message):
+    code, out, err = run(["-c", write(tmp_path, good(**override)), "--check"])
+    assert code == 2
+    assert "ambassador: config error: " + message in err, err
+    assert out == ""
+
+
+def test_every_problem_is_reported_one_per_line(tmp_path):
+    text = good('timeout = "soon"\nidle_timeout = -1') + \
+        '\n[clusters.other]\nendpoints = []\nconect_timeout = "1s"\n[tracing]\nsample_ratio = 1.0\n'
+    code, _, err = run(["-c", write(tmp_path, text)])
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert all(l.startswith("ambassador: config error: ") for l in lines)
+    assert any("listeners.payment.timeout:" in l for l in lines)
+    assert any("listeners.payment.idle_timeout: expected a duration >= 0" in l for l in lines)
+    assert any("clusters.other.endpoints: expected a non-empty array" in l for l in lines)
+    assert any('clusters.other.conect_timeout: unknown key (did you mean "connect_timeout"?)' in l
+               for l in lines)
+    assert any("tracing: not supported yet" in l for l in lines)
+
+
+def test_two_listeners_on_one_port(tmp_path):
+    port = free_port()
+    text = good(port=port) + '\n[listeners.other]\nlisten = "0.0.0.0:%d"\ncluster = "payment"\n' % port
+    code, _, err = run(["-c", write(tmp_path, text), "--check"])
+    assert code == 2
+    assert "listeners.other.listen: port %d is already used by listeners.payment.listen" % port \
+        in err
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "missing.toml")
+    code, _, err = run(["-c", path])
+    assert code == 2 and err == "ambassador: config error: %s: no such file\n" % path
+
+
+def test_toml_syntax_error_names_line_and_column(tmp_path):
+    path = write(tmp_path, '[admin]\nlisten = "127.0.0.1:1"\n[listeners.a\n')
+    code, _, err = run(["-c", path, "--check"])
+    assert code == 2
+    assert err.startswith("ambassador: config error: %s:3:" % path), err
+
+
+def test_no_listeners(tmp_path):
+    code, _, err = run(["-c", write(tmp_path, '[clusters.a]\nendpoints = ["a:1"]\n'), "--check"])
+    assert code == 2 and "listeners: expected at least one [listeners.<name>] table" in err
+
+
+def test_port_in_use_at_start_exits_1_naming_the_listener(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code, _, err = run(["-c", write(tmp_path, good(port=port))])
+    assert code == 1
+    assert err.startswith("ambassador: listener payment: cannot listen on 127.0.0.1:%d:" % port)
+    assert len(err.strip().splitlines()) == 1
