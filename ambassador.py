@@ -44,7 +44,7 @@ import argparse
 import bisect
 import collections
 import difflib
-import http.client
+import http
 import json
 import logging
 import os
@@ -57,8 +57,6 @@ import socketserver
 import sys
 import threading
 import time
-import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import NamedTuple, Optional, Tuple
 
 try:
@@ -226,6 +224,13 @@ def parse_address(value, default_host=DEFAULT_LISTEN_HOST):
 def format_address(address):
     host, port = address
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def reason_phrase(status):
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
 
 
 def show(value):
@@ -890,7 +895,14 @@ def parse_request(head, req, client_ip):
     req.replay_safe = replay_safe
     req.forwarded_for = (forwarded_for + b", " + client_ip) if forwarded_for else client_ip
     if req.request_id is None:
-        req.request_id = str(uuid.uuid4()).encode()
+        req.request_id = new_request_id()
+
+
+def new_request_id():
+    """A random UUID (version 4) as bytes; os.urandom spares importing uuid and its memory."""
+    h = os.urandom(16).hex()
+    return ("%s-%s-4%s-%x%s-%s" % (h[:8], h[8:12], h[13:16], 8 | int(h[16], 16) & 3, h[17:20],
+                                   h[20:])).encode()
 
 
 class RequestBody:
@@ -1127,7 +1139,7 @@ def error_reply(status, tag, detail, request_id, keep_alive):
     """The bytes of a short plain-text reply Ambassador gives itself."""
     body = ("%s: %s\n" % (tag, detail)).encode("utf-8", "replace")
     return b"".join((
-        b"HTTP/1.1 %d %s\r\n" % (status, http.client.responses.get(status, "Error").encode()),
+        b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
         b"Content-Type: text/plain; charset=utf-8\r\nx-ambassador-error: ", tag.encode(),
         b"\r\nX-Request-Id: ", request_id or b"-",
         b"\r\nContent-Length: %d\r\n" % len(body),
@@ -1607,6 +1619,7 @@ class AccessLog:
         self._on_drop, self._on_error = on_drop, on_error
         self._queue = collections.deque()
         self._stop = threading.Event()
+        self._second, self._second_text = None, ""  # the writer thread's strftime cache
         if target == "-":
             self._file, self._owned = sys.stdout, False
         else:
@@ -1632,24 +1645,30 @@ class AccessLog:
             self._file.close()
 
     def _run(self):
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(0.02):
             self._write()
 
     def _write(self):
-        queue, lines = self._queue, []
+        # Small batches, with a pause between them: formatting holds the GIL, and one long
+        # batch would stall every request thread for its duration (seen as p99 latency).
+        queue = self._queue
         while queue:
-            lines.append(self.format(queue.popleft()))
-        if lines:
+            lines = [self.format(queue.popleft()) for _ in range(min(32, len(queue)))]
             try:
                 self._file.write("".join(lines))
                 self._file.flush()
             except (OSError, ValueError):
                 self._on_error()
+            time.sleep(0)
 
     def format(self, entry):
         (ts, listener, method, path, status, duration_s, upstream, attempts, bytes_in, bytes_out,
          request_id, error) = entry
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % (ts % 1 * 1000)
+        second = int(ts)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = self._second_text + ".%03dZ" % (ts % 1 * 1000)
         method = method.decode("latin-1")
         path = path.decode("latin-1")
         upstream = upstream.decode() if upstream else None
@@ -1768,67 +1787,91 @@ class Telemetry:
 #     plain http.server; it binds 127.0.0.1 unless configured otherwise.
 # ==================================================================================================
 
-class AdminServer(socketserver.ThreadingMixIn, HTTPServer):
-    """The admin port.  compat(3.6): http.server.ThreadingHTTPServer is 3.7+."""
-    daemon_threads = True
+class SmallHTTPServer(socketserver.TCPServer):
+    """A tiny HTTP server for the admin port and the demo services: one request per connection,
+    a body by Content-Length, answered by route(method, path, body) -> (status, type, bytes).
+
+    Not http.server: off the data path either way, and its email-based parsing costs some 6 MB of
+    imports, a quarter of Ambassador's idle memory.  Thread-safe if route() is."""
     allow_reuse_address = True
 
-    def __init__(self, address, app):
-        self.app = app
+    def __init__(self, address, route, name):
+        self.route, self.name = route, name
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        HTTPServer.__init__(self, address, AdminHandler)
+        socketserver.TCPServer.__init__(self, address, None)
+
+    def process_request(self, sock, client_address):
+        threading.Thread(target=self._serve, args=(sock,), daemon=True,
+                         name="%s:%s" % (self.name, client_address[1])).start()
+
+    def _serve(self, sock):
+        try:
+            reader = SocketReader(sock)
+            head = reader.read_head(65536, monotonic() + 10)
+            if not head:
+                return
+            lines = head.split(b"\r\n")
+            method, target = (lines[0].split(b" ") + [b"", b""])[:2]
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = min(int(value), 1 << 20)
+            body = b"".join(iter_length(reader, length))
+            status, content_type, payload = self.route(
+                method.decode("latin-1"), target.decode("latin-1").split("?", 1)[0], body)
+            sock.settimeout(10)
+            sock.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (
+                             status, reason_phrase(status), content_type.encode(), len(payload),
+                             b"" if method == b"HEAD" else payload))
+        except (OSError, EOFError, ValueError, HeadTooLarge):
+            pass
+        finally:
+            self.shutdown_request(sock)
 
 
-class AdminHandler(BaseHTTPRequestHandler):
-    """Routes admin requests to the Ambassador passed to AdminServer."""
-    server_version = "ambassador-admin/" + __version__
+class Admin:
+    """Answers the admin port from the running Ambassador's state."""
     INDEX = ("Ambassador admin\n"
              "GET  /metrics        Prometheus text format\n"
              "GET  /ready          200 when serving, 503 while starting or draining\n"
              "GET  /clusters       clusters and their endpoints, JSON\n"
              "GET  /config         the effective config, defaults filled in, JSON\n"
              "POST /quitquitquit   graceful exit, as on SIGTERM\n")
+    TEXT = "text/plain; charset=utf-8"
 
-    def do_GET(self):
-        app = self.server.app
-        path = self.path.split("?", 1)[0]
+    def __init__(self, app):
+        self.app = app
+
+    def route(self, method, path, body):
+        app = self.app
+        if method == "POST":
+            if path != "/quitquitquit":
+                return 404, self.TEXT, b"not found\n"
+            app.request_stop("POST /quitquitquit")
+            return 200, self.TEXT, b"draining\n"
+        if method not in ("GET", "HEAD"):
+            return 405, self.TEXT, b"use GET, or POST for /quitquitquit\n"
         if path == "/":
-            self.reply(200, self.INDEX)
-        elif path == "/metrics":
-            self.reply(200, app.telemetry.metrics.render(), "text/plain; version=0.0.4")
-        elif path == "/ready":
+            return 200, self.TEXT, self.INDEX.encode()
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4", app.telemetry.metrics.render().encode()
+        if path == "/ready":
             ready = app.is_ready()
-            self.reply(200 if ready else 503, "ready\n" if ready else "draining\n")
-        elif path == "/clusters":
-            self.reply_json(app.clusters_snapshot())
-        elif path == "/config":
-            self.reply_json(config_as_json(app.config))
-        elif path == "/quitquitquit":
-            self.reply(405, "use POST\n")
-        else:
-            self.reply(404, "not found; GET / lists what is here\n")
+            return (200, self.TEXT, b"ready\n") if ready else (503, self.TEXT, b"draining\n")
+        if path == "/clusters":
+            return self.json(app.clusters_snapshot())
+        if path == "/config":
+            return self.json(config_as_json(app.config))
+        if path == "/quitquitquit":
+            return 405, self.TEXT, b"use POST\n"
+        return 404, self.TEXT, b"not found; GET / lists what is here\n"
 
-    def do_POST(self):
-        if self.path.split("?", 1)[0] == "/quitquitquit":
-            self.reply(200, "draining\n")
-            self.server.app.request_stop("POST /quitquitquit")
-        else:
-            self.reply(404, "not found\n")
-
-    def reply_json(self, value):
-        self.reply(200, json.dumps(value, indent=2, sort_keys=True) + "\n", "application/json")
-
-    def reply(self, status, text, content_type="text/plain; charset=utf-8"):
-        body = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt, *args):
-        logging.getLogger("ambassador").debug("admin: " + fmt, *args)
+    @staticmethod
+    def json(value):
+        return 200, "application/json", (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
 # ==================================================================================================
@@ -1871,7 +1914,7 @@ class Ambassador:
                         listener.name, format_address(listener.config.listen),
                         e.strerror or e))
             try:
-                self.admin = AdminServer(self.config.admin.listen, self)
+                self.admin = SmallHTTPServer(self.config.admin.listen, Admin(self).route, "admin")
             except OSError as e:
                 raise StartupError("admin: cannot listen on %s: %s" % (
                     format_address(self.config.admin.listen), e.strerror or e))
@@ -1962,50 +2005,39 @@ endpoints = ["inventory-service:8080"]
 """
 
 
-class DemoService(BaseHTTPRequestHandler):
-    """The demo's stand-ins for remote services: `inventory` always answers, `payment` answers
+class DemoService:
+    """The demo's stand-in for a remote service: `inventory` always answers, `payment` answers
     503 to every third charge, so that what Ambassador does about failures can be seen."""
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True      # head and body go out in two writes
 
-    def do_GET(self):
-        if self.server.kind == "payment":
-            self.answer(200, {"service": "payment", "status": "up"})
-        else:
-            self.answer(200, {"service": "inventory", "items": [
+    def __init__(self, kind):
+        self.kind = kind
+        self._lock = threading.Lock()     # guards _charges
+        self._charges = 0
+
+    def route(self, method, path, body):
+        if method == "GET" and self.kind == "inventory":
+            return self.answer(200, {"service": "inventory", "items": [
                 {"sku": "A-100", "name": "widget", "in_stock": 12},
                 {"sku": "B-200", "name": "gadget", "in_stock": 0}]})
-
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
-        with self.server.lock:
-            self.server.calls += 1
-            failing = self.server.kind == "payment" and self.server.calls % 3 == 0
+        if method == "GET":
+            return self.answer(200, {"service": self.kind, "status": "up"})
+        with self._lock:
+            self._charges += 1
+            failing = self.kind == "payment" and self._charges % 3 == 0
         if failing:
-            self.answer(503, {"service": "payment", "error": "gateway busy, try again"})
-        else:
-            self.answer(200, {"service": self.server.kind, "status": "charged"})
+            return self.answer(503, {"service": "payment", "error": "gateway busy, try again"})
+        return self.answer(200, {"service": self.kind, "status": "charged"})
 
-    def answer(self, status, value):
-        body = (json.dumps(value) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt, *args):
-        pass
+    @staticmethod
+    def answer(status, value):
+        return status, "application/json", (json.dumps(value) + "\n").encode()
 
 
 def start_demo(config):
     """Start the demo services on loopback and point every cluster at one -> the new Config."""
     services = {}
     for kind in ("payment", "inventory"):
-        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), DemoService)
-        server.daemon_threads = True
-        server.kind, server.lock, server.calls = kind, threading.Lock(), 0
+        server = SmallHTTPServer(("127.0.0.1", 0), DemoService(kind).route, "demo-" + kind)
         threading.Thread(target=server.serve_forever, name="demo:%s" % kind, daemon=True).start()
         services[kind] = ("127.0.0.1", server.server_address[1])
     clusters = {name: c._replace(endpoints=(services["payment" if name == "payment"

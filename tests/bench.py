@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Benchmark: the upstream directly and through Ambassador, side by side in one run.
+
+    python3 tests/bench.py                 # 5 s per load; wrk and nginx when installed
+    python3 tests/bench.py --duration 3 --python-load
+
+Ambassador is pinned to core 0 (taskset), the load generator and the upstream to core 1.  The
+upstream is nginx when installed (1 KiB at /1k, 1 MiB at /1m), else a Python server.  Loads are
+keep-alive: 1, 16 and 64 connections on 1 KiB, 8 connections on 1 MiB, then one 1 GiB download
+streamed through Ambassador.  Printed: requests/s, MiB/s, p50 and p99 latency, Ambassador's CPU
+time per request (the steadiest figure on a shared machine) and its RSS, idle and peak.
+Everything runs on 127.0.0.1 and every load is bounded in time.  Not collected by pytest."""
+
+import argparse
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from socketserver import ThreadingMixIn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KIB = b"a" * 1024
+MIB = b"b" * (1 << 20)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpu, cmd):
+    return (["taskset", "-c", str(cpu)] + cmd) if shutil.which("taskset") else cmd
+
+
+def wait_http(port, path="/1k", timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path)
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("nothing answering on port %d" % port)
+
+
+# ------------------------------------------------------------------------------ upstream
+
+class PyUpstream(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_GET(self):
+        body = MIB if self.path == "/1m" else KIB
+        if self.path == "/1g":
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            for _ in range(1024):
+                self.wfile.write(MIB)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class ThreadedServer(ThreadingMixIn, HTTPServer):
+    daemon_threads = True
+
+
+def start_upstream(tmp, procs):
+    """-> (port, description).  nginx when installed (on core 1), else a Python server."""
+    port = free_port()
+    if shutil.which("nginx"):
+        www = os.path.join(tmp, "www")
+        os.makedirs(os.path.join(tmp, "ngtmp"))
+        os.makedirs(www)
+        for name, size in (("1k", 1024), ("1m", 1 << 20)):
+            with open(os.path.join(www, name), "wb") as f:
+                f.write(b"x" * size)
+        with open(os.path.join(www, "1g"), "wb") as f:
+            f.truncate(1 << 30)                   # sparse: no disk used
+        conf = os.path.join(tmp, "nginx.conf")
+        t = os.path.join(tmp, "ngtmp")
+        with open(conf, "w") as f:
+            f.write("""daemon off; master_process off; worker_processes 1; user root;
+pid %(tmp)s/nginx.pid; error_log %(tmp)s/nginx.err warn;
+events { worker_connections 4096; }
+http { access_log off; sendfile on; tcp_nodelay on; keepalive_requests 100000000;
+  client_body_temp_path %(t)s/cb; proxy_temp_path %(t)s/p; fastcgi_temp_path %(t)s/f;
+  uwsgi_temp_path %(t)s/u; scgi_temp_path %(t)s/s; default_type application/octet-stream;
+  server { listen 127.0.0.1:%(port)d backlog=4096; root %(www)s; } }
+""" % {"tmp": tmp, "t": t, "port": port, "www": www})
+        procs.append(subprocess.Popen(pinned(1, ["nginx", "-p", tmp, "-c", conf]),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_http(port)
+        return port, "nginx (1 worker, core 1)"
+    server = ThreadedServer(("127.0.0.1", port), PyUpstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return port, "Python http.server (in this process)"
+
+
+def start_ambassador(tmp, upstream_port, procs, python):
+    port, admin = free_port(), free_port()
+    conf = os.path.join(tmp, "ambassador.toml")
+    with open(conf, "w") as f:
+        f.write("""# every foundation feature on, access log to a file
+[admin]
+listen = "127.0.0.1:%d"
+[log]
+access = "%s/access.log"
+format = "json"
+[listeners.bench]
+listen = "127.0.0.1:%d"
+cluster = "bench"
+timeout = "30s"
+[clusters.bench]
+endpoints = ["127.0.0.1:%d"]
+""" % (admin, tmp, port, upstream_port))
+    proc = subprocess.Popen(pinned(0, [python, os.path.join(ROOT, "ambassador.py"), "-c", conf]),
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "amb.err"), "w"))
+    procs.append(proc)
+    wait_http(port)
+    return port, proc.pid
+
+
+# ------------------------------------------------------------------------------ measurements
+
+def proc_stat(pid):
+    """(cpu seconds, rss KiB, peak rss KiB) of a process."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = hwm = 0
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return cpu, rss, hwm
+
+
+def wrk_load(port, path, conns, duration):
+    out = subprocess.run(pinned(1, ["wrk", "-t1", "-c%d" % conns, "-d%ds" % duration,
+                                    "--latency", "http://127.0.0.1:%d%s" % (port, path)]),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         timeout=duration + 30).stdout.decode()
+
+    def latency(pct):
+        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % pct, out, re.M)
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        return float(m.group(1)) * scale
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return {"requests": requests, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50": latency(50), "p99": latency(99), "errors": errors.group(0) if errors else ""}
+
+
+def python_load(port, path, conns, duration):
+    """A bounded keep-alive load generator: conns threads, each until the duration ends."""
+    stop = time.monotonic() + duration
+    latencies, lock, errors = [], threading.Lock(), [0]
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        mine = []
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+                r.read()
+                ok = r.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            if ok:
+                mine.append(time.perf_counter() - t0)
+            else:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+    threads = [threading.Thread(target=worker) for _ in range(conns)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration + 30)
+    elapsed = time.monotonic() - t0
+    latencies.sort()
+    n = len(latencies) or 1
+    return {"requests": len(latencies), "rps": len(latencies) / elapsed,
+            "p50": latencies[n // 2] * 1000 if latencies else 0,
+            "p99": latencies[min(n - 1, int(n * 0.99))] * 1000 if latencies else 0,
+            "errors": "%d errors" % errors[0] if errors[0] else ""}
+
+
+def stream_1g(port):
+    """One 1 GiB download, read and dropped -> MiB/s."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET /1g HTTP/1.1\r\nHost: bench\r\n\r\n")
+        got, buf = 0, bytearray(1 << 20)
+        while got < (1 << 30):
+            n = s.recv_into(buf)
+            if not n:
+                break
+            got += n
+    return got / (1 << 20) / (time.monotonic() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=int, default=5, help="seconds per load (default 5)")
+    p.add_argument("--python-load", action="store_true", help="the Python load generator, not wrk")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs Ambassador")
+    args = p.parse_args()
+    use_wrk = shutil.which("wrk") and not args.python_load
+    load = wrk_load if use_wrk else python_load
+    tmp = tempfile.mkdtemp(prefix="ambassador-bench-")
+    procs = []
+    try:
+        up_port, up_desc = start_upstream(tmp, procs)
+        amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python)
+        time.sleep(0.5)
+        _, idle_rss, _ = proc_stat(amb_pid)
+        print("upstream: %s; load: %s, %d s each; Ambassador on %s, core 0"
+              % (up_desc, "wrk -t1" if use_wrk else "Python threads", args.duration,
+                 subprocess.check_output([args.python, "--version"]).decode().strip()))
+        print()
+        print("| load | direct req/s | ambassador req/s | ratio | direct p50/p99 ms "
+              "| ambassador p50/p99 ms | ambassador CPU µs/req | errors |")
+        print("|---|---|---|---|---|---|---|---|")
+        load(amb_port, "/1k", 16, 1)                          # warm-up, not recorded
+        for conns, path in ((1, "/1k"), (16, "/1k"), (64, "/1k"), (8, "/1m")):
+            direct = load(up_port, path, conns, args.duration)
+            cpu0 = proc_stat(amb_pid)[0]
+            amb = load(amb_port, path, conns, args.duration)
+            cpu_us = (proc_stat(amb_pid)[0] - cpu0) / max(1, amb["requests"]) * 1e6
+            size = 1024 if path == "/1k" else 1 << 20
+            if path == "/1m":
+                label = "c%d 1 MiB (MiB/s)" % conns
+                d, a = direct["rps"] * size / (1 << 20), amb["rps"] * size / (1 << 20)
+            else:
+                label = "c%d 1 KiB" % conns
+                d, a = direct["rps"], amb["rps"]
+            print("| %s | %.0f | %.0f | %.0f%% | %.2f / %.2f | %.2f / %.2f | %.0f | %s |" % (
+                label, d, a, 100.0 * a / d, direct["p50"], direct["p99"], amb["p50"],
+                amb["p99"], cpu_us, amb["errors"] or direct["errors"]))
+            sys.stdout.flush()
+        _, rss_load, _ = proc_stat(amb_pid)
+        mib_s = stream_1g(amb_port)
+        _, rss_after, peak = proc_stat(amb_pid)
+        print()
+        print("1 GiB streamed through Ambassador: %.0f MiB/s" % mib_s)
+        print("Ambassador RSS: idle %.1f MB, after the loads %.1f MB, after 1 GiB %.1f MB, "
+              "peak %.1f MB" % (idle_rss / 1024, rss_load / 1024, rss_after / 1024, peak / 1024))
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
