@@ -84,6 +84,24 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_HEADER_BYTES = 65536
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# Without a [retry] table: Istio's default policy.
+DEFAULT_RETRY_ATTEMPTS = 2
+DEFAULT_RETRY_ON = ("connect-failure", "retriable-status-codes")
+DEFAULT_RETRIABLE_STATUS_CODES = (503,)
+DEFAULT_BACKOFF_BASE_S = 0.1
+DEFAULT_BACKOFF_MAX_S = 1.0
+DEFAULT_BUDGET_PERCENT = 20.0
+DEFAULT_MIN_RETRIES_PER_SECOND = 10
+DEFAULT_RETRY_BUFFER_BYTES = 65536             # a request body up to this is kept to be sent again
+RETRY_BUDGET_WINDOW_S = 10                     # Linkerd's ttl: the budget looks at the last 10 s
+RETRY_ON_CONDITIONS = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-4xx",
+                       "retriable-status-codes")
+# Circuit breaker: Envoy's thresholds, and the consecutive-failure breaker around them.
+DEFAULT_CB_LIMIT = 1024
+DEFAULT_CB_MAX_RETRIES = 3
+DEFAULT_CB_FAILURE_THRESHOLD = 5
+DEFAULT_CB_OPEN_TIMEOUT_S = 30.0
+DEFAULT_CB_HALF_OPEN_MAX_REQUESTS = 1
 
 MAX_HEADER_COUNT = 100                        # past it: 431
 MAX_CHUNK_LINE_BYTES = 4096                   # chunk size line with extensions; past it: 400
@@ -91,7 +109,6 @@ MAX_TRAILER_BYTES = 16384
 DRAIN_QUIET_S = 1.0                           # drain ends after this long with no active request
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
-BODY_BUFFER_BYTES = 65536                     # a request body up to this is kept to be sent again
 IO_CHUNK_BYTES = 65536
 ACCESS_LOG_MAX_QUEUE = 65536                  # entries waiting for the writer; past it, counted drops
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -145,10 +162,6 @@ class RequestTimeout(BadRequest):
     status, tag = 408, "request-timeout"
 
 
-class Overflow(ProxyError):
-    status, tag = 503, "overflow"
-
-
 class ConnectFailure(ProxyError):
     """No connection was made: the request never left Ambassador."""
     status, tag = 502, "connect-failure"
@@ -165,6 +178,20 @@ class UpstreamTimeout(ProxyError):
 
 class UpstreamProtocolError(ProxyError):
     status, tag = 502, "upstream-protocol-error"
+
+
+class CircuitOpen(ProxyError):
+    """The cluster's circuit breaker is open: the request was not sent."""
+    status, tag = 503, "circuit-open"
+
+
+class Overflow(ProxyError):
+    """A resource limit was reached; `reason` is the metric label (overflow_requests, ...)."""
+    status, tag = 503, "overflow"
+
+    def __init__(self, detail, reason):
+        ProxyError.__init__(self, detail)
+        self.reason = reason
 
 
 class DownstreamGone(Exception):
@@ -266,10 +293,33 @@ class ShutdownConfig(NamedTuple):
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
 
 
+class RetryConfig(NamedTuple):
+    attempts: int = DEFAULT_RETRY_ATTEMPTS               # retries after the first try
+    per_try_timeout: Optional[float] = None              # None: only the listener timeout
+    retry_on: Tuple[str, ...] = DEFAULT_RETRY_ON
+    retriable_status_codes: Tuple[int, ...] = DEFAULT_RETRIABLE_STATUS_CODES
+    backoff_base: float = DEFAULT_BACKOFF_BASE_S
+    backoff_max: float = DEFAULT_BACKOFF_MAX_S
+    budget_percent: float = DEFAULT_BUDGET_PERCENT
+    min_retries_per_second: int = DEFAULT_MIN_RETRIES_PER_SECOND
+    buffer_limit: int = DEFAULT_RETRY_BUFFER_BYTES
+
+
+class CircuitBreakerConfig(NamedTuple):
+    max_connections: int = DEFAULT_CB_LIMIT
+    max_pending_requests: int = DEFAULT_CB_LIMIT
+    max_requests: int = DEFAULT_CB_LIMIT
+    max_retries: int = DEFAULT_CB_MAX_RETRIES
+    failure_threshold: int = DEFAULT_CB_FAILURE_THRESHOLD
+    open_timeout: float = DEFAULT_CB_OPEN_TIMEOUT_S
+    half_open_max_requests: int = DEFAULT_CB_HALF_OPEN_MAX_REQUESTS
+
+
 class ListenerConfig(NamedTuple):
     name: str
     listen: Tuple[str, int]
     cluster: str
+    retry: RetryConfig = RetryConfig()
     protocol: str = "http"
     timeout: float = DEFAULT_TIMEOUT_S
     host_rewrite: bool = True
@@ -284,6 +334,7 @@ class ClusterConfig(NamedTuple):
     endpoints: Tuple[Tuple[str, int], ...]
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
     discovery: str = "static"
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
 
 class Config(NamedTuple):
@@ -307,6 +358,39 @@ def _kind_int(minimum, maximum=None):
             raise ValueError("expected an integer %s, got %s" % (bound, show(value)))
         return value
     return check
+
+
+def _kind_positive_duration(value):
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("expected a duration > 0, got %s" % show(value))
+    return seconds
+
+
+def _kind_number(minimum, maximum):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not minimum <= value <= maximum:
+            raise ValueError("expected a number in %g..%g, got %s" % (minimum, maximum, show(value)))
+        return float(value)
+    return check
+
+
+def _kind_retry_on(value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected an array of strings, got %s" % show(value))
+    for item in value:
+        if item not in RETRY_ON_CONDITIONS:
+            raise ValueError("unknown condition %s (known: %s)"
+                             % (show(item), ", ".join(RETRY_ON_CONDITIONS)))
+    return tuple(value)
+
+
+def _kind_status_codes(value):
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in value):
+        raise ValueError("expected an array of HTTP status codes (100-599), got %s" % show(value))
+    return tuple(value)
 
 
 def _kind_bool(value):
@@ -368,10 +452,29 @@ _LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
 _CLUSTER_KEYS = {"endpoints": (_kind_endpoints, REQUIRED),
                  "connect_timeout": (_kind_duration, DEFAULT_CONNECT_TIMEOUT_S),
                  "discovery": (_kind_one_of("static"), "static")}
+_RETRY_KEYS = {"attempts": (_kind_int(0), DEFAULT_RETRY_ATTEMPTS),
+               "per_try_timeout": (_kind_positive_duration, None),
+               "retry_on": (_kind_retry_on, DEFAULT_RETRY_ON),
+               "retriable_status_codes": (_kind_status_codes, DEFAULT_RETRIABLE_STATUS_CODES),
+               "backoff_base": (_kind_duration, DEFAULT_BACKOFF_BASE_S),
+               "backoff_max": (_kind_duration, DEFAULT_BACKOFF_MAX_S),
+               "budget_percent": (_kind_number(0, 100), DEFAULT_BUDGET_PERCENT),
+               "min_retries_per_second": (_kind_int(0), DEFAULT_MIN_RETRIES_PER_SECOND),
+               "buffer_limit": (_kind_int(0, 16 << 20), DEFAULT_RETRY_BUFFER_BYTES)}
+_CIRCUIT_BREAKER_KEYS = {
+    "max_connections": (_kind_int(1), DEFAULT_CB_LIMIT),
+    "max_pending_requests": (_kind_int(1), DEFAULT_CB_LIMIT),
+    "max_requests": (_kind_int(1), DEFAULT_CB_LIMIT),
+    "max_retries": (_kind_int(0), DEFAULT_CB_MAX_RETRIES),
+    "failure_threshold": (_kind_int(1), DEFAULT_CB_FAILURE_THRESHOLD),
+    "open_timeout": (_kind_positive_duration, DEFAULT_CB_OPEN_TIMEOUT_S),
+    "half_open_max_requests": (_kind_int(1), DEFAULT_CB_HALF_OPEN_MAX_REQUESTS)}
+# Sub-tables, each checked with its own keys: table key -> (keys, record).
+_LISTENER_TABLES = {"retry": (_RETRY_KEYS, RetryConfig)}
+_CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig)}
 _NOT_YET = {"": ("tracing",),
-            "listeners": ("retry", "tls"),
-            "clusters": ("dns_refresh", "lb_policy", "circuit_breaker", "outlier_detection",
-                         "health_check", "tls")}
+            "listeners": ("tls",),
+            "clusters": ("dns_refresh", "lb_policy", "outlier_detection", "health_check", "tls")}
 _TOP_KEYS = ("admin", "log", "shutdown", "listeners", "clusters") + _NOT_YET[""]
 
 
@@ -384,17 +487,23 @@ class _Validator:
     def problem(self, path, reason):
         self.problems.append("%s: %s" % (path, reason))
 
-    def table(self, path, raw, keys, not_yet=()):
-        """raw (a dict) checked against keys -> {key: value}, defaults filled in."""
+    def table(self, path, raw, keys, not_yet=(), tables=None):
+        """raw (a dict) checked against keys -> {key: value}, defaults filled in.  tables maps
+        sub-table keys to (keys, record): each becomes a record, defaults filled in too."""
         values = {}
+        tables = tables or {}
         if not isinstance(raw, dict):
             self.problem(path, "expected a table, got %s" % show(raw))
             raw = {}
         for key in raw:
             if key in not_yet:
                 self.problem("%s.%s" % (path, key), "not supported yet")
-            elif key not in keys:
-                self.unknown("%s.%s" % (path, key), key, list(keys) + list(not_yet))
+            elif key not in keys and key not in tables:
+                self.unknown("%s.%s" % (path, key), key,
+                             list(keys) + list(tables) + list(not_yet))
+        for key, (sub_keys, record) in tables.items():
+            if key in raw:
+                values[key] = record(**self.table("%s.%s" % (path, key), raw[key], sub_keys))
         for key, (kind, default) in keys.items():
             if key not in raw:
                 if default is REQUIRED:
@@ -432,7 +541,8 @@ def parse_config(raw, path="<config>"):
         v.problem("clusters", "expected a table of clusters, got %s" % show(raw_clusters))
         raw_clusters = {}
     for name, table in raw_clusters.items():
-        values = v.table("clusters.%s" % name, table, _CLUSTER_KEYS, _NOT_YET["clusters"])
+        values = v.table("clusters.%s" % name, table, _CLUSTER_KEYS, _NOT_YET["clusters"],
+                         _CLUSTER_TABLES)
         if "endpoints" in values:
             clusters[name] = ClusterConfig(name=name, **values)
 
@@ -446,7 +556,10 @@ def parse_config(raw, path="<config>"):
         ports[admin.listen[1]] = "admin.listen"
     for name, table in raw_listeners.items():
         where = "listeners.%s" % name
-        values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"])
+        values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"], _LISTENER_TABLES)
+        retry = values.get("retry")
+        if retry and retry.backoff_max < retry.backoff_base:
+            v.problem(where + ".retry.backoff_max", "must be >= backoff_base")
         if "cluster" in values and values["cluster"] not in raw_clusters:
             v.problem(where + ".cluster", "no cluster named %s (clusters: %s)"
                       % (json.dumps(values["cluster"]),
@@ -512,6 +625,10 @@ def config_as_json(config):
                 value = format_address(value)
             elif key == "endpoints":
                 value = [format_address(e) for e in value]
+            elif hasattr(value, "_asdict"):
+                value = record(value)
+            elif isinstance(value, tuple):
+                value = list(value)
             out[key] = value
         return out
     return {"admin": record(config.admin), "log": record(config.log),
@@ -534,6 +651,10 @@ class Listener:
         self.config = config
         self.name = config.name
         self.cluster = cluster
+        self.retry_policy = RetryPolicy(config.retry)
+        # Per listener, which is per cluster: a listener forwards to exactly one.
+        self.retry_budget = RetryBudget(config.retry.budget_percent,
+                                        config.retry.min_retries_per_second)
         self.telemetry = telemetry
         self.draining = draining              # threading.Event shared by the process
         self._lock = threading.Lock()         # guards connections, active_requests, last_active
@@ -908,13 +1029,14 @@ def new_request_id():
 class RequestBody:
     """A request body on its way upstream.
 
-    A body up to BODY_BUFFER_BYTES is read whole before the first try, so that a try can be
+    A body up to buffer_limit (retry.buffer_limit) is read whole before the first try, so that a try can be
     sent again byte for byte (and goes upstream with a Content-Length).  A larger one streams
     from the app's connection and can be sent once: `replayable` turns false at its first byte."""
 
-    def __init__(self, req, downstream):
+    def __init__(self, req, downstream, buffer_limit):
         self.req = req
         self.downstream = downstream
+        self.buffer_limit = buffer_limit
         self.buffered = b""           # bytes held in memory (the whole body when replayable)
         self.rest = None              # iterator over the rest of a streamed body
         self.replayable = True
@@ -928,7 +1050,7 @@ class RequestBody:
         reader = self.downstream.reader
         reader.sock.settimeout(self.downstream.listener.config.idle_timeout)
         source = iter_chunked(reader) if req.chunked else iter_length(reader, req.content_length)
-        if req.content_length is not None and req.content_length > BODY_BUFFER_BYTES:
+        if req.content_length is not None and req.content_length > self.buffer_limit:
             self.rest = source
             return
         held = []
@@ -936,7 +1058,7 @@ class RequestBody:
         for data in self._read(source):
             held.append(data)
             size += len(data)
-            if size > BODY_BUFFER_BYTES:
+            if size > self.buffer_limit:
                 self.rest = source
                 break
         self.buffered = b"".join(held)
@@ -1035,37 +1157,121 @@ def parse_response(head, method):
 def forward(listener, req, downstream):
     """Send one request to the listener's cluster and stream the response back to the app.
 
-    The layers, each knowing only the next: deadline (listener timeout) -> pooled-connection
-    retry -> Cluster.pick_endpoint -> ConnectionPool -> UpstreamConnection.  Returns whether the
-    downstream connection may carry another request.  Raises ProxyError while no response byte
-    was sent; after that, failures close the downstream connection instead."""
-    config = listener.config
+    The layers, each knowing only the next (linkerd2-proxy's stack, as plain code): deadline
+    (listener timeout) -> retry loop (RetryPolicy, RetryBudget, backoff) -> CircuitBreaker and
+    ResourceLimits -> Cluster.pick_endpoint -> ConnectionPool -> UpstreamConnection.  Returns
+    whether the downstream connection may carry another request.  Raises ProxyError while no
+    response byte was sent; after that, failures close the downstream connection instead."""
     cluster = listener.cluster
-    deadline = req.start + config.timeout
-    body = RequestBody(req, downstream)
+    policy = listener.retry_policy
+    deadline = req.start + listener.config.timeout
+    body = RequestBody(req, downstream, policy.config.buffer_limit)
     body.prepare()
-    endpoint = cluster.pick_endpoint()
+    listener.retry_budget.record_request()
+    limits = cluster.limits
+    if not limits.try_begin("requests"):
+        raise Overflow("max_requests of cluster %s reached" % cluster.name, "overflow_requests")
+    holds_retry = False
+    try:
+        ticket = cluster.breaker.allow()
+        if ticket is None:
+            raise CircuitOpen("circuit breaker of cluster %s is open" % cluster.name)
+        retries = 0
+        endpoint = cluster.pick_endpoint()
+        while True:
+            result, resp, conn, error = try_once(listener, req, body, endpoint, deadline, ticket)
+            status = resp.status if resp is not None else None
+            safe = req.replay_safe and body.replayable
+            if result == "ok" or not policy.should_retry(result, status, safe):
+                break
+            # A retry must fit every bound: attempts, time for its backoff, budget, breaker.
+            wait = policy.wait_before(retries + 1, resp)
+            if retries >= policy.config.attempts or wait is None or \
+                    monotonic() + wait >= deadline:
+                break
+            if not listener.retry_budget.try_spend():
+                listener.telemetry.budget_exhausted(cluster)
+                break
+            if not holds_retry:
+                if not limits.try_begin("retries"):
+                    listener.telemetry.rejected(cluster, "overflow_retries")
+                    break
+                holds_retry = True
+            ticket = cluster.breaker.allow()
+            if ticket is None:
+                listener.telemetry.rejected(cluster, "circuit_open")
+                break
+            if conn is not None:
+                conn.close()                     # the response we will not relay
+            time.sleep(wait)
+            retries += 1
+            listener.telemetry.retried(listener)
+            endpoint = cluster.pick_endpoint(avoid=endpoint)
+        if resp is None:
+            raise error
+        return relay_response(req, resp, conn, downstream, listener)
+    except (Overflow, CircuitOpen) as e:
+        listener.telemetry.rejected(cluster, getattr(e, "reason", "circuit_open"))
+        raise
+    finally:
+        limits.end("requests")
+        if holds_retry:
+            limits.end("retries")
+
+
+def try_once(listener, req, body, endpoint, deadline, ticket):
+    """One try on one endpoint, admitted by the breaker's ticket -> (result, response, connection,
+    error): result is ok, 5xx, connect_failure, reset, timeout or protocol_error; a response
+    comes with its connection (body unread), a failure with the ProxyError to answer it with.
+
+    Raises UpstreamTimeout when the listener's deadline passed (never retried) and Overflow."""
+    cluster = listener.cluster
+    per_try = listener.retry_policy.config.per_try_timeout
     fresh_only = False
-    while True:
-        req.attempts += 1
-        req.upstream = endpoint.label
-        endpoint.begin_request()
-        ok = False
-        try:
-            conn = endpoint.pool.acquire(deadline, fresh_only)
-            resp = conn.exchange(req, body, config, deadline)
-            keep = relay_response(req, resp, conn, downstream, listener)
-            ok = resp.status < 500
-            return keep
-        except StaleConnection as e:
-            # A reused connection the upstream had closed: like Go's http.Transport, try once
-            # more on a fresh one if nothing was written, or if sending it twice is safe.
-            if not fresh_only and (e.nothing_written or (req.replay_safe and body.replayable)):
-                fresh_only = True
-                continue
-            raise UpstreamReset(e.reason)
-        finally:
-            endpoint.end_request(ok)
+    verdict = None                               # for the breaker: None means "not a try"
+    endpoint.begin_request()
+    try:
+        while True:
+            req.attempts += 1
+            req.upstream = endpoint.label
+            try:
+                conn = endpoint.pool.acquire(deadline, fresh_only)
+                try_deadline = min(deadline, monotonic() + per_try) if per_try else deadline
+                resp = conn.exchange(req, body, listener.config, try_deadline)
+            except StaleConnection as e:
+                # A reused connection the upstream had closed: like Go's http.Transport, send
+                # once more on a fresh one if nothing was written, or if sending twice is safe.
+                if not fresh_only and (e.nothing_written or
+                                       (req.replay_safe and body.replayable)):
+                    fresh_only = True
+                    continue
+                error, result = UpstreamReset(e.reason), "reset"
+            except ConnectFailure as e:
+                error, result = e, "connect_failure"
+            except UpstreamReset as e:
+                error, result = e, "reset"
+            except UpstreamProtocolError as e:
+                error, result = e, "protocol_error"
+            except UpstreamTimeout as e:
+                if monotonic() >= deadline:
+                    verdict = False
+                    listener.telemetry.upstream_attempt(cluster, "timeout")
+                    raise
+                error, result = UpstreamTimeout("no response within per_try_timeout (%gs)"
+                                                % per_try), "timeout"
+            else:
+                result = "5xx" if resp.status >= 500 else "ok"
+                verdict = result == "ok"
+                listener.telemetry.upstream_attempt(cluster, result)
+                return result, resp, conn, None
+            verdict = False
+            listener.telemetry.upstream_attempt(cluster, result)
+            listener.telemetry.debug("%s: try %d on %s: %s", listener.name, req.attempts,
+                                     endpoint.label.decode(), error)
+            return result, None, None, error
+    finally:
+        endpoint.end_request(verdict is not False)
+        cluster.breaker.record(ticket, verdict)
 
 
 class StaleConnection(Exception):
@@ -1086,6 +1292,7 @@ def relay_response(req, resp, conn, downstream, listener):
         parts += (name, b": ", value, b"\r\n")
     if resp.request_id is None:
         parts += (b"X-Request-Id: ", req.request_id, b"\r\n")
+    parts.append(b"x-ambassador-attempts: %d\r\n" % req.attempts)
     if resp.has_body:
         if resp.length is not None:
             parts.append(b"Content-Length: %d\r\n" % resp.length)
@@ -1135,12 +1342,13 @@ def relay_response(req, resp, conn, downstream, listener):
     return keep and not listener.draining.is_set()
 
 
-def error_reply(status, tag, detail, request_id, keep_alive):
+def error_reply(status, tag, detail, request_id, keep_alive, attempts=0):
     """The bytes of a short plain-text reply Ambassador gives itself."""
     body = ("%s: %s\n" % (tag, detail)).encode("utf-8", "replace")
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
         b"Content-Type: text/plain; charset=utf-8\r\nx-ambassador-error: ", tag.encode(),
+        b"\r\nx-ambassador-attempts: %d" % attempts if attempts else b"",
         b"\r\nX-Request-Id: ", request_id or b"-",
         b"\r\nContent-Length: %d\r\n" % len(body),
         b"\r\n" if keep_alive else b"Connection: close\r\n\r\n",
@@ -1219,7 +1427,7 @@ class DownstreamConnection:
             not req.chunked and not req.content_length and not self.listener.draining.is_set()
         try:
             self.send(error_reply(error.status, error.tag, error.detail or error.tag,
-                                  req.request_id, keep))
+                                  req.request_id, keep, req.attempts))
         except DownstreamGone:
             return False
         return keep
@@ -1261,7 +1469,8 @@ class UpstreamConnection:
         for _, name, value in req.headers:
             parts += (name, b": ", value, b"\r\n")
         parts += (b"X-Forwarded-For: ", req.forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n"
-                  b"X-Request-Id: ", req.request_id, b"\r\n", body.framing(), b"\r\n",
+                  b"X-Request-Id: ", req.request_id, b"\r\nx-ambassador-attempt: %d\r\n"
+                  % req.attempts, body.framing(), b"\r\n",
                   body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
@@ -1345,9 +1554,10 @@ class ConnectionPool:
     acquire() never hands out a connection that sat idle past UPSTREAM_IDLE_S or that the
     upstream closed (checked with a zero-timeout poll), so a stale socket is rarely written to."""
 
-    def __init__(self, endpoint, connect_timeout):
+    def __init__(self, endpoint, connect_timeout, limits):
         self.endpoint = endpoint
         self.connect_timeout = connect_timeout
+        self.limits = limits                   # the cluster's ResourceLimits
         self._lock = threading.Lock()          # guards _idle and open_connections
         self._idle = []                         # [(UpstreamConnection, idle since)], newest last
         self.open_connections = 0
@@ -1366,6 +1576,25 @@ class ConnectionPool:
         return self.connect(deadline)
 
     def connect(self, deadline):
+        """A new connection, within the cluster's max_pending_requests and max_connections."""
+        limits = self.limits
+        if not limits.try_begin("pending"):
+            raise Overflow("max_pending_requests reached", "overflow_pending")
+        try:
+            if not limits.try_begin("connections"):
+                raise Overflow("max_connections reached", "overflow_connections")
+            try:
+                sock = self._connect(deadline)
+            except BaseException:
+                limits.end("connections")
+                raise
+        finally:
+            limits.end("pending")
+        with self._lock:
+            self.open_connections += 1
+        return UpstreamConnection(sock, self)
+
+    def _connect(self, deadline):
         remaining = deadline - monotonic()
         if remaining <= 0:
             raise UpstreamTimeout("listener timeout passed before connecting")
@@ -1381,9 +1610,7 @@ class ConnectionPool:
             raise ConnectFailure("connect to %s: %s"
                                  % (self.endpoint.label.decode(), e.strerror or e))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._lock:
-            self.open_connections += 1
-        return UpstreamConnection(sock, self)
+        return sock
 
     def release(self, conn):
         now = monotonic()
@@ -1401,6 +1628,7 @@ class ConnectionPool:
     def closed_one(self):
         with self._lock:
             self.open_connections -= 1
+        self.limits.end("connections")
 
     def close_idle(self):
         with self._lock:
@@ -1412,11 +1640,11 @@ class ConnectionPool:
 class Endpoint:
     """One address of a cluster, with its pool and request statistics.  Thread-safe."""
 
-    def __init__(self, address, connect_timeout):
+    def __init__(self, address, connect_timeout, limits):
         self.address = address
         self.label = format_address(address).encode()
         self.host_header = self.label
-        self.pool = ConnectionPool(self, connect_timeout)
+        self.pool = ConnectionPool(self, connect_timeout, limits)
         self._lock = threading.Lock()   # guards the statistics below
         self.active_requests = 0
         self.requests_total = 0
@@ -1448,21 +1676,32 @@ class Endpoint:
 
 
 class Cluster:
-    """A named set of endpoints and the round-robin choice among them.  Thread-safe."""
+    """A named set of endpoints, the round-robin choice among them, and the cluster's circuit
+    breaker and resource limits.  Thread-safe."""
 
-    def __init__(self, config):
+    def __init__(self, config, on_breaker_transition=None, clock=monotonic):
         self.config = config
         self.name = config.name
-        self.endpoints = [Endpoint(a, config.connect_timeout) for a in config.endpoints]
+        cb = config.circuit_breaker
+        self.limits = ResourceLimits(cb)
+        self.breaker = CircuitBreaker(cb.failure_threshold, cb.open_timeout,
+                                      cb.half_open_max_requests, clock,
+                                      on_transition=on_breaker_transition)
+        self.endpoints = [Endpoint(a, config.connect_timeout, self.limits)
+                          for a in config.endpoints]
         self._lock = threading.Lock()    # guards _next
         self._next = 0
 
-    def pick_endpoint(self):
+    def pick_endpoint(self, avoid=None):
+        """The next endpoint round robin; not `avoid` (the one that just failed) if there is
+        another."""
         endpoints = self.endpoints
         if len(endpoints) == 1:
             return endpoints[0]
         with self._lock:
             self._next = (self._next + 1) % len(endpoints)
+            if endpoints[self._next] is avoid:
+                self._next = (self._next + 1) % len(endpoints)
             return endpoints[self._next]
 
     def open_connections(self):
@@ -1473,7 +1712,212 @@ class Cluster:
             e.pool.close_idle()
 
 # ==================================================================================================
-# 9. Telemetry: Metrics, AccessLog
+# 9. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits
+#    Which tries may be made, and when: retry conditions and their safety, backoff, the retry
+#    budget, the consecutive-failure breaker, and Envoy's thresholds on what is in flight.
+# ==================================================================================================
+
+class RetryPolicy:
+    """A listener's [retry] table as decisions.  No state: thread-safe."""
+
+    def __init__(self, config, rng=random.random):
+        self.config = config
+        self._on = frozenset(config.retry_on)
+        self._codes = frozenset(config.retriable_status_codes)
+        self._rng = rng
+
+    def should_retry(self, result, status, safe):
+        """Whether a try that ended in `result` (with `status` for a response) is worth another.
+
+        connect-failure is retried for every method: the request never left.  Anything else only
+        when `safe`: an idempotent method or an Idempotency-Key, and a body that was held."""
+        on = self._on
+        if result == "connect_failure":
+            return "connect-failure" in on
+        if not safe:
+            return False
+        if result == "reset":
+            return "reset" in on
+        if result == "timeout":
+            return "5xx" in on or "gateway-error" in on
+        if status is None:
+            return False
+        return ("5xx" in on and status >= 500) or \
+            ("gateway-error" in on and status in (502, 503, 504)) or \
+            ("retriable-4xx" in on and status == 409) or \
+            ("retriable-status-codes" in on and status in self._codes)
+
+    def backoff(self, n):
+        """Before retry n (1, 2, ...): min(backoff_max, backoff_base * n^2), jittered by a factor
+        in [0.5, 1.0] so that many callers do not retry in step."""
+        c = self.config
+        return min(c.backoff_max, c.backoff_base * n * n) * (0.5 + 0.5 * self._rng())
+
+    def wait_before(self, n, resp):
+        """Seconds to wait before retry n: a 503's or 429's Retry-After (delta-seconds) when it
+        has one, else the backoff."""
+        if resp is not None and resp.status in (503, 429):
+            for lname, _, value in resp.headers:
+                if lname == b"retry-after" and value.isdigit():
+                    return float(int(value))
+        return self.backoff(n)
+
+
+class RetryBudget:
+    """Linkerd's retry budget: over the last RETRY_BUDGET_WINDOW_S seconds,
+    retries <= requests * percent / 100 + min_per_second * window.  Thread-safe.
+
+    Counts live in one slot per second of the window, reused as the clock moves on."""
+
+    def __init__(self, percent, min_per_second, clock=monotonic):
+        self.percent = percent
+        self.floor = min_per_second * RETRY_BUDGET_WINDOW_S
+        self._clock = clock
+        self._lock = threading.Lock()   # guards the three lists
+        self._second = [None] * RETRY_BUDGET_WINDOW_S
+        self._requests = [0] * RETRY_BUDGET_WINDOW_S
+        self._retries = [0] * RETRY_BUDGET_WINDOW_S
+
+    def _slot(self):
+        second = int(self._clock())
+        i = second % RETRY_BUDGET_WINDOW_S
+        if self._second[i] != second:
+            self._second[i], self._requests[i], self._retries[i] = second, 0, 0
+        return i, second
+
+    def record_request(self):
+        with self._lock:
+            self._requests[self._slot()[0]] += 1
+
+    def try_spend(self):
+        """Take one retry from the budget, or return False if it is spent."""
+        with self._lock:
+            i, now = self._slot()
+            live = [j for j, s in enumerate(self._second)
+                    if s is not None and now - s < RETRY_BUDGET_WINDOW_S]
+            requests = sum(self._requests[j] for j in live)
+            retries = sum(self._retries[j] for j in live)
+            if retries + 1 > requests * self.percent / 100.0 + self.floor:
+                return False
+            self._retries[i] += 1
+            return True
+
+
+class CircuitBreaker:
+    """The consecutive-failure breaker of one cluster.  Thread-safe: one lock, every decision
+    and state change under it, so 64 concurrent callers see one transition each time.
+
+        closed --(failure_threshold consecutive failed tries)--> open
+          ^                                                        |
+          |                                           (open_timeout passed, next caller)
+          |                                                        v
+          +------------(a trial succeeds)-------------------- half_open
+                                                                   |
+            open <--(a trial fails: a new open_timeout)------------+
+
+    allow() -> a ticket, or None when the request must be refused (open, or half_open with
+    half_open_max_requests trials already in flight).  Every ticket goes back through
+    record(ticket, ok) with ok True, False, or None for "no verdict" (the try never ran).
+    on_transition(old, new) is called after the lock is released, once per transition."""
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+    NORMAL, TRIAL = "normal", "trial"
+
+    def __init__(self, failure_threshold, open_timeout_s, half_open_max_requests,
+                 clock=monotonic, on_transition=None):
+        self.failure_threshold = failure_threshold
+        self.open_timeout_s = open_timeout_s
+        self.half_open_max_requests = half_open_max_requests
+        self._clock = clock
+        self._on_transition = on_transition
+        self._lock = threading.Lock()   # guards state, _failures, _open_until, _trials
+        self.state = self.CLOSED
+        self._failures = 0
+        self._open_until = 0.0
+        self._trials = 0
+
+    def allow(self):
+        with self._lock:
+            changed = None
+            if self.state == self.OPEN and self._clock() >= self._open_until:
+                changed = self._move(self.HALF_OPEN)
+                self._trials = 0
+            if self.state == self.CLOSED:
+                ticket = self.NORMAL
+            elif self.state == self.HALF_OPEN and self._trials < self.half_open_max_requests:
+                self._trials += 1
+                ticket = self.TRIAL
+            else:
+                ticket = None
+        self._announce(changed)
+        return ticket
+
+    def record(self, ticket, ok):
+        if ticket is None:
+            return
+        with self._lock:
+            changed = None
+            if ticket == self.TRIAL:
+                self._trials -= 1
+                if self.state == self.HALF_OPEN and ok is not None:
+                    if ok:
+                        changed = self._move(self.CLOSED)
+                        self._failures = 0
+                    else:
+                        changed = self._open()
+            elif self.state == self.CLOSED and ok is not None:
+                if ok:
+                    self._failures = 0
+                else:
+                    self._failures += 1
+                    if self._failures >= self.failure_threshold:
+                        changed = self._open()
+        self._announce(changed)
+
+    def _open(self):
+        self._open_until = self._clock() + self.open_timeout_s
+        return self._move(self.OPEN)
+
+    def _move(self, new):
+        old, self.state = self.state, new
+        return old, new
+
+    def _announce(self, changed):
+        if changed is not None and self._on_transition is not None:
+            self._on_transition(*changed)
+
+
+class ResourceLimits:
+    """Envoy's circuit-breaking thresholds of one cluster: upstream connections, requests
+    waiting for a connection (pending), requests and retries in flight.  Thread-safe.
+
+    try_begin(kind) admits one (True) or refuses (False, the caller answers 503 overflow);
+    every admitted one is given back with end(kind)."""
+
+    def __init__(self, config):
+        self._max = {"connections": config.max_connections,
+                     "pending": config.max_pending_requests,
+                     "requests": config.max_requests, "retries": config.max_retries}
+        self._lock = threading.Lock()   # guards _used
+        self._used = dict.fromkeys(self._max, 0)
+
+    def try_begin(self, kind):
+        with self._lock:
+            if self._used[kind] >= self._max[kind]:
+                return False
+            self._used[kind] += 1
+            return True
+
+    def end(self, kind):
+        with self._lock:
+            self._used[kind] -= 1
+
+    def used(self, kind):
+        with self._lock:
+            return self._used[kind]
+
+
+# ==================================================================================================
+# 10. Telemetry: Metrics, AccessLog
 #    What happened, for people and for Prometheus.  Nothing here may raise into the data path or
 #    block it: counters take one short lock, access-log lines are written by a background thread.
 # ==================================================================================================
@@ -1691,7 +2135,6 @@ class Telemetry:
         self.log = logging.getLogger("ambassador")
         self.metrics = m = Metrics()
         self.access_log = None
-        listener_names = [(l.name,) for l in listeners]
         self.requests = m.add(Counter(
             "ambassador_requests_total", "Downstream requests by response status code (0: none).",
             ("listener", "cluster", "code")))
@@ -1717,16 +2160,48 @@ class Telemetry:
         self.internal_errors = m.add(Counter(
             "ambassador_internal_errors_total", "Bugs: unexpected exceptions, each logged.",
             ("where",)))
+        self.attempts = m.add(Counter(
+            "ambassador_upstream_attempts_total", "Tries sent to the cluster, by outcome.",
+            ("cluster", "result")))
+        self.retries = m.add(Counter(
+            "ambassador_retries_total", "Retries made (tries after the first).",
+            ("listener", "cluster")))
+        self.budget = m.add(Counter(
+            "ambassador_retry_budget_exhausted_total", "Retries refused by the retry budget.",
+            ("cluster",)))
+        states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
+        m.add(Gauge("ambassador_circuit_breaker_state",
+                    "Circuit breaker state: 0 closed, 1 open, 2 half-open.", ("cluster",),
+                    lambda: [((c.name,), states[c.breaker.state])
+                             for _, c in sorted(clusters.items())]))
+        self.transitions = m.add(Counter(
+            "ambassador_circuit_breaker_transitions_total", "Circuit breaker state changes.",
+            ("cluster", "to")))
+        self.rejections = m.add(Counter(
+            "ambassador_rejected_total",
+            "Requests and retries refused without being sent, by reason.", ("cluster", "reason")))
         m.add(Gauge("ambassador_draining", "1 while shutting down, else 0.", (),
                     lambda: [((), 1 if draining.is_set() else 0)]))
         m.add(Gauge("ambassador_build_info", "Version of Ambassador and of Python running it.",
                     ("version", "python"),
                     lambda: [((__version__, "%d.%d.%d" % sys.version_info[:3]), 1)]))
         self._add_process_metrics()
+
+    def register(self, listeners, clusters):
+        """Make every series the config makes relevant exist at zero."""
         for l in listeners:
             self.duration.touch((l.name, l.cluster.name))
-        for name in listener_names:
-            self.rejected_connections.touch(name)
+            self.rejected_connections.touch((l.name,))
+            self.retries.touch((l.name, l.cluster.name))
+        for name in sorted(clusters):
+            for result in ("ok", "5xx", "connect_failure", "reset", "timeout", "protocol_error"):
+                self.attempts.touch((name, result))
+            self.budget.touch((name,))
+            for state in (CircuitBreaker.CLOSED, CircuitBreaker.OPEN, CircuitBreaker.HALF_OPEN):
+                self.transitions.touch((name, state))
+            for reason in ("circuit_open", "overflow_connections", "overflow_pending",
+                           "overflow_requests", "overflow_retries"):
+                self.rejections.touch((name, reason))
         self.log_dropped.touch()
         self.log_errors.touch()
 
@@ -1766,6 +2241,22 @@ class Telemetry:
     def rejected_connection(self, listener):
         self.rejected_connections.inc((listener.name,))
 
+    def upstream_attempt(self, cluster, result):
+        self.attempts.inc((cluster.name, result))
+
+    def retried(self, listener):
+        self.retries.inc((listener.name, listener.cluster.name))
+
+    def budget_exhausted(self, cluster):
+        self.budget.inc((cluster.name,))
+
+    def rejected(self, cluster, reason):
+        self.rejections.inc((cluster.name, reason))
+
+    def breaker_transition(self, cluster_name, old, new):
+        self.transitions.inc((cluster_name, new))
+        self.log.warning("circuit breaker of cluster %s: %s -> %s", cluster_name, old, new)
+
     def internal_error(self, where):
         """A bug: log the traceback once per place, count every time."""
         if not self.internal_errors.value((where,)):
@@ -1782,7 +2273,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 10. Admin
+# 11. Admin
 #     GET / /metrics /ready /clusters /config, POST /quitquitquit.  Off the hot path, so it is a
 #     plain http.server; it binds 127.0.0.1 unless configured otherwise.
 # ==================================================================================================
@@ -1875,7 +2366,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 11. Process: Ambassador, demo, main()
+# 12. Process: Ambassador, demo, main()
 #     Wiring, start, drain, signals, the command line, and the demo a newcomer runs first.
 # ==================================================================================================
 
@@ -1892,14 +2383,16 @@ class Ambassador:
         self.log = logging.getLogger("ambassador")
         self.draining = threading.Event()
         self._stop = threading.Event()
-        self.clusters = {name: Cluster(c) for name, c in config.clusters.items()}
+        self.clusters = {}
         self.listeners = []
-        self.telemetry = Telemetry(config, self.listeners, self.clusters, self.draining)
+        self.telemetry = t = Telemetry(config, self.listeners, self.clusters, self.draining)
+        for name, c in config.clusters.items():
+            self.clusters[name] = Cluster(
+                c, on_breaker_transition=lambda old, new, name=name:
+                t.breaker_transition(name, old, new))
         for lc in config.listeners:
-            self.listeners.append(Listener(lc, self.clusters[lc.cluster], self.telemetry,
-                                           self.draining))
-        for listener in self.listeners:
-            self.telemetry.duration.touch((listener.name, listener.cluster.name))
+            self.listeners.append(Listener(lc, self.clusters[lc.cluster], t, self.draining))
+        t.register(self.listeners, self.clusters)
         self.servers = []
         self.admin = None
         self._serving = False
@@ -2132,7 +2625,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 12. Appendix: the TOML parser for Python < 3.11
+# 13. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.

@@ -146,7 +146,8 @@ def test_access_log_text_format_and_error_tag(ambassador, tmp_path):
     amb = ambassador(config)
     request(amb.port(), "GET", "/down", headers={"X-Request-Id": "r-2"})
     line = wait_for(lambda: log.exists() and log.read_text(), 5, "a log line")
-    assert re.match(r'^\[\S+Z\] "GET /down" 502 connect-failure 0 0 [\d.]+ 1 "r-2" "app" '
+    # 3 tries: the default retry policy (Istio's) retries a connect failure twice
+    assert re.match(r'^\[\S+Z\] "GET /down" 502 connect-failure 0 0 [\d.]+ 3 "r-2" "app" '
                     r'"127\.0\.0\.1:\d+"\n$', line), line
 
 

@@ -73,8 +73,21 @@ BAD = [
      'listeners.payment.protocol: expected one of "http", got "grpc"'),
     ({"listen": '"nowhere"'}, 'listeners.payment.listen: expected "host:port", got "nowhere"'),
     ({"listen": '70000'}, 'listeners.payment.listen: port must be 0-65535, got 70000'),
-    ({"extra": '[listeners.payment.retry]\nattempts = 3'},
-     'listeners.payment.retry: not supported yet'),
+    ({"extra": '[listeners.payment.tls]\ncert = "x.pem"'},
+     'listeners.payment.tls: not supported yet'),
+    ({"extra": '[listeners.payment.retry]\nattempts = "three"'},
+     'listeners.payment.retry.attempts: expected an integer >= 0, got "three"'),
+    ({"extra": '[listeners.payment.retry]\nretry_on = ["5xx", "sometimes"]'},
+     'listeners.payment.retry.retry_on: unknown condition "sometimes" (known: connect-failure, '
+     'reset, 5xx, gateway-error, retriable-4xx, retriable-status-codes)'),
+    ({"extra": '[listeners.payment.retry]\nretriable_status_codes = [503, 42]'},
+     'listeners.payment.retry.retriable_status_codes: expected an array of HTTP status codes'),
+    ({"extra": '[listeners.payment.retry]\nbackoff_base = "2s"\nbackoff_max = "1s"'},
+     'listeners.payment.retry.backoff_max: must be >= backoff_base'),
+    ({"extra": '[listeners.payment.retry]\nbudget_percent = 120'},
+     'listeners.payment.retry.budget_percent: expected a number in 0..100, got 120'),
+    ({"extra": '[listeners.payment.retry]\nper_try_timout = "1s"'},
+     'listeners.payment.retry.per_try_timout: unknown key (did you mean "per_try_timeout"?)'),
     ({"cluster": '"nope"'}, 'listeners.payment.cluster: no cluster named "nope"'),
 ]
 
@@ -138,3 +151,15 @@ def test_port_in_use_at_start_exits_1_naming_the_listener(tmp_path):
     assert code == 1
     assert err.startswith("ambassador: listener payment: cannot listen on 127.0.0.1:%d:" % port)
     assert len(err.strip().splitlines()) == 1
+
+
+def test_circuit_breaker_values_are_checked(tmp_path):
+    text = good() + '\n[clusters.payment.circuit_breaker]\nfailure_threshold = 0\n' \
+                    'open_timeout = "0s"\nmax_requets = 5\n'
+    code, _, err = run(["-c", write(tmp_path, text), "--check"])
+    assert code == 2
+    assert "clusters.payment.circuit_breaker.failure_threshold: expected an integer >= 1, got 0" \
+        in err
+    assert "clusters.payment.circuit_breaker.open_timeout: expected a duration > 0" in err
+    assert 'clusters.payment.circuit_breaker.max_requets: unknown key (did you mean ' \
+           '"max_requests"?)' in err
