@@ -1170,6 +1170,7 @@ def forward(listener, req, downstream):
     listener.retry_budget.record_request()
     limits = cluster.limits
     if not limits.try_begin("requests"):
+        listener.telemetry.rejected(cluster, "overflow_requests")
         raise Overflow("max_requests of cluster %s reached" % cluster.name, "overflow_requests")
     holds_retry = False
     try:
