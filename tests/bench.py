@@ -114,9 +114,29 @@ http { access_log off; sendfile on; tcp_nodelay on; keepalive_requests 100000000
     return port, "Python http.server (in this process)"
 
 
-def start_ambassador(tmp, upstream_port, procs, python):
+RESILIENCE = """
+[listeners.bench.retry]
+attempts = 3
+per_try_timeout = "2s"
+retry_on = ["5xx", "reset", "connect-failure"]
+retriable_status_codes = [503]
+backoff_base = "100ms"
+backoff_max = "1s"
+budget_percent = 20
+
+[clusters.bench.circuit_breaker]
+max_connections = 1000
+max_pending_requests = 1000
+max_requests = 1000
+max_retries = 3
+failure_threshold = 5
+open_timeout = "30s"
+"""
+
+
+def start_ambassador(tmp, upstream_port, procs, python, extra="", name="ambassador"):
     port, admin = free_port(), free_port()
-    conf = os.path.join(tmp, "ambassador.toml")
+    conf = os.path.join(tmp, name + ".toml")
     with open(conf, "w") as f:
         f.write("""# every foundation feature on, access log to a file
 [admin]
@@ -130,9 +150,10 @@ cluster = "bench"
 timeout = "30s"
 [clusters.bench]
 endpoints = ["127.0.0.1:%d"]
-""" % (admin, tmp, port, upstream_port))
+%s""" % (admin, tmp, port, upstream_port, extra))
     proc = subprocess.Popen(pinned(0, [python, os.path.join(ROOT, "ambassador.py"), "-c", conf]),
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "amb.err"), "w"))
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(tmp, name + ".err"), "w"))
     procs.append(proc)
     wait_http(port)
     return port, proc.pid
@@ -225,6 +246,31 @@ def stream_1g(port):
     return got / (1 << 20) / (time.monotonic() - t0)
 
 
+def compare_resilience(tmp, up_port, procs, args, load, amb_port, amb_pid):
+    """c16 1 KiB with the defaults and with the full resilience config on a healthy upstream,
+    alternated twice so that machine drift hits both."""
+    res_port, res_pid = start_ambassador(tmp, up_port, procs, args.python, RESILIENCE,
+                                         "resilience")
+    load(res_port, "/1k", 16, 1)
+    totals = {"defaults": [0, 0.0, 0], "full resilience": [0, 0.0, 0]}
+    for _ in range(2):
+        for label, port, pid in (("defaults", amb_port, amb_pid),
+                                 ("full resilience", res_port, res_pid)):
+            cpu0 = proc_stat(pid)[0]
+            r = load(port, "/1k", 16, args.duration)
+            t = totals[label]
+            t[0] += r["requests"]
+            t[1] += proc_stat(pid)[0] - cpu0
+            t[2] += r["rps"]
+    print()
+    print("| c16 1 KiB, 2 runs each, alternated | req/s | CPU µs/req |")
+    print("|---|---|---|")
+    for label, (n, cpu, rps) in totals.items():
+        print("| %s | %.0f | %.0f |" % (label, rps / 2, cpu / max(1, n) * 1e6))
+    d, r = totals["defaults"], totals["full resilience"]
+    print("full resilience / defaults: %.0f%% of the throughput" % (100.0 * r[2] / d[2]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=int, default=5, help="seconds per load (default 5)")
@@ -271,6 +317,7 @@ def main():
         print("1 GiB streamed through Ambassador: %.0f MiB/s" % mib_s)
         print("Ambassador RSS: idle %.1f MB, after the loads %.1f MB, after 1 GiB %.1f MB, "
               "peak %.1f MB" % (idle_rss / 1024, rss_load / 1024, rss_after / 1024, peak / 1024))
+        compare_resilience(tmp, up_port, procs, args, load, amb_port, amb_pid)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)

@@ -198,9 +198,10 @@ def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
     proc = subprocess.Popen([sys.executable, AMBASSADOR, "--demo", "-c", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        lines = [proc.stdout.readline().decode() for _ in range(6)]
+        lines = [proc.stdout.readline().decode() for _ in range(9)]
         text = "".join(lines)
         assert "curl -si -X POST http://127.0.0.1:%d/charge" % ports[1] in text
+        assert "-H 'Idempotency-Key: order-42'" in text
         assert "curl -si http://127.0.0.1:%d/items" % ports[2] in text
         assert "http://127.0.0.1:%d/metrics" % ports[0] in text
 
@@ -212,7 +213,11 @@ def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
         status, _, body = wait_for(up, 10, "the demo inventory listener")
         assert status == 200 and b"widget" in body
         codes = [request(ports[1], "POST", "/charge", body=b"{}")[0] for _ in range(6)]
-        assert codes.count(503) == 2 and codes.count(200) == 4
+        assert codes.count(503) == 2 and codes.count(200) == 4      # a POST is not resent
+        replies = [request(ports[1], "POST", "/charge", body=b"{}",
+                           headers={"Idempotency-Key": "order-%d" % i}) for i in range(6)]
+        assert [r[0] for r in replies] == [200] * 6                 # retries absorb failures
+        assert sorted(r[1]["x-ambassador-attempts"] for r in replies) == ["1"] * 4 + ["2"] * 2
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)

@@ -163,3 +163,10 @@ def test_circuit_breaker_values_are_checked(tmp_path):
     assert "clusters.payment.circuit_breaker.open_timeout: expected a duration > 0" in err
     assert 'clusters.payment.circuit_breaker.max_requets: unknown key (did you mean ' \
            '"max_requests"?)' in err
+
+
+def test_example_configs_pass_check():
+    for name in sorted(os.listdir(os.path.join(ROOT, "tests", "configs"))):
+        code, out, err = run(["-c", os.path.join(ROOT, "tests", "configs", name), "--check"])
+        assert code == 0, (name, err)
+    assert "payment-v2 127.0.0.1:19000 -> cluster payment (3 endpoints)" in out
