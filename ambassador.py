@@ -102,6 +102,19 @@ DEFAULT_CB_MAX_RETRIES = 3
 DEFAULT_CB_FAILURE_THRESHOLD = 5
 DEFAULT_CB_OPEN_TIMEOUT_S = 30.0
 DEFAULT_CB_HALF_OPEN_MAX_REQUESTS = 1
+# Endpoints: discovery, health checks and outlier detection follow Envoy's defaults.
+DEFAULT_DNS_REFRESH_S = 5.0
+DEFAULT_HC_PATH = "/health"
+DEFAULT_HC_INTERVAL_S = 5.0
+DEFAULT_HC_TIMEOUT_S = 1.0
+DEFAULT_HC_UNHEALTHY_THRESHOLD = 3
+DEFAULT_HC_HEALTHY_THRESHOLD = 2
+DEFAULT_OD_CONSECUTIVE_5XX = 5
+DEFAULT_OD_INTERVAL_S = 10.0
+DEFAULT_OD_BASE_EJECTION_S = 30.0
+DEFAULT_OD_MAX_EJECTION_S = 300.0
+DEFAULT_OD_MAX_EJECTION_PERCENT = 10.0
+MAX_ENDPOINT_WEIGHT = 128
 
 MAX_HEADER_COUNT = 100                        # past it: 431
 MAX_CHUNK_LINE_BYTES = 4096                   # chunk size line with extensions; past it: 400
@@ -178,6 +191,11 @@ class UpstreamTimeout(ProxyError):
 
 class UpstreamProtocolError(ProxyError):
     status, tag = 502, "upstream-protocol-error"
+
+
+class NoHealthyUpstream(ProxyError):
+    """Every endpoint of the cluster is unhealthy or ejected (or DNS has given none yet)."""
+    status, tag = 503, "no-healthy-upstream"
 
 
 class CircuitOpen(ProxyError):
@@ -329,12 +347,39 @@ class ListenerConfig(NamedTuple):
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
 
+class EndpointConfig(NamedTuple):
+    address: Tuple[str, int]          # as configured: a name or an IP; the name goes in Host
+    weight: int = 1
+
+
+class HealthCheckConfig(NamedTuple):
+    type: str = "http"                # http: GET path; tcp: connect only
+    path: str = DEFAULT_HC_PATH
+    interval: float = DEFAULT_HC_INTERVAL_S
+    timeout: float = DEFAULT_HC_TIMEOUT_S
+    unhealthy_threshold: int = DEFAULT_HC_UNHEALTHY_THRESHOLD
+    healthy_threshold: int = DEFAULT_HC_HEALTHY_THRESHOLD
+    expected_statuses: Tuple[int, ...] = tuple(range(200, 300))
+
+
+class OutlierDetectionConfig(NamedTuple):
+    consecutive_5xx: int = DEFAULT_OD_CONSECUTIVE_5XX
+    interval: float = DEFAULT_OD_INTERVAL_S
+    base_ejection_time: float = DEFAULT_OD_BASE_EJECTION_S
+    max_ejection_time: float = DEFAULT_OD_MAX_EJECTION_S
+    max_ejection_percent: float = DEFAULT_OD_MAX_EJECTION_PERCENT
+
+
 class ClusterConfig(NamedTuple):
     name: str
-    endpoints: Tuple[Tuple[str, int], ...]
+    endpoints: Tuple[EndpointConfig, ...]
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
     discovery: str = "static"
+    dns_refresh: float = DEFAULT_DNS_REFRESH_S
+    lb_policy: str = "round_robin"
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    health_check: Optional[HealthCheckConfig] = None     # None: endpoints stay unchecked
+    outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
 
 
 class Config(NamedTuple):
@@ -423,13 +468,27 @@ def _kind_endpoints(value):
         raise ValueError("expected a non-empty array of \"host:port\", got %s" % show(value))
     endpoints = []
     for item in value:
+        weight = 1
+        if isinstance(item, dict):
+            unknown = set(item) - {"address", "weight"}
+            if unknown or "address" not in item:
+                raise ValueError("expected { address = \"host:port\", weight = N }, got %s"
+                                 % json.dumps(item))
+            weight = _kind_int(1, MAX_ENDPOINT_WEIGHT)(item.get("weight", 1))
+            item = item["address"]
         if not isinstance(item, str):
             raise ValueError("expected \"host:port\" strings, got %s" % show(item))
         host, port = parse_address(item)
         if port == 0:
             raise ValueError("endpoint port must be 1-65535, got %s" % show(item))
-        endpoints.append((host, port))
+        endpoints.append(EndpointConfig((host, port), weight))
     return tuple(endpoints)
+
+
+def _kind_path(value):
+    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
+        raise ValueError("expected a path like \"/health\", got %s" % show(value))
+    return value
 
 
 # Each table's keys: name -> (kind, default); REQUIRED marks keys without a default.  Keys that a
@@ -451,7 +510,24 @@ _LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
                   "max_header_bytes": (_kind_int(1024, 1048576), DEFAULT_MAX_HEADER_BYTES)}
 _CLUSTER_KEYS = {"endpoints": (_kind_endpoints, REQUIRED),
                  "connect_timeout": (_kind_duration, DEFAULT_CONNECT_TIMEOUT_S),
-                 "discovery": (_kind_one_of("static"), "static")}
+                 "discovery": (_kind_one_of("static", "strict_dns"), "static"),
+                 "dns_refresh": (_kind_positive_duration, DEFAULT_DNS_REFRESH_S),
+                 "lb_policy": (_kind_one_of("round_robin", "least_request", "random"),
+                               "round_robin")}
+_HEALTH_CHECK_KEYS = {
+    "type": (_kind_one_of("http", "tcp"), "http"),
+    "path": (_kind_path, DEFAULT_HC_PATH),
+    "interval": (_kind_positive_duration, DEFAULT_HC_INTERVAL_S),
+    "timeout": (_kind_positive_duration, DEFAULT_HC_TIMEOUT_S),
+    "unhealthy_threshold": (_kind_int(1), DEFAULT_HC_UNHEALTHY_THRESHOLD),
+    "healthy_threshold": (_kind_int(1), DEFAULT_HC_HEALTHY_THRESHOLD),
+    "expected_statuses": (_kind_status_codes, tuple(range(200, 300)))}
+_OUTLIER_DETECTION_KEYS = {
+    "consecutive_5xx": (_kind_int(1), DEFAULT_OD_CONSECUTIVE_5XX),
+    "interval": (_kind_positive_duration, DEFAULT_OD_INTERVAL_S),
+    "base_ejection_time": (_kind_positive_duration, DEFAULT_OD_BASE_EJECTION_S),
+    "max_ejection_time": (_kind_positive_duration, DEFAULT_OD_MAX_EJECTION_S),
+    "max_ejection_percent": (_kind_number(0, 100), DEFAULT_OD_MAX_EJECTION_PERCENT)}
 _RETRY_KEYS = {"attempts": (_kind_int(0), DEFAULT_RETRY_ATTEMPTS),
                "per_try_timeout": (_kind_positive_duration, None),
                "retry_on": (_kind_retry_on, DEFAULT_RETRY_ON),
@@ -471,10 +547,12 @@ _CIRCUIT_BREAKER_KEYS = {
     "half_open_max_requests": (_kind_int(1), DEFAULT_CB_HALF_OPEN_MAX_REQUESTS)}
 # Sub-tables, each checked with its own keys: table key -> (keys, record).
 _LISTENER_TABLES = {"retry": (_RETRY_KEYS, RetryConfig)}
-_CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig)}
+_CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig),
+                   "health_check": (_HEALTH_CHECK_KEYS, HealthCheckConfig),
+                   "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig)}
 _NOT_YET = {"": ("tracing",),
             "listeners": ("tls",),
-            "clusters": ("dns_refresh", "lb_policy", "outlier_detection", "health_check", "tls")}
+            "clusters": ("tls",)}
 _TOP_KEYS = ("admin", "log", "shutdown", "listeners", "clusters") + _NOT_YET[""]
 
 
@@ -624,7 +702,8 @@ def config_as_json(config):
             if key == "listen":
                 value = format_address(value)
             elif key == "endpoints":
-                value = [format_address(e) for e in value]
+                value = [{"address": format_address(e.address), "weight": e.weight}
+                         for e in value]
             elif hasattr(value, "_asdict"):
                 value = record(value)
             elif isinstance(value, tuple):
@@ -1181,11 +1260,11 @@ def forward(listener, req, downstream):
         raise Overflow("max_requests of cluster %s reached" % cluster.name, "overflow_requests")
     holds_retry = False
     try:
+        endpoint = cluster.pick_endpoint()
         ticket = cluster.breaker.allow()
         if ticket is None:
             raise CircuitOpen("circuit breaker of cluster %s is open" % cluster.name)
         retries = 0
-        endpoint = cluster.pick_endpoint()
         while True:
             result, resp, conn, error = try_once(listener, req, body, endpoint, deadline, ticket)
             status = resp.status if resp is not None else None
@@ -1205,6 +1284,10 @@ def forward(listener, req, downstream):
                     listener.telemetry.rejected(cluster, "overflow_retries")
                     break
                 holds_retry = True
+            try:
+                next_endpoint = cluster.pick_endpoint(avoid=endpoint)
+            except NoHealthyUpstream:
+                break
             ticket = cluster.breaker.allow()
             if ticket is None:
                 listener.telemetry.rejected(cluster, "circuit_open")
@@ -1214,7 +1297,7 @@ def forward(listener, req, downstream):
             time.sleep(wait)
             retries += 1
             listener.telemetry.retried(listener)
-            endpoint = cluster.pick_endpoint(avoid=endpoint)
+            endpoint = next_endpoint
         if resp is None:
             raise error
         return relay_response(req, resp, conn, downstream, listener)
@@ -1263,22 +1346,22 @@ def try_once(listener, req, body, endpoint, deadline, ticket):
             except UpstreamTimeout as e:
                 if monotonic() >= deadline:
                     verdict = False
-                    listener.telemetry.upstream_attempt(cluster, "timeout")
+                    listener.telemetry.upstream_attempt(cluster, endpoint, "timeout", 0)
                     raise
                 error, result = UpstreamTimeout("no response within per_try_timeout (%gs)"
                                                 % per_try), "timeout"
             else:
                 result = "5xx" if resp.status >= 500 else "ok"
                 verdict = result == "ok"
-                listener.telemetry.upstream_attempt(cluster, result)
+                listener.telemetry.upstream_attempt(cluster, endpoint, result, resp.status)
                 return result, resp, conn, None
             verdict = False
-            listener.telemetry.upstream_attempt(cluster, result)
+            listener.telemetry.upstream_attempt(cluster, endpoint, result, 0)
             listener.telemetry.debug("%s: try %d on %s: %s", listener.name, req.attempts,
                                      endpoint.label.decode(), error)
             return result, None, None, error
     finally:
-        endpoint.end_request(verdict is not False)
+        cluster.outlier_detector.record(endpoint, verdict)
         cluster.breaker.record(ticket, verdict)
 
 
@@ -1629,6 +1712,9 @@ class ConnectionPool:
         return sock
 
     def release(self, conn):
+        if self.endpoint.retired:
+            conn.close()
+            return
         now = monotonic()
         stale = None
         with self._lock:
@@ -1654,18 +1740,41 @@ class ConnectionPool:
 
 
 class Endpoint:
-    """One address of a cluster, with its pool and request statistics.  Thread-safe."""
+    """One address of a cluster: its pool, request statistics, active-health state and
+    ejection.  Thread-safe: one lock for everything below that changes.
 
-    def __init__(self, address, connect_timeout, limits):
-        self.address = address
+    Health, decided by active checks (HealthChecker); without checks it stays unchecked:
+
+        unchecked --(first check passes)--> healthy <-----------------------------+
+            |                                  |                                    |
+      (first check fails)          (unhealthy_threshold failures in a row)   (healthy_threshold
+            |                                  v                           passes in a row)
+            +----------------------------> unhealthy ------------------------------+
+
+    Ejection, decided by the OutlierDetector from live traffic, is separate: an endpoint is
+    picked only when it is not unhealthy and not ejected."""
+
+    def __init__(self, address, host_header, weight, connect_timeout, limits):
+        self.address = address                       # (ip, port) connected to
         self.label = format_address(address).encode()
-        self.host_header = self.label
+        self.host_header = host_header                # "name:port" as configured, for Host
+        self.weight = weight
         self.pool = ConnectionPool(self, connect_timeout, limits)
-        self._lock = threading.Lock()   # guards the statistics below
+        self._lock = threading.Lock()   # guards the fields below
         self.active_requests = 0
         self.requests_total = 0
         self.failures_total = 0
         self.consecutive_failures = 0
+        self.health = "unchecked"
+        self._in_a_row = 0                            # checks agreeing with each other
+        self.ejected = False
+        self.ejected_until = None                     # wall-clock seconds, for /clusters
+        self._ejected_until_mono = 0.0
+        self.ejections = 0
+        self.retired = False                          # gone from DNS: drain, never pick
+
+    def is_available(self):
+        return not self.ejected and self.health != "unhealthy" and not self.retired
 
     def begin_request(self):
         with self._lock:
@@ -1673,29 +1782,138 @@ class Endpoint:
             self.requests_total += 1
 
     def end_request(self, ok):
+        """Account one try (ok None: it never ran); -> consecutive failures so far."""
         with self._lock:
             self.active_requests -= 1
-            if ok:
+            if ok is None:
+                pass
+            elif ok:
                 self.consecutive_failures = 0
             else:
                 self.failures_total += 1
                 self.consecutive_failures += 1
+            return self.consecutive_failures
+
+    def record_check(self, ok, healthy_threshold, unhealthy_threshold):
+        """One health-check result -> the new health if it changed, else None."""
+        with self._lock:
+            old = self.health
+            if old == "unchecked":
+                self.health = "healthy" if ok else "unhealthy"
+                self._in_a_row = 0
+            elif (old == "healthy") == ok:
+                self._in_a_row = 0                     # agrees with the current state
+            else:
+                self._in_a_row += 1
+                if self._in_a_row >= (unhealthy_threshold if old == "healthy"
+                                      else healthy_threshold):
+                    self.health = "unhealthy" if old == "healthy" else "healthy"
+                    self._in_a_row = 0
+            return self.health if self.health != old else None
+
+    def eject(self, duration_s, now_mono):
+        with self._lock:
+            self.ejected = True
+            self.ejections += 1
+            self._ejected_until_mono = now_mono + duration_s
+            self.ejected_until = round(time.time() + duration_s, 3)
+
+    def lift_ejection_if_due(self, now_mono):
+        with self._lock:
+            if self.ejected and now_mono >= self._ejected_until_mono:
+                self.ejected, self.ejected_until = False, None
+                self.consecutive_failures = 0
+                return True
+            return False
+
+    def retire(self):
+        """Gone from DNS: never picked again; requests in flight finish on their connection."""
+        with self._lock:
+            self.retired = True
+        self.pool.close_idle()
 
     def snapshot(self):
         with self._lock:
-            return {"address": self.label.decode(), "weight": 1, "health": "unchecked",
-                    "ejected_until": None, "ejections": 0,
+            return {"address": self.label.decode(), "hostname": self.host_header.decode(),
+                    "weight": self.weight, "health": self.health,
+                    "ejected_until": self.ejected_until, "ejections": self.ejections,
                     "active_requests": self.active_requests,
                     "consecutive_failures": self.consecutive_failures,
                     "requests_total": self.requests_total, "failures_total": self.failures_total,
                     "open_connections": self.pool.open_connections}
 
 
-class Cluster:
-    """A named set of endpoints, the round-robin choice among them, and the cluster's circuit
-    breaker and resource limits.  Thread-safe."""
+class RoundRobinBalancer:
+    """Smooth weighted round robin (nginx's): weights 3 and 1 give a a b a, never a burst of
+    one endpoint.  Thread-safe."""
 
-    def __init__(self, config, on_breaker_transition=None, clock=monotonic):
+    def __init__(self, rng=random):
+        self._lock = threading.Lock()   # guards _current
+        self._current = {}              # endpoint -> current weight
+
+    def pick(self, endpoints):
+        with self._lock:
+            current = self._current
+            if len(current) > 2 * len(endpoints):      # forget endpoints that have gone
+                self._current = current = {e: current.get(e, 0) for e in endpoints}
+            total, best, best_weight = 0, None, None
+            for e in endpoints:
+                weight = current.get(e, 0) + e.weight
+                current[e] = weight
+                total += e.weight
+                if best is None or weight > best_weight:
+                    best, best_weight = e, weight
+            current[best] -= total
+            return best
+
+
+class LeastRequestBalancer:
+    """Power of two random choices on active requests (Envoy's least_request): of two endpoints
+    drawn at random, the one with fewer requests in flight.  Weights are not used."""
+
+    def __init__(self, rng=random):
+        self._rng = rng
+
+    def pick(self, endpoints):
+        a, b = self._rng.sample(endpoints, 2)
+        return a if a.active_requests <= b.active_requests else b
+
+
+class RandomBalancer:
+    """A weighted random choice."""
+
+    def __init__(self, rng=random):
+        self._rng = rng
+
+    def pick(self, endpoints):
+        return self._rng.choices(endpoints, [e.weight for e in endpoints])[0]
+
+
+BALANCERS = {"round_robin": RoundRobinBalancer, "least_request": LeastRequestBalancer,
+             "random": RandomBalancer}
+
+
+def resolve(host, port):
+    """Every address of host:port (IPv4 and IPv6), in the resolver's order, without repeats."""
+    seen = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        address = (sockaddr[0], sockaddr[1])
+        if address not in seen:
+            seen.append(address)
+    return seen
+
+
+class Cluster:
+    """A named set of endpoints and the choice among them, with the cluster's circuit breaker,
+    resource limits, DNS discovery, health checks and outlier detection.  Thread-safe.
+
+    `endpoints` is a list that is replaced whole, never changed in place (copy-on-write), so
+    a request reads it without a lock.  Discovery: static resolves each name once, at start;
+    strict_dns re-resolves every dns_refresh (jittered) and uses every address returned; an
+    address that stays keeps its Endpoint (health, ejection, statistics)."""
+
+    def __init__(self, config, telemetry=None, on_breaker_transition=None, clock=monotonic,
+                 resolver=resolve, rng=random):
         self.config = config
         self.name = config.name
         cb = config.circuit_breaker
@@ -1703,22 +1921,100 @@ class Cluster:
         self.breaker = CircuitBreaker(cb.failure_threshold, cb.open_timeout,
                                       cb.half_open_max_requests, clock,
                                       on_transition=on_breaker_transition)
-        self.endpoints = [Endpoint(a, config.connect_timeout, self.limits)
-                          for a in config.endpoints]
-        self._lock = threading.Lock()    # guards _next
-        self._next = 0
+        self.balancer = BALANCERS[config.lb_policy](rng)
+        self.telemetry = telemetry
+        self._resolver = resolver
+        self._rng = rng
+        self._lock = threading.Lock()    # guards _last_good (endpoints is copy-on-write)
+        self._last_good = {}             # configured entry -> its last resolved addresses
+        self.endpoints = []
+        self.outlier_detector = OutlierDetector(self, config.outlier_detection, telemetry, clock)
+        self.health_checker = HealthChecker(self, config.health_check, telemetry, rng) \
+            if config.health_check else None
 
     def pick_endpoint(self, avoid=None):
-        """The next endpoint round robin; not `avoid` (the one that just failed) if there is
-        another."""
-        endpoints = self.endpoints
-        if len(endpoints) == 1:
-            return endpoints[0]
-        with self._lock:
-            self._next = (self._next + 1) % len(endpoints)
-            if endpoints[self._next] is avoid:
-                self._next = (self._next + 1) % len(endpoints)
-            return endpoints[self._next]
+        """An available endpoint (not unhealthy, not ejected) by the lb_policy; another than
+        `avoid` (the one that just failed) when there is one.  NoHealthyUpstream if none."""
+        available = [e for e in self.endpoints if e.is_available()]
+        if avoid is not None and len(available) > 1:
+            available = [e for e in available if e is not avoid]
+        if len(available) > 1:
+            return self.balancer.pick(available)
+        if available:
+            return available[0]
+        raise NoHealthyUpstream("no healthy endpoint in cluster %s" % self.name)
+
+    def refresh(self):
+        """Resolve every configured endpoint and install the result.  A name that fails keeps
+        its last good addresses: a DNS hiccup never empties a cluster.  -> [(name, error)] of
+        the names that failed."""
+        entries = []
+        failures = []
+        for entry in self.config.endpoints:
+            host, port = entry.address
+            try:
+                addresses = self._resolver(host, port)
+                if not addresses:
+                    raise OSError("no addresses")
+                if self.config.discovery == "static":
+                    addresses = addresses[:1]
+                with self._lock:
+                    self._last_good[entry] = addresses
+                self._count_dns("success")
+            except (OSError, UnicodeError) as e:
+                failures.append((host, e))
+                self._count_dns("failure")
+                if self.telemetry is not None and self.config.discovery == "strict_dns":
+                    self.telemetry.log.warning("cluster %s: cannot resolve %s: %s",
+                                               self.name, host, e)
+                with self._lock:
+                    addresses = self._last_good.get(entry, [])
+            for address in addresses:
+                entries.append((address, format_address(entry.address).encode(), entry.weight))
+        self._install(entries)
+        return failures
+
+    def _install(self, entries):
+        old = {(e.address, e.host_header): e for e in self.endpoints}
+        new = []
+        for address, host_header, weight in entries:
+            e = old.pop((address, host_header), None)
+            if e is None:
+                e = Endpoint(address, host_header, weight, self.config.connect_timeout,
+                             self.limits)
+            if e not in new:
+                new.append(e)
+        self.endpoints = new
+        for gone in old.values():
+            gone.retire()
+        if self.health_checker is not None:
+            self.health_checker.sync(new)
+
+    def _count_dns(self, result):
+        if self.telemetry is not None:
+            self.telemetry.dns_resolution(self, result)
+
+    def start(self, stop):
+        """Background work until `stop` is set: DNS refresh (strict_dns), health checks, the
+        outlier detector's sweep.  Call after the first refresh()."""
+        if self.config.discovery == "strict_dns":
+            threading.Thread(target=self._refresh_loop, args=(stop,), daemon=True,
+                             name="dns:%s" % self.name).start()
+        if self.health_checker is not None:
+            self.health_checker.start(stop)
+        threading.Thread(target=self.outlier_detector.run, args=(stop,), daemon=True,
+                         name="outlier:%s" % self.name).start()
+
+    def _refresh_loop(self, stop):
+        while not stop.wait(self.config.dns_refresh * (0.9 + 0.2 * self._rng.random())):
+            try:
+                self.refresh()
+            except Exception:
+                if self.telemetry is not None:
+                    self.telemetry.internal_error("dns refresh")
+
+    def is_ready(self):
+        return self.health_checker is None or self.health_checker.first_round_done()
 
     def open_connections(self):
         return sum(e.pool.open_connections for e in self.endpoints)
@@ -1726,6 +2022,7 @@ class Cluster:
     def close_idle(self):
         for e in self.endpoints:
             e.pool.close_idle()
+
 
 # ==================================================================================================
 # 9. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits
@@ -1930,6 +2227,140 @@ class ResourceLimits:
     def used(self, kind):
         with self._lock:
             return self._used[kind]
+
+
+class OutlierDetector:
+    """Passive health of one cluster (Envoy's consecutive_5xx, Istio's outlierDetection).
+    Thread-safe: ejection decisions are taken under one lock, so the cap holds.
+
+    consecutive_5xx failed tries in a row on an endpoint (5xx, connect failure, reset, timeout)
+    eject it at once for base_ejection_time x (times ejected), at most max_ejection_time; every
+    `interval` expired ejections are lifted.  The cap: an endpoint is ejected only if the ejected
+    share stays within max_ejection_percent -- except that one endpoint may always be ejected in
+    a cluster of two or more -- and the last endpoint that is not ejected is never ejected."""
+
+    def __init__(self, cluster, config, telemetry, clock=monotonic):
+        self.cluster = cluster
+        self.config = config
+        self.telemetry = telemetry
+        self._clock = clock
+        self._lock = threading.Lock()   # serialises ejection decisions
+
+    def record(self, endpoint, ok):
+        """One try's end on endpoint: ok True, False, or None if it never ran."""
+        failures = endpoint.end_request(ok)
+        if ok is False and failures >= self.config.consecutive_5xx and not endpoint.ejected:
+            self._try_eject(endpoint)
+
+    def _try_eject(self, endpoint):
+        c = self.config
+        with self._lock:
+            endpoints = [e for e in self.cluster.endpoints if not e.retired]
+            if endpoint.ejected or endpoint not in endpoints:
+                return
+            total = len(endpoints)
+            ejected = sum(1 for e in endpoints if e.ejected)
+            within_cap = (ejected + 1) * 100.0 <= c.max_ejection_percent * total or \
+                (ejected == 0 and total >= 2)
+            if not within_cap or total - ejected - 1 < 1:
+                return
+            duration = min(c.max_ejection_time, c.base_ejection_time * (endpoint.ejections + 1))
+            endpoint.eject(duration, self._clock())
+        if self.telemetry is not None:
+            self.telemetry.ejected(self.cluster, endpoint, duration)
+
+    def sweep(self):
+        """Lift the ejections that have expired."""
+        now = self._clock()
+        for e in self.cluster.endpoints:
+            if e.lift_ejection_if_due(now) and self.telemetry is not None:
+                self.telemetry.log.info("cluster %s: endpoint %s back from ejection",
+                                        self.cluster.name, e.label.decode())
+
+    def run(self, stop):
+        while not stop.wait(self.config.interval):
+            self.sweep()
+
+
+class HealthChecker:
+    """Active health checks of one cluster: one named thread per endpoint, each checking at
+    once, then every `interval` (jittered).  An http check is GET path with User-Agent
+    ambassador-health-check, passing on an expected status within `timeout`; a tcp check passes
+    when a connection is made.  Thread-safe."""
+
+    def __init__(self, cluster, config, telemetry, rng=random):
+        self.cluster = cluster
+        self.config = config
+        self.telemetry = telemetry
+        self._rng = rng
+        self._lock = threading.Lock()   # guards _stops, _first_round, _stop
+        self._stops = {}                # endpoint -> Event that ends its thread
+        self._first_round = None        # endpoints present at start, not yet checked
+        self._stop = None
+
+    def start(self, stop):
+        with self._lock:
+            self._stop = stop
+            self._first_round = set(self.cluster.endpoints)
+        self.sync(self.cluster.endpoints)
+
+    def sync(self, endpoints):
+        """Check new endpoints, stop checking those that are gone."""
+        with self._lock:
+            if self._stop is None:
+                return
+            started = []
+            for e in endpoints:
+                if e not in self._stops:
+                    self._stops[e] = threading.Event()
+                    started.append(e)
+            for e in list(self._stops):
+                if e not in endpoints:
+                    self._stops.pop(e).set()
+                    if self._first_round is not None:
+                        self._first_round.discard(e)
+        for e in started:
+            threading.Thread(target=self._run, args=(e, self._stops[e]), daemon=True,
+                             name="health:%s/%s" % (self.cluster.name, e.label.decode())).start()
+
+    def first_round_done(self):
+        with self._lock:
+            return self._first_round is not None and not self._first_round
+
+    def _run(self, endpoint, gone):
+        c = self.config
+        while not (gone.is_set() or self._stop.is_set()):
+            ok = self.check(endpoint)
+            changed = endpoint.record_check(ok, c.healthy_threshold, c.unhealthy_threshold)
+            with self._lock:
+                if self._first_round is not None:
+                    self._first_round.discard(endpoint)
+            if self.telemetry is not None:
+                self.telemetry.health_checked(self.cluster, endpoint, ok, changed)
+            if self._stop.wait(c.interval * (0.9 + 0.2 * self._rng.random())):
+                return
+
+    def check(self, endpoint):
+        c = self.config
+        try:
+            sock = socket.create_connection(endpoint.address, c.timeout)
+        except OSError:
+            return False
+        try:
+            if c.type == "tcp":
+                return True
+            deadline = monotonic() + c.timeout
+            sock.settimeout(c.timeout)
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ambassador-health-check"
+                         b"\r\nConnection: close\r\n\r\n" % (c.path.encode(), endpoint.host_header))
+            head = SocketReader(sock).read_head(65536, deadline)
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            return len(parts) >= 2 and parts[1].isdigit() and \
+                int(parts[1]) in c.expected_statuses
+        except (OSError, EOFError, HeadTooLarge):
+            return False
+        finally:
+            sock.close()
 
 
 # ==================================================================================================
@@ -2196,6 +2627,39 @@ class Telemetry:
         self.rejections = m.add(Counter(
             "ambassador_rejected_total",
             "Requests and retries refused without being sent, by reason.", ("cluster", "reason")))
+        self.upstream_requests = m.add(Counter(
+            "ambassador_upstream_requests_total",
+            "Tries per endpoint by response status code (0: no response).",
+            ("cluster", "endpoint", "code")))
+
+        def per_endpoint(value):
+            return lambda: [((c.name, e.label.decode()), value(e))
+                            for _, c in sorted(clusters.items()) for e in c.endpoints]
+        m.add(Gauge("ambassador_endpoint_healthy",
+                    "1 unless active health checks found the endpoint unhealthy.",
+                    ("cluster", "endpoint"), per_endpoint(lambda e: int(e.health != "unhealthy"))))
+        m.add(Gauge("ambassador_endpoint_ejected", "1 while outlier detection ejects it.",
+                    ("cluster", "endpoint"), per_endpoint(lambda e: int(e.ejected))))
+
+        def endpoint_states():
+            rows = []
+            for name, c in sorted(clusters.items()):
+                counts = dict.fromkeys(("healthy", "unhealthy", "unchecked", "ejected"), 0)
+                for e in c.endpoints:
+                    counts["ejected" if e.ejected else e.health] += 1
+                rows += [((name, state), n) for state, n in counts.items()]
+            return rows
+        m.add(Gauge("ambassador_endpoints", "Endpoints by state (an ejected one counts as such).",
+                    ("cluster", "state"), endpoint_states))
+        self.ejections = m.add(Counter(
+            "ambassador_outlier_ejections_total", "Ejections by outlier detection.",
+            ("cluster", "endpoint")))
+        self.health_checks = m.add(Counter(
+            "ambassador_health_checks_total", "Active health checks by result.",
+            ("cluster", "endpoint", "result")))
+        self.dns = m.add(Counter(
+            "ambassador_dns_resolutions_total", "DNS resolutions of endpoint names by result.",
+            ("cluster", "result")))
         m.add(Gauge("ambassador_draining", "1 while shutting down, else 0.", (),
                     lambda: [((), 1 if draining.is_set() else 0)]))
         m.add(Gauge("ambassador_build_info", "Version of Ambassador and of Python running it.",
@@ -2213,6 +2677,8 @@ class Telemetry:
             for result in ("ok", "5xx", "connect_failure", "reset", "timeout", "protocol_error"):
                 self.attempts.touch((name, result))
             self.budget.touch((name,))
+            for result in ("success", "failure"):
+                self.dns.touch((name, result))
             for state in (CircuitBreaker.CLOSED, CircuitBreaker.OPEN, CircuitBreaker.HALF_OPEN):
                 self.transitions.touch((name, state))
             for reason in ("circuit_open", "overflow_connections", "overflow_pending",
@@ -2257,8 +2723,25 @@ class Telemetry:
     def rejected_connection(self, listener):
         self.rejected_connections.inc((listener.name,))
 
-    def upstream_attempt(self, cluster, result):
+    def upstream_attempt(self, cluster, endpoint, result, code):
         self.attempts.inc((cluster.name, result))
+        self.upstream_requests.inc((cluster.name, endpoint.label.decode(), str(code)))
+
+    def dns_resolution(self, cluster, result):
+        self.dns.inc((cluster.name, result))
+
+    def ejected(self, cluster, endpoint, duration_s):
+        self.ejections.inc((cluster.name, endpoint.label.decode()))
+        self.log.warning("cluster %s: endpoint %s ejected for %gs (%d failures in a row)",
+                         cluster.name, endpoint.label.decode(), duration_s,
+                         endpoint.consecutive_failures)
+
+    def health_checked(self, cluster, endpoint, ok, changed):
+        self.health_checks.inc((cluster.name, endpoint.label.decode(),
+                                "success" if ok else "failure"))
+        if changed:
+            self.log.warning("cluster %s: endpoint %s is %s", cluster.name,
+                             endpoint.label.decode(), changed)
 
     def retried(self, listener):
         self.retries.inc((listener.name, listener.cluster.name))
@@ -2404,7 +2887,7 @@ class Ambassador:
         self.telemetry = t = Telemetry(config, self.listeners, self.clusters, self.draining)
         for name, c in config.clusters.items():
             self.clusters[name] = Cluster(
-                c, on_breaker_transition=lambda old, new, name=name:
+                c, telemetry=t, on_breaker_transition=lambda old, new, name=name:
                 t.breaker_transition(name, old, new))
         for lc in config.listeners:
             self.listeners.append(Listener(lc, self.clusters[lc.cluster], t, self.draining))
@@ -2412,9 +2895,18 @@ class Ambassador:
         self.servers = []
         self.admin = None
         self._serving = False
+        self._background_stop = threading.Event()   # ends DNS, health and outlier threads
 
     def bind(self):
         try:
+            for cluster in self.clusters.values():
+                failures = cluster.refresh()
+                if failures and cluster.config.discovery == "static":
+                    host, error = failures[0]
+                    raise StartupError("cluster %s: cannot resolve %s: %s (static discovery "
+                                       "resolves once, at start; strict_dns keeps trying)"
+                                       % (cluster.name, host, getattr(error, "strerror", None)
+                                          or error))
             for listener in self.listeners:
                 try:
                     self.servers.append(ListenerServer(listener))
@@ -2439,6 +2931,8 @@ class Ambassador:
     def serve(self):
         """Serve until request_stop(), drain, close.  Returns the exit code."""
         self._serving = True
+        for cluster in self.clusters.values():
+            cluster.start(self._background_stop)
         for server in self.servers:
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                              name="listener:%s" % server.listener.name, daemon=True).start()
@@ -2462,7 +2956,9 @@ class Ambassador:
         self._stop.set()
 
     def is_ready(self):
-        return self.admin is not None and not self.draining.is_set()
+        """Bound, not draining, and the first round of every cluster's health checks done."""
+        return self.admin is not None and not self.draining.is_set() and \
+            all(c.is_ready() for c in self.clusters.values())
 
     def drain(self):
         """Keep serving while the app may still call out; return when quiet or out of time."""
@@ -2479,6 +2975,7 @@ class Ambassador:
     def close(self):
         # shutdown() waits for serve_forever() to return, so only servers that ran are asked.
         running = self._serving
+        self._background_stop.set()
         for server in self.servers + ([self.admin] if self.admin else []):
             if running:
                 server.shutdown()
@@ -2553,9 +3050,9 @@ def start_demo(config):
         server = SmallHTTPServer(("127.0.0.1", 0), DemoService(kind).route, "demo-" + kind)
         threading.Thread(target=server.serve_forever, name="demo:%s" % kind, daemon=True).start()
         services[kind] = ("127.0.0.1", server.server_address[1])
-    clusters = {name: c._replace(endpoints=(services["payment" if name == "payment"
-                                                     else "inventory"],))
-                for name, c in config.clusters.items()}
+    clusters = {name: c._replace(endpoints=(EndpointConfig(
+        services["payment" if name == "payment" else "inventory"]),), discovery="static",
+        health_check=None) for name, c in config.clusters.items()}
     config = config._replace(clusters=clusters)
     print("Ambassador %s demo: the config's listeners, in front of two demo services on loopback."
           % __version__)

@@ -19,7 +19,7 @@ cluster = %(cluster)s
 %(extra)s
 
 [clusters.payment]
-endpoints = ["payment-service.default.svc.cluster.local:80", "[::1]:8080"]
+endpoints = [%(endpoints)s]
 """
 
 
@@ -35,9 +35,10 @@ def write(tmp_path, text, name="a.toml"):
     return str(path)
 
 
-def good(extra="", port=None, listen=None, cluster='"payment"'):
+def good(extra="", port=None, listen=None, cluster='"payment"',
+         endpoints='"payment-service.default.svc.cluster.local:80", "[::1]:8080"'):
     return GOOD % {"admin": free_port(), "listen": listen or port or free_port(),
-                   "cluster": cluster, "extra": extra}
+                   "cluster": cluster, "extra": extra, "endpoints": endpoints}
 
 
 def test_check_validates_without_binding_or_dns(tmp_path):
@@ -147,7 +148,7 @@ def test_port_in_use_at_start_exits_1_naming_the_listener(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        code, _, err = run(["-c", write(tmp_path, good(port=port))])
+        code, _, err = run(["-c", write(tmp_path, good(port=port, endpoints='"127.0.0.1:1"'))])
     assert code == 1
     assert err.startswith("ambassador: listener payment: cannot listen on 127.0.0.1:%d:" % port)
     assert len(err.strip().splitlines()) == 1
@@ -170,3 +171,10 @@ def test_example_configs_pass_check():
         code, out, err = run(["-c", os.path.join(ROOT, "tests", "configs", name), "--check"])
         assert code == 0, (name, err)
     assert "payment-v2 127.0.0.1:19000 -> cluster payment (3 endpoints)" in out
+
+
+def test_static_name_that_does_not_resolve_exits_1(tmp_path):
+    code, _, err = run(["-c", write(tmp_path, good(endpoints='"no-such-host.invalid:80"'))])
+    assert code == 1
+    assert err.startswith("ambassador: cluster payment: cannot resolve no-such-host.invalid: ")
+    assert len(err.strip().splitlines()) == 1
