@@ -51,6 +51,8 @@ def toml_value(v):
         return json.dumps(v)
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):                                  # inside an array: inline table
+        return "{ " + ", ".join("%s = %s" % (k, toml_value(x)) for k, x in v.items()) + " }"
     raise TypeError(v)
 
 
