@@ -115,6 +115,11 @@ DEFAULT_OD_BASE_EJECTION_S = 30.0
 DEFAULT_OD_MAX_EJECTION_S = 300.0
 DEFAULT_OD_MAX_EJECTION_PERCENT = 10.0
 MAX_ENDPOINT_WEIGHT = 128
+# Tracing: OTLP/HTTP JSON export, batched by one thread.
+SPAN_BATCH_SIZE = 512
+SPAN_EXPORT_INTERVAL_S = 1.0
+SPAN_QUEUE_SIZE = 2048
+SPAN_EXPORT_TIMEOUT_S = 5.0
 
 MAX_HEADER_COUNT = 100                        # past it: 431
 MAX_CHUNK_LINE_BYTES = 4096                   # chunk size line with extensions; past it: 400
@@ -382,6 +387,13 @@ class ClusterConfig(NamedTuple):
     outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
 
 
+class TracingConfig(NamedTuple):
+    otlp_endpoint: str                   # http(s)://host:port/v1/traces
+    service_name: str = "ambassador"
+    sample_ratio: float = 1.0            # for traces Ambassador starts; incoming flags obeyed
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
 class Config(NamedTuple):
     path: str
     listeners: Tuple[ListenerConfig, ...]
@@ -389,6 +401,7 @@ class Config(NamedTuple):
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    tracing: Optional[TracingConfig] = None
 
 
 def _kind_duration(value):
@@ -485,6 +498,22 @@ def _kind_endpoints(value):
     return tuple(endpoints)
 
 
+def _kind_url(value):
+    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        raise ValueError("expected an http:// or https:// URL, got %s" % show(value))
+    return value
+
+
+def _kind_headers(value):
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of header = \"value\", got %s" % show(value))
+    for name, v in value.items():
+        if not name or not _TOKEN_CHARS.issuperset(name.encode("latin-1", "replace")) or \
+                not isinstance(v, str) or "\r" in v or "\n" in v:
+            raise ValueError("bad header %s = %s" % (json.dumps(name), show(v)))
+    return tuple(sorted(value.items()))
+
+
 def _kind_path(value):
     if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
         raise ValueError("expected a path like \"/health\", got %s" % show(value))
@@ -550,10 +579,14 @@ _LISTENER_TABLES = {"retry": (_RETRY_KEYS, RetryConfig)}
 _CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig),
                    "health_check": (_HEALTH_CHECK_KEYS, HealthCheckConfig),
                    "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig)}
-_NOT_YET = {"": ("tracing",),
+_TRACING_KEYS = {"otlp_endpoint": (_kind_url, REQUIRED),
+                 "service_name": (_kind_string, "ambassador"),
+                 "sample_ratio": (_kind_number(0, 1), 1.0),
+                 "headers": (_kind_headers, ())}
+_NOT_YET = {"": (),
             "listeners": ("tls",),
             "clusters": ("tls",)}
-_TOP_KEYS = ("admin", "log", "shutdown", "listeners", "clusters") + _NOT_YET[""]
+_TOP_KEYS = ("admin", "log", "shutdown", "tracing", "listeners", "clusters")
 
 
 class _Validator:
@@ -612,6 +645,11 @@ def parse_config(raw, path="<config>"):
     admin = AdminConfig(**v.table("admin", raw.get("admin", {}), _ADMIN_KEYS))
     log = LogConfig(**v.table("log", raw.get("log", {}), _LOG_KEYS))
     shutdown = ShutdownConfig(**v.table("shutdown", raw.get("shutdown", {}), _SHUTDOWN_KEYS))
+    tracing = None
+    if "tracing" in raw:
+        values = v.table("tracing", raw["tracing"], _TRACING_KEYS)
+        if "otlp_endpoint" in values:
+            tracing = TracingConfig(**values)
 
     clusters = {}
     raw_clusters = raw.get("clusters", {})
@@ -652,7 +690,7 @@ def parse_config(raw, path="<config>"):
     if v.problems:
         raise ConfigError(v.problems)
     return Config(path=path, listeners=tuple(listeners), clusters=clusters, admin=admin, log=log,
-                  shutdown=shutdown)
+                  shutdown=shutdown, tracing=tracing)
 
 
 def load_config(path):
@@ -710,8 +748,11 @@ def config_as_json(config):
                 value = list(value)
             out[key] = value
         return out
+    tracing = record(config.tracing) if config.tracing else None
+    if tracing:
+        tracing["headers"] = {k: "<redacted>" for k, _ in config.tracing.headers}
     return {"admin": record(config.admin), "log": record(config.log),
-            "shutdown": record(config.shutdown),
+            "shutdown": record(config.shutdown), "tracing": tracing,
             "listeners": {l.name: record(l) for l in config.listeners},
             "clusters": {name: record(c) for name, c in sorted(config.clusters.items())}}
 
@@ -967,7 +1008,7 @@ class Request:
     __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked",
                  "expect_continue", "keep_alive", "request_id", "forwarded_for", "replay_safe",
                  "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
-                 "bytes_out", "response_started")
+                 "bytes_out", "response_started", "endpoint", "span", "trace_headers")
 
     def __init__(self):
         self.method = b"-"
@@ -983,6 +1024,9 @@ class Request:
         self.keep_alive = False
         self.content_length = None
         self.chunked = False
+        self.endpoint = None              # the Endpoint of the last try
+        self.span = None                  # set by the Tracer when tracing is on
+        self.trace_headers = b""          # trace context for the upstream, this span as parent
 
 
 def parse_request(head, req, client_ip):
@@ -1294,10 +1338,15 @@ def forward(listener, req, downstream):
                 break
             if conn is not None:
                 conn.close()                     # the response we will not relay
+            if req.span is not None:
+                req.span.event("backoff", **{"ambassador.backoff_ms": round(wait * 1000, 3)})
             time.sleep(wait)
             retries += 1
             listener.telemetry.retried(listener)
             endpoint = next_endpoint
+            if req.span is not None:
+                req.span.event("retry", **{"ambassador.attempt": req.attempts + 1,
+                                           "ambassador.retry_reason": result})
         if resp is None:
             raise error
         return relay_response(req, resp, conn, downstream, listener)
@@ -1321,6 +1370,8 @@ def try_once(listener, req, body, endpoint, deadline, ticket):
     fresh_only = False
     verdict = None                               # for the breaker: None means "not a try"
     endpoint.begin_request()
+    req.endpoint = endpoint
+    started = monotonic()
     try:
         while True:
             req.attempts += 1
@@ -1363,6 +1414,8 @@ def try_once(listener, req, body, endpoint, deadline, ticket):
     finally:
         cluster.outlier_detector.record(endpoint, verdict)
         cluster.breaker.record(ticket, verdict)
+        if verdict is not None:
+            listener.telemetry.upstream_duration(cluster, monotonic() - started)
 
 
 class StaleConnection(Exception):
@@ -1501,6 +1554,8 @@ class DownstreamConnection:
         keep = False
         try:
             parse_request(head, req, self.client_ip)
+            if listener.telemetry.tracer is not None:
+                listener.telemetry.tracer.start(req)
             keep = forward(listener, req, self)
         except ProxyError as e:
             keep = self.reply_error(req, e)
@@ -1569,7 +1624,7 @@ class UpstreamConnection:
             parts += (name, b": ", value, b"\r\n")
         parts += (b"X-Forwarded-For: ", req.forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n"
                   b"X-Request-Id: ", req.request_id, b"\r\nx-ambassador-attempt: %d\r\n"
-                  % req.attempts, body.framing(), b"\r\n",
+                  % req.attempts, req.trace_headers, body.framing(), b"\r\n",
                   body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
@@ -2503,7 +2558,7 @@ class AccessLog:
     entries past ACCESS_LOG_MAX_QUEUE are dropped and counted.  close() writes every queued line."""
 
     FIELDS = ("ts", "listener", "method", "path", "status", "duration_ms", "upstream", "attempts",
-              "bytes_in", "bytes_out", "request_id", "error")
+              "bytes_in", "bytes_out", "request_id", "error", "trace_id", "span_id")
 
     def __init__(self, target, fmt, on_drop, on_error):
         self._fmt = fmt
@@ -2511,6 +2566,8 @@ class AccessLog:
         self._queue = collections.deque()
         self._stop = threading.Event()
         self._second, self._second_text = None, ""  # the writer thread's strftime cache
+        self._reopen = False                        # set by a signal, acted on by the writer
+        self._target = target
         if target == "-":
             self._file, self._owned = sys.stdout, False
         else:
@@ -2519,6 +2576,10 @@ class AccessLog:
 
     def start(self):
         self._thread.start()
+
+    def request_reopen(self):
+        """Reopen the file at its path before the next write (SIGUSR1, for logrotate)."""
+        self._reopen = self._owned
 
     def record(self, entry):
         """entry: a tuple in FIELDS order, ts as Unix seconds and bytes for method and path."""
@@ -2543,6 +2604,14 @@ class AccessLog:
         # Small batches, with a pause between them: formatting holds the GIL, and one long
         # batch would stall every request thread for its duration (seen as p99 latency).
         queue = self._queue
+        if self._reopen:
+            self._reopen = False
+            try:
+                reopened = open(self._target, "a", encoding="utf-8")
+                self._file.close()
+                self._file = reopened
+            except OSError:
+                self._on_error()
         while queue:
             lines = [self.format(queue.popleft()) for _ in range(min(32, len(queue)))]
             try:
@@ -2554,7 +2623,7 @@ class AccessLog:
 
     def format(self, entry):
         (ts, listener, method, path, status, duration_s, upstream, attempts, bytes_in, bytes_out,
-         request_id, error) = entry
+         request_id, error, trace_id, span_id) = entry
         second = int(ts)
         if second != self._second:
             self._second = second
@@ -2568,20 +2637,281 @@ class AccessLog:
         if self._fmt == "json":
             return json.dumps(dict(zip(self.FIELDS, (
                 stamp, listener, method, path, status, duration_ms, upstream, attempts, bytes_in,
-                bytes_out, request_id, error))), separators=(",", ":")) + "\n"
+                bytes_out, request_id, error, trace_id, span_id))), separators=(",", ":")) + "\n"
         # Envoy's default format, in the fields Ambassador has: people who read one read this.
         return '[%s] "%s %s" %d %s %d %d %s %d "%s" "%s" "%s"\n' % (
             stamp, method, path, status, error or "-", bytes_in, bytes_out, duration_ms, attempts,
             request_id or "-", listener, upstream or "-")
 
 
+_LOWER_HEX = frozenset(b"0123456789abcdef")
+_TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid",
+                            b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
+                            b"x-b3-flags"])
+
+
+def _is_hex_id(value, length):
+    return len(value) == length and _LOWER_HEX.issuperset(value) and value.strip(b"0") != b""
+
+
+def parse_traceparent(value):
+    """A W3C traceparent -> (trace_id, parent_id, sampled) as (bytes, bytes, bool), or None
+    when it is malformed (then a new trace is started; a broken header is never forwarded)."""
+    parts = value.strip().split(b"-")
+    if len(parts) < 4 or len(parts[0]) != 2 or not _LOWER_HEX.issuperset(parts[0]) or \
+            parts[0] == b"ff" or (parts[0] == b"00" and len(parts) != 4):
+        return None
+    _, trace_id, parent_id, flags = parts[:4]
+    if not (_is_hex_id(trace_id, 32) and _is_hex_id(parent_id, 16) and len(flags) == 2 and
+            _LOWER_HEX.issuperset(flags)):
+        return None
+    return trace_id, parent_id, bool(int(flags, 16) & 1)
+
+
+def parse_b3(headers):
+    """B3, single (`b3`) or multiple (`x-b3-*`) headers -> (trace_id, parent_id, sampled,
+    style) with sampled None when the sender defers; None when absent or malformed."""
+    single = headers.get(b"b3")
+    if single is not None:
+        parts = single.strip().lower().split(b"-")
+        if len(parts) < 2:
+            return None                  # a sampling decision alone: no context to join
+        trace_id, span_id = parts[0], parts[1]
+        sampled = {b"1": True, b"d": True, b"0": False}.get(parts[2]) if len(parts) > 2 else None
+        style = "single"
+    elif b"x-b3-traceid" in headers:
+        trace_id = headers[b"x-b3-traceid"].strip().lower()
+        span_id = headers.get(b"x-b3-spanid", b"").strip().lower()
+        flag = headers.get(b"x-b3-sampled", b"").strip().lower()
+        sampled = True if flag in (b"1", b"true") or headers.get(b"x-b3-flags") == b"1" \
+            else False if flag in (b"0", b"false") else None
+        style = "multi"
+    else:
+        return None
+    if len(trace_id) == 16:
+        trace_id = b"0" * 16 + trace_id
+    if not (_is_hex_id(trace_id, 32) and _is_hex_id(span_id, 16)):
+        return None
+    return trace_id, span_id, sampled, style
+
+
+class Span:
+    """One CLIENT span: Ambassador -> upstream, covering every try of one request."""
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "start_ns", "events")
+
+    def __init__(self, trace_id, span_id, parent_id, sampled):
+        self.trace_id, self.span_id, self.parent_id = trace_id, span_id, parent_id
+        self.sampled = sampled
+        self.start_ns = int(time.time() * 1e9)
+        self.events = []
+
+    def event(self, name, **attributes):
+        self.events.append((int(time.time() * 1e9), name, attributes))
+
+
+class Tracer:
+    """Trace context in (W3C traceparent/tracestate, or B3 single or multi), a span per
+    request, trace context out with this span as the parent.  Thread-safe: its only state is
+    the random source and the exporter, both safe to share."""
+
+    def __init__(self, config, exporter, rng=None):
+        self.config = config
+        self.exporter = exporter
+        self._rng = rng or random.Random()
+
+    def _new_id(self, bits):
+        while True:
+            value = self._rng.getrandbits(bits)
+            if value:
+                return b"%0*x" % (bits // 4, value)
+
+    def start(self, req):
+        """Read and remove the app's trace headers; set req.span and req.trace_headers."""
+        found = {lname: value for lname, _, value in req.headers if lname in _TRACE_HEADERS}
+        if found:
+            req.headers = [h for h in req.headers if h[0] not in _TRACE_HEADERS]
+        parent = sampled = b3 = None
+        tracestate = None
+        context = parse_traceparent(found[b"traceparent"]) if b"traceparent" in found else None
+        if context is not None:
+            trace_id, parent, sampled = context
+            state = found.get(b"tracestate")
+            if state and len(state) <= 512 and state.count(b",") < 32:
+                tracestate = state
+        else:
+            b3 = parse_b3(found)
+            if b3 is not None:
+                trace_id, parent, sampled, _ = b3
+            else:
+                trace_id = self._new_id(128)
+        if sampled is None:
+            sampled = self._rng.random() < self.config.sample_ratio
+        span = Span(trace_id, self._new_id(64), parent, sampled)
+        out = [b"traceparent: 00-%s-%s-%s\r\n" % (trace_id, span.span_id,
+                                                   b"01" if sampled else b"00")]
+        if tracestate:
+            out.append(b"tracestate: %s\r\n" % tracestate)
+        if b3 is not None:                                # answer in the app's own dialect too
+            flag = b"1" if sampled else b"0"
+            if b3[3] == "single":
+                out.append(b"b3: %s-%s-%s%s\r\n" % (trace_id, span.span_id, flag,
+                                                    b"-" + parent if parent else b""))
+            else:
+                out.append(b"X-B3-TraceId: %s\r\nX-B3-SpanId: %s\r\nX-B3-ParentSpanId: %s\r\n"
+                           b"X-B3-Sampled: %s\r\n" % (trace_id, span.span_id, parent, flag))
+        req.span = span
+        req.trace_headers = b"".join(out)
+
+    def finish(self, req, listener):
+        """Hand a sampled span to the exporter; the attributes are built in its thread."""
+        span = req.span
+        if span is not None and span.sampled:
+            endpoint = req.endpoint
+            self.exporter.export((span, int(time.time() * 1e9), req.method, req.target,
+                                  req.status, req.error, req.attempts, listener.name,
+                                  listener.cluster.name, endpoint.host_header if endpoint else None,
+                                  endpoint.address if endpoint else None))
+
+
+def _otlp_value(value):
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    return {"stringValue": value}
+
+
+def _otlp_attributes(pairs):
+    return [{"key": k, "value": _otlp_value(v)} for k, v in pairs if v is not None]
+
+
+class SpanExporter:
+    """Sends finished spans to an OTLP/HTTP collector as JSON, batched by one background thread
+    (every SPAN_EXPORT_INTERVAL_S, or at SPAN_BATCH_SIZE spans).
+
+    export() only appends to a bounded queue: a collector that is down, slow or rejecting
+    costs requests nothing; its spans are dropped and counted (queue_full, export_failed,
+    rejected).  close() sends what is queued, within SPAN_EXPORT_TIMEOUT_S."""
+
+    def __init__(self, config, on_exported, on_dropped):
+        self.config = config
+        self._on_exported, self._on_dropped = on_exported, on_dropped
+        m = re.match(r"^(https?)://(\[[^\]]+\]|[^:/]+)(?::(\d+))?(/\S*)?$", config.otlp_endpoint)
+        self._tls = m.group(1) == "https"
+        self._host = m.group(2).strip("[]")
+        self._port = int(m.group(3) or (443 if self._tls else 80))
+        self._path = m.group(4) or "/v1/traces"
+        self._queue = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
+        self._resource = {"attributes": _otlp_attributes([("service.name",
+                                                           config.service_name)])}
+
+    def start(self):
+        self._thread.start()
+
+    def export(self, record):
+        if len(self._queue) >= SPAN_QUEUE_SIZE:
+            self._on_dropped("queue_full", 1)
+            return
+        self._queue.append(record)
+        if len(self._queue) >= SPAN_BATCH_SIZE:
+            self._wake.set()
+
+    def close(self):
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(SPAN_EXPORT_TIMEOUT_S + 1)
+
+    def _run(self):
+        while True:
+            self._wake.wait(SPAN_EXPORT_INTERVAL_S)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            while self._queue:
+                batch = [self._queue.popleft()
+                         for _ in range(min(SPAN_BATCH_SIZE, len(self._queue)))]
+                self._send(batch)
+            if stopping:
+                return
+
+    def _send(self, batch):
+        try:
+            body = json.dumps({"resourceSpans": [{
+                "resource": self._resource,
+                "scopeSpans": [{"scope": {"name": "ambassador", "version": __version__},
+                                "spans": [self._span_json(r) for r in batch]}]}]},
+                separators=(",", ":")).encode()
+            status = self._post(body)
+        except Exception as e:        # a collector's trouble must never reach the data path
+            logging.getLogger("ambassador").debug("span export failed: %s", e)
+            self._on_dropped("export_failed", len(batch))
+            return
+        if 200 <= status < 300:
+            self._on_exported(len(batch))
+        else:
+            self._on_dropped("rejected", len(batch))
+
+    def _post(self, body):
+        sock = socket.create_connection((self._host, self._port), SPAN_EXPORT_TIMEOUT_S)
+        try:
+            if self._tls:
+                import ssl   # only for an https collector: ssl costs memory nobody else needs
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._host)
+            sock.settimeout(SPAN_EXPORT_TIMEOUT_S)
+            head = ["POST %s HTTP/1.1" % self._path, "Host: %s:%d" % (self._host, self._port),
+                    "Content-Type: application/json", "Content-Length: %d" % len(body),
+                    "User-Agent: ambassador/%s" % __version__, "Connection: close"]
+            head += ["%s: %s" % h for h in self.config.headers]
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            line = SocketReader(sock).read_head(65536, monotonic() + SPAN_EXPORT_TIMEOUT_S)
+            parts = line.split(b"\r\n", 1)[0].split(b" ")
+            return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        finally:
+            sock.close()
+
+    @staticmethod
+    def _span_json(record):
+        (span, end_ns, method, target, status, error, attempts, listener, cluster,
+         host_header, address) = record
+        method = method.decode("latin-1")
+        server = port = None
+        if host_header:
+            server, _, port = host_header.decode().rpartition(":")
+            server, port = server.strip("[]"), int(port)
+        out = {"traceId": span.trace_id.decode(), "spanId": span.span_id.decode(),
+               "name": method, "kind": 3,                               # SPAN_KIND_CLIENT
+               "startTimeUnixNano": str(span.start_ns), "endTimeUnixNano": str(end_ns),
+               "attributes": _otlp_attributes([
+                   ("http.request.method", method),
+                   ("url.path", target.split(b"?", 1)[0].decode("latin-1")),
+                   ("http.response.status_code", status or None),
+                   ("server.address", server), ("server.port", port),
+                   ("network.peer.address", address[0] if address else None),
+                   ("http.request.resend_count", attempts - 1 if attempts > 1 else None),
+                   ("error.type", error),
+                   ("ambassador.listener", listener), ("ambassador.cluster", cluster)]),
+               "events": [{"timeUnixNano": str(t), "name": name,
+                           "attributes": _otlp_attributes(sorted(attrs.items()))}
+                          for t, name, attrs in span.events]}
+        if span.parent_id:
+            out["parentSpanId"] = span.parent_id.decode()
+        if error or status >= 500:
+            out["status"] = {"code": 2, "message": error or "HTTP %d" % status}
+        return out
+
+
 class Telemetry:
-    """Metrics and the access log, as the data path sees them: a few calls that never raise."""
+    """Metrics, the access log and the tracer, as the data path sees them: calls that never
+    raise."""
 
     def __init__(self, config, listeners, clusters, draining):
         self.log = logging.getLogger("ambassador")
         self.metrics = m = Metrics()
         self.access_log = None
+        self.tracer = None
         self.requests = m.add(Counter(
             "ambassador_requests_total", "Downstream requests by response status code (0: none).",
             ("listener", "cluster", "code")))
@@ -2660,6 +2990,14 @@ class Telemetry:
         self.dns = m.add(Counter(
             "ambassador_dns_resolutions_total", "DNS resolutions of endpoint names by result.",
             ("cluster", "result")))
+        self.upstream_durations = m.add(Histogram(
+            "ambassador_upstream_duration_seconds",
+            "One try: from taking a connection to the response head (or the failure).",
+            ("cluster",)))
+        self.spans_exported = m.add(Counter(
+            "ambassador_spans_exported_total", "Spans accepted by the OTLP collector.", ()))
+        self.spans_dropped = m.add(Counter(
+            "ambassador_spans_dropped_total", "Spans not exported, by reason.", ("reason",)))
         m.add(Gauge("ambassador_draining", "1 while shutting down, else 0.", (),
                     lambda: [((), 1 if draining.is_set() else 0)]))
         m.add(Gauge("ambassador_build_info", "Version of Ambassador and of Python running it.",
@@ -2677,6 +3015,7 @@ class Telemetry:
             for result in ("ok", "5xx", "connect_failure", "reset", "timeout", "protocol_error"):
                 self.attempts.touch((name, result))
             self.budget.touch((name,))
+            self.upstream_durations.touch((name,))
             for result in ("success", "failure"):
                 self.dns.touch((name, result))
             for state in (CircuitBreaker.CLOSED, CircuitBreaker.OPEN, CircuitBreaker.HALF_OPEN):
@@ -2686,6 +3025,9 @@ class Telemetry:
                 self.rejections.touch((name, reason))
         self.log_dropped.touch()
         self.log_errors.touch()
+        self.spans_exported.touch()
+        for reason in ("queue_full", "export_failed", "rejected"):
+            self.spans_dropped.touch((reason,))
 
     def _add_process_metrics(self):
         if process_samples() is None:
@@ -2700,6 +3042,16 @@ class Telemetry:
                 family.kind = "counter"
             m.add(family)
 
+    def open_tracing(self, config):
+        if config is not None:
+            exporter = SpanExporter(config, lambda n: self.spans_exported.inc((), n),
+                                    lambda reason, n: self.spans_dropped.inc((reason,), n))
+            self.tracer = Tracer(config, exporter)
+            exporter.start()
+
+    def upstream_duration(self, cluster, seconds):
+        self.upstream_durations.observe((cluster.name,), seconds)
+
     def open_access_log(self, config):
         if config.access != "off":
             self.access_log = AccessLog(config.access, config.format,
@@ -2713,10 +3065,13 @@ class Telemetry:
             self.requests.inc((listener.name, cluster, str(req.status)))
             self.duration.observe((listener.name, cluster), duration_s)
             if self.access_log is not None:
+                span = req.span
                 self.access_log.record((
                     req.wall_start, listener.name, req.method, req.target, req.status, duration_s,
                     req.upstream, req.attempts, req.bytes_in, req.bytes_out, req.request_id,
-                    req.error))
+                    req.error, span and span.trace_id.decode(), span and span.span_id.decode()))
+            if self.tracer is not None:
+                self.tracer.finish(req, listener)
         except Exception:
             self.internal_error("telemetry")
 
@@ -2767,6 +3122,8 @@ class Telemetry:
             self.log.debug(fmt, *args)
 
     def close(self):
+        if self.tracer is not None:
+            self.tracer.exporter.close()
         if self.access_log is not None:
             self.access_log.close()
 
@@ -2922,9 +3279,10 @@ class Ambassador:
             try:
                 self.telemetry.open_access_log(self.config.log)
             except OSError as e:
-                raise StartupError("log.access: cannot open %s: %s" % (
-                    self.config.log.access, e.strerror or e))
-        except StartupError:
+                raise ConfigError(["log.access: cannot open %s: %s" % (
+                    self.config.log.access, e.strerror or e)])
+            self.telemetry.open_tracing(self.config.tracing)
+        except (StartupError, ConfigError):
             self.close()
             raise
 
@@ -3132,6 +3490,10 @@ def main(argv=None):
     except StartupError as e:
         sys.stderr.write("ambassador: %s\n" % e)
         return 1
+    except ConfigError as e:
+        for problem in e.problems:
+            sys.stderr.write("ambassador: config error: %s\n" % problem)
+        return 2
 
     def on_signal(signum, frame):
         if app.draining.is_set() and signum == signal.SIGINT:
@@ -3139,6 +3501,9 @@ def main(argv=None):
         app.request_stop(signal.Signals(signum).name)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGUSR1") and app.telemetry.access_log is not None:
+        signal.signal(signal.SIGUSR1, lambda signum, frame:
+                      app.telemetry.access_log.request_reopen())
     try:
         return app.serve()
     except Exception:

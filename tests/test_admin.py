@@ -136,7 +136,9 @@ def test_access_log_json_lines(ambassador, upstream, tmp_path):
     assert isinstance(entry["duration_ms"], float)
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", entry["ts"])
     assert list(entry) == ["ts", "listener", "method", "path", "status", "duration_ms",
-                           "upstream", "attempts", "bytes_in", "bytes_out", "request_id", "error"]
+                           "upstream", "attempts", "bytes_in", "bytes_out", "request_id", "error",
+                           "trace_id", "span_id"]
+    assert entry["trace_id"] is None and entry["span_id"] is None        # tracing is off
 
 
 def test_access_log_text_format_and_error_tag(ambassador, tmp_path):

@@ -113,7 +113,7 @@ def test_every_problem_is_reported_one_per_line(tmp_path):
     assert any("clusters.other.endpoints: expected a non-empty array" in l for l in lines)
     assert any('clusters.other.conect_timeout: unknown key (did you mean "connect_timeout"?)' in l
                for l in lines)
-    assert any("tracing: not supported yet" in l for l in lines)
+    assert any("tracing.otlp_endpoint: required key is missing" in l for l in lines)
 
 
 def test_two_listeners_on_one_port(tmp_path):
