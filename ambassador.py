@@ -3,7 +3,8 @@
 
 A legacy app that cannot be changed calls http://localhost:9000.  Ambassador runs beside it,
 one listener per remote service, and forwards each call to that service's cluster, adding what
-the app lacks: timeouts, keep-alive pooling, header hygiene, request ids, metrics, access logs.
+the app lacks: timeouts, safe retries, circuit breaking, load balancing over health-checked and
+outlier-ejected endpoints, DNS discovery, keep-alive pooling, metrics, access logs, tracing.
 
 Usage:
     python ambassador.py --demo                     # try it: two demo services, nothing to install
@@ -14,25 +15,30 @@ Usage:
 How a request flows (Envoy's words: the app is *downstream*, the remote service *upstream*):
 
     app --HTTP/1.1--> Listener ----------> DownstreamConnection ------> forward()
-                      (accept, one thread   (read head, limits,          |
-                       per connection,       parse, hygiene,              v
-                       connection limit)     error replies)           Cluster.pick_endpoint()
-                                                                          |
-                                                                          v
+                      (accept, one thread   (read head, limits,      (deadline, retry loop,
+                       per connection,       parse, hygiene,           budget, backoff)
+                       connection limit)     error replies)              |
+                                                                         v
+                                                   CircuitBreaker, ResourceLimits -> try_once()
+                                                                         |
+                                                  Cluster.pick_endpoint (balancer over endpoints
+                                                  not unhealthy, not ejected; DNS keeps them)
+                                                                         |
     remote service <--HTTP/1.1-- UpstreamConnection <---------------- ConnectionPool (per Endpoint)
                                  (send head, stream body,              (keep-alive, checked for a
                                   read head, stream response back)      close before reuse)
 
-    Every request ends in Telemetry: Metrics (Prometheus text on the admin port) and AccessLog.
+    Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
+    in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
 
 Contents (grep -n '^# ====' for line numbers):
-     1 Imports and compatibility       8 Upstream: Endpoint, ConnectionPool, Cluster
-     2 Constants and defaults          9 Resilience (grows with the resilience issue)
-     3 Errors                         10 Telemetry: Metrics, AccessLog
-     4 Foundations                    11 Admin
-     5 Configuration                  12 Process: Ambassador, demo, main()
-     6 Listeners                      13 Appendix: TOML parser for Python < 3.11
-     7 Request pipeline
+     1 Imports and compatibility       8 Upstream: endpoints, pool, balancers, DNS, Cluster
+     2 Constants and defaults          9 Resilience: retries, budget, breaker, limits,
+     3 Errors                            outlier detection, health checks
+     4 Foundations                    10 Telemetry: metrics, access log, tracing
+     5 Configuration                  11 Admin
+     6 Listeners                      12 Process: Ambassador, demo, main()
+     7 Request pipeline               13 Appendix: TOML parser for Python < 3.11
 """
 
 # ==================================================================================================
