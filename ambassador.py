@@ -121,6 +121,7 @@ DEFAULT_OD_BASE_EJECTION_S = 30.0
 DEFAULT_OD_MAX_EJECTION_S = 300.0
 DEFAULT_OD_MAX_EJECTION_PERCENT = 10.0
 MAX_ENDPOINT_WEIGHT = 128
+DEFAULT_TLS_RELOAD_INTERVAL_S = 5.0
 # Tracing: OTLP/HTTP JSON export, batched by one thread.
 SPAN_BATCH_SIZE = 512
 SPAN_EXPORT_INTERVAL_S = 1.0
@@ -202,6 +203,21 @@ class UpstreamTimeout(ProxyError):
 
 class UpstreamProtocolError(ProxyError):
     status, tag = 502, "upstream-protocol-error"
+
+
+class TlsError(ConnectFailure):
+    """A TLS handshake or verification with an upstream failed: no request was sent, so it is a
+    connect failure for retries and ejection.  `reason` labels the metric."""
+    tag = "tls-error"
+
+    def __init__(self, detail, reason):
+        ConnectFailure.__init__(self, detail)
+        self.reason = reason
+
+
+class Forbidden(BadRequest):
+    """The client certificate carries none of the listener's allowed_sans."""
+    status, tag = 403, "san-not-allowed"
 
 
 class NoHealthyUpstream(ProxyError):
@@ -302,6 +318,154 @@ def show(value):
     return repr(value)
 
 
+class TlsContextSource:
+    """An ssl.SSLContext built from one `tls` table's files (a listener's: server side, or a
+    cluster's: client side), rebuilt when a file changes.  Used by Listeners and Clusters.
+
+    check() compares each file's mtime and size with what was loaded (a background thread calls
+    it every reload_interval; never the request path).  New material is refused -- one logged
+    error, the previous context stays -- if it does not load (half-written PEM, a key that
+    does not match its certificate).  `context` is replaced whole: new connections use the new
+    one, open connections finish on the old.  Thread-safe.
+
+    ssl is imported here, not at the top: it costs ~5 MB of memory that a sidecar without TLS
+    should not pay."""
+
+    def __init__(self, config, side, name, on_reload=None):
+        import ssl
+        self.ssl = ssl
+        self.config, self.side, self.name = config, side, name
+        self._on_reload = on_reload              # (path, "ok" | "error") -> None
+        self.paths = [p for p in (config.cert, config.key, config.ca) if p]
+        self._stamps = self._stat()
+        self.context = self._build()
+        self.own_uri = self._own_uri()
+
+    def _stat(self):
+        stamps = {}
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                stamps[path] = (st.st_mtime, st.st_size)
+            except OSError:
+                stamps[path] = None
+        return stamps
+
+    def _build(self):
+        ssl, c = self.ssl, self.config
+        if self.side == "downstream":
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(c.cert, c.key)
+            if c.ca:
+                ctx.load_verify_locations(c.ca)
+                ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else \
+                    ssl.CERT_OPTIONAL
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if not c.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            elif c.ca:
+                ctx.load_verify_locations(c.ca)
+            else:
+                ctx.load_default_certs()
+            if c.cert:
+                ctx.load_cert_chain(c.cert, c.key)
+        if hasattr(ssl, "TLSVersion"):
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if c.min_version == "1.3" \
+                else ssl.TLSVersion.TLSv1_2
+        else:  # compat(3.6): no TLSVersion / minimum_version
+            ctx.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+            if c.min_version == "1.3":
+                ctx.options |= ssl.OP_NO_TLSv1_2
+        return ctx
+
+    def _own_uri(self):
+        """The first URI SAN of our own certificate (for x-forwarded-client-cert By=)."""
+        if self.side != "downstream":
+            return None
+        info = self.certificate_info(self.config.cert)
+        uris = [v for k, v in (info or {}).get("subjectAltName", ()) if k == "URI"]
+        return uris[0] if uris else None
+
+    def certificate_info(self, path):
+        # The stdlib decodes a PEM file only through this private helper (3.6 to 3.13 alike).
+        decode = getattr(self.ssl._ssl, "_test_decode_cert", None)
+        try:
+            return decode(path) if decode else None
+        except (OSError, ValueError, self.ssl.SSLError):
+            return None
+
+    def expiry(self):
+        """{path: notAfter as Unix seconds} for the certificates this table loads."""
+        out = {}
+        for path in (self.config.cert, self.config.ca):
+            info = self.certificate_info(path) if path else None
+            if info and "notAfter" in info:
+                out[path] = self.ssl.cert_time_to_seconds(info["notAfter"])
+        return out
+
+    def check(self):
+        """Reload if a file changed.  -> True when new material was taken into use."""
+        stamps = self._stat()
+        if stamps == self._stamps:
+            return False
+        changed = [p for p in self.paths if stamps.get(p) != self._stamps.get(p)]
+        self._stamps = stamps               # a broken file is reported once, not every check
+        try:
+            self.context = self._build()
+        except (OSError, ValueError, self.ssl.SSLError) as e:
+            logging.getLogger("ambassador").error(
+                "%s %s: new TLS material refused, keeping the previous: %s",
+                self.side, self.name, e)
+            for path in changed:
+                self._report(path, "error")
+            return False
+        self.own_uri = self._own_uri()
+        logging.getLogger("ambassador").info("%s %s: TLS material reloaded", self.side, self.name)
+        for path in changed:
+            self._report(path, "ok")
+        return True
+
+    def _report(self, path, result):
+        if self._on_reload is not None:
+            self._on_reload(path, result)
+
+    def run(self, stop):
+        while not stop.wait(self.config.reload_interval):
+            self.check()
+
+    def classify(self, error):
+        """A handshake failure -> a short reason for the metric and the log."""
+        if isinstance(error, socket.timeout):
+            return "timeout"
+        text = str(error).lower()
+        for needle, reason in (("expired", "expired"), ("self signed", "unknown_ca"),
+                               ("self-signed", "unknown_ca"), ("unknown ca", "unknown_ca"),
+                               ("unable to get local issuer", "unknown_ca"),
+                               ("hostname", "hostname_mismatch"), ("match", "hostname_mismatch"),
+                               ("ip address mismatch", "hostname_mismatch"),
+                               ("http request", "plain_http"),
+                               ("certificate required", "no_client_cert"),
+                               ("peer did not return a certificate", "no_client_cert"),
+                               ("unknown_ca", "unknown_ca"), ("bad certificate", "bad_certificate"),
+                               ("certificate verify failed", "verify_failed")):
+            if needle in text:
+                return reason
+        if isinstance(error, self.ssl.SSLError):
+            return "handshake_failed"
+        return "connection_error"
+
+
+def certificate_sans(cert):
+    """getpeercert()'s subjectAltName as ["DNS:a", "IP Address:1.2.3.4", "URI:spiffe://..."]
+    and plain values, for matching either form."""
+    out = []
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        out += [value, "%s:%s" % (kind, value)]
+    return out
+
+
 # ==================================================================================================
 # 5. Configuration
 #    TOML -> validated, immutable records.  Every problem is reported with its dotted key path;
@@ -344,11 +508,33 @@ class CircuitBreakerConfig(NamedTuple):
     half_open_max_requests: int = DEFAULT_CB_HALF_OPEN_MAX_REQUESTS
 
 
+class DownstreamTlsConfig(NamedTuple):
+    cert: str
+    key: str
+    ca: Optional[str] = None             # to verify client certificates
+    require_client_cert: bool = False
+    allowed_sans: Tuple[str, ...] = ()   # the client certificate must carry one of these
+    min_version: str = "1.2"
+    reload_interval: float = DEFAULT_TLS_RELOAD_INTERVAL_S
+
+
+class UpstreamTlsConfig(NamedTuple):
+    ca: Optional[str] = None             # None: the system store
+    cert: Optional[str] = None           # a client certificate, for mTLS
+    key: Optional[str] = None
+    server_name: Optional[str] = None    # SNI and hostname check; None: the endpoint's name
+    verify: bool = True
+    min_version: str = "1.2"
+    match_san: Tuple[str, ...] = ()      # the server certificate must carry one of these
+    reload_interval: float = DEFAULT_TLS_RELOAD_INTERVAL_S
+
+
 class ListenerConfig(NamedTuple):
     name: str
     listen: Tuple[str, int]
     cluster: str
     retry: RetryConfig = RetryConfig()
+    tls: Optional[DownstreamTlsConfig] = None
     protocol: str = "http"
     timeout: float = DEFAULT_TIMEOUT_S
     host_rewrite: bool = True
@@ -391,6 +577,7 @@ class ClusterConfig(NamedTuple):
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     health_check: Optional[HealthCheckConfig] = None     # None: endpoints stay unchecked
     outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
+    tls: Optional[UpstreamTlsConfig] = None
 
 
 class TracingConfig(NamedTuple):
@@ -520,6 +707,20 @@ def _kind_headers(value):
     return tuple(sorted(value.items()))
 
 
+def _kind_file(value):
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a file path, got %s" % show(value))
+    if not os.path.isfile(value):
+        raise ValueError("no such file: %s" % value)
+    return value
+
+
+def _kind_strings(value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("expected an array of strings, got %s" % show(value))
+    return tuple(value)
+
+
 def _kind_path(value):
     if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
         raise ValueError("expected a path like \"/health\", got %s" % show(value))
@@ -581,17 +782,26 @@ _CIRCUIT_BREAKER_KEYS = {
     "open_timeout": (_kind_positive_duration, DEFAULT_CB_OPEN_TIMEOUT_S),
     "half_open_max_requests": (_kind_int(1), DEFAULT_CB_HALF_OPEN_MAX_REQUESTS)}
 # Sub-tables, each checked with its own keys: table key -> (keys, record).
-_LISTENER_TABLES = {"retry": (_RETRY_KEYS, RetryConfig)}
+_TLS_COMMON = {"min_version": (_kind_one_of("1.2", "1.3"), "1.2"),
+               "reload_interval": (_kind_positive_duration, DEFAULT_TLS_RELOAD_INTERVAL_S)}
+_DOWNSTREAM_TLS_KEYS = dict(_TLS_COMMON, **{
+    "cert": (_kind_file, REQUIRED), "key": (_kind_file, REQUIRED), "ca": (_kind_file, None),
+    "require_client_cert": (_kind_bool, False), "allowed_sans": (_kind_strings, ())})
+_UPSTREAM_TLS_KEYS = dict(_TLS_COMMON, **{
+    "ca": (_kind_file, None), "cert": (_kind_file, None), "key": (_kind_file, None),
+    "server_name": (_kind_string, None), "verify": (_kind_bool, True),
+    "match_san": (_kind_strings, ())})
+_LISTENER_TABLES = {"retry": (_RETRY_KEYS, RetryConfig),
+                    "tls": (_DOWNSTREAM_TLS_KEYS, DownstreamTlsConfig)}
 _CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig),
                    "health_check": (_HEALTH_CHECK_KEYS, HealthCheckConfig),
-                   "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig)}
+                   "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig),
+                   "tls": (_UPSTREAM_TLS_KEYS, UpstreamTlsConfig)}
 _TRACING_KEYS = {"otlp_endpoint": (_kind_url, REQUIRED),
                  "service_name": (_kind_string, "ambassador"),
                  "sample_ratio": (_kind_number(0, 1), 1.0),
                  "headers": (_kind_headers, ())}
-_NOT_YET = {"": (),
-            "listeners": ("tls",),
-            "clusters": ("tls",)}
+_NOT_YET = {"": (), "listeners": (), "clusters": ()}
 _TOP_KEYS = ("admin", "log", "shutdown", "tracing", "listeners", "clusters")
 
 
@@ -620,7 +830,9 @@ class _Validator:
                              list(keys) + list(tables) + list(not_yet))
         for key, (sub_keys, record) in tables.items():
             if key in raw:
-                values[key] = record(**self.table("%s.%s" % (path, key), raw[key], sub_keys))
+                sub = self.table("%s.%s" % (path, key), raw[key], sub_keys)
+                if all(k in sub for k, (_, d) in sub_keys.items() if d is REQUIRED):
+                    values[key] = record(**sub)
         for key, (kind, default) in keys.items():
             if key not in raw:
                 if default is REQUIRED:
@@ -665,6 +877,9 @@ def parse_config(raw, path="<config>"):
     for name, table in raw_clusters.items():
         values = v.table("clusters.%s" % name, table, _CLUSTER_KEYS, _NOT_YET["clusters"],
                          _CLUSTER_TABLES)
+        tls = values.get("tls")
+        if tls and (tls.cert is None) != (tls.key is None):
+            v.problem("clusters.%s.tls" % name, "cert and key go together")
         if "endpoints" in values:
             clusters[name] = ClusterConfig(name=name, **values)
 
@@ -679,6 +894,9 @@ def parse_config(raw, path="<config>"):
     for name, table in raw_listeners.items():
         where = "listeners.%s" % name
         values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"], _LISTENER_TABLES)
+        tls = values.get("tls")
+        if tls and (tls.require_client_cert or tls.allowed_sans) and not tls.ca:
+            v.problem(where + ".tls.ca", "required to verify client certificates")
         retry = values.get("retry")
         if retry and retry.backoff_max < retry.backoff_base:
             v.problem(where + ".retry.backoff_max", "must be >= backoff_base")
@@ -778,6 +996,7 @@ class Listener:
         self.name = config.name
         self.cluster = cluster
         self.retry_policy = RetryPolicy(config.retry)
+        self.tls = None                       # TlsContextSource, set by Ambassador.bind()
         # Per listener, which is per cluster: a listener forwards to exactly one.
         self.retry_budget = RetryBudget(config.retry.budget_percent,
                                         config.retry.min_retries_per_second)
@@ -1014,7 +1233,8 @@ class Request:
     __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked",
                  "expect_continue", "keep_alive", "request_id", "forwarded_for", "replay_safe",
                  "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
-                 "bytes_out", "response_started", "endpoint", "span", "trace_headers")
+                 "bytes_out", "response_started", "endpoint", "span", "trace_headers",
+                 "client_cert")
 
     def __init__(self):
         self.method = b"-"
@@ -1033,6 +1253,7 @@ class Request:
         self.endpoint = None              # the Endpoint of the last try
         self.span = None                  # set by the Tracer when tracing is on
         self.trace_headers = b""          # trace context for the upstream, this span as parent
+        self.client_cert = b""            # x-forwarded-client-cert line, from a TLS listener
 
 
 def parse_request(head, req, client_ip):
@@ -1099,6 +1320,8 @@ def parse_request(head, req, client_ip):
             continue
         elif lname == b"idempotency-key":
             replay_safe = True
+        elif lname == b"x-forwarded-client-cert":
+            continue                   # only Ambassador vouches for a client certificate
         headers.append((lname, name, value))
 
     if transfer_encoding is not None:
@@ -1396,6 +1619,8 @@ def try_once(listener, req, body, endpoint, deadline, ticket):
                 error, result = UpstreamReset(e.reason), "reset"
             except ConnectFailure as e:
                 error, result = e, "connect_failure"
+                if isinstance(e, TlsError):
+                    listener.telemetry.tls_error("upstream", cluster.name, e.reason)
             except UpstreamReset as e:
                 error, result = e, "reset"
             except UpstreamProtocolError as e:
@@ -1519,6 +1744,8 @@ class DownstreamConnection:
         self.reader = SocketReader(sock)
         self.client_ip = client_address[0].encode()
         self._scratch = None
+        self.client_cert = b""            # the x-forwarded-client-cert line for its requests
+        self.forbidden = False            # a client certificate outside allowed_sans
 
     def scratch(self):
         """This connection's buffer for streaming large bodies (see iter_length), made once."""
@@ -1529,6 +1756,44 @@ class DownstreamConnection:
     def serve(self):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         config = self.listener.config
+        if self.listener.tls is not None:
+            if not self.handshake():
+                return
+        try:
+            self._serve_requests(config)
+        finally:
+            if self.listener.tls is not None:
+                self.sock.close()
+
+    def handshake(self):
+        """TLS on this connection, in its own thread within header_timeout, so that a slow or
+        broken client never holds up another.  Sets the client identity.  -> success."""
+        tls = self.listener.tls
+        try:
+            self.sock.settimeout(self.listener.config.header_timeout)
+            self.sock = tls.context.wrap_socket(self.sock, server_side=True)
+        except (OSError, ValueError) as e:
+            reason = tls.classify(e)
+            self.listener.telemetry.tls_error("downstream", self.listener.name, reason)
+            self.listener.telemetry.debug("%s: TLS handshake: %s", self.listener.name, e)
+            return False
+        self.reader = SocketReader(self.sock)
+        cert = self.sock.getpeercert()
+        if cert:
+            sans = certificate_sans(cert)
+            allowed = tls.config.allowed_sans
+            if allowed and not any(san in sans for san in allowed):
+                self.forbidden = True
+                self.listener.telemetry.tls_error("downstream", self.listener.name,
+                                                  "san_not_allowed")
+            uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+            cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            who = 'URI=%s' % uris[0] if uris else 'Subject="CN=%s"' % (cn[0] if cn else "")
+            by = "By=%s;" % tls.own_uri if tls.own_uri else ""
+            self.client_cert = ("x-forwarded-client-cert: %s%s\r\n" % (by, who)).encode()
+        return True
+
+    def _serve_requests(self, config):
         while True:
             try:
                 head = self.reader.read_head(config.max_header_bytes,
@@ -1560,6 +1825,9 @@ class DownstreamConnection:
         keep = False
         try:
             parse_request(head, req, self.client_ip)
+            if self.forbidden:
+                raise Forbidden("the client certificate carries none of allowed_sans")
+            req.client_cert = self.client_cert
             if listener.telemetry.tracer is not None:
                 listener.telemetry.tracer.start(req)
             keep = forward(listener, req, self)
@@ -1628,9 +1896,11 @@ class UpstreamConnection:
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
         for _, name, value in req.headers:
             parts += (name, b": ", value, b"\r\n")
-        parts += (b"X-Forwarded-For: ", req.forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n"
+        parts += (b"X-Forwarded-For: ", req.forwarded_for,
+                  b"\r\nX-Forwarded-Proto: https\r\n" if config.tls else
+                  b"\r\nX-Forwarded-Proto: http\r\n",
                   b"X-Request-Id: ", req.request_id, b"\r\nx-ambassador-attempt: %d\r\n"
-                  % req.attempts, req.trace_headers, body.framing(), b"\r\n",
+                  % req.attempts, req.trace_headers, req.client_cert, body.framing(), b"\r\n",
                   body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
@@ -1688,9 +1958,28 @@ class UpstreamConnection:
         try:
             poller = select.poll()
             poller.register(self.sock, select.POLLIN)
-            return bool(poller.poll(0))
+            if not poller.poll(0):
+                return False
         except (OSError, ValueError):
             return True
+        if self.pool.tls is None:
+            return True
+        # TLS 1.3 servers send session tickets after the handshake: readable is not closed.
+        # A non-blocking read tells: nothing for the application (want-read) means alive.
+        sock = self.sock
+        try:
+            sock.setblocking(False)
+            sock.recv(1)                # data or EOF: either way it cannot be reused
+            return True
+        except self.pool.tls.ssl.SSLWantReadError:
+            return False
+        except OSError:
+            return True
+        finally:
+            try:
+                sock.setblocking(True)
+            except OSError:
+                pass
 
     def release(self, reusable):
         if reusable and not self.reader.buf:
@@ -1714,10 +2003,11 @@ class ConnectionPool:
     acquire() never hands out a connection that sat idle past UPSTREAM_IDLE_S or that the
     upstream closed (checked with a zero-timeout poll), so a stale socket is rarely written to."""
 
-    def __init__(self, endpoint, connect_timeout, limits):
+    def __init__(self, endpoint, connect_timeout, limits, tls=None):
         self.endpoint = endpoint
         self.connect_timeout = connect_timeout
         self.limits = limits                   # the cluster's ResourceLimits
+        self.tls = tls                         # the cluster's TlsContextSource, or None
         self._lock = threading.Lock()          # guards _idle and open_connections
         self._idle = []                         # [(UpstreamConnection, idle since)], newest last
         self.open_connections = 0
@@ -1770,6 +2060,28 @@ class ConnectionPool:
             raise ConnectFailure("connect to %s: %s"
                                  % (self.endpoint.label.decode(), e.strerror or e))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            sock = self._handshake(sock)       # within the connect timeout set above
+        return sock
+
+    def _handshake(self, sock):
+        tls = self.tls
+        c = tls.config
+        label = self.endpoint.label.decode()
+        try:
+            name = c.server_name or self.endpoint.host_header.decode().rpartition(":")[0]
+            sock = tls.context.wrap_socket(sock, server_hostname=name.strip("[]"))
+            if c.match_san:
+                sans = certificate_sans(sock.getpeercert())
+                if not any(san in sans for san in c.match_san):
+                    raise TlsError("certificate of %s carries none of match_san (it has %s)"
+                                   % (label, ", ".join(sans[1::2]) or "no SAN"), "san_mismatch")
+        except TlsError:
+            sock.close()
+            raise
+        except (OSError, ValueError) as e:          # ssl.SSLError and CertificateError too
+            sock.close()
+            raise TlsError("TLS with %s: %s" % (label, e), tls.classify(e))
         return sock
 
     def release(self, conn):
@@ -1815,12 +2127,12 @@ class Endpoint:
     Ejection, decided by the OutlierDetector from live traffic, is separate: an endpoint is
     picked only when it is not unhealthy and not ejected."""
 
-    def __init__(self, address, host_header, weight, connect_timeout, limits):
+    def __init__(self, address, host_header, weight, connect_timeout, limits, tls=None):
         self.address = address                       # (ip, port) connected to
         self.label = format_address(address).encode()
         self.host_header = host_header                # "name:port" as configured, for Host
         self.weight = weight
-        self.pool = ConnectionPool(self, connect_timeout, limits)
+        self.pool = ConnectionPool(self, connect_timeout, limits, tls)
         self._lock = threading.Lock()   # guards the fields below
         self.active_requests = 0
         self.requests_total = 0
@@ -1984,6 +2296,7 @@ class Cluster:
                                       on_transition=on_breaker_transition)
         self.balancer = BALANCERS[config.lb_policy](rng)
         self.telemetry = telemetry
+        self.tls = None                  # TlsContextSource, set by Ambassador.bind()
         self._resolver = resolver
         self._rng = rng
         self._lock = threading.Lock()    # guards _last_good (endpoints is copy-on-write)
@@ -2042,7 +2355,7 @@ class Cluster:
             e = old.pop((address, host_header), None)
             if e is None:
                 e = Endpoint(address, host_header, weight, self.config.connect_timeout,
-                             self.limits)
+                             self.limits, self.tls)
             if e not in new:
                 new.append(e)
         self.endpoints = new
@@ -2408,6 +2721,9 @@ class HealthChecker:
         except OSError:
             return False
         try:
+            if self.cluster.tls is not None:
+                sock.settimeout(c.timeout)
+                sock = ConnectionPool(endpoint, c.timeout, None, self.cluster.tls)._handshake(sock)
             if c.type == "tcp":
                 return True
             deadline = monotonic() + c.timeout
@@ -2418,7 +2734,7 @@ class HealthChecker:
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             return len(parts) >= 2 and parts[1].isdigit() and \
                 int(parts[1]) in c.expected_statuses
-        except (OSError, EOFError, HeadTooLarge):
+        except (OSError, EOFError, HeadTooLarge, TlsError):
             return False
         finally:
             sock.close()
@@ -3000,6 +3316,16 @@ class Telemetry:
             "ambassador_upstream_duration_seconds",
             "One try: from taking a connection to the response head (or the failure).",
             ("cluster",)))
+        self.tls_errors = m.add(Counter(
+            "ambassador_tls_handshake_errors_total", "Failed TLS handshakes and refusals.",
+            ("side", "name", "reason")))
+        self.tls_reloads = m.add(Counter(
+            "ambassador_tls_reloads_total", "Reloads of TLS files by result.", ("path", "result")))
+        self.tls_sources = []
+        m.add(Gauge("ambassador_certificate_expiry_timestamp_seconds",
+                    "notAfter of each loaded certificate, Unix seconds.", ("path",),
+                    lambda: sorted(((p,), t) for s in self.tls_sources
+                                   for p, t in s.expiry().items())))
         self.spans_exported = m.add(Counter(
             "ambassador_spans_exported_total", "Spans accepted by the OTLP collector.", ()))
         self.spans_dropped = m.add(Counter(
@@ -3054,6 +3380,12 @@ class Telemetry:
                                     lambda reason, n: self.spans_dropped.inc((reason,), n))
             self.tracer = Tracer(config, exporter)
             exporter.start()
+
+    def tls_error(self, side, name, reason):
+        self.tls_errors.inc((side, name, reason))
+
+    def tls_reloaded(self, path, result):
+        self.tls_reloads.inc((path, result))
 
     def upstream_duration(self, cluster, seconds):
         self.upstream_durations.observe((cluster.name,), seconds)
@@ -3260,8 +3592,24 @@ class Ambassador:
         self._serving = False
         self._background_stop = threading.Event()   # ends DNS, health and outlier threads
 
+    def load_tls(self):
+        """Every tls table's context, before anything is bound; ConfigError if one fails."""
+        t = self.telemetry
+        owners = [("listeners", l.name, "downstream", l) for l in self.listeners] + \
+            [("clusters", c.name, "upstream", c) for c in self.clusters.values()]
+        for section, name, side, owner in owners:
+            config = owner.config.tls
+            if config is None:
+                continue
+            try:
+                owner.tls = TlsContextSource(config, side, name, t.tls_reloaded)
+            except (OSError, ValueError) as e:
+                raise ConfigError(["%s.%s.tls: cannot load: %s" % (section, name, e)])
+            t.tls_sources.append(owner.tls)
+
     def bind(self):
         try:
+            self.load_tls()
             for cluster in self.clusters.values():
                 failures = cluster.refresh()
                 if failures and cluster.config.discovery == "static":
@@ -3297,6 +3645,9 @@ class Ambassador:
         self._serving = True
         for cluster in self.clusters.values():
             cluster.start(self._background_stop)
+        for source in self.telemetry.tls_sources:
+            threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
+                             name="tls-reload:%s" % source.name).start()
         for server in self.servers:
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                              name="listener:%s" % server.listener.name, daemon=True).start()

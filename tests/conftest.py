@@ -156,9 +156,10 @@ class Upstream:
     'close' to close the connection afterwards.  With read_body=False it reads the body itself
     through req.body_iter."""
 
-    def __init__(self, behaviour=echo, read_body=True):
+    def __init__(self, behaviour=echo, read_body=True, tls=None):
         self.behaviour = behaviour
         self.read_body = read_body
+        self.tls = tls                          # an ssl.SSLContext: serve HTTPS
         self.requests = []
         self.connections = 0
         self._lock = threading.Lock()
@@ -185,6 +186,14 @@ class Upstream:
 
     def _serve(self, sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                sock.settimeout(5)
+                sock = self.tls.wrap_socket(sock, server_side=True)
+                sock.settimeout(None)
+            except OSError:
+                sock.close()
+                return
         reader = Reader(sock)
         nth = 0
         try:
@@ -231,8 +240,8 @@ class Upstream:
 def upstream_factory():
     made = []
 
-    def make(behaviour=echo, read_body=True):
-        u = Upstream(behaviour, read_body)
+    def make(behaviour=echo, read_body=True, tls=None):
+        u = Upstream(behaviour, read_body, tls)
         made.append(u)
         return u
     yield make
@@ -381,3 +390,84 @@ def raw(port, data, timeout=5.0):
         except OSError:
             pass
         return out
+
+
+# ------------------------------------------------------------------------------ TLS material
+
+SPIFFE = "spiffe://cluster.local/ns/default/sa/"
+
+
+class PKI:
+    """Test certificates made with the openssl CLI: a CA, and leaves it signs."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def path(self, name):
+        return os.path.join(self.root, name)
+
+    def openssl(self, *args):
+        subprocess.check_call(["openssl"] + list(args), cwd=self.root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def key(self, name):
+        self.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                     "-out", name + ".key")
+
+    def ca(self, name):
+        self.key(name)
+        self.openssl("req", "-x509", "-new", "-key", name + ".key", "-subj", "/CN=" + name,
+                     "-days", "30", "-out", name + ".pem", "-addext",
+                     "basicConstraints=critical,CA:TRUE", "-addext",
+                     "keyUsage=critical,keyCertSign,cRLSign")
+
+    def leaf(self, name, ca, sans, usage="serverAuth,clientAuth", days="30", key=None):
+        if key is None:
+            self.key(name)
+            key = name
+        with open(self.path(name + ".ext"), "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                    "extendedKeyUsage=%s\nsubjectAltName=%s\n" % (usage, sans))
+        self.openssl("req", "-new", "-key", key + ".key", "-subj", "/CN=" + name,
+                     "-out", name + ".csr")
+        self.openssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey",
+                     ca + ".key", "-CAcreateserial", "-days", days, "-extfile", name + ".ext",
+                     "-out", name + ".pem")
+        return self.path(name + ".pem"), self.path(key + ".key")
+
+    def expired(self, name, ca, sans):
+        """A leaf whose validity ended in 2020: `openssl ca` can set past dates."""
+        self.key(name)
+        for f, text in (("index.txt", ""), ("serial", "1000\n")):
+            with open(self.path(f), "w") as fh:
+                fh.write(text)
+        with open(self.path("ca.cnf"), "w") as f:
+            f.write("[ca]\ndefault_ca=c\n[c]\ndir=.\ndatabase=index.txt\nserial=serial\n"
+                    "new_certs_dir=.\ndefault_md=sha256\npolicy=p\ncopy_extensions=none\n"
+                    "[p]\ncommonName=supplied\n[x]\nbasicConstraints=CA:FALSE\n"
+                    "extendedKeyUsage=serverAuth\nsubjectAltName=%s\n" % sans)
+        self.openssl("req", "-new", "-key", name + ".key", "-subj", "/CN=" + name,
+                     "-out", name + ".csr")
+        self.openssl("ca", "-config", "ca.cnf", "-batch", "-notext", "-cert", ca + ".pem",
+                     "-keyfile", ca + ".key", "-startdate", "20200101000000Z", "-enddate",
+                     "20200201000000Z", "-extensions", "x", "-in", name + ".csr",
+                     "-out", name + ".pem")
+        return self.path(name + ".pem"), self.path(name + ".key")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    p = PKI(str(tmp_path_factory.mktemp("pki")))
+    p.ca("ca")
+    p.ca("other-ca")
+    server_sans = "DNS:localhost,IP:127.0.0.1,URI:%spayment" % SPIFFE
+    p.server = p.leaf("server", "ca", server_sans, "serverAuth")
+    p.server2 = p.leaf("server2", "ca", server_sans, "serverAuth")       # for rotation
+    p.client = p.leaf("order", "ca", "URI:%sorder" % SPIFFE, "clientAuth")
+    p.intruder = p.leaf("intruder", "ca", "URI:%sintruder" % SPIFFE, "clientAuth")
+    p.foreign_server = p.leaf("foreign", "other-ca", server_sans, "serverAuth")
+    p.foreign_client = p.leaf("foreign-client", "other-ca", "URI:%sorder" % SPIFFE,
+                              "clientAuth")
+    p.expired_server = p.expired("expired", "ca", server_sans)
+    p.ca_pem = p.path("ca.pem")
+    return p
