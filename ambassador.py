@@ -3732,7 +3732,8 @@ endpoints = ["inventory-service:8080"]
 
 class DemoService:
     """The demo's stand-in for a remote service: `inventory` always answers, `payment` answers
-    503 to every third charge, so that what Ambassador does about failures can be seen."""
+    503 to every third charge and 500 to everything on /outage, so that what Ambassador does
+    about failures (retries, the circuit breaker) can be seen."""
 
     def __init__(self, kind):
         self.kind = kind
@@ -3746,6 +3747,8 @@ class DemoService:
                 {"sku": "B-200", "name": "gadget", "in_stock": 0}]})
         if method == "GET":
             return self.answer(200, {"service": self.kind, "status": "up"})
+        if path == "/outage":
+            return self.answer(500, {"service": self.kind, "error": "down for good"})
         with self._lock:
             self._charges += 1
             failing = self.kind == "payment" and self._charges % 3 == 0
@@ -3783,6 +3786,10 @@ def start_demo(config):
                   "-d '{\"amount\": 42}'\n"
                   "      # safe to send again: a retry absorbs the failure "
                   "(x-ambassador-attempts: 2)" % url)
+            print("  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%%{http_code} ' "
+                  "-X POST %s/outage; done; echo\n"
+                  "      # an outage: after 5 failures in a row the circuit opens, calls get a fast"
+                  " 503 circuit-open for 30 s" % url)
         else:
             print("  curl -si %s/items   # %s: always answers" % (url, l.cluster))
     print("  curl -s http://%s/metrics | grep '^ambassador_requests_total'"

@@ -200,7 +200,7 @@ def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
     proc = subprocess.Popen([sys.executable, AMBASSADOR, "--demo", "-c", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        lines = [proc.stdout.readline().decode() for _ in range(9)]
+        lines = [proc.stdout.readline().decode() for _ in range(11)]
         text = "".join(lines)
         assert "curl -si -X POST http://127.0.0.1:%d/charge" % ports[1] in text
         assert "-H 'Idempotency-Key: order-42'" in text
@@ -220,6 +220,10 @@ def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
                            headers={"Idempotency-Key": "order-%d" % i}) for i in range(6)]
         assert [r[0] for r in replies] == [200] * 6                 # retries absorb failures
         assert sorted(r[1]["x-ambassador-attempts"] for r in replies) == ["1"] * 4 + ["2"] * 2
+        assert "/outage; done" in text
+        outage = [request(ports[1], "POST", "/outage") for _ in range(7)]
+        assert [r[0] for r in outage] == [500] * 5 + [503] * 2          # the breaker opened
+        assert outage[-1][1]["x-ambassador-error"] == "circuit-open"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
