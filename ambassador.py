@@ -1625,7 +1625,7 @@ def try_once(listener, req, body, endpoint, deadline, ticket):
                 error, result = e, "reset"
             except UpstreamProtocolError as e:
                 error, result = e, "protocol_error"
-            except UpstreamTimeout as e:
+            except UpstreamTimeout:
                 if monotonic() >= deadline:
                     verdict = False
                     listener.telemetry.upstream_attempt(cluster, endpoint, "timeout", 0)

@@ -1,6 +1,5 @@
 """Admin port, metrics exposition, access log, graceful shutdown and the demo: black-box."""
 
-import http.client
 import json
 import re
 import signal

@@ -1,6 +1,5 @@
 """Load balancing, DNS discovery, active health checks and outlier ejection."""
 
-import http.client
 import json
 import random
 import socket

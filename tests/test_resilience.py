@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-import ambassador as amb_module
 from ambassador import CircuitBreaker, RetryBudget, RetryConfig, RetryPolicy
 from conftest import base_config, free_port, request, respond, wait_for
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SPIFFE, base_config, free_port, raw, request, respond, wait_for
+from conftest import SPIFFE, base_config, raw, request, respond, wait_for
 
 
 def echo_headers(req, sock):
