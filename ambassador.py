@@ -3799,6 +3799,39 @@ def start_demo(config):
     return config
 
 
+def release_freed_memory():
+    """Hand back to the OS the heap that compiling this file used.  CPython compiles a script
+    from source on every run, and glibc keeps the freed pages: measured, 8 MB of a 27 MB idle
+    RSS.  Only where glibc's malloc_trim exists (ctypes finds it); elsewhere nothing happens."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+def run_script():
+    """`python ambassador.py ...`: main(), from code compiled without keeping the syntax tree.
+
+    CPython frees a script's syntax tree only when the script ends -- for this file, 8 MB held
+    for the life of the process (measured with 3.11: idle RSS 28 -> 20 MB).  So the script
+    executes the interpreter once more on this file as a module named __main__: the import
+    system's compile drops the tree at once, and reuses __pycache__ where it may write one.
+    AMBASSADOR_REEXEC marks the second run.  Where exec is not possible, main() runs here."""
+    path = os.path.abspath(__file__)
+    if os.environ.get("AMBASSADOR_REEXEC") != "1" and sys.executable and hasattr(os, "execve"):
+        code = ("import importlib.util as u, sys; sys.argv[0] = %r; "
+                "s = u.spec_from_file_location('__main__', %r); m = u.module_from_spec(s); "
+                "sys.modules['__main__'] = m; s.loader.exec_module(m)" % (sys.argv[0], path))
+        try:
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, "-c", code] + sys.argv[1:],
+                      dict(os.environ, AMBASSADOR_REEXEC="1"))
+        except OSError:
+            pass
+    return main()
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="ambassador.py", description=(
         "A sidecar HTTP proxy: one listener per remote service, with timeouts, keep-alive "
@@ -3858,6 +3891,7 @@ def main(argv=None):
         for problem in e.problems:
             sys.stderr.write("ambassador: config error: %s\n" % problem)
         return 2
+    release_freed_memory()
 
     def on_signal(signum, frame):
         if app.draining.is_set() and signum == signal.SIGINT:
@@ -4220,4 +4254,4 @@ def _parse_inline_table(src, pos):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script())
