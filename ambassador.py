@@ -2992,12 +2992,15 @@ def parse_traceparent(value):
 
 def parse_b3(headers):
     """B3, single (`b3`) or multiple (`x-b3-*`) headers -> (trace_id, parent_id, sampled,
-    style) with sampled None when the sender defers; None when absent or malformed."""
+    style) with sampled None when the sender defers; None when absent or malformed.  A
+    sampling decision alone (`b3: 0`, `1` or `d`) gives trace_id None: a new trace, with it."""
     single = headers.get(b"b3")
     if single is not None:
         parts = single.strip().lower().split(b"-")
+        if len(parts) == 1 and parts[0] in (b"0", b"1", b"d"):
+            return None, None, parts[0] != b"0", "single"
         if len(parts) < 2:
-            return None                  # a sampling decision alone: no context to join
+            return None
         trace_id, span_id = parts[0], parts[1]
         sampled = {b"1": True, b"d": True, b"0": False}.get(parts[2]) if len(parts) > 2 else None
         style = "single"
@@ -3062,9 +3065,10 @@ class Tracer:
                 tracestate = state
         else:
             b3 = parse_b3(found)
+            trace_id = None
             if b3 is not None:
                 trace_id, parent, sampled, _ = b3
-            else:
+            if trace_id is None:
                 trace_id = self._new_id(128)
         if sampled is None:
             sampled = self._rng.random() < self.config.sample_ratio

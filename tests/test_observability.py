@@ -124,6 +124,18 @@ def test_b3_context_is_continued_in_both_dialects(ambassador, upstream, collecto
     assert (span["traceId"], span["parentSpanId"]) == (trace, PARENT)
 
 
+def test_a_b3_sampling_decision_alone_is_obeyed(ambassador, upstream, collector):
+    amb = ambassador(traced([upstream.address], collector, ratio=1.0))
+    request(amb.port(), headers={"b3": "0"})                  # "do not sample"
+    trace, span_id, flags = sent_traceparent(upstream)
+    assert flags == "00"
+    assert upstream.requests[0].header("b3") == "%s-%s-0" % (trace, span_id)
+    request(amb.port(), headers={"b3": "1"})
+    assert sent_traceparent(upstream)[2] == "01"
+    spans = collector.wait_spans(1)
+    assert [s["traceId"] for s in spans] == [sent_traceparent(upstream)[0]]
+
+
 def test_a_trace_is_started_when_the_app_sends_none(ambassador, upstream, collector):
     amb = ambassador(traced([upstream.address], collector))
     request(amb.port())
