@@ -1875,6 +1875,29 @@ class DownstreamConnection:
 #    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
 # ==================================================================================================
 
+def client_handshake(sock, tls, endpoint):
+    """TLS to an endpoint over a connected socket, within the socket's timeout -> the TLS socket.
+    SNI and the hostname check use server_name, else the endpoint's configured name; then the
+    certificate must carry one of match_san.  TlsError (closing the socket) otherwise."""
+    c = tls.config
+    label = endpoint.label.decode()
+    try:
+        name = c.server_name or endpoint.host_header.decode().rpartition(":")[0]
+        sock = tls.context.wrap_socket(sock, server_hostname=name.strip("[]"))
+        if c.match_san:
+            sans = certificate_sans(sock.getpeercert())
+            if not any(san in sans for san in c.match_san):
+                raise TlsError("certificate of %s carries none of match_san (it has %s)"
+                               % (label, ", ".join(sans[1::2]) or "no SAN"), "san_mismatch")
+    except TlsError:
+        sock.close()
+        raise
+    except (OSError, ValueError) as e:          # ssl.SSLError and CertificateError too
+        sock.close()
+        raise TlsError("TLS with %s: %s" % (label, e), tls.classify(e))
+    return sock
+
+
 class UpstreamConnection:
     """One connection to an endpoint, used by one request at a time, then released or closed."""
     __slots__ = ("sock", "reader", "pool", "reused", "closed")
@@ -2061,27 +2084,7 @@ class ConnectionPool:
                                  % (self.endpoint.label.decode(), e.strerror or e))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
-            sock = self._handshake(sock)       # within the connect timeout set above
-        return sock
-
-    def _handshake(self, sock):
-        tls = self.tls
-        c = tls.config
-        label = self.endpoint.label.decode()
-        try:
-            name = c.server_name or self.endpoint.host_header.decode().rpartition(":")[0]
-            sock = tls.context.wrap_socket(sock, server_hostname=name.strip("[]"))
-            if c.match_san:
-                sans = certificate_sans(sock.getpeercert())
-                if not any(san in sans for san in c.match_san):
-                    raise TlsError("certificate of %s carries none of match_san (it has %s)"
-                                   % (label, ", ".join(sans[1::2]) or "no SAN"), "san_mismatch")
-        except TlsError:
-            sock.close()
-            raise
-        except (OSError, ValueError) as e:          # ssl.SSLError and CertificateError too
-            sock.close()
-            raise TlsError("TLS with %s: %s" % (label, e), tls.classify(e))
+            sock = client_handshake(sock, self.tls, self.endpoint)   # within the timeout above
         return sock
 
     def release(self, conn):
@@ -2723,7 +2726,7 @@ class HealthChecker:
         try:
             if self.cluster.tls is not None:
                 sock.settimeout(c.timeout)
-                sock = ConnectionPool(endpoint, c.timeout, None, self.cluster.tls)._handshake(sock)
+                sock = client_handshake(sock, self.cluster.tls, endpoint)
             if c.type == "tcp":
                 return True
             deadline = monotonic() + c.timeout
