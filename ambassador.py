@@ -1870,8 +1870,9 @@ class DownstreamConnection:
 
 
 # ==================================================================================================
-# 8. Upstream: Endpoint, ConnectionPool, Cluster
-#    Where requests go: a cluster's endpoints, each with a pool of keep-alive connections that
+# 8. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
+#    Where requests go: a cluster's endpoints (resolved once or kept by DNS), chosen by a
+#    balancer, each with a pool of keep-alive connections (TLS when the cluster has it) that
 #    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
 # ==================================================================================================
 
@@ -2402,9 +2403,9 @@ class Cluster:
 
 
 # ==================================================================================================
-# 9. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits
-#    Which tries may be made, and when: retry conditions and their safety, backoff, the retry
-#    budget, the consecutive-failure breaker, and Envoy's thresholds on what is in flight.
+# 9. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+#    HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
+#    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
 
 class RetryPolicy:
@@ -2744,9 +2745,10 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 10. Telemetry: Metrics, AccessLog
-#    What happened, for people and for Prometheus.  Nothing here may raise into the data path or
-#    block it: counters take one short lock, access-log lines are written by a background thread.
+# 10. Telemetry: Metrics, AccessLog, Tracer, SpanExporter
+#    What happened, for people, Prometheus and trace collectors.  Nothing here may raise into the
+#    data path or block it: counters take one short lock; log lines and spans are written by
+#    background threads from bounded queues.
 # ==================================================================================================
 
 def _escape_label(value):
