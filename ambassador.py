@@ -167,15 +167,19 @@ class StartupError(Exception):
 
 
 class ProxyError(Exception):
-    """A request Ambassador answers itself.  `status` and `tag` are the reply's."""
+    """A request Ambassador answers itself.  `status` and `tag` are the reply's; `reason`, where
+    there is one, labels a metric (overflow_requests, unknown_ca, ...)."""
     status = 502
     tag = "internal-error"
+    reason = None
 
-    def __init__(self, detail="", status=None):
+    def __init__(self, detail="", status=None, reason=None):
         Exception.__init__(self, detail)
         self.detail = detail
         if status is not None:
             self.status = status
+        if reason is not None:
+            self.reason = reason
 
 
 class BadRequest(ProxyError):
@@ -207,12 +211,8 @@ class UpstreamProtocolError(ProxyError):
 
 class TlsError(ConnectFailure):
     """A TLS handshake or verification with an upstream failed: no request was sent, so it is a
-    connect failure for retries and ejection.  `reason` labels the metric."""
+    connect failure for retries and ejection."""
     tag = "tls-error"
-
-    def __init__(self, detail, reason):
-        ConnectFailure.__init__(self, detail)
-        self.reason = reason
 
 
 class Forbidden(BadRequest):
@@ -227,16 +227,12 @@ class NoHealthyUpstream(ProxyError):
 
 class CircuitOpen(ProxyError):
     """The cluster's circuit breaker is open: the request was not sent."""
-    status, tag = 503, "circuit-open"
+    status, tag, reason = 503, "circuit-open", "circuit_open"
 
 
 class Overflow(ProxyError):
-    """A resource limit was reached; `reason` is the metric label (overflow_requests, ...)."""
+    """A resource limit was reached; `reason` names it (overflow_requests, ...)."""
     status, tag = 503, "overflow"
-
-    def __init__(self, detail, reason):
-        ProxyError.__init__(self, detail)
-        self.reason = reason
 
 
 class DownstreamGone(Exception):
@@ -1530,7 +1526,8 @@ def forward(listener, req, downstream):
     limits = cluster.limits
     if not limits.try_begin("requests"):
         listener.telemetry.rejected(cluster, "overflow_requests")
-        raise Overflow("max_requests of cluster %s reached" % cluster.name, "overflow_requests")
+        raise Overflow("max_requests of cluster %s reached" % cluster.name,
+                       reason="overflow_requests")
     holds_retry = False
     try:
         endpoint = cluster.pick_endpoint()
@@ -1580,7 +1577,7 @@ def forward(listener, req, downstream):
             raise error
         return relay_response(req, resp, conn, downstream, listener)
     except (Overflow, CircuitOpen) as e:
-        listener.telemetry.rejected(cluster, getattr(e, "reason", "circuit_open"))
+        listener.telemetry.rejected(cluster, e.reason)
         raise
     finally:
         limits.end("requests")
@@ -1889,13 +1886,14 @@ def client_handshake(sock, tls, endpoint):
             sans = certificate_sans(sock.getpeercert())
             if not any(san in sans for san in c.match_san):
                 raise TlsError("certificate of %s carries none of match_san (it has %s)"
-                               % (label, ", ".join(sans[1::2]) or "no SAN"), "san_mismatch")
+                               % (label, ", ".join(sans[1::2]) or "no SAN"),
+                               reason="san_mismatch")
     except TlsError:
         sock.close()
         raise
     except (OSError, ValueError) as e:          # ssl.SSLError and CertificateError too
         sock.close()
-        raise TlsError("TLS with %s: %s" % (label, e), tls.classify(e))
+        raise TlsError("TLS with %s: %s" % (label, e), reason=tls.classify(e))
     return sock
 
 
@@ -2053,10 +2051,10 @@ class ConnectionPool:
         """A new connection, within the cluster's max_pending_requests and max_connections."""
         limits = self.limits
         if not limits.try_begin("pending"):
-            raise Overflow("max_pending_requests reached", "overflow_pending")
+            raise Overflow("max_pending_requests reached", reason="overflow_pending")
         try:
             if not limits.try_begin("connections"):
-                raise Overflow("max_connections reached", "overflow_connections")
+                raise Overflow("max_connections reached", reason="overflow_connections")
             try:
                 sock = self._connect(deadline)
             except BaseException:
