@@ -268,9 +268,12 @@ class AmbassadorProcess:
         self.admin_port = int(config["admin"]["listen"].rsplit(":", 1)[1])
         self.stdout_path = str(tmp_path / "stdout.txt")
         self.stderr_path = str(tmp_path / "stderr.txt")
+        # Skip the start-up re-exec (ambassador.run_script) here: it saves 0.1 s a start, and
+        # the tests of the command line and of the demo still go through it.
+        env = dict(os.environ, AMBASSADOR_REEXEC="1")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, AMBASSADOR, "-c", self.config_path]
-                                         + list(args), stdout=out, stderr=err, cwd=ROOT)
+                                         + list(args), stdout=out, stderr=err, cwd=ROOT, env=env)
 
     def port(self, listener="app"):
         return int(str(self.config["listeners"][listener]["listen"]).rsplit(":", 1)[-1])
