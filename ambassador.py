@@ -1697,9 +1697,15 @@ def relay_response(req, resp, conn, downstream, listener):
         source = iter_until_close(reader)
     rechunk = resp.length is None and to_http11
     send = downstream.send
+    upstream_done = False
     try:
         for data in source:
             req.bytes_out += len(data)
+            if req.bytes_out == resp.length:
+                # Read in full: back to the pool before the last write, so that an app
+                # calling again at once finds it there instead of opening another.
+                conn.release(resp.keep_alive)
+                upstream_done = True
             send(b"%x\r\n%s\r\n" % (len(data), data) if rechunk else data)
     except (EOFError, FramingError, OSError) as e:
         conn.close()
@@ -1707,11 +1713,13 @@ def relay_response(req, resp, conn, downstream, listener):
         listener.telemetry.debug("%s: response body cut short: %s", listener.name, e)
         return False
     except DownstreamGone:
-        conn.close()
+        if not upstream_done:
+            conn.close()
         raise
     if rechunk:
         send(b"0\r\n\r\n")
-    conn.release(resp.keep_alive)
+    if not upstream_done:
+        conn.release(resp.keep_alive)
     return keep and not listener.draining.is_set()
 
 
@@ -1768,11 +1776,14 @@ class DownstreamConnection:
         tls = self.listener.tls
         try:
             self.sock.settimeout(self.listener.config.header_timeout)
-            self.sock = tls.context.wrap_socket(self.sock, server_side=True)
+            self.sock = tls.context.wrap_socket(self.sock, server_side=True,
+                                                do_handshake_on_connect=False)
+            self.sock.do_handshake()
         except (OSError, ValueError) as e:
             reason = tls.classify(e)
             self.listener.telemetry.tls_error("downstream", self.listener.name, reason)
             self.listener.telemetry.debug("%s: TLS handshake: %s", self.listener.name, e)
+            self.linger_close()
             return False
         self.reader = SocketReader(self.sock)
         cert = self.sock.getpeercert()
@@ -1789,6 +1800,23 @@ class DownstreamConnection:
             by = "By=%s;" % tls.own_uri if tls.own_uri else ""
             self.client_cert = ("x-forwarded-client-cert: %s%s\r\n" % (by, who)).encode()
         return True
+
+    def linger_close(self):
+        """Close after a refused handshake so that the client reads our alert: its request may
+        already be on the way, and closing with unread input sends a reset that can overtake the
+        alert (nginx's lingering close).  Reads and drops input for at most a quarter second."""
+        sock = self.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)        # the alert is out; on TLS, back to plain reads
+            deadline = monotonic() + 0.25
+            while monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - monotonic()))
+                if not sock.recv(65536):
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
 
     def _serve_requests(self, config):
         while True:
@@ -1949,6 +1977,13 @@ class UpstreamConnection:
             raise UpstreamTimeout("no response within the listener timeout (%gs)" % config.timeout)
         except (EOFError, OSError) as e:
             self.close()
+            tls = self.pool.tls
+            if tls is not None and not self.reused and isinstance(e, tls.ssl.SSLError) and \
+                    "alert" in str(e).lower():
+                # TLS 1.3: a server refuses our certificate after our side of the handshake is
+                # done, so its alert arrives on the first read.  No request reached the app.
+                raise TlsError("TLS with %s: %s" % (endpoint.label.decode(), e),
+                               reason=tls.classify(e))
             if self.reused and not self.reader.buf:
                 raise StaleConnection("%s" % (e or type(e).__name__), nothing_written=False)
             raise UpstreamReset("%s" % (e or type(e).__name__))

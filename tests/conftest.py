@@ -438,7 +438,7 @@ class PKI:
                      "-out", name + ".pem")
         return self.path(name + ".pem"), self.path(key + ".key")
 
-    def expired(self, name, ca, sans):
+    def expired(self, name, ca, sans, usage="serverAuth"):
         """A leaf whose validity ended in 2020: `openssl ca` can set past dates."""
         self.key(name)
         for f, text in (("index.txt", ""), ("serial", "1000\n")):
@@ -448,7 +448,7 @@ class PKI:
             f.write("[ca]\ndefault_ca=c\n[c]\ndir=.\ndatabase=index.txt\nserial=serial\n"
                     "new_certs_dir=.\ndefault_md=sha256\npolicy=p\ncopy_extensions=none\n"
                     "[p]\ncommonName=supplied\n[x]\nbasicConstraints=CA:FALSE\n"
-                    "extendedKeyUsage=serverAuth\nsubjectAltName=%s\n" % sans)
+                    "extendedKeyUsage=%s\nsubjectAltName=%s\n" % (usage, sans))
         self.openssl("req", "-new", "-key", name + ".key", "-subj", "/CN=" + name,
                      "-out", name + ".csr")
         self.openssl("ca", "-config", "ca.cnf", "-batch", "-notext", "-cert", ca + ".pem",
@@ -472,5 +472,6 @@ def pki(tmp_path_factory):
     p.foreign_client = p.leaf("foreign-client", "other-ca", "URI:%sorder" % SPIFFE,
                               "clientAuth")
     p.expired_server = p.expired("expired", "ca", server_sans)
+    p.expired_client = p.expired("expired-client", "ca", "URI:%sorder" % SPIFFE, "clientAuth")
     p.ca_pem = p.path("ca.pem")
     return p

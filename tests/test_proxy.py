@@ -396,3 +396,37 @@ def test_large_bodies_stream_with_flat_memory(ambassador, upstream_factory, dire
         assert got == [size]
     peak = amb.rss_peak_kib()
     assert peak - before < 30 * 1024, "peak RSS grew by %d KiB" % (peak - before)
+
+
+def test_interim_1xx_responses_are_not_relayed(ambassador, upstream_factory):
+    def answer(req, sock):
+        sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        respond(sock, 200, b"final")
+    up = upstream_factory(answer)
+    amb = ambassador([up.address])
+    reply = raw(amb.port(), b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"final")
+    assert b"103" not in reply
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_reused_even_for_post(
+        ambassador, upstream_factory):
+    # The upstream closes each connection after its response, without saying so (as a server
+    # whose keep-alive timeout passed would): Ambassador must see the close before reuse.
+    closed = threading.Event()
+
+    def answer(req, sock):
+        respond(sock, 200, b"ok")
+        sock.shutdown(socket.SHUT_RDWR)          # the FIN is out before the test goes on
+        closed.set()
+        return "close"
+    up = upstream_factory(answer)
+    amb = ambassador([up.address])
+    assert request(amb.port())[0] == 200
+    assert closed.wait(5)
+    wait_for(lambda: up.connections == 1 and
+             'ambassador_upstream_connections{cluster="svc"} 1' in amb.admin("/metrics")[1],
+             5, "the pooled connection")
+    status, _, body = request(amb.port(), "POST", "/pay", body=b"{}")
+    assert status == 200 and body == b"ok"
+    assert up.count("POST") == 1 and up.connections == 2
