@@ -3271,7 +3271,7 @@ class Telemetry:
     """Metrics, the access log and the tracer, as the data path sees them: calls that never
     raise."""
 
-    def __init__(self, config, listeners, clusters, draining):
+    def __init__(self, listeners, clusters, draining):
         self.log = logging.getLogger("ambassador")
         self.metrics = m = Metrics()
         self.access_log = None
@@ -3621,7 +3621,7 @@ class Ambassador:
         self._stop = threading.Event()
         self.clusters = {}
         self.listeners = []
-        self.telemetry = t = Telemetry(config, self.listeners, self.clusters, self.draining)
+        self.telemetry = t = Telemetry(self.listeners, self.clusters, self.draining)
         for name, c in config.clusters.items():
             self.clusters[name] = Cluster(
                 c, telemetry=t, on_breaker_transition=lambda old, new, name=name:
