@@ -8,6 +8,7 @@ deadline, and always kills the process; its stderr is printed when a test fails.
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -362,6 +363,26 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+class FakeClock:
+    """An injectable clock for state machines: tests move `now` by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def metric(amb, family, **labels):
+    """The value of one series on the admin port's /metrics, or None if it is not there."""
+    text = amb.admin("/metrics")[1]
+    want = ",".join('%s="%s"' % kv for kv in labels.items())
+    m = re.search(r"^%s\{%s\} (\S+)$" % (re.escape(family), re.escape(want)), text, re.M)
+    return float(m.group(1)) if m else None
 
 
 # ------------------------------------------------------------------------------ clients

@@ -9,15 +9,7 @@ import time
 import pytest
 
 import ambassador as A
-from conftest import base_config, free_port, request, respond, wait_for
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from conftest import FakeClock, base_config, free_port, request, respond, wait_for
 
 
 class E:

@@ -6,7 +6,6 @@ upstreams that count what they received, so the number of tries is asserted exac
 import http.client
 import json
 import os
-import re
 import socket
 import struct
 import threading
@@ -15,15 +14,7 @@ import time
 import pytest
 
 from ambassador import CircuitBreaker, RetryBudget, RetryConfig, RetryPolicy
-from conftest import base_config, free_port, request, respond, wait_for
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from conftest import FakeClock, base_config, free_port, metric, request, respond, wait_for
 
 
 # ------------------------------------------------------------------------------ unit: breaker
@@ -362,13 +353,6 @@ def test_default_policy_is_istios_two_retries_on_503(ambassador, upstream_factor
 
 
 # ------------------------------------------------------------------------------ breaker, limits
-
-def metric(amb, name, **labels):
-    text = amb.admin("/metrics")[1]
-    want = ",".join('%s="%s"' % kv for kv in labels.items())
-    m = re.search(r"^%s\{%s\} (\S+)$" % (re.escape(name), re.escape(want)), text, re.M)
-    return float(m.group(1)) if m else None
-
 
 def test_circuit_breaker_opens_answers_fast_and_recovers(ambassador, upstream_factory, tmp_path):
     healthy = threading.Event()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SPIFFE, base_config, raw, request, respond, wait_for
+from conftest import SPIFFE, base_config, metric, raw, request, respond, wait_for
 
 
 def echo_headers(req, sock):
@@ -52,13 +52,6 @@ def tls_get(port, ctx, path="/", server_hostname="localhost"):
                 if not chunk:
                     return out
                 out += chunk
-
-
-def metric(amb, family, **labels):
-    text = amb.admin("/metrics")[1]
-    want = ",".join('%s="%s"' % kv for kv in labels.items())
-    m = re.search(r"^%s\{%s\} (\S+)$" % (re.escape(family), re.escape(want)), text, re.M)
-    return float(m.group(1)) if m else None
 
 
 def callee_config(pki, app, tmp_path=None, **tls):
