@@ -127,6 +127,7 @@ SPAN_BATCH_SIZE = 512
 SPAN_EXPORT_INTERVAL_S = 1.0
 SPAN_QUEUE_SIZE = 2048
 SPAN_EXPORT_TIMEOUT_S = 5.0
+EXPORT_WARNING_INTERVAL_S = 60.0               # a failing collector: one warning a minute
 
 MAX_HEADER_COUNT = 100                        # past it: 431
 MAX_CHUNK_LINE_BYTES = 4096                   # chunk size line with extensions; past it: 400
@@ -135,6 +136,7 @@ DRAIN_QUIET_S = 1.0                           # drain ends after this long with 
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
+DISCARD_BODY_MAX_BYTES = 64 << 20             # of a body the upstream answered before its end
 ACCESS_LOG_MAX_QUEUE = 65536                  # entries waiting for the writer; past it, counted drops
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5, 5.0, 10.0)
@@ -146,6 +148,12 @@ HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te"
 IDEMPOTENT_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                          b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# RFC 9110 5.5: a field value holds no control byte but HTAB (CR and LF are checked apart).
+_CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# RFC 9112 3.2: a request target is visible ASCII only.
+_BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
+# A chunk-size line or a trailer: no control byte but HTAB, and no bare CR or LF.
+_BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # ==================================================================================================
@@ -1109,6 +1117,13 @@ class SocketReader:
             if 0 <= end <= max_bytes:
                 self.buf = buf[end + 4:]
                 return buf[:end]
+            if end < 0:
+                # An empty line ended by a bare LF ends the head too, in a lenient parser:
+                # hand it over now so that it is refused at once, not after a timeout.
+                bare = [i for i in (buf.find(b"\n\n"), buf.find(b"\n\r\n")) if i >= 0]
+                if bare and min(bare) <= max_bytes:
+                    self.buf = b""
+                    return buf[:min(bare) + 1]
             if end > max_bytes or len(buf) > max_bytes:
                 self.buf = buf
                 raise HeadTooLarge(buf.find(b"\r\n", 0, max_bytes) < 0)
@@ -1149,6 +1164,8 @@ class SocketReader:
         searched = 0
         while True:
             i = self.buf.find(b"\r\n", searched)
+            if i > limit:
+                raise FramingError("line longer than %d bytes" % limit)
             if i >= 0:
                 line = self.buf[:i]
                 self.buf = self.buf[i + 2:]
@@ -1188,6 +1205,8 @@ def iter_chunked(reader):
     Raises FramingError on a bad chunk size or a missing CRLF, EOFError if the peer stops short."""
     while True:
         line = reader.read_line(MAX_CHUNK_LINE_BYTES)
+        if _BAD_LINE_BYTES.search(line) is not None:
+            raise FramingError("control character or bare CR/LF in a chunk line")
         size = line.split(b";", 1)[0].rstrip(b" \t")
         if not size or len(size) > 15 or not _HEX_DIGITS.issuperset(size):
             raise FramingError("bad chunk size %r" % line[:40])
@@ -1203,6 +1222,8 @@ def iter_chunked(reader):
         line = reader.read_line(MAX_TRAILER_BYTES)
         if not line:
             return
+        if _BAD_LINE_BYTES.search(line) is not None:
+            raise FramingError("control character or bare CR/LF in a trailer")
         trailer_bytes += len(line) + 2
         if trailer_bytes > MAX_TRAILER_BYTES:
             raise FramingError("trailers larger than %d bytes" % MAX_TRAILER_BYTES)
@@ -1260,6 +1281,8 @@ def parse_request(head, req, client_ip):
     Content-Lengths and unknown transfer codings are all refused."""
     if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
         raise BadRequest("bare CR or LF in the request head")
+    if _CONTROL_BYTES.search(head) is not None:
+        raise BadRequest("control character in the request head")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3:
@@ -1273,6 +1296,10 @@ def parse_request(head, req, client_ip):
         raise BadRequest("malformed request line")
     if not method or not _TOKEN_CHARS.issuperset(method):
         raise BadRequest("malformed method")
+    if method == b"CONNECT":                   # in any target form: a tunnel goes anywhere
+        raise BadRequest("CONNECT is not allowed: Ambassador is not an open proxy", status=405)
+    if _BAD_TARGET_BYTES.search(target) is not None:
+        raise BadRequest("control or non-ASCII byte in the request target")
     if len(lines) > MAX_HEADER_COUNT + 1:
         raise BadRequest("more than %d header fields" % MAX_HEADER_COUNT, status=431)
 
@@ -1341,8 +1368,6 @@ def parse_request(head, req, client_ip):
 
     # Only the path and query go upstream: a listener forwards to its cluster and nowhere else.
     if target[:1] != b"/":
-        if method == b"CONNECT":
-            raise BadRequest("CONNECT is not allowed: Ambassador is not an open proxy", status=405)
         scheme, sep, rest = target.partition(b"://")
         if sep and scheme.lower() in (b"http", b"https"):
             slash = rest.find(b"/")
@@ -1395,6 +1420,7 @@ class RequestBody:
         self.buffered = b""           # bytes held in memory (the whole body when replayable)
         self.rest = None              # iterator over the rest of a streamed body
         self.replayable = True
+        self.rest_sent = False        # the streamed rest reached the upstream in full
 
     def prepare(self):
         req = self.req
@@ -1442,6 +1468,26 @@ class RequestBody:
             sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
         if chunked:
             sock.sendall(b"0\r\n\r\n")
+        self.rest_sent = True
+
+    def is_complete(self):
+        """Whether every byte of the app's body has been read from its connection."""
+        return self.rest is None or self.rest_sent
+
+    def discard_rest(self, limit=DISCARD_BODY_MAX_BYTES):
+        """Read and drop what the app still sends of a body the upstream answered early, so
+        that the app, which may read only after sending, gets that answer instead of a reset.
+        -> True when the body ended within limit (the connection may carry another request)."""
+        dropped = 0
+        try:
+            for data in self._read(self.rest):
+                dropped += len(data)
+                if dropped > limit:
+                    return False
+        except (ProxyError, DownstreamGone):
+            return False
+        self.rest_sent = True
+        return True
 
     def _read(self, source):
         """Data from the app, counted; its failures mapped to what they mean for the request."""
@@ -1456,24 +1502,33 @@ class RequestBody:
 
 
 class Response:
-    """An upstream response head, and how its body is framed."""
-    __slots__ = ("status", "head", "headers", "length", "chunked", "has_body", "keep_alive",
-                 "request_id")
+    """An upstream response head, and how its body is framed.  `codings` holds the transfer
+    codings other than chunked (b"gzip"), relayed to the app as they came."""
+    __slots__ = ("status", "head", "headers", "length", "chunked", "codings", "has_body",
+                 "keep_alive", "request_id")
 
 
 def parse_response(head, method):
-    """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted."""
+    """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted.
+
+    keep_alive is false whenever the framing leaves doubt about where the next response starts
+    (both Content-Length and Transfer-Encoding; a body declared where none may follow): the
+    connection then closes instead of going back to the pool with stray bytes in it."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        raise UpstreamProtocolError("bare CR or LF in the response head")
+    if b"\x00" in head:
+        raise UpstreamProtocolError("NUL in the response head")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or parts[0][:7] not in (b"HTTP/1.", ) or len(parts[1]) != 3 \
-            or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 \
+            or not parts[1].isdigit() or not 100 <= int(parts[1]) <= 599:
         raise UpstreamProtocolError("malformed status line %r" % lines[0][:80])
     resp = Response()
     resp.status = int(parts[1])
     resp.head = lines[0]
     resp.request_id = None
     length = None
-    chunked = other_coding = False
+    codings = None
     connection = b""
     headers = []
     for line in lines[1:]:
@@ -1487,8 +1542,8 @@ def parse_response(head, method):
                 raise UpstreamProtocolError("invalid or conflicting Content-Length")
             length = int(value)
         elif lname == b"transfer-encoding":
-            chunked = value.lower().rstrip(b" \t").endswith(b"chunked")
-            other_coding = not chunked
+            codings = (codings or []) + [c.strip(b" \t").lower() for c in value.split(b",")
+                                         if c.strip(b" \t")]
         elif lname == b"connection":
             connection = connection + b"," + value.lower() if connection else value.lower()
         elif lname == b"x-request-id":
@@ -1497,11 +1552,20 @@ def parse_response(head, method):
     tokens = frozenset(t.strip(b" \t") for t in connection.split(b",")) if connection else ()
     resp.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in tokens
     resp.has_body = not (method == b"HEAD" or resp.status in (204, 304) or resp.status < 200)
-    if chunked or other_coding:
+    resp.chunked = False
+    resp.codings = b""
+    if codings is not None:
+        if b"chunked" in codings[:-1]:
+            raise UpstreamProtocolError("chunked is not the last transfer coding")
+        resp.chunked = codings[-1:] == [b"chunked"]
+        resp.codings = b", ".join(c for c in codings if c != b"chunked")
+        if length is not None:
+            resp.keep_alive = False      # RFC 9112 6.1: both framings: never reuse it
         length = None              # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
-    resp.chunked = chunked
+    if not resp.has_body and (codings is not None or length):
+        resp.keep_alive = False          # a body may follow where none is allowed
     resp.length = length
-    if resp.has_body and length is None and not chunked:
+    if resp.has_body and length is None and not resp.chunked:
         resp.keep_alive = False                # delimited by the upstream's close
     drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
     resp.headers = [h for h in headers if h[0] not in drop and
@@ -1575,7 +1639,10 @@ def forward(listener, req, downstream):
                                            "ambassador.retry_reason": result})
         if resp is None:
             raise error
-        return relay_response(req, resp, conn, downstream, listener)
+        keep = relay_response(req, resp, conn, downstream, listener)
+        if not body.is_complete():          # answered before the whole body was sent
+            keep = body.discard_rest() and keep
+        return keep
     except (Overflow, CircuitOpen) as e:
         listener.telemetry.rejected(cluster, e.reason)
         raise
@@ -1658,6 +1725,10 @@ class StaleConnection(Exception):
 def relay_response(req, resp, conn, downstream, listener):
     """Write the response head and stream its body to the app.  Returns downstream keep-alive."""
     to_http11 = req.version == b"HTTP/1.1"
+    if resp.codings and resp.has_body and not to_http11:
+        conn.close()
+        raise UpstreamProtocolError("transfer coding %s cannot reach an HTTP/1.0 app"
+                                    % resp.codings.decode("latin-1"))
     keep = req.keep_alive and not listener.draining.is_set()
     parts = [b"HTTP/1.1 ", resp.head[9:], b"\r\n"]
     for _, name, value in resp.headers:
@@ -1668,6 +1739,8 @@ def relay_response(req, resp, conn, downstream, listener):
     if resp.has_body:
         if resp.length is not None:
             parts.append(b"Content-Length: %d\r\n" % resp.length)
+        elif resp.codings:
+            parts += (b"Transfer-Encoding: ", resp.codings, b", chunked\r\n")
         elif to_http11:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
@@ -1967,8 +2040,16 @@ class UpstreamConnection:
                 raise
             if sent < len(data):
                 sock.sendall(data[sent:])
+            early = False
             if body.rest is not None:
-                body.send_rest(sock)
+                try:
+                    body.send_rest(sock)
+                except socket.timeout:
+                    raise
+                except OSError:
+                    # The upstream stopped taking the body: it may have answered already
+                    # (413, 401), and that answer goes to the app instead of a reset.
+                    early = True
             head = self.reader.read_head(65536, deadline)
             if not head:
                 raise EOFError("connection closed before a response")
@@ -2008,6 +2089,8 @@ class UpstreamConnection:
         except ProxyError:
             self.close()
             raise
+        if early:
+            resp.keep_alive = False
         return resp
 
     def is_closed_by_peer(self):
@@ -3138,11 +3221,15 @@ class Tracer:
 
 
 def _otlp_value(value):
+    """An attribute value as OTLP/JSON's AnyValue, each kind as its mapping says: a strict
+    collector refuses a whole batch for one float sent as a string."""
     if isinstance(value, bool):
         return {"boolValue": value}
     if isinstance(value, int):
-        return {"intValue": str(value)}
-    return {"stringValue": value}
+        return {"intValue": str(value)}              # int64: a decimal string in JSON
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    return {"stringValue": str(value)}
 
 
 def _otlp_attributes(pairs):
@@ -3169,6 +3256,8 @@ class SpanExporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
+        self._warned_at = None           # monotonic time of the last warning (exporter thread)
+        self._unwarned = 0               # failures since then, named in the next warning
         self._resource = {"attributes": _otlp_attributes([("service.name",
                                                            config.service_name)])}
 
@@ -3208,15 +3297,29 @@ class SpanExporter:
                 "scopeSpans": [{"scope": {"name": "ambassador", "version": __version__},
                                 "spans": [self._span_json(r) for r in batch]}]}]},
                 separators=(",", ":")).encode()
-            status = self._post(body)
+            status, reply = self._post(body)
         except Exception as e:        # a collector's trouble must never reach the data path
-            logging.getLogger("ambassador").debug("span export failed: %s", e)
+            self._warn("span export to %s failed: %s" % (self.config.otlp_endpoint, e))
             self._on_dropped("export_failed", len(batch))
             return
         if 200 <= status < 300:
             self._on_exported(len(batch))
         else:
+            self._warn("span export to %s rejected: HTTP %d, %d spans dropped: %r" % (
+                self.config.otlp_endpoint, status, len(batch), reply[:200].decode("latin-1")))
             self._on_dropped("rejected", len(batch))
+
+    def _warn(self, message):
+        """A warning at most every EXPORT_WARNING_INTERVAL_S: a collector that is down would
+        otherwise write a line a second; the metrics count every batch."""
+        now = monotonic()
+        if self._warned_at is not None and now - self._warned_at < EXPORT_WARNING_INTERVAL_S:
+            self._unwarned += 1
+            return
+        if self._unwarned:
+            message += " (and %d more failures since the last warning)" % self._unwarned
+        self._warned_at, self._unwarned = now, 0
+        logging.getLogger("ambassador").warning("%s", message)
 
     def _post(self, body):
         sock = socket.create_connection((self._host, self._port), SPAN_EXPORT_TIMEOUT_S)
@@ -3230,9 +3333,17 @@ class SpanExporter:
                     "User-Agent: ambassador/%s" % __version__, "Connection: close"]
             head += ["%s: %s" % h for h in self.config.headers]
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-            line = SocketReader(sock).read_head(65536, monotonic() + SPAN_EXPORT_TIMEOUT_S)
+            reader = SocketReader(sock)
+            line = reader.read_head(65536, monotonic() + SPAN_EXPORT_TIMEOUT_S)
             parts = line.split(b"\r\n", 1)[0].split(b" ")
-            return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            reply = reader.buf
+            if not reply and not 200 <= status < 300:
+                try:                    # the start of the collector's reason, for the log
+                    reply = sock.recv(256)
+                except OSError:
+                    pass
+            return status, reply
         finally:
             sock.close()
 
@@ -3852,6 +3963,33 @@ def release_freed_memory():
         pass
 
 
+def interpreter_options(flags=sys.flags, xoptions=None, warnoptions=None, unbuffered=None):
+    """The interpreter options this process was started with, as a command line: -I -S -E -s
+    -P -B -O -b -d -v -q -u, every -X and every -W.  Rebuilt from sys.flags rather than taken
+    from sys.orig_argv, which only 3.10+ has."""
+    xoptions = getattr(sys, "_xoptions", {}) if xoptions is None else xoptions
+    warnoptions = sys.warnoptions if warnoptions is None else warnoptions
+    if unbuffered is None:          # -u leaves stdout without a buffer (no sys.flags field)
+        unbuffered = type(getattr(sys.stdout, "buffer", None)).__name__ == "FileIO"
+    options = []
+    for flag, letter in (("isolated", "I"), ("ignore_environment", "E"), ("no_user_site", "s"),
+                         ("no_site", "S"), ("safe_path", "P"), ("dont_write_bytecode", "B"),
+                         ("quiet", "q")):
+        if getattr(flags, flag, 0):
+            options.append("-" + letter)
+    for flag, letter in (("optimize", "O"), ("bytes_warning", "b"), ("debug", "d"),
+                         ("verbose", "v")):
+        if getattr(flags, flag, 0):
+            options.append("-" + letter * int(getattr(flags, flag)))
+    if unbuffered:
+        options.append("-u")
+    for key, value in xoptions.items():
+        options += ["-X", key if value is True else "%s=%s" % (key, value)]
+    for option in warnoptions:
+        options += ["-W", option]
+    return options
+
+
 def run_script():
     """`python ambassador.py ...`: main(), from code compiled without keeping the syntax tree.
 
@@ -3859,16 +3997,22 @@ def run_script():
     for the life of the process (measured with 3.11: idle RSS 28 -> 20 MB).  So the script
     executes the interpreter once more on this file as a module named __main__: the import
     system's compile drops the tree at once, and reuses __pycache__ where it may write one.
-    AMBASSADOR_REEXEC marks the second run.  Where exec is not possible, main() runs here."""
+    AMBASSADOR_REEXEC marks the second run.  Where exec is not possible, main() runs here.
+
+    The second process is the interpreter the user started: the same options (-I, -S, -E, -X,
+    -W...) and exactly this process's module path, set before its first import.  `python -c`
+    alone would put the working directory first on the path, where a json.py or select.py
+    left beside the app would replace the standard library's."""
     path = os.path.abspath(__file__)
     if os.environ.get("AMBASSADOR_REEXEC") != "1" and sys.executable and hasattr(os, "execve"):
-        code = ("import importlib.util as u, sys; sys.argv[0] = %r; "
+        code = ("import sys; sys.path[:] = %r; sys.argv[0] = %r; import importlib.util as u; "
                 "s = u.spec_from_file_location('__main__', %r); m = u.module_from_spec(s); "
-                "sys.modules['__main__'] = m; s.loader.exec_module(m)" % (sys.argv[0], path))
+                "sys.modules['__main__'] = m; s.loader.exec_module(m)"
+                % (list(sys.path), sys.argv[0], path))
         try:
             sys.stdout.flush()
-            os.execve(sys.executable, [sys.executable, "-c", code] + sys.argv[1:],
-                      dict(os.environ, AMBASSADOR_REEXEC="1"))
+            os.execve(sys.executable, [sys.executable] + interpreter_options() +
+                      ["-c", code] + sys.argv[1:], dict(os.environ, AMBASSADOR_REEXEC="1"))
         except OSError:
             pass
     return main()

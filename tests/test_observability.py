@@ -20,12 +20,113 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
 
 
+# ------------------------------------------------------------------------------ OTLP/JSON schema
+# The field types of opentelemetry-proto's trace.proto under the OTLP/JSON mapping: ids as hex,
+# 64-bit integers as decimal strings, enums as integers, AnyValue with exactly one member of its
+# proper kind.  Unknown fields are refused, as a strict collector does.
+
+def _check(cond, where, what):
+    if not cond:
+        raise ValueError("%s: %s" % (where, what))
+
+
+def _fields(obj, where, allowed, required=()):
+    _check(isinstance(obj, dict), where, "expected an object")
+    _check(not set(obj) - set(allowed), where, "unknown fields %s" % sorted(set(obj) - set(allowed)))
+    for key in required:
+        _check(key in obj, where, "missing %s" % key)
+
+
+def _hex(value, n, where):
+    _check(isinstance(value, str) and re.match("^[0-9a-f]{%d}$" % n, value) is not None
+           and value.strip("0"), where, "expected %d lowercase hex digits, got %r" % (n, value))
+
+
+def _uint64(value, where):
+    _check(isinstance(value, str) and value.isdigit(), where,
+           "expected a decimal string, got %r" % (value,))
+
+
+def check_any_value(v, where):
+    _check(isinstance(v, dict) and len(v) == 1, where, "AnyValue needs exactly one member: %r" % v)
+    (kind, value), = v.items()
+    if kind == "stringValue":
+        _check(isinstance(value, str), where, "stringValue must be a string, got %r" % (value,))
+    elif kind == "boolValue":
+        _check(isinstance(value, bool), where, "boolValue must be true/false")
+    elif kind == "intValue":
+        _check(isinstance(value, str) and re.match(r"^-?\d+$", value), where,
+               "intValue must be a decimal string, got %r" % (value,))
+    elif kind == "doubleValue":
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), where,
+               "doubleValue must be a number, got %r" % (value,))
+    elif kind == "arrayValue":
+        for i, item in enumerate(value.get("values", [])):
+            check_any_value(item, "%s[%d]" % (where, i))
+    elif kind == "kvlistValue":
+        check_attributes(value.get("values", []), where)
+    else:
+        _check(kind == "bytesValue" and isinstance(value, str), where, "unknown kind %s" % kind)
+
+
+def check_attributes(attributes, where):
+    _check(isinstance(attributes, list), where, "attributes must be an array")
+    for i, kv in enumerate(attributes):
+        _fields(kv, "%s[%d]" % (where, i), ("key", "value"), ("key", "value"))
+        _check(isinstance(kv["key"], str) and kv["key"], where, "key must be a string")
+        check_any_value(kv["value"], "%s.%s" % (where, kv["key"]))
+
+
+def check_otlp(doc):
+    """Raise ValueError naming the first field whose type breaks the OTLP/JSON mapping."""
+    _fields(doc, "$", ("resourceSpans",), ("resourceSpans",))
+    for r, rs in enumerate(doc["resourceSpans"]):
+        where = "resourceSpans[%d]" % r
+        _fields(rs, where, ("resource", "scopeSpans", "schemaUrl"))
+        _fields(rs.get("resource", {}), where + ".resource", ("attributes",
+                                                              "droppedAttributesCount"))
+        check_attributes(rs.get("resource", {}).get("attributes", []), where + ".resource")
+        for s_, ss in enumerate(rs.get("scopeSpans", [])):
+            w = "%s.scopeSpans[%d]" % (where, s_)
+            _fields(ss, w, ("scope", "spans", "schemaUrl"))
+            _fields(ss.get("scope", {}), w + ".scope", ("name", "version", "attributes"))
+            for i, span in enumerate(ss.get("spans", [])):
+                ws = "%s.spans[%d]" % (w, i)
+                _fields(span, ws, ("traceId", "spanId", "parentSpanId", "traceState", "name",
+                                   "kind", "startTimeUnixNano", "endTimeUnixNano", "attributes",
+                                   "events", "links", "status", "flags"),
+                        ("traceId", "spanId", "name", "startTimeUnixNano", "endTimeUnixNano"))
+                _hex(span["traceId"], 32, ws + ".traceId")
+                _hex(span["spanId"], 16, ws + ".spanId")
+                if span.get("parentSpanId"):
+                    _hex(span["parentSpanId"], 16, ws + ".parentSpanId")
+                _check(isinstance(span["name"], str), ws, "name must be a string")
+                _check(span.get("kind", 0) in range(6), ws, "kind must be an enum integer")
+                _uint64(span["startTimeUnixNano"], ws + ".startTimeUnixNano")
+                _uint64(span["endTimeUnixNano"], ws + ".endTimeUnixNano")
+                check_attributes(span.get("attributes", []), ws + ".attributes")
+                for j, event in enumerate(span.get("events", [])):
+                    we = "%s.events[%d]" % (ws, j)
+                    _fields(event, we, ("timeUnixNano", "name", "attributes"),
+                            ("timeUnixNano", "name"))
+                    _uint64(event["timeUnixNano"], we + ".timeUnixNano")
+                    check_attributes(event.get("attributes", []), we + ".attributes")
+                if "status" in span:
+                    _fields(span["status"], ws + ".status", ("code", "message"))
+                    _check(span["status"].get("code", 0) in (0, 1, 2), ws, "status.code enum")
+                    _check(isinstance(span["status"].get("message", ""), str), ws,
+                           "status.message must be a string")
+
+
 class Collector:
-    """An OTLP/HTTP JSON collector on 127.0.0.1: mode ok (200), fail (500) or hang."""
+    """An OTLP/HTTP JSON collector on 127.0.0.1: mode ok (200), fail (500) or hang.  In ok mode
+    it is strict: a body that breaks the OTLP/JSON field types gets 400 and is kept in
+    `invalid`, and the whole batch is lost, as with a real collector."""
 
     def __init__(self, mode="ok"):
         self.mode = mode
         self.spans, self.resources, self.release = [], [], threading.Event()
+        self.invalid = []
         self.server = Upstream(self.behave)
         self.url = "http://%s/v1/traces" % self.server.address
 
@@ -37,6 +138,12 @@ class Collector:
             respond(sock, 500, b"no")
             return
         doc = json.loads(req.body)
+        try:
+            check_otlp(doc)
+        except ValueError as e:
+            self.invalid.append(str(e))
+            respond(sock, 400, ('{"code":3,"message":"%s"}' % e).encode())
+            return
         for rs in doc["resourceSpans"]:
             self.resources.append(rs["resource"])
             for ss in rs["scopeSpans"]:
@@ -56,6 +163,7 @@ def collector():
     c = Collector()
     yield c
     c.stop()
+    assert c.invalid == []                 # every body exported in the test was valid OTLP
 
 
 def traced(endpoints, collector, ratio=1.0, **listener):
@@ -305,3 +413,47 @@ def test_every_metric_family_passes_the_strict_parser_from_the_start(ambassador,
     assert buckets[0] == "0.0005" and buckets[-2] == "10.0" and buckets[-1] == "+Inf"
     request(amb.port())
     parse_exposition(amb.admin("/metrics")[1])
+
+
+def test_every_exported_body_keeps_the_otlp_json_field_types(ambassador, upstream_factory,
+                                                              collector):
+    calls = []
+
+    def flaky(req, sock):
+        calls.append(1)
+        respond(sock, 503 if len(calls) % 2 else 200, b"x")
+    up = upstream_factory(flaky)
+    config = traced([up.address], collector)
+    config["listeners"]["app"]["retry"] = {"attempts": 2, "retry_on": ["5xx"],
+                                           "backoff_base": "10ms"}
+    amb = ambassador(config)
+    for _ in range(5):                                   # each retried once: backoff events
+        assert request(amb.port(), "GET", "/pay?x=1")[0] == 200
+    spans = collector.wait_spans(5)
+    assert collector.invalid == []
+    backoff = [e for s in spans for e in s["events"] if e["name"] == "backoff"]
+    assert backoff and all("doubleValue" in a["value"] for e in backoff for a in e["attributes"])
+    assert all(isinstance(a["value"]["intValue"], str) for s in spans for a in s["attributes"]
+               if "intValue" in a["value"])
+
+
+def test_a_rejected_export_is_logged_once_a_minute_with_the_collectors_reply(ambassador,
+                                                                             upstream):
+    strict = Collector()
+    strict.mode = "reject"
+
+    def reject(req, sock):
+        respond(sock, 400, b'{"code":3,"message":"invalid span"}')
+    strict.server.behaviour = reject
+    try:
+        amb = ambassador(traced([upstream.address], strict))
+        for _ in range(3):
+            request(amb.port())
+            time.sleep(1.2)                             # three batches, three rejections
+        wait_for(lambda: re.search(r'ambassador_spans_dropped_total\{reason="rejected"\} 3',
+                                   amb.admin("/metrics")[1]), 10, "three rejected batches")
+        lines = [l for l in amb.stderr().splitlines() if "span export" in l]
+        assert len(lines) == 1, lines                   # at most once a minute
+        assert "WARNING" in lines[0] and "400" in lines[0] and "invalid span" in lines[0]
+    finally:
+        strict.stop()
