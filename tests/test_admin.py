@@ -2,13 +2,14 @@
 
 import json
 import re
+import socket
 import signal
 import subprocess
 import sys
 import threading
 import time
 
-from conftest import AMBASSADOR, ROOT, base_config, free_port, raw, request, wait_for
+from conftest import AMBASSADOR, ROOT, base_config, free_port, metric, raw, request, wait_for
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
@@ -148,8 +149,8 @@ def test_access_log_text_format_and_error_tag(ambassador, tmp_path):
     request(amb.port(), "GET", "/down", headers={"X-Request-Id": "r-2"})
     line = wait_for(lambda: log.exists() and log.read_text(), 5, "a log line")
     # 3 tries: the default retry policy (Istio's) retries a connect failure twice
-    assert re.match(r'^\[\S+Z\] "GET /down" 502 connect-failure 0 0 [\d.]+ 3 "r-2" "app" '
-                    r'"127\.0\.0\.1:\d+"\n$', line), line
+    assert re.match(r'^\[\S+Z\] "GET /down" 502 connect-failure 0 [1-9]\d* [\d.]+ 3 "r-2" "app" '
+                    r'"127\.0\.0\.1:\d+"\n$', line), line        # bytes_out: our reply's body
 
 
 def test_sigterm_drains_a_request_in_flight_and_exits_0(ambassador, upstream_factory):
@@ -227,3 +228,78 @@ def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
     assert proc.returncode == 0
+
+
+def test_the_text_access_log_cannot_be_forged(ambassador, upstream, tmp_path):
+    log = tmp_path / "access.log"
+    config = base_config([upstream.address], access=str(log))
+    config["log"]["format"] = "text"
+    amb = ambassador(config)
+    forged = b'" 200 - 0 0 1 1 "x" "app" "up"\xc2\x9b31m'
+    reply = raw(amb.port(), b'GET /a"b\\c HTTP/1.1\r\nHost: a\r\nX-Request-Id: r' + forged +
+                b"\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    line = wait_for(lambda: log.exists() and log.read_text(), 5, "a log line")
+    assert line.count("\n") == 1
+    assert '"GET /a\\x22b\\x5cc"' in line
+    assert '"r\\x22 200 - 0 0 1 1 \\x22x\\x22 \\x22app\\x22 \\x22up\\x22\\xc2\\x9b31m"' in line
+    assert line.count('"') == 8                     # the format's own quotes, no planted ones
+
+
+def test_every_answer_ambassador_gives_is_logged_and_counted(ambassador, upstream, tmp_path):
+    log = tmp_path / "access.log"
+    amb = ambassador([upstream.address], access=str(log), header_timeout="300ms",
+                     max_header_bytes=1024, max_connections=2)
+    assert raw(amb.port(), b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n").startswith(b"HTTP/1.1 414")
+    assert raw(amb.port(), b"GET / HTTP/1.1\r\nX: " + b"a" * 2000).startswith(b"HTTP/1.1 431")
+    assert raw(amb.port(), b"GET / HTTP/1.1\r\n").startswith(b"HTTP/1.1 408")
+    held = [socket.create_connection(("127.0.0.1", amb.port())) for _ in range(2)]
+    try:
+        for s in held:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            s.recv(65536)
+        assert raw(amb.port(), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").startswith(b"HTTP/1.1 503")
+    finally:
+        for s in held:
+            s.close()
+    lines = wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 6 and
+                     [json.loads(l) for l in log.read_text().splitlines()], 10, "6 log lines")
+    mine = [(l["status"], l["error"]) for l in lines if l["error"]]
+    assert sorted(mine) == [(408, "request-timeout"), (414, "bad-request"),
+                            (431, "bad-request"), (503, "overflow")], lines
+    assert all(l["bytes_out"] > 0 for l in lines)
+    assert [l["duration_ms"] for l in lines if l["status"] == 408][0] >= 250
+    for code in ("408", "414", "431", "503"):
+        assert metric(amb, "ambassador_requests_total", listener="app", cluster="svc",
+                      code=code) == 1
+    assert metric(amb, "ambassador_request_duration_seconds_count", listener="app",
+                  cluster="svc") == 6
+
+
+def test_requests_still_in_flight_when_the_drain_runs_out_are_answered_and_logged(
+        ambassador, upstream_factory, tmp_path):
+    arrived = threading.Event()
+
+    def hang(req, sock):
+        arrived.set()
+        time.sleep(8)
+        return "close"
+    up = upstream_factory(hang)
+    log = tmp_path / "access.log"
+    config = base_config([up.address], access=str(log))
+    config["shutdown"]["drain_timeout"] = "1s"
+    amb = ambassador(config)
+    result = {}
+
+    def call():
+        result["reply"] = request(amb.port(), timeout=10)
+    t = threading.Thread(target=call)
+    t.start()
+    assert arrived.wait(5)
+    amb.terminate(signal.SIGTERM)
+    t.join(10)
+    status, headers, _ = result["reply"]
+    assert status == 503 and headers["x-ambassador-error"] == "drain-timeout"
+    assert amb.wait(15) == 0
+    line, = [json.loads(l) for l in log.read_text().splitlines()]
+    assert (line["status"], line["error"]) == (503, "drain-timeout")

@@ -180,3 +180,80 @@ def test_static_name_that_does_not_resolve_exits_1(tmp_path):
     assert code == 1
     assert err.startswith("ambassador: cluster payment: cannot resolve no-such-host.invalid: ")
     assert len(err.strip().splitlines()) == 1
+
+
+def parse(extra_listener="", extra_cluster="", top=""):
+    import ambassador
+    text = top + """
+[listeners.app]
+listen = 9000
+cluster = "svc"
+%s
+[clusters.svc]
+endpoints = ["127.0.0.1:80"]
+%s
+""" % (extra_listener, extra_cluster)
+    return ambassador.parse_config(ambassador.parse_toml(text), "t.toml")
+
+
+TOO_LONG = [
+    ("timeout = \"10000000000s\"", "", "listeners.app.timeout"),
+    ("timeout = \"25h\"", "", "listeners.app.timeout"),
+    ("header_timeout = \"2d\"", "", "listeners.app.header_timeout"),
+    ("header_timeout = 90000", "", "listeners.app.header_timeout"),
+    ("idle_timeout = \"9000h\"", "", "listeners.app.idle_timeout"),
+    ("timeout = \"0s\"", "", "listeners.app.timeout"),
+    ("idle_timeout = \"0s\"", "", "listeners.app.idle_timeout"),
+    ("[listeners.app.retry]\nper_try_timeout = \"86401s\"", "",
+     "listeners.app.retry.per_try_timeout"),
+    ("[listeners.app.retry]\nbackoff_max = \"1e12s\"", "", "listeners.app.retry.backoff_max"),
+    ("", "connect_timeout = \"1e10s\"", "clusters.svc.connect_timeout"),
+    ("", "dns_refresh = \"9000h\"", "clusters.svc.dns_refresh"),
+    ("", "[clusters.svc.health_check]\ninterval = \"1e10s\"", "clusters.svc.health_check.interval"),
+    ("", "[clusters.svc.health_check]\ntimeout = \"25h\"", "clusters.svc.health_check.timeout"),
+    ("", "[clusters.svc.outlier_detection]\nmax_ejection_time = \"1e10s\"",
+     "clusters.svc.outlier_detection.max_ejection_time"),
+    ("", "[clusters.svc.circuit_breaker]\nopen_timeout = \"1e10s\"",
+     "clusters.svc.circuit_breaker.open_timeout"),
+]
+
+
+@pytest.mark.parametrize("listener, cluster, key", TOO_LONG)
+def test_every_duration_has_a_bound_reported_with_its_key_path(listener, cluster, key):
+    import ambassador
+    with pytest.raises(ambassador.ConfigError) as e:
+        parse(listener, cluster)
+    assert any(p.startswith(key + ": expected a duration") for p in e.value.problems), \
+        e.value.problems
+
+
+@pytest.mark.parametrize("listener, cluster, top", [
+    ("timeout = \"24h\"\nidle_timeout = \"8760h\"", "", ""),
+    ("[listeners.app.retry]\nbackoff_base = \"0s\"\nbackoff_max = \"0s\"", "", ""),
+    ("", "", "[shutdown]\ndrain_timeout = \"0s\"\n"),
+    ("", "[clusters.svc.outlier_detection]\nmax_ejection_time = \"8760h\"", ""),
+])
+def test_durations_at_their_bounds_are_accepted(listener, cluster, top):
+    parse(listener, cluster, top)
+
+
+def test_a_huge_duration_fails_check_with_exit_2(tmp_path):
+    code, out, err = run(["-c", write(tmp_path, good('timeout = "9300000000s"')), "--check"])
+    assert code == 2
+    assert "listeners.payment.timeout: expected a duration > 0 and at most a day" in err
+
+
+@pytest.mark.parametrize("path, why", [
+    ("/nonexistent-dir/access.log", "no such directory"),
+    ("/", "is a directory"),
+])
+def test_check_reports_an_access_log_that_cannot_be_opened(tmp_path, path, why):
+    code, out, err = run(["-c", write(tmp_path, good() + '\n[log]\naccess = "%s"\n' % path),
+                          "--check"])
+    assert code == 2
+    assert "log.access: " in err and why in err
+    import ambassador
+    ok = str(tmp_path / "new.log")
+    assert ambassador.parse_config(ambassador.parse_toml(
+        good() + '\n[log]\naccess = "%s"\n' % ok)).log.access == ok
+    assert not os.path.exists(ok)                   # checked, not created

@@ -558,3 +558,39 @@ def test_an_early_413_during_a_large_upload_reaches_the_app(ambassador, upstream
     r.read()
     assert r.status == 413
     assert up.count("POST") == 1
+
+
+def test_a_connection_that_never_speaks_is_closed_at_header_timeout(ambassador, upstream):
+    amb = ambassador([upstream.address], header_timeout="500ms", idle_timeout="60s",
+                     max_connections=4)
+    silent = [socket.create_connection(("127.0.0.1", amb.port()), timeout=10) for _ in range(4)]
+    try:
+        start = time.monotonic()
+        for s in silent:
+            assert s.recv(1) == b""                       # closed, without a reply
+        assert time.monotonic() - start < 3
+        assert request(amb.port())[0] == 200              # the slots are free again
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_a_try_lost_with_a_stale_pooled_connection_is_counted(ambassador, upstream_factory):
+    def answer(req, sock):
+        if req.nth == 2:
+            return "close"                  # reads the second request, closes unanswered
+        respond(sock, 200, b"ok")
+    up = upstream_factory(answer)
+    amb = ambassador([up.address])
+    conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=5)
+    conn.request("GET", "/a")
+    conn.getresponse().read()
+    conn.request("GET", "/b")
+    r = conn.getresponse()
+    assert r.status == 200 and r.read() == b"ok"
+    assert r.getheader("x-ambassador-attempts") == "2"
+    conn.close()
+    text = amb.admin("/metrics")[1]
+    assert 'ambassador_upstream_attempts_total{cluster="svc",result="reset"} 1' in text
+    assert 'ambassador_upstream_attempts_total{cluster="svc",result="ok"} 2' in text
+    assert 'ambassador_retries_total{listener="app",cluster="svc"} 0' in text

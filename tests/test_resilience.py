@@ -474,3 +474,12 @@ def test_retry_budget_stops_a_retry_storm(ambassador, upstream_factory):
                   result="5xx") == tries
     assert metric(amb, "ambassador_retries_total", listener="app", cluster="svc") == \
         tries - requests
+
+
+@pytest.mark.parametrize("table, admitted", [({}, 500), ({"max_retries": 3}, 3),
+                                             ({"max_retries": 0}, 0)])
+def test_the_retry_budget_governs_unless_max_retries_is_given(table, admitted):
+    import ambassador
+    cb = ambassador.CircuitBreakerConfig(**table)
+    limits = ambassador.ResourceLimits(cb)
+    assert sum(limits.try_begin("retries") for _ in range(500)) == admitted
