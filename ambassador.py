@@ -3645,6 +3645,8 @@ class Telemetry:
                                     lambda reason, n: self.spans_dropped.inc((reason,), n))
             self.tracer = Tracer(config, exporter)
             exporter.start()
+            self.log.info("tracing: spans of service %s go to %s", config.service_name,
+                          config.otlp_endpoint)
 
     def tls_error(self, side, name, reason):
         self.tls_errors.inc((side, name, reason))
@@ -3739,7 +3741,8 @@ class Telemetry:
 
 class SmallHTTPServer(socketserver.TCPServer):
     """A tiny HTTP server for the admin port and the demo services: one request per connection,
-    a body by Content-Length, answered by route(method, path, body) -> (status, type, bytes).
+    a body by Content-Length, answered by route(method, path, body, headers) -> (status, type,
+    bytes), headers a dict with lower-case names.
 
     Not http.server: off the data path either way, and its email-based parsing costs some 6 MB of
     imports, a quarter of Ambassador's idle memory.  Thread-safe if route() is."""
@@ -3764,13 +3767,17 @@ class SmallHTTPServer(socketserver.TCPServer):
             lines = head.split(b"\r\n")
             method, target = (lines[0].split(b" ") + [b"", b""])[:2]
             length = 0
+            headers = {}
             for line in lines[1:]:
                 name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
+                name = name.strip().lower().decode("latin-1")
+                headers[name] = value.strip().decode("latin-1")
+                if name == "content-length":
                     length = min(int(value), 1 << 20)
             body = b"".join(iter_length(reader, length))
             status, content_type, payload = self.route(
-                method.decode("latin-1"), target.decode("latin-1").split("?", 1)[0], body)
+                method.decode("latin-1"), target.decode("latin-1").split("?", 1)[0], body,
+                headers)
             sock.settimeout(10)
             sock.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                          b"Connection: close\r\n\r\n%s" % (
@@ -3795,7 +3802,7 @@ class Admin:
     def __init__(self, app):
         self.app = app
 
-    def route(self, method, path, body):
+    def route(self, method, path, body, headers=None):
         app = self.app
         if method == "POST":
             if path != "/quitquitquit":
@@ -4005,28 +4012,32 @@ endpoints = ["inventory-service:8080"]
 
 
 class DemoService:
-    """The demo's stand-in for a remote service: `inventory` always answers, `payment` answers
-    503 to every third charge and 500 to everything on /outage, so that what Ambassador does
-    about failures (retries, the circuit breaker) can be seen."""
+    """The demo's stand-in for a remote service: `inventory` always answers; `payment`'s
+    gateway is busy on the first try of every charge (503, "try again") and answers 500 to
+    everything on /outage; its GET shows how many charges reached it.  So the demo shows the
+    same thing every time: a plain POST comes back 503 having reached payment once, the same
+    POST with an Idempotency-Key succeeds on a retry, and an outage opens the breaker."""
 
     def __init__(self, kind):
         self.kind = kind
         self._lock = threading.Lock()     # guards _charges
         self._charges = 0
 
-    def route(self, method, path, body):
+    def route(self, method, path, body, headers):
         if method == "GET" and self.kind == "inventory":
             return self.answer(200, {"service": "inventory", "items": [
                 {"sku": "A-100", "name": "widget", "in_stock": 12},
                 {"sku": "B-200", "name": "gadget", "in_stock": 0}]})
         if method == "GET":
-            return self.answer(200, {"service": self.kind, "status": "up"})
+            with self._lock:
+                charges = self._charges
+            return self.answer(200, {"service": self.kind, "status": "up",
+                                     "charges_received": charges})
         if path == "/outage":
             return self.answer(500, {"service": self.kind, "error": "down for good"})
         with self._lock:
             self._charges += 1
-            failing = self.kind == "payment" and self._charges % 3 == 0
-        if failing:
+        if self.kind == "payment" and headers.get("x-ambassador-attempt", "1") == "1":
             return self.answer(503, {"service": "payment", "error": "gateway busy, try again"})
         return self.answer(200, {"service": self.kind, "status": "charged"})
 
@@ -4054,12 +4065,13 @@ def start_demo(config):
                                             else l.listen[0], l.listen[1]))
         if l.cluster == "payment":
             print("  curl -si -X POST %s/charge -d '{\"amount\": 42}'\n"
-                  "      # payment fails every third charge: that 503 comes back, a POST is never"
-                  " sent twice" % url)
+                  "      # payment is busy on every first try: 503 comes back, and the POST was"
+                  " not sent twice\n  curl -s %s/\n"
+                  "      # payment counts the charges that reached it: one per POST" % (url, url))
             print("  curl -si -X POST %s/charge -H 'Idempotency-Key: order-42' "
                   "-d '{\"amount\": 42}'\n"
-                  "      # safe to send again: a retry absorbs the failure "
-                  "(x-ambassador-attempts: 2)" % url)
+                  "      # safe to send again: a retry absorbs the failure, 200 with "
+                  "x-ambassador-attempts: 2" % url)
             print("  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%%{http_code} ' "
                   "-X POST %s/outage; done; echo\n"
                   "      # an outage: after 5 failures in a row the circuit opens, calls get a fast"

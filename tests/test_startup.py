@@ -111,3 +111,13 @@ def test_interpreter_options_rebuild_the_command_line(flags, xoptions, warnoptio
     assert sorted(got) == sorted(expected)
     if "-X" in expected:                      # pairs stay pairs
         assert got[got.index("-X") + 1] in ("dev", "int_max_str_digits=900")
+
+
+def test_the_readmes_test_command_is_what_ci_runs():
+    root = os.path.dirname(AMBASSADOR)
+    with open(os.path.join(root, "README.md")) as f:
+        head = f.read().split("```")[1]
+    command = [l.split("#")[0].strip() for l in head.splitlines() if "test" in l][0]
+    assert command == "python3 tests/run.py"
+    with open(os.path.join(root, ".ci", "run")) as f:
+        assert any(l.split("#")[0].strip() == command for l in f)
