@@ -92,6 +92,7 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_HEADER_BYTES = 65536
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_MIN_DRAIN_S = 5.0                     # Istio's minimum drain: the app may still call
 # Without a [retry] table: Istio's default policy.
 DEFAULT_RETRY_ATTEMPTS = 2
 DEFAULT_RETRY_ON = ("connect-failure", "retriable-status-codes")
@@ -485,6 +486,8 @@ def certificate_sans(cert):
 
 class AdminConfig(NamedTuple):
     listen: Tuple[str, int] = parse_address(DEFAULT_ADMIN_LISTEN)
+    # GET /ready /live /started /metrics only, for the kubelet and Prometheus from outside
+    probe_listen: Optional[Tuple[str, int]] = None
 
 
 class LogConfig(NamedTuple):
@@ -495,6 +498,7 @@ class LogConfig(NamedTuple):
 
 class ShutdownConfig(NamedTuple):
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
+    min_drain: float = DEFAULT_MIN_DRAIN_S
 
 
 class RetryConfig(NamedTuple):
@@ -768,11 +772,13 @@ def _kind_path(value):
 # Each table's keys: name -> (kind, default); REQUIRED marks keys without a default.  Keys that a
 # later issue implements are listed in _NOT_YET so that the format stays designed once.
 REQUIRED = object()
-_ADMIN_KEYS = {"listen": (_kind_listen, AdminConfig().listen)}
+_ADMIN_KEYS = {"listen": (_kind_listen, AdminConfig().listen),
+               "probe_listen": (_kind_listen, None)}
 _LOG_KEYS = {"access": (_kind_log_target, "-"),
              "format": (_kind_one_of("json", "text"), "json"),
              "level": (_kind_one_of("debug", "info", "warning", "error"), "info")}
-_SHUTDOWN_KEYS = {"drain_timeout": (_kind_delay, DEFAULT_DRAIN_TIMEOUT_S)}
+_SHUTDOWN_KEYS = {"drain_timeout": (_kind_delay, DEFAULT_DRAIN_TIMEOUT_S),
+                  "min_drain": (_kind_delay, DEFAULT_MIN_DRAIN_S)}
 _LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
                   "cluster": (_kind_string, REQUIRED),
                   "protocol": (_kind_one_of("http"), "http"),
@@ -929,6 +935,13 @@ def parse_config(raw, path="<config>"):
     ports = {}
     if admin.listen[1]:
         ports[admin.listen[1]] = "admin.listen"
+    if admin.probe_listen and admin.probe_listen[1]:
+        if admin.probe_listen[1] in ports:
+            v.problem("admin.probe_listen", "port %d is already used by admin.listen"
+                      % admin.probe_listen[1])
+        ports[admin.probe_listen[1]] = "admin.probe_listen"
+    if shutdown.min_drain > shutdown.drain_timeout:
+        v.problem("shutdown.min_drain", "must be <= drain_timeout (%gs)" % shutdown.drain_timeout)
     for name, table in raw_listeners.items():
         where = "listeners.%s" % name
         values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"], _LISTENER_TABLES)
@@ -999,8 +1012,8 @@ def config_as_json(config):
         for key, value in r._asdict().items():
             if key == "name":
                 continue
-            if key == "listen":
-                value = format_address(value)
+            if key in ("listen", "probe_listen"):
+                value = format_address(value) if value else None
             elif key == "endpoints":
                 value = [{"address": format_address(e.address), "weight": e.weight}
                          for e in value]
@@ -1869,7 +1882,7 @@ def relay_response(req, resp, conn, downstream, listener):
         send(b"0\r\n\r\n")
     if not upstream_done:
         conn.release(resp.keep_alive)
-    return keep and not listener.draining.is_set()
+    return keep     # as the head said: an app may send its next request the moment it reads it
 
 
 def error_reply(status, tag, detail, request_id, keep_alive, attempts=0):
@@ -3127,6 +3140,11 @@ class AccessLog:
     def start(self):
         self._thread.start()
 
+    @property
+    def thread(self):
+        """The writer thread: it must run while Ambassador serves (GET /live)."""
+        return self._thread
+
     def request_reopen(self):
         """Reopen the file at its path before the next write (SIGUSR1, for logrotate)."""
         self._reopen = self._owned
@@ -3794,6 +3812,8 @@ class Admin:
     INDEX = ("Ambassador admin\n"
              "GET  /metrics        Prometheus text format\n"
              "GET  /ready          200 when serving, 503 while starting or draining\n"
+             "GET  /live           200 while the threads that must run are running\n"
+             "GET  /started        200 once the config is loaded and every listener bound\n"
              "GET  /clusters       clusters and their endpoints, JSON\n"
              "GET  /config         the effective config, defaults filled in, JSON\n"
              "POST /quitquitquit   graceful exit, as on SIGTERM\n")
@@ -3815,9 +3835,8 @@ class Admin:
             return 200, self.TEXT, self.INDEX.encode()
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", app.telemetry.metrics.render().encode()
-        if path == "/ready":
-            ready = app.is_ready()
-            return (200, self.TEXT, b"ready\n") if ready else (503, self.TEXT, b"draining\n")
+        if path in self.PROBES:
+            return self.probe(path)
         if path == "/clusters":
             return self.json(app.clusters_snapshot())
         if path == "/config":
@@ -3825,6 +3844,33 @@ class Admin:
         if path == "/quitquitquit":
             return 405, self.TEXT, b"use POST\n"
         return 404, self.TEXT, b"not found; GET / lists what is here\n"
+
+    PROBES = ("/ready", "/live", "/started", "/metrics")
+
+    def probe(self, path):
+        app = self.app
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4", app.telemetry.metrics.render().encode()
+        if path == "/ready":
+            if app.is_ready():
+                return 200, self.TEXT, b"ready\n"
+            return 503, self.TEXT, b"draining\n" if app.draining.is_set() else b"starting\n"
+        if path == "/started":
+            return (200, self.TEXT, b"started\n") if app.started.is_set() else \
+                (503, self.TEXT, b"starting\n")
+        dead = app.dead_threads()
+        if dead:
+            return 503, self.TEXT, ("not running: %s\n" % ", ".join(dead)).encode()
+        return 200, self.TEXT, b"live\n"
+
+    def probe_route(self, method, path, body, headers=None):
+        """The probe listener: what the kubelet and Prometheus need from outside the pod, and
+        nothing else -- no config, no clusters, no quit."""
+        if path not in self.PROBES:
+            return 404, self.TEXT, b"not found: this port serves /ready /live /started /metrics\n"
+        if method not in ("GET", "HEAD"):
+            return 405, self.TEXT, b"use GET\n"
+        return self.probe(path)
 
     @staticmethod
     def json(value):
@@ -3861,7 +3907,10 @@ class Ambassador:
         t.register(self.listeners, self.clusters)
         self.servers = []
         self.admin = None
+        self.probe = None                 # the [admin] probe_listen server, when configured
         self._serving = False
+        self.started = threading.Event()  # every listener bound and accepting: /started
+        self._vital = []                  # threads that must run while serving: /live
         self._background_stop = threading.Event()   # ends DNS, health and outlier threads
 
     def load_tls(self):
@@ -3897,11 +3946,18 @@ class Ambassador:
                     raise StartupError("listener %s: cannot listen on %s: %s" % (
                         listener.name, format_address(listener.config.listen),
                         e.strerror or e))
-            try:
-                self.admin = SmallHTTPServer(self.config.admin.listen, Admin(self).route, "admin")
-            except OSError as e:
-                raise StartupError("admin: cannot listen on %s: %s" % (
-                    format_address(self.config.admin.listen), e.strerror or e))
+            admin = Admin(self)
+            for key, route, name in (("listen", admin.route, "admin"),
+                                     ("probe_listen", admin.probe_route, "probe")):
+                address = getattr(self.config.admin, key)
+                if address is None:
+                    continue
+                try:
+                    server = SmallHTTPServer(address, route, name)
+                except OSError as e:
+                    raise StartupError("admin: cannot listen on %s (%s): %s" % (
+                        format_address(address), key, e.strerror or e))
+                setattr(self, "admin" if key == "listen" else "probe", server)
             try:
                 self.telemetry.open_access_log(self.config.log)
             except OSError as e:
@@ -3920,15 +3976,24 @@ class Ambassador:
         for source in self.telemetry.tls_sources:
             threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
                              name="tls-reload:%s" % source.name).start()
-        for server in self.servers:
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                             name="listener:%s" % server.listener.name, daemon=True).start()
-        threading.Thread(target=self.admin.serve_forever, kwargs={"poll_interval": 0.2},
-                         name="admin", daemon=True).start()
+        servers = [(s, "listener:%s" % s.listener.name) for s in self.servers] + \
+            [(s, s.name) for s in (self.admin, self.probe) if s is not None]
+        for server, name in servers:
+            thread = threading.Thread(target=server.serve_forever, name=name, daemon=True,
+                                      kwargs={"poll_interval": 0.2})
+            thread.start()
+            self._vital.append(thread)
+        log = self.telemetry.access_log
+        if log is not None:
+            self._vital.append(log.thread)
+        self.started.set()
         for server in self.servers:
             self.log.info("listener %s on %s -> cluster %s", server.listener.name,
                           format_address(server.server_address[:2]), server.listener.cluster.name)
         self.log.info("admin on %s", format_address(self.admin.server_address[:2]))
+        if self.probe is not None:
+            self.log.info("probes (/ready /live /started /metrics) on %s",
+                          format_address(self.probe.server_address[:2]))
         while not self._stop.wait(0.5):
             pass
         self.drain()
@@ -3942,18 +4007,28 @@ class Ambassador:
         self.draining.set()
         self._stop.set()
 
+    def dead_threads(self):
+        """Names of the threads that must run and do not (listeners, admin, log writer)."""
+        return [t.name for t in self._vital if not t.is_alive()]
+
     def is_ready(self):
         """Bound, not draining, and the first round of every cluster's health checks done."""
         return self.admin is not None and not self.draining.is_set() and \
             all(c.is_ready() for c in self.clusters.values())
 
     def drain(self):
-        """Keep serving while the app may still call out; return when quiet or out of time."""
-        limit = monotonic() + self.config.shutdown.drain_timeout
+        """Keep accepting and serving while the app may still call out: at least min_drain
+        (the app may get SIGTERM at the same moment, or be idle and call later), then until
+        no request is in flight and none came in the last DRAIN_QUIET_S, at most
+        drain_timeout.  Then cut what is still in flight."""
+        began = monotonic()
+        limit = began + self.config.shutdown.drain_timeout
+        earliest = began + self.config.shutdown.min_drain
         while monotonic() < limit:
             quiet = [l.quiet_since() for l in self.listeners]
-            if all(q is not None for q in quiet) and \
-                    monotonic() - max(quiet + [0.0]) >= DRAIN_QUIET_S:
+            now = monotonic()
+            if now >= earliest and all(q is not None for q in quiet) and \
+                    now - max(quiet + [0.0]) >= DRAIN_QUIET_S:
                 return
             time.sleep(0.05)
         self.log.warning("drain_timeout passed with %d request(s) active: cutting them",
@@ -3972,7 +4047,7 @@ class Ambassador:
         # shutdown() waits for serve_forever() to return, so only servers that ran are asked.
         running = self._serving
         self._background_stop.set()
-        for server in self.servers + ([self.admin] if self.admin else []):
+        for server in self.servers + [s for s in (self.admin, self.probe) if s is not None]:
             if running:
                 server.shutdown()
             server.server_close()

@@ -21,6 +21,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMBASSADOR = os.path.join(ROOT, "ambassador.py")
 sys.path.insert(0, ROOT)
+# AMBASSADOR_PYTHON_FLAGS="-I -S": every ambassador.py the tests start runs as it would from a
+# bare interpreter in an old image (no site, no PYTHON* variables, no working directory).
+PYTHON_FLAGS = os.environ.get("AMBASSADOR_PYTHON_FLAGS", "").split()
+
+
+def ambassador_command(*args):
+    """The command line that starts ambassador.py with args."""
+    return [sys.executable] + PYTHON_FLAGS + [AMBASSADOR] + list(args)
 
 
 def free_port():
@@ -273,8 +281,8 @@ class AmbassadorProcess:
         # the tests of the command line and of the demo still go through it.
         env = dict(os.environ, AMBASSADOR_REEXEC="1")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, AMBASSADOR, "-c", self.config_path]
-                                         + list(args), stdout=out, stderr=err, cwd=ROOT, env=env)
+            self.proc = subprocess.Popen(ambassador_command("-c", self.config_path, *args),
+                                         stdout=out, stderr=err, cwd=ROOT, env=env)
 
     def port(self, listener="app"):
         return int(str(self.config["listeners"][listener]["listen"]).rsplit(":", 1)[-1])
@@ -332,7 +340,7 @@ def base_config(endpoints, access="off", **listener):
     config = {
         "admin": {"listen": "127.0.0.1:%d" % free_port()},
         "log": {"access": access, "format": "json", "level": "info"},
-        "shutdown": {"drain_timeout": "10s"},
+        "shutdown": {"drain_timeout": "10s", "min_drain": "0s"},   # tests of the drain set it
         "listeners": {"app": dict({"listen": listen, "cluster": "svc"}, **listener)},
         "clusters": {"svc": {"endpoints": list(endpoints), "connect_timeout": "1s"}},
     }

@@ -5,11 +5,11 @@ import re
 import socket
 import signal
 import subprocess
-import sys
 import threading
 import time
 
-from conftest import AMBASSADOR, ROOT, base_config, free_port, metric, raw, request, wait_for
+from conftest import (ROOT, ambassador_command, base_config, free_port, metric, raw, request,
+                      wait_for)
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
@@ -197,7 +197,7 @@ def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
                       .replace("127.0.0.1:9901", "127.0.0.1:%d" % ports[0])
                       .replace("127.0.0.1:9000", "127.0.0.1:%d" % ports[1])
                       .replace("127.0.0.1:9001", "127.0.0.1:%d" % ports[2]))
-    proc = subprocess.Popen([sys.executable, AMBASSADOR, "--demo", "-c", str(config)],
+    proc = subprocess.Popen(ambassador_command("--demo", "-c", str(config)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         lines = [proc.stdout.readline().decode() for _ in range(13)]

@@ -3,11 +3,10 @@
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
-from conftest import AMBASSADOR, ROOT, free_port
+from conftest import ROOT, ambassador_command, free_port
 
 GOOD = """
 [admin]
@@ -24,7 +23,7 @@ endpoints = [%(endpoints)s]
 
 
 def run(args, timeout=30):
-    p = subprocess.run([sys.executable, AMBASSADOR] + list(args), stdout=subprocess.PIPE,
+    p = subprocess.run(ambassador_command(*args), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, timeout=timeout, cwd=ROOT)
     return p.returncode, p.stdout.decode(), p.stderr.decode()
 
@@ -230,7 +229,7 @@ def test_every_duration_has_a_bound_reported_with_its_key_path(listener, cluster
 @pytest.mark.parametrize("listener, cluster, top", [
     ("timeout = \"24h\"\nidle_timeout = \"8760h\"", "", ""),
     ("[listeners.app.retry]\nbackoff_base = \"0s\"\nbackoff_max = \"0s\"", "", ""),
-    ("", "", "[shutdown]\ndrain_timeout = \"0s\"\n"),
+    ("", "", "[shutdown]\ndrain_timeout = \"0s\"\nmin_drain = \"0s\"\n"),
     ("", "[clusters.svc.outlier_detection]\nmax_ejection_time = \"8760h\"", ""),
 ])
 def test_durations_at_their_bounds_are_accepted(listener, cluster, top):

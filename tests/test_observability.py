@@ -6,14 +6,13 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import (AMBASSADOR, ROOT, Upstream, base_config, free_port, request, respond,
-                      wait_for)
+from conftest import (ROOT, Upstream, ambassador_command, base_config, free_port,
+                      request, respond, wait_for)
 from test_admin import parse_exposition
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -382,7 +381,7 @@ def test_an_unwritable_access_log_is_a_config_error(tmp_path):
     config.write_text('[log]\naccess = "%s/no/such/dir/access.log"\n[listeners.a]\nlisten = %d\n'
                       'cluster = "c"\n[clusters.c]\nendpoints = ["127.0.0.1:1"]\n[admin]\n'
                       'listen = "127.0.0.1:%d"\n' % (tmp_path, free_port(), free_port()))
-    p = subprocess.run([sys.executable, AMBASSADOR, "-c", str(config)], stdout=subprocess.PIPE,
+    p = subprocess.run(ambassador_command("-c", str(config)), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, timeout=30, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.decode().startswith("ambassador: config error: log.access: no such directory")

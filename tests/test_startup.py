@@ -4,7 +4,6 @@ nothing in the working directory or a PYTHON* path reaches the module path."""
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -1,0 +1,100 @@
+"""deploy/ kept true: the ConfigMap carries the shipped config, the manifests' probes, ports and
+grace period fit it, every metric an alert names exists, and the checkers pass (promtool,
+systemd-analyze; validate-k8s runs in .ci/run).  In CI a missing checker fails the test."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import ambassador as amb
+from conftest import ROOT, base_config
+
+DEPLOY = os.path.join(ROOT, "deploy")
+MANIFESTS = ("sidecar.yaml", "sidecar-classic.yaml")
+
+
+def read(*parts):
+    with open(os.path.join(*parts)) as f:
+        return f.read()
+
+
+def configmap_toml():
+    text = read(DEPLOY, "kubernetes", "configmap.yaml")
+    block = text.split("ambassador.toml: |\n", 1)[1]
+    return "".join(l[4:] if l.strip() else "\n" for l in block.splitlines(True))
+
+
+def tool(name):
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("%s is not installed: .ci/run installs it" % name)
+        pytest.skip("%s is not installed here" % name)
+    return path
+
+
+def test_the_configmap_is_the_shipped_config_with_probes_on():
+    shipped = read(ROOT, "ambassador.toml")
+    mapped = configmap_toml()
+    diff = [(a, b) for a, b in zip(shipped.splitlines(), mapped.splitlines()) if a != b]
+    assert len(shipped.splitlines()) == len(mapped.splitlines())
+    assert len(diff) == 1 and diff[0][1].startswith('probe_listen = "0.0.0.0:9902"'), diff
+    config = amb.parse_config(amb.parse_toml(mapped))
+    assert config.admin.probe_listen == ("0.0.0.0", 9902)
+    assert config.admin.listen[0] == "127.0.0.1"          # the admin port stays private
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_the_manifests_fit_the_config(name):
+    text = read(DEPLOY, "kubernetes", name)
+    config = amb.parse_config(amb.parse_toml(configmap_toml()))
+    grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", text).group(1))
+    assert grace >= config.shutdown.drain_timeout + 5
+    assert "containerPort: %d" % config.admin.probe_listen[1] in text
+    assert 'prometheus.io/port: "%d"' % config.admin.probe_listen[1] in text
+    for probe, path in (("startupProbe", "/started"), ("readinessProbe", "/ready"),
+                        ("livenessProbe", "/live")):
+        assert re.search(r"%s:[^\n]*\n\s+httpGet:\s+path: %s\s" % (probe, path), text), probe
+    assert '"python3", "-I", "-S", "/opt/ambassador/ambassador.py"' in text
+    for line in ("runAsNonRoot: true", "readOnlyRootFilesystem: true",
+                 "allowPrivilegeEscalation: false", "readOnly: true"):
+        assert line in text
+    if name == "sidecar.yaml":
+        assert re.search(r"initContainers:\s+- name: ambassador[\s\S]*restartPolicy: Always", text)
+
+
+def test_every_metric_an_alert_names_exists(ambassador, upstream):
+    rules = read(DEPLOY, "prometheus", "alerts.yml")
+    named = set(re.findall(r"\b(ambassador_[a-z_]+)\b", rules))
+    assert len(named) >= 6
+    a = ambassador([upstream.address])
+    families = set(re.findall(r"^# TYPE (\S+) ", a.admin("/metrics")[1], re.M))
+    assert named - families == set()
+
+
+def test_promtool_accepts_the_rules():
+    out = subprocess.run([tool("promtool"), "check", "rules",
+                          os.path.join(DEPLOY, "prometheus", "alerts.yml")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert out.returncode == 0, out.stdout.decode()
+
+
+def test_systemd_accepts_the_unit():
+    unit = os.path.join(DEPLOY, "systemd", "ambassador.service")
+    out = subprocess.run([tool("systemd-analyze"), "verify", unit], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    assert out.returncode == 0, out.stdout.decode()
+    text = read(unit)
+    assert "-I -S /opt/ambassador/ambassador.py" in text
+    stop = int(re.search(r"TimeoutStopSec=(\d+)", text).group(1))
+    assert stop >= amb.ShutdownConfig().drain_timeout + 5
+
+
+def test_the_readme_names_the_dockerfiles_base_image_and_it_runs_as_non_root():
+    dockerfile = read(ROOT, "Dockerfile")
+    image = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    assert "`%s`" % image in read(ROOT, "README.md")
+    assert re.search(r"^USER \d+", dockerfile, re.M)
