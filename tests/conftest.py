@@ -31,10 +31,20 @@ def ambassador_command(*args):
     return [sys.executable] + PYTHON_FLAGS + [AMBASSADOR] + list(args)
 
 
+_HANDED_OUT = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that was free a moment ago and that this test run has not handed out before.
+    Only for what cannot bind port 0 itself (a dead endpoint, a fixed config); Ambassador's
+    own listeners bind port 0 and are read back (AmbassadorProcess)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(predicate, timeout=10.0, what="condition"):
@@ -275,6 +285,7 @@ class AmbassadorProcess:
         with open(self.config_path, "w") as f:
             f.write(toml_dump(config))
         self.admin_port = int(config["admin"]["listen"].rsplit(":", 1)[1])
+        self._ports = {}                 # listener -> the port it bound (port 0 read back)
         self.stdout_path = str(tmp_path / "stdout.txt")
         self.stderr_path = str(tmp_path / "stderr.txt")
         # Skip the start-up re-exec (ambassador.run_script) here: it saves 0.1 s a start, and
@@ -285,10 +296,26 @@ class AmbassadorProcess:
                                          stdout=out, stderr=err, cwd=ROOT, env=env)
 
     def port(self, listener="app"):
-        return int(str(self.config["listeners"][listener]["listen"]).rsplit(":", 1)[-1])
+        configured = int(str(self.config["listeners"][listener]["listen"]).rsplit(":", 1)[-1])
+        return configured or self.bound()[listener]
+
+    def bound(self):
+        """{listener: port} and "admin", from the start log (for listeners on port 0)."""
+        if not self._ports:
+            text = self.stderr()
+            ports = {m.group(1): int(m.group(2)) for m in
+                     re.finditer(r"listener (\S+) on \S+:(\d+) ->", text)}
+            m = re.search(r" admin on \S+:(\d+)$", text, re.M)
+            if m:
+                ports["admin"] = int(m.group(1))
+                self._ports = ports
+        return self._ports
 
     def admin(self, path, method="GET"):
-        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
+        port = self.admin_port or self.bound().get("admin")
+        if port is None:
+            raise ConnectionRefusedError("admin port not bound yet")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             conn.request(method, path)
             r = conn.getresponse()
@@ -336,9 +363,9 @@ class AmbassadorProcess:
 
 
 def base_config(endpoints, access="off", **listener):
-    listen = listener.pop("listen", "127.0.0.1:%d" % free_port())
+    listen = listener.pop("listen", "127.0.0.1:0")           # read back from the start log
     config = {
-        "admin": {"listen": "127.0.0.1:%d" % free_port()},
+        "admin": {"listen": "127.0.0.1:0"},
         "log": {"access": access, "format": "json", "level": "info"},
         "shutdown": {"drain_timeout": "10s", "min_drain": "0s"},   # tests of the drain set it
         "listeners": {"app": dict({"listen": listen, "cluster": "svc"}, **listener)},
@@ -386,11 +413,15 @@ class FakeClock:
 
 
 def metric(amb, family, **labels):
-    """The value of one series on the admin port's /metrics, or None if it is not there."""
+    """The sum of the series of family on the admin port's /metrics that carry every label
+    given (others may differ), or None if there is none."""
     text = amb.admin("/metrics")[1]
-    want = ",".join('%s="%s"' % kv for kv in labels.items())
-    m = re.search(r"^%s\{%s\} (\S+)$" % (re.escape(family), re.escape(want)), text, re.M)
-    return float(m.group(1)) if m else None
+    total = None
+    for m in re.finditer(r"^%s(?:\{(.*)\})? (\S+)$" % re.escape(family), text, re.M):
+        have = dict(re.findall(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            total = (total or 0.0) + float(m.group(2))
+    return total
 
 
 # ------------------------------------------------------------------------------ clients

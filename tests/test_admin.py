@@ -85,7 +85,8 @@ def test_metrics_exist_from_the_start_and_count_requests(ambassador, upstream):
         assert request(amb.port())[0] == 200
     f = parse_exposition(amb.admin("/metrics")[1])
     assert f["ambassador_requests_total"]["samples"][
-        ("ambassador_requests_total", (("listener", "app"), ("cluster", "svc"), ("code", "200")))
+        ("ambassador_requests_total", (("listener", "app"), ("cluster", "svc"), ("code", "200"),
+                                       ("route", "default")))
     ] == 3
     assert f["ambassador_request_duration_seconds"]["samples"][
         ("ambassador_request_duration_seconds_count",
@@ -137,8 +138,9 @@ def test_access_log_json_lines(ambassador, upstream, tmp_path):
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", entry["ts"])
     assert list(entry) == ["ts", "listener", "method", "path", "status", "duration_ms",
                            "upstream", "attempts", "bytes_in", "bytes_out", "request_id", "error",
-                           "trace_id", "span_id"]
+                           "trace_id", "span_id", "route", "cluster"]
     assert entry["trace_id"] is None and entry["span_id"] is None        # tracing is off
+    assert entry["route"] == "default" and entry["cluster"] == "svc"
 
 
 def test_access_log_text_format_and_error_tag(ambassador, tmp_path):
@@ -150,7 +152,7 @@ def test_access_log_text_format_and_error_tag(ambassador, tmp_path):
     line = wait_for(lambda: log.exists() and log.read_text(), 5, "a log line")
     # 3 tries: the default retry policy (Istio's) retries a connect failure twice
     assert re.match(r'^\[\S+Z\] "GET /down" 502 connect-failure 0 [1-9]\d* [\d.]+ 3 "r-2" "app" '
-                    r'"127\.0\.0\.1:\d+"\n$', line), line        # bytes_out: our reply's body
+                    r'"127\.0\.0\.1:\d+" "default" "svc"\n$', line), line   # bytes_out: our body
 
 
 def test_sigterm_drains_a_request_in_flight_and_exits_0(ambassador, upstream_factory):
@@ -246,7 +248,7 @@ def test_the_text_access_log_cannot_be_forged(ambassador, upstream, tmp_path):
     assert line.count("\n") == 1
     assert '"GET /a\\x22b\\x5cc"' in line
     assert '"r\\x22 200 - 0 0 1 1 \\x22x\\x22 \\x22app\\x22 \\x22up\\x22\\xc2\\x9b31m"' in line
-    assert line.count('"') == 8                     # the format's own quotes, no planted ones
+    assert line.count('"') == 12                    # the format's own quotes, no planted ones
 
 
 def test_every_answer_ambassador_gives_is_logged_and_counted(ambassador, upstream, tmp_path):

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 import ambassador as amb
-from conftest import ROOT, base_config
+from conftest import ROOT
 
 DEPLOY = os.path.join(ROOT, "deploy")
 MANIFESTS = ("sidecar.yaml", "sidecar-classic.yaml")

@@ -363,7 +363,7 @@ def test_no_request_is_lost_when_an_endpoint_leaves_dns(fake_dns, upstream_facto
     serving = threading.Thread(target=app.serve)
     serving.start()
     try:
-        port = app.listeners[0].config.listen[1]
+        port = app.servers[0].server_address[1]              # bound on port 0
         result = {}
         t = threading.Thread(target=lambda: result.update(r=request(port, "GET", "/slow")))
         t.start()

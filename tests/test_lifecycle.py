@@ -10,7 +10,7 @@ import time
 import pytest
 
 import ambassador as amb
-from conftest import base_config, free_port, raw, request, respond, wait_for
+from conftest import base_config, free_port, request, respond
 
 
 def get(port, path, method="GET"):
