@@ -14,10 +14,14 @@ Usage:
 
 How a request flows (Envoy's words: the app is *downstream*, the remote service *upstream*):
 
-    app --HTTP/1.1--> Listener ----------> DownstreamConnection ------> forward()
-                      (accept, one thread   (read head, limits,      (deadline, retry loop,
-                       per connection,       parse, hygiene,           budget, backoff)
+    app --HTTP/1.1--> Listener ----------> DownstreamConnection ---> Listener.select_route
+                      (accept, one thread   (read head, limits,      (first Route that matches,
+                       per connection,       parse, hygiene,          else the default route)
                        connection limit)     error replies)              |
+                                                                         v
+                                            forward(): Route.pick_cluster (weights), rewrites,
+                                            deadline, retry loop (policy, budget, backoff)
+                                                                         |
                                                                          v
                                                    CircuitBreaker, ResourceLimits -> try_once()
                                                                          |
@@ -30,6 +34,11 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
 
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
+
+Words used throughout (Envoy's): downstream is the app's side, upstream the remote service's;
+a cluster is a named set of endpoints (one address each); a route picks a cluster for a
+request.  A try is one exchange with one endpoint; a retry is a try after the first; the
+attempts of a request are all its tries (x-ambassador-attempts, the log's `attempts`).
 
 Contents (grep -n '^# ====' for line numbers):
      1 Imports and compatibility       8 Upstream: endpoints, pool, balancers, DNS, Cluster
@@ -3664,6 +3673,16 @@ def process_samples():
     return rss, (int(fields[11]) + int(fields[12])) / ticks, btime + int(fields[19]) / ticks
 
 
+_json_string = json.encoder.encode_basestring_ascii
+_JSON_LINE = ('{"ts":"%s","listener":%s,"method":%s,"path":%s,"status":%d,"duration_ms":%r,'
+              '"upstream":%s,"attempts":%d,"bytes_in":%d,"bytes_out":%d,"request_id":%s,'
+              '"error":%s,"trace_id":%s,"span_id":%s,"route":%s,"cluster":%s}\n')
+
+
+def _json_or_null(text):
+    return "null" if text is None else _json_string(text)
+
+
 _UNSAFE_LOG_CHARS = re.compile('[\x00-\x1f\x7f-\xff"\\\\]')
 
 
@@ -3765,10 +3784,14 @@ class AccessLog:
         request_id = request_id.decode("latin-1") if request_id else None
         duration_ms = round(duration_s * 1000, 3)
         if self._fmt == "json":
-            return json.dumps(dict(zip(self.FIELDS, (
-                stamp, listener, method, path, status, duration_ms, upstream, attempts, bytes_in,
-                bytes_out, request_id, error, trace_id, span_id, route, cluster))),
-                separators=(",", ":")) + "\n"
+            # What json.dumps(dict(zip(FIELDS, ...)), separators=(",", ":")) gives, byte for
+            # byte (a test keeps them equal), for a quarter of its cost: each field's type is
+            # known, and strings go through the json module's own C escaper.
+            return _JSON_LINE % (
+                stamp, _json_string(listener), _json_string(method), _json_string(path), status,
+                duration_ms, _json_or_null(upstream), attempts, bytes_in, bytes_out,
+                _json_or_null(request_id), _json_or_null(error), _json_or_null(trace_id),
+                _json_or_null(span_id), _json_or_null(route), _json_or_null(cluster))
         # Envoy's default format, in the fields Ambassador has: people who read one read this.
         # What the app sent is escaped: a quote, a newline or a terminal escape in a URL or
         # X-Request-Id must not plant fields or lines.

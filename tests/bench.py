@@ -134,7 +134,8 @@ open_timeout = "30s"
 """
 
 
-def start_ambassador(tmp, upstream_port, procs, python, extra="", name="ambassador"):
+def start_ambassador(tmp, upstream_port, procs, python, extra="", name="ambassador",
+                     script=os.path.join(ROOT, "ambassador.py")):
     port, admin = free_port(), free_port()
     conf = os.path.join(tmp, name + ".toml")
     with open(conf, "w") as f:
@@ -151,7 +152,7 @@ timeout = "30s"
 [clusters.bench]
 endpoints = ["127.0.0.1:%d"]
 %s""" % (admin, tmp, port, upstream_port, extra))
-    proc = subprocess.Popen(pinned(0, [python, os.path.join(ROOT, "ambassador.py"), "-c", conf]),
+    proc = subprocess.Popen(pinned(0, [python, script, "-c", conf]),
                             stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(tmp, name + ".err"), "w"))
     procs.append(proc)
@@ -271,18 +272,98 @@ def compare_resilience(tmp, up_port, procs, args, load, amb_port, amb_pid):
     print("full resilience / defaults: %.0f%% of the throughput" % (100.0 * r[2] / d[2]))
 
 
+def compare_baseline(tmp, up_port, procs, args, load):
+    """c16 1 KiB through an older ambassador.py (--baseline) and this one, each a fresh
+    process with the same config, alternated: what a change costs, measured in one run."""
+    base_port, base_pid = start_ambassador(tmp, up_port, procs, args.python, name="baseline",
+                                           script=os.path.abspath(args.baseline))
+    amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python, name="current",
+                                         script=os.path.abspath(args.current))
+    load(base_port, "/1k", 16, 1)
+    load(amb_port, "/1k", 16, 1)
+    totals = {"baseline": [0, 0.0, 0.0, 0.0], "this ambassador.py": [0, 0.0, 0.0, 0.0]}
+    for _ in range(args.rounds):
+        for label, port, pid in (("baseline", base_port, base_pid),
+                                 ("this ambassador.py", amb_port, amb_pid)):
+            cpu0 = proc_stat(pid)[0]
+            r = load(port, "/1k", 16, args.duration)
+            t = totals[label]
+            t[0] += r["requests"]
+            t[1] += proc_stat(pid)[0] - cpu0
+            t[2] += r["rps"]
+            t[3] = max(t[3], r["p99"])
+    print()
+    print("| c16 1 KiB, %d runs each, alternated | req/s | CPU µs/req | worst p99 ms | peak RSS MB |"
+          % args.rounds)
+    print("|---|---|---|---|---|")
+    for label, pid in (("baseline", base_pid), ("this ambassador.py", amb_pid)):
+        n, cpu, rps, p99 = totals[label]
+        print("| %s (%s) | %.0f | %.1f | %.2f | %.1f |" % (
+            label, args.baseline if label == "baseline" else "HEAD", rps / args.rounds,
+            cpu / max(1, n) * 1e6, p99, proc_stat(pid)[2] / 1024.0))
+
+
+def route_selection_cost(rounds=20000):
+    """In process: Listener.select_route with 50 routes, for a request that matches the last
+    route and one that matches none (every route tried), and with no routes at all."""
+    sys.path.insert(0, ROOT)
+    import ambassador as amb
+    text = ['[listeners.l]\nlisten = 9000\ncluster = "c"\n']
+    for i in range(50):
+        text.append('[[listeners.l.routes]]\nmatch = { path_prefix = "/svc%d/", methods = '
+                    '["GET", "POST"], headers = { x-tenant = "t%d" } }\ncluster = "c"\n' % (i, i))
+    text.append('[clusters.c]\nendpoints = ["127.0.0.1:1"]\n')
+    config = amb.parse_config(amb.parse_toml("".join(text)))
+    clusters = {"c": amb.Cluster(config.clusters["c"])}
+    with_routes = amb.Listener(config.listeners[0], clusters, None, None)
+    bare = amb.Listener(config.listeners[0]._replace(routes=()), clusters, None, None)
+
+    def request(target, tenant):
+        r = amb.Request()
+        r.method, r.target, r.host = b"GET", target, b"a"
+        r.headers = [(b"x-tenant", b"X-Tenant", tenant), (b"accept", b"Accept", b"*/*")]
+        return r
+    print()
+    print("| route selection, in process | µs per request |")
+    print("|---|---|")
+    for label, listener, r in (
+            ("50 routes, the last matches", with_routes, request(b"/svc49/pay?x=1", b"t49")),
+            ("50 routes, none matches", with_routes, request(b"/other/pay", b"t0")),
+            ("50 routes, prefix matches, header not", with_routes, request(b"/svc7/x", b"t8")),
+            ("no routes", bare, request(b"/svc49/pay", b"t49"))):
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            listener.select_route(r)
+        print("| %s | %.2f |" % (label, (time.perf_counter() - t0) / rounds * 1e6))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=int, default=5, help="seconds per load (default 5)")
     p.add_argument("--python-load", action="store_true", help="the Python load generator, not wrk")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs Ambassador")
+    p.add_argument("--baseline", metavar="FILE",
+                   help="an older ambassador.py to compare with, in the same run")
+    p.add_argument("--rounds", type=int, default=2, help="alternations for --baseline")
+    p.add_argument("--current", metavar="FILE", default=os.path.join(ROOT, "ambassador.py"),
+                   help="the ambassador.py compared with --baseline (default: this one)")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="with --baseline: only that comparison")
+    p.add_argument("--routes-only", action="store_true",
+                   help="only the in-process route selection cost")
     args = p.parse_args()
+    if args.routes_only:
+        route_selection_cost()
+        return
     use_wrk = shutil.which("wrk") and not args.python_load
     load = wrk_load if use_wrk else python_load
     tmp = tempfile.mkdtemp(prefix="ambassador-bench-")
     procs = []
     try:
         up_port, up_desc = start_upstream(tmp, procs)
+        if args.baseline and args.baseline_only:
+            compare_baseline(tmp, up_port, procs, args, load)
+            return
         amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python)
         time.sleep(0.5)
         _, idle_rss, _ = proc_stat(amb_pid)
@@ -318,6 +399,9 @@ def main():
         print("Ambassador RSS: idle %.1f MB, after the loads %.1f MB, after 1 GiB %.1f MB, "
               "peak %.1f MB" % (idle_rss / 1024, rss_load / 1024, rss_after / 1024, peak / 1024))
         compare_resilience(tmp, up_port, procs, args, load, amb_port, amb_pid)
+        if args.baseline:
+            compare_baseline(tmp, up_port, procs, args, load)
+        route_selection_cost()
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from conftest import (ROOT, ambassador_command, base_config, free_port, metric, raw, request,
                       wait_for)
 
@@ -308,3 +310,21 @@ def test_requests_still_in_flight_when_the_drain_runs_out_are_answered_and_logge
     assert amb.wait(15) == 0
     line, = [json.loads(l) for l in log.read_text().splitlines()]
     assert (line["status"], line["error"]) == (503, "drain-timeout")
+
+
+@pytest.mark.parametrize("values", [
+    (1764480000.123, "app", b"GET", b"/1k", 200, 0.0012345, b"127.0.0.1:80", 1, 0, 1024, b"r-1",
+     None, None, None, "default", "svc"),
+    (1764480000.999, 'we"ird\\name', b"P\xc3\xb6ST", b'/a"b\\c\x01\xff?x=\xe9', 0, 12.5, None, 0,
+     7, 0, b"\xe9\"id", "upstream-reset", "4bf92f3577b34da6a3ce929d0e0e4736",
+     "00f067aa0ba902b7", "r\u00e9", "c\u2603"),
+])
+def test_the_json_access_log_line_is_exactly_what_json_dumps_gives(values):
+    import ambassador
+    log = ambassador.AccessLog("-", "json", None, None)
+    line = log.format(values)
+    parsed = json.loads(line)
+    assert line == json.dumps(parsed, separators=(",", ":")) + "\n"
+    assert list(parsed) == list(ambassador.AccessLog.FIELDS)
+    assert parsed["method"] == values[2].decode("latin-1")
+    assert parsed["path"] == values[3].decode("latin-1")
