@@ -62,6 +62,7 @@ import difflib
 import http
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -111,6 +112,9 @@ DEFAULT_BACKOFF_MAX_S = 1.0
 DEFAULT_BUDGET_PERCENT = 20.0
 DEFAULT_MIN_RETRIES_PER_SECOND = 10
 DEFAULT_RETRY_BUFFER_BYTES = 65536             # a request body up to this is kept to be sent again
+DEFAULT_MIRROR_MAX_IN_FLIGHT = 64
+MIRROR_WORKERS = 8                             # threads sending one mirror's copies, at most
+MIRROR_WORKER_IDLE_S = 10.0                    # a mirror thread with nothing to send ends
 RETRY_BUDGET_WINDOW_S = 10                     # Linkerd's ttl: the budget looks at the last 10 s
 RETRY_ON_CONDITIONS = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-4xx",
                        "retriable-status-codes")
@@ -255,6 +259,21 @@ class CircuitOpen(ProxyError):
 class Overflow(ProxyError):
     """A resource limit was reached; `reason` names it (overflow_requests, ...)."""
     status, tag = 503, "overflow"
+
+
+class FaultAbort(ProxyError):
+    """Fault injection answered the request itself ([fault] abort): it was never sent."""
+    status, tag = 503, "fault-abort"
+
+
+class RateLimited(ProxyError):
+    """The local rate limit refused the request: it was never sent.  `headers` go with the
+    reply (Retry-After, x-ratelimit-limit, x-ratelimit-remaining)."""
+    status, tag, reason = 429, "rate-limited", "rate_limit"
+
+    def __init__(self, detail, status, headers):
+        ProxyError.__init__(self, detail, status)
+        self.headers = headers
 
 
 class DrainCut(ProxyError):
@@ -580,6 +599,29 @@ class WeightedCluster(NamedTuple):
     weight: int = 1
 
 
+class FaultConfig(NamedTuple):
+    """Istio's HTTPFaultInjection: a delay and an abort, each for a share of requests."""
+    delay: float = 0.0
+    delay_percent: float = 0.0
+    abort_status: int = 503
+    abort_percent: float = 0.0
+    header_control: bool = False     # x-ambassador-fault-delay / -abort may ask for a fault
+
+
+class RateLimitConfig(NamedTuple):
+    """Envoy's local rate limit: a token bucket, refilled continuously."""
+    requests_per_second: float
+    burst: int
+    status: int = 429
+
+
+class MirrorConfig(NamedTuple):
+    """Istio's mirror: a copy of a share of requests to another cluster, answer discarded."""
+    cluster: str
+    percent: float = 100.0
+    max_in_flight: int = DEFAULT_MIRROR_MAX_IN_FLIGHT
+
+
 class RouteConfig(NamedTuple):
     index: int
     name: Optional[str] = None
@@ -591,6 +633,9 @@ class RouteConfig(NamedTuple):
     request_headers: HeaderRules = HeaderRules()
     response_headers: HeaderRules = HeaderRules()
     retry_other_cluster: bool = False
+    fault: Optional[FaultConfig] = None           # None: the listener's
+    rate_limit: Optional[RateLimitConfig] = None  # None: the listener's bucket
+    mirror: Optional[MirrorConfig] = None         # None: the listener's
 
 
 class ListenerConfig(NamedTuple):
@@ -607,6 +652,9 @@ class ListenerConfig(NamedTuple):
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     routes: Tuple[RouteConfig, ...] = ()             # in order: the first that matches wins
+    fault: Optional[FaultConfig] = None
+    rate_limit: Optional[RateLimitConfig] = None
+    mirror: Optional[MirrorConfig] = None
 
 
 class EndpointConfig(NamedTuple):
@@ -1006,8 +1054,19 @@ _UPSTREAM_TLS_KEYS = dict(_TLS_COMMON, **{
     "ca": (_kind_file, None), "cert": (_kind_file, None), "key": (_kind_file, None),
     "server_name": (_kind_string, None), "verify": (_kind_bool, True),
     "match_san": (_kind_strings, ())})
-_LISTENER_TABLES = {"retry": (_RETRY_KEYS, RetryConfig),
-                    "tls": (_DOWNSTREAM_TLS_KEYS, DownstreamTlsConfig)}
+_FAULT_KEYS = {"delay": (_kind_delay, 0.0), "delay_percent": (_kind_number(0, 100), 0.0),
+               "abort_status": (_kind_int(200, 599), 503),
+               "abort_percent": (_kind_number(0, 100), 0.0),
+               "header_control": (_kind_bool, False)}
+_RATE_LIMIT_KEYS = {"requests_per_second": (_kind_number(0.001, 1e9), REQUIRED),
+                    "burst": (_kind_int(1), REQUIRED), "status": (_kind_int(400, 599), 429)}
+_MIRROR_KEYS = {"cluster": (_kind_string, REQUIRED), "percent": (_kind_number(0, 100), 100.0),
+                "max_in_flight": (_kind_int(1, 65536), DEFAULT_MIRROR_MAX_IN_FLIGHT)}
+_TRAFFIC_TABLES = {"fault": (_FAULT_KEYS, FaultConfig),
+                   "rate_limit": (_RATE_LIMIT_KEYS, RateLimitConfig),
+                   "mirror": (_MIRROR_KEYS, MirrorConfig)}
+_LISTENER_TABLES = dict(_TRAFFIC_TABLES, **{
+    "retry": (_RETRY_KEYS, RetryConfig), "tls": (_DOWNSTREAM_TLS_KEYS, DownstreamTlsConfig)})
 _CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig),
                    "health_check": (_HEALTH_CHECK_KEYS, HealthCheckConfig),
                    "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig),
@@ -1022,9 +1081,10 @@ _ROUTE_KEYS = {"name": (_kind_string, None), "cluster": (_kind_string, None),
                "clusters": (_kind_weighted_clusters, ()), "timeout": (_kind_timeout, None),
                "prefix_rewrite": (_kind_route_path, None),
                "retry_other_cluster": (_kind_bool, False)}
-_ROUTE_TABLES = {"match": (_MATCH_KEYS, RouteMatch), "retry": (_RETRY_KEYS, RetryConfig),
-                 "request_headers": (_HEADER_RULE_KEYS, HeaderRules),
-                 "response_headers": (_HEADER_RULE_KEYS, HeaderRules)}
+_ROUTE_TABLES = dict(_TRAFFIC_TABLES, **{
+    "match": (_MATCH_KEYS, RouteMatch), "retry": (_RETRY_KEYS, RetryConfig),
+    "request_headers": (_HEADER_RULE_KEYS, HeaderRules),
+    "response_headers": (_HEADER_RULE_KEYS, HeaderRules)})
 _TRACING_KEYS = {"otlp_endpoint": (_kind_url, REQUIRED),
                  "service_name": (_kind_string, "ambassador"),
                  "sample_ratio": (_kind_number(0, 1), 1.0),
@@ -1137,6 +1197,7 @@ def parse_config(raw, path="<config>"):
             raw_routes = table.pop("routes")
         values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"], _LISTENER_TABLES)
         values["routes"] = _parse_routes(v, where + ".routes", raw_routes, raw_clusters)
+        _check_traffic(v, where, values, raw_clusters)
         tls = values.get("tls")
         if tls and (tls.require_client_cert or tls.allowed_sans) and not tls.ca:
             v.problem(where + ".tls.ca", "required to verify client certificates")
@@ -1158,6 +1219,17 @@ def parse_config(raw, path="<config>"):
         raise ConfigError(v.problems)
     return Config(path=path, listeners=tuple(listeners), clusters=clusters, admin=admin, log=log,
                   shutdown=shutdown, tracing=tracing)
+
+
+def _check_traffic(v, where, values, clusters):
+    """The fault, rate_limit and mirror tables of a listener or a route, beyond their kinds."""
+    fault = values.get("fault")
+    if fault is not None and fault.delay_percent and not fault.delay:
+        v.problem(where + ".fault.delay", "needed with delay_percent > 0")
+    mirror = values.get("mirror")
+    if mirror is not None and mirror.cluster not in clusters:
+        v.problem(where + ".mirror.cluster", "no cluster named %s (clusters: %s)" % (
+            json.dumps(mirror.cluster), ", ".join(sorted(clusters)) or "none"))
 
 
 def _parse_routes(v, where, raw, clusters):
@@ -1186,6 +1258,7 @@ def _parse_routes(v, where, raw, clusters):
         retry = values.get("retry")
         if retry and retry.backoff_max < retry.backoff_base:
             v.problem(at + ".retry.backoff_max", "must be >= backoff_base")
+        _check_traffic(v, at, values, clusters)
         routes.append(RouteConfig(index=i, **values))
     return tuple(routes)
 
@@ -1275,6 +1348,10 @@ class Listener:
         # [retry] table has its own budget too.
         self.retry_budget = RetryBudget(config.retry.budget_percent,
                                         config.retry.min_retries_per_second)
+        self._fault = FaultInjector(config.fault, rng) if config.fault else None
+        self._rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        self._mirror = Mirror(config.mirror, clusters[config.mirror.cluster], self, rng) \
+            if config.mirror else None
         self.routes = [self._route(r, clusters, rng) for r in config.routes]
         self.default_route = self._route(
             RouteConfig(index=-1, clusters=(WeightedCluster(config.cluster),)), clusters, rng)
@@ -1292,7 +1369,12 @@ class Listener:
         else:
             policy = RetryPolicy(rc.retry)
             budget = RetryBudget(rc.retry.budget_percent, rc.retry.min_retries_per_second)
-        return Route(rc, clusters, self.config.timeout, policy, budget, rng)
+        return Route(
+            rc, clusters, self.config.timeout, policy, budget, rng,
+            fault=FaultInjector(rc.fault, rng) if rc.fault else self._fault,
+            rate_limiter=RateLimiter(rc.rate_limit) if rc.rate_limit else self._rate_limiter,
+            mirror=Mirror(rc.mirror, clusters[rc.mirror.cluster], self, rng) if rc.mirror
+            else self._mirror)
 
     def select_route(self, req):
         """The first route whose match holds, else the default route."""
@@ -1305,10 +1387,12 @@ class Listener:
         return self.default_route
 
     def clusters(self):
-        """Every cluster this listener may send to, the default first."""
+        """Every cluster this listener may send to (mirrors too), the default first."""
         out = [self.cluster]
-        for route in self.routes:
+        for route in self.routes + [self.default_route]:
             out += [c for c, _ in route.targets if c not in out]
+            if route.mirror is not None and route.mirror.cluster not in out:
+                out.append(route.mirror.cluster)
         return out
 
     def try_open_connection(self):
@@ -2016,7 +2100,8 @@ class Route:
     matches(req, path, query) tests the cheap conditions first (exact path, prefix, method)
     so that a list of 50 routes costs a few microseconds."""
 
-    def __init__(self, config, clusters, timeout, retry_policy, retry_budget, rng=random.random):
+    def __init__(self, config, clusters, timeout, retry_policy, retry_budget, rng=random.random,
+                 fault=None, rate_limiter=None, mirror=None):
         self.config = config
         self.label = config.name or ("default" if config.index < 0 else str(config.index))
         m = config.match
@@ -2048,6 +2133,9 @@ class Route:
         self.response_rules = HeaderRuleSet(config.response_headers) \
             if config.response_headers != HeaderRules() else None
         self.retry_other_cluster = config.retry_other_cluster
+        self.fault = fault                    # FaultInjector, RateLimiter, Mirror or None:
+        self.rate_limiter = rate_limiter      # the route's own, else the listener's
+        self.mirror = mirror
 
     def matches(self, req, path, query):
         if self.exact is not None and path != self.exact:
@@ -2113,23 +2201,253 @@ class Route:
             req.headers = self.request_rules.apply(req.headers, req, cluster.name)
 
 
+class FaultInjector:
+    """A [fault] table as decisions, each request independent: a delay for delay_percent of
+    requests, then an abort for abort_percent (Istio's HTTPFaultInjection, applied as the
+    request arrives, before any try).  With header_control, x-ambassador-fault-delay (ms) and
+    x-ambassador-fault-abort (a status) ask for one, and are consumed.  rng and sleep are
+    injectable; no state: thread-safe."""
+
+    def __init__(self, config, rng=random.random, sleep=time.sleep):
+        self.config = config
+        self._rng, self._sleep = rng, sleep
+
+    def decide(self, req):
+        """-> (delay in seconds or None, abort status or None) for req."""
+        c = self.config
+        delay = abort = None
+        if c.header_control:
+            kept = []
+            for h in req.headers:
+                if h[0] == b"x-ambassador-fault-delay":
+                    if h[2].isdigit():
+                        delay = min(int(h[2]), DAY_S * 1000) / 1000.0
+                elif h[0] == b"x-ambassador-fault-abort":
+                    if h[2].isdigit() and 200 <= int(h[2]) <= 599:
+                        abort = int(h[2])
+                else:
+                    kept.append(h)
+            req.headers = kept             # Ambassador's own: they never go upstream
+        if delay is None and c.delay_percent and self._rng() * 100.0 < c.delay_percent:
+            delay = c.delay
+        if abort is None and c.abort_percent and self._rng() * 100.0 < c.abort_percent:
+            abort = c.abort_status
+        return delay, abort
+
+    def apply(self, listener, route, req, deadline):
+        """Wait (within the deadline: the delay counts in the timeout), or raise FaultAbort."""
+        delay, abort = self.decide(req)
+        if delay:
+            listener.telemetry.fault_injected(listener, route, "delay")
+            self._sleep(max(0.0, min(delay, deadline - monotonic())))
+        if abort is not None:
+            listener.telemetry.fault_injected(listener, route, "abort")
+            raise FaultAbort("fault injection: abort with %d" % abort, status=abort)
+
+
+class TokenBucket:
+    """Envoy's local rate limit: `burst` tokens, refilled continuously at `rate` a second; a
+    request takes one or is refused.  Over any window T it admits at most burst + rate x T.
+    Thread-safe: one lock, every decision under it (exact under 64 concurrent callers)."""
+
+    def __init__(self, rate, burst, clock=monotonic):
+        self.rate, self.burst = rate, burst
+        self._clock = clock
+        self._lock = threading.Lock()    # guards _tokens and _last
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def try_take(self):
+        """-> (admitted, tokens left, seconds until the next token)."""
+        with self._lock:
+            now = self._clock()
+            tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if tokens >= 1.0:
+                self._tokens = tokens - 1.0
+                return True, int(self._tokens), 0.0
+            self._tokens = tokens
+            return False, 0, (1.0 - tokens) / self.rate
+
+
+class RateLimiter:
+    """A listener's or route's [rate_limit]: its bucket and its reply."""
+
+    def __init__(self, config, clock=monotonic):
+        self.config = config
+        self.bucket = TokenBucket(config.requests_per_second, config.burst, clock)
+
+    def admit(self, listener, cluster):
+        """Take a token, or raise RateLimited with Retry-After (seconds, rounded up)."""
+        admitted, left, wait = self.bucket.try_take()
+        if admitted:
+            return
+        listener.telemetry.rejected(cluster, RateLimited.reason)
+        retry_after = max(1, int(math.ceil(wait)))
+        raise RateLimited("local rate limit of %g requests/s reached" %
+                          self.config.requests_per_second, self.config.status, [
+                              (b"retry-after", b"Retry-After", b"%d" % retry_after),
+                              (b"x-ratelimit-limit", b"x-ratelimit-limit",
+                               b"%d" % self.config.burst),
+                              (b"x-ratelimit-remaining", b"x-ratelimit-remaining", b"%d" % left)])
+
+
+class MirrorBody:
+    """A held request body, as a mirrored copy sends it (RequestBody's interface)."""
+    rest = None
+    replayable = True
+
+    def __init__(self, data, framed):
+        self.data, self.framed = data, framed
+
+    def framing(self):
+        return b"Content-Length: %d\r\n" % len(self.data) if self.framed else b""
+
+    def held_bytes(self):
+        return self.data
+
+
+class Mirror:
+    """Istio's mirror: a copy of `percent` of requests -- method, path, headers and the body
+    when it is held (up to the retry buffer_limit) -- goes to another cluster with
+    x-ambassador-mirror: 1; its response is read and dropped.  The app's request never waits:
+    offer() only queues.  At most max_in_flight copies are queued or on their way (more are
+    dropped and counted); up to MIRROR_WORKERS threads send them, started on demand and ended
+    when idle.  A copy is one try: the mirror cluster's breaker and limits apply, and it is
+    never retried.  Thread-safe: one lock (with its condition) guards the queue and counts."""
+
+    def __init__(self, config, cluster, listener, rng=random.random):
+        self.config, self.cluster, self.listener = config, cluster, listener
+        self._rng = rng
+        self._policy = RetryPolicy(RetryConfig(attempts=0))
+        self._lock = threading.Lock()          # guards _queue, _in_flight, _workers, _idle
+        self._ready = threading.Condition(self._lock)
+        self._queue = collections.deque()
+        self._in_flight = self._workers = self._idle = 0
+
+    def offer(self, req, body, route):
+        """Maybe queue a copy of req (after its body was prepared)."""
+        c = self.config
+        if c.percent < 100.0 and self._rng() * 100.0 >= c.percent:
+            return
+        telemetry = self.listener.telemetry
+        if body.rest is not None:                  # streamed, not held: cannot be copied
+            telemetry.mirrored(self.listener, "dropped")
+            return
+        copy = Request()
+        copy.method, copy.target, copy.host = req.method, req.target, req.host
+        copy.version, copy.replay_safe = b"HTTP/1.1", False
+        copy.headers = req.headers + [(b"x-ambassador-mirror", b"x-ambassador-mirror", b"1")]
+        copy.forwarded_for, copy.request_id = req.forwarded_for, req.request_id
+        copy.trace_headers, copy.client_cert = req.trace_headers, req.client_cert
+        copy.client_address, copy.route, copy.cluster = req.client_address, route, self.cluster
+        item = (copy, MirrorBody(body.buffered, bool(body.buffered) or
+                                 req.content_length is not None))
+        start = False
+        with self._lock:
+            if self._in_flight >= c.max_in_flight:
+                item = None
+            else:
+                self._in_flight += 1
+                self._queue.append(item)
+                if self._idle:
+                    self._ready.notify()
+                elif self._workers < min(MIRROR_WORKERS, c.max_in_flight):
+                    self._workers += 1
+                    start = True
+        if item is None:
+            telemetry.mirrored(self.listener, "dropped")
+        elif start:
+            threading.Thread(target=self._run, daemon=True, name="mirror:%s->%s" % (
+                self.listener.name, self.cluster.name)).start()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._idle += 1
+                    woken = self._ready.wait(MIRROR_WORKER_IDLE_S)
+                    self._idle -= 1
+                    if not woken and not self._queue:
+                        self._workers -= 1
+                        return
+                item = self._queue.popleft()
+            try:
+                result = self.send(*item)
+            except Exception:
+                self.listener.telemetry.internal_error("mirror")
+                result = "failed"
+            with self._lock:
+                self._in_flight -= 1
+            self.listener.telemetry.mirrored(self.listener, result)
+
+    def send(self, copy, body):
+        """One try of the copy on the mirror cluster; its response read and dropped.
+        -> "sent" when a response came back, else "failed"."""
+        cluster, listener = self.cluster, self.listener
+        copy.start = monotonic()
+        if not cluster.limits.try_begin("requests"):
+            listener.telemetry.rejected(cluster, "overflow_requests")
+            return "failed"
+        try:
+            ticket = cluster.breaker.allow()
+            if ticket is None:
+                listener.telemetry.rejected(cluster, "circuit_open")
+                return "failed"
+            try:
+                endpoint = cluster.pick_endpoint(req=copy)
+            except NoHealthyUpstream:
+                cluster.breaker.record(ticket, None)
+                return "failed"
+            timeout = copy.route.timeout
+            try:
+                _, resp, conn, _ = try_once(listener, cluster, self._policy, copy, body, endpoint,
+                                            copy.start + timeout, ticket)
+            except ProxyError:
+                return "failed"
+            if resp is None:
+                return "failed"
+            try:
+                if resp.has_body:
+                    conn.sock.settimeout(timeout)
+                    source = iter_length(conn.reader, resp.length) if resp.length is not None \
+                        else iter_chunked(conn.reader) if resp.chunked else \
+                        iter_until_close(conn.reader)
+                    for _ in source:
+                        pass
+            except (OSError, EOFError, FramingError):
+                conn.close()
+                return "failed"
+            conn.release(resp.keep_alive)
+            return "sent"
+        finally:
+            cluster.limits.end("requests")
+
+
 def forward(listener, route, req, downstream):
     """Send one request to the route's cluster and stream the response back to the app.
 
-    The layers, each knowing only the next (linkerd2-proxy's stack, as plain code): route
-    (cluster by weight, rewrites) -> deadline (route or listener timeout) -> retry loop
+    The layers, each knowing only the next (linkerd2-proxy's stack, as plain code): deadline
+    (route or listener timeout) -> route (cluster by weight) -> fault injection -> rate limit
+    -> rewrites -> mirror (a queued copy) -> retry loop
     (RetryPolicy, RetryBudget, backoff) -> CircuitBreaker and ResourceLimits ->
     Cluster.pick_endpoint -> ConnectionPool -> UpstreamConnection.  Returns whether the
     downstream connection may carry another request.  Raises ProxyError while no response byte
     was sent; after that, failures close the downstream connection instead."""
+    deadline = req.start + route.timeout
     cluster = req.cluster = route.pick_cluster()
+    if route.fault is not None:                  # as the request arrives, before any try
+        route.fault.apply(listener, route, req, deadline)
+    if route.rate_limiter is not None:
+        route.rate_limiter.admit(listener, cluster)
     app_headers = req.headers
     route.rewrite(req, cluster)
     policy = route.retry_policy
     budget = route.retry_budget
-    deadline = req.start + route.timeout
     body = RequestBody(req, downstream, policy.config.buffer_limit)
     body.prepare()
+    if route.mirror is not None:                 # a copy, queued: never waited for
+        route.mirror.offer(req, body, route)
     budget.record_request()
     limits = cluster.limits
     if not limits.try_begin("requests"):
@@ -2365,7 +2683,7 @@ def relay_response(req, resp, conn, downstream, listener):
     return keep     # as the head said: an app may send its next request the moment it reads it
 
 
-def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=None):
+def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=None, extra=()):
     """The bytes of a short plain-text reply Ambassador gives itself; the route's
     response_headers rules apply to it as to an upstream's response."""
     body = ("%s: %s\n" % (tag, detail)).encode("utf-8", "replace")
@@ -2374,6 +2692,7 @@ def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=Non
     if attempts:
         headers.append((b"x-ambassador-attempts", b"x-ambassador-attempts", b"%d" % attempts))
     headers.append((b"x-request-id", b"X-Request-Id", request_id or b"-"))
+    headers += extra
     route = req.route if req is not None else None
     if route is not None and route.response_rules is not None:
         headers = route.response_rules.apply(
@@ -2545,7 +2864,8 @@ class DownstreamConnection:
         keep = req.keep_alive and not isinstance(error, BadRequest) and \
             not req.chunked and not req.content_length and not self.listener.draining.is_set()
         reply = error_reply(error.status, error.tag, error.detail or error.tag,
-                            req.request_id, keep, req.attempts, req)
+                            req.request_id, keep, req.attempts, req,
+                            getattr(error, "headers", ()))
         try:
             self.send(reply)
         except DownstreamGone:
@@ -4153,6 +4473,13 @@ class Telemetry:
         self.rejections = m.add(Counter(
             "ambassador_rejected_total",
             "Requests and retries refused without being sent, by reason.", ("cluster", "reason")))
+        self.faults = m.add(Counter(
+            "ambassador_faults_injected_total", "Faults injected by [fault], by kind.",
+            ("listener", "route", "kind")))
+        self.mirrors = m.add(Counter(
+            "ambassador_mirror_requests_total",
+            "Mirrored copies: sent (a response came back), dropped (past max_in_flight, or a "
+            "body too large to hold), failed.", ("listener", "result")))
         self.upstream_requests = m.add(Counter(
             "ambassador_upstream_requests_total",
             "Tries per endpoint by response status code (0: no response).",
@@ -4218,6 +4545,13 @@ class Telemetry:
                 self.duration.touch((l.name, cluster.name))
                 self.retries.touch((l.name, cluster.name))
             self.rejected_connections.touch((l.name,))
+            for route in l.routes + [l.default_route]:
+                if route.fault is not None:
+                    for kind in ("delay", "abort"):
+                        self.faults.touch((l.name, route.label, kind))
+                if route.mirror is not None:
+                    for result in ("sent", "dropped", "failed"):
+                        self.mirrors.touch((l.name, result))
         for name in sorted(clusters):
             for result in ("ok", "5xx", "connect_failure", "reset", "timeout", "protocol_error"):
                 self.attempts.touch((name, result))
@@ -4228,7 +4562,7 @@ class Telemetry:
             for state in (CircuitBreaker.CLOSED, CircuitBreaker.OPEN, CircuitBreaker.HALF_OPEN):
                 self.transitions.touch((name, state))
             for reason in ("circuit_open", "overflow_connections", "overflow_pending",
-                           "overflow_requests", "overflow_retries"):
+                           "overflow_requests", "overflow_retries", "rate_limit"):
                 self.rejections.touch((name, reason))
         self.log_dropped.touch()
         self.log_errors.touch()
@@ -4314,6 +4648,12 @@ class Telemetry:
         if changed:
             self.log.warning("cluster %s: endpoint %s is %s", cluster.name,
                              endpoint.label.decode(), changed)
+
+    def fault_injected(self, listener, route, kind):
+        self.faults.inc((listener.name, route.label, kind))
+
+    def mirrored(self, listener, result):
+        self.mirrors.inc((listener.name, result))
 
     def retried(self, listener, cluster):
         self.retries.inc((listener.name, cluster.name))

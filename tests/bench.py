@@ -303,6 +303,32 @@ def compare_baseline(tmp, up_port, procs, args, load):
             cpu / max(1, n) * 1e6, p99, proc_stat(pid)[2] / 1024.0))
 
 
+def compare_mirror(tmp, up_port, procs, args, load):
+    """c16 1 KiB without a mirror and with every request mirrored to a cluster that accepts
+    connections and never answers (a hung shadow), alternated: what mirroring costs the app."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(4096)                          # accepted by the kernel, never answered
+    mirror = ('[listeners.bench.mirror]\ncluster = "shadow"\npercent = 100.0\n'
+              '[clusters.shadow]\nendpoints = ["127.0.0.1:%d"]\n' % hung.getsockname()[1])
+    plain_port, _ = start_ambassador(tmp, up_port, procs, args.python, name="plain")
+    mirrored_port, _ = start_ambassador(tmp, up_port, procs, args.python, mirror, "mirrored")
+    for port in (plain_port, mirrored_port):
+        load(port, "/1k", 16, 1)
+    rows = {"no mirror": [], "mirror to a hung cluster": []}
+    for _ in range(2):
+        for label, port in (("no mirror", plain_port), ("mirror to a hung cluster", mirrored_port)):
+            rows[label].append(load(port, "/1k", 16, args.duration))
+    print()
+    print("| c16 1 KiB, 2 runs each, alternated | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|")
+    for label, runs in rows.items():
+        print("| %s | %.0f | %.2f | %.2f |" % (label, sum(r["rps"] for r in runs) / 2,
+                                              max(r["p50"] for r in runs),
+                                              max(r["p99"] for r in runs)))
+    hung.close()
+
+
 def route_selection_cost(rounds=20000):
     """In process: Listener.select_route with 50 routes, for a request that matches the last
     route and one that matches none (every route tried), and with no routes at all."""
@@ -349,6 +375,8 @@ def main():
                    help="the ambassador.py compared with --baseline (default: this one)")
     p.add_argument("--baseline-only", action="store_true",
                    help="with --baseline: only that comparison")
+    p.add_argument("--mirror-only", action="store_true",
+                   help="only the mirror comparison")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
     args = p.parse_args()
@@ -363,6 +391,9 @@ def main():
         up_port, up_desc = start_upstream(tmp, procs)
         if args.baseline and args.baseline_only:
             compare_baseline(tmp, up_port, procs, args, load)
+            return
+        if args.mirror_only:
+            compare_mirror(tmp, up_port, procs, args, load)
             return
         amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python)
         time.sleep(0.5)
@@ -401,6 +432,7 @@ def main():
         compare_resilience(tmp, up_port, procs, args, load, amb_port, amb_pid)
         if args.baseline:
             compare_baseline(tmp, up_port, procs, args, load)
+        compare_mirror(tmp, up_port, procs, args, load)
         route_selection_cost()
     finally:
         for proc in procs:
