@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Ambassador: a sidecar HTTP proxy in one file, standard library only, CPython 3.6 to 3.13.
+"""Ambassador: a sidecar HTTP and TCP proxy in one file, standard library only, CPython 3.6-3.13.
 
 A legacy app that cannot be changed calls http://localhost:9000.  Ambassador runs beside it,
 one listener per remote service, and forwards each call to that service's cluster, adding what
@@ -32,6 +32,11 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
                                  (send head, stream body,              (keep-alive, checked for a
                                   read head, stream response back)      close before reuse)
 
+    A tcp listener's connection (databases, queues) takes another path: TcpSession.connect()
+    (connect_attempts tries over the same balancer, breaker and limits; TLS from the first byte,
+    or PostgreSQL's SSLRequest first), then TcpSession.pump() relays bytes both ways in the
+    connection's thread, passing half-closes and resets on, until both sides are done.
+
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
 
@@ -40,14 +45,16 @@ a cluster is a named set of endpoints (one address each); a route picks a cluste
 request.  A try is one exchange with one endpoint; a retry is a try after the first; the
 attempts of a request are all its tries (x-ambassador-attempts, the log's `attempts`).
 
-Contents (grep -n '^# ====' for line numbers):
-     1 Imports and compatibility       8 Upstream: endpoints, pool, balancers, DNS, Cluster
-     2 Constants and defaults          9 Resilience: retries, budget, breaker, limits,
-     3 Errors                            outlier detection, health checks
-     4 Foundations                    10 Telemetry: metrics, access log, tracing
-     5 Configuration                  11 Admin
-     6 Listeners                      12 Process: Ambassador, demo, main()
-     7 Request pipeline               13 Appendix: TOML parser for Python < 3.11
+Contents (grep -n '^# [0-9]*\. ' for line numbers):
+     1 Imports and compatibility       8 TCP relay: connect, pump, half-close, timeouts
+     2 Constants and defaults          9 Upstream: endpoints, pool, balancers, DNS, Cluster
+     3 Errors                         10 Resilience: retries, budget, breaker, limits,
+     4 Foundations                       outlier detection, health checks
+     5 Configuration                  11 Telemetry: metrics, access log, tracing
+     6 Listeners                      12 Admin and probes
+     7 Request pipeline: parse,       13 Process: Ambassador, drain, demo, main()
+       routes, faults, rate limit,    14 Appendix: TOML parser for Python < 3.11
+       mirror, forward, relay
 """
 
 # ==================================================================================================
@@ -70,6 +77,7 @@ import select
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -102,6 +110,15 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_HEADER_BYTES = 65536
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# TCP listeners: no byte either way for an hour is a dead peer far more often than a query;
+# "0s" turns it off for connections that are silent on purpose.
+DEFAULT_TCP_IDLE_TIMEOUT_S = 3600.0
+DEFAULT_TCP_CONNECT_ATTEMPTS = 3
+DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S = 60.0
+TCP_BUFFER_BYTES = 131072                     # per direction: at most 256 KiB held a connection
+# PostgreSQL's SSLRequest and GSSENCRequest: length 8, then a magic code.
+PG_SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+PG_GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"
 DEFAULT_MIN_DRAIN_S = 5.0                     # Istio's minimum drain: the app may still call
 # Without a [retry] table: Istio's default policy.
 DEFAULT_RETRY_ATTEMPTS = 2
@@ -572,6 +589,7 @@ class UpstreamTlsConfig(NamedTuple):
     min_version: str = "1.2"
     match_san: Tuple[str, ...] = ()      # the server certificate must carry one of these
     reload_interval: float = DEFAULT_TLS_RELOAD_INTERVAL_S
+    starttls: Optional[str] = None       # "postgres": SSLRequest first, then the handshake
 
 
 class HeaderRules(NamedTuple):
@@ -652,6 +670,10 @@ class ListenerConfig(NamedTuple):
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     routes: Tuple[RouteConfig, ...] = ()             # in order: the first that matches wins
+    # protocol = "tcp" only:
+    connect_attempts: int = DEFAULT_TCP_CONNECT_ATTEMPTS
+    half_closed_timeout: float = DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S
+    max_connection_duration: float = 0.0             # 0: no limit
     fault: Optional[FaultConfig] = None
     rate_limit: Optional[RateLimitConfig] = None
     mirror: Optional[MirrorConfig] = None
@@ -663,7 +685,7 @@ class EndpointConfig(NamedTuple):
 
 
 class HealthCheckConfig(NamedTuple):
-    type: str = "http"                # http: GET path; tcp: connect only
+    type: str = "http"                # http: GET path; tcp: connect; redis: PING; postgres
     path: str = DEFAULT_HC_PATH
     interval: float = DEFAULT_HC_INTERVAL_S
     timeout: float = DEFAULT_HC_TIMEOUT_S
@@ -727,6 +749,7 @@ _DURATION_BOUNDS = {DAY_S: "a day (\"24h\")", YEAR_S: "a year (\"8760h\")"}
 _kind_timeout = _kind_duration_within(DAY_S, zero_allowed=False)     # waits for one thing
 _kind_delay = _kind_duration_within(DAY_S, zero_allowed=True)        # backoff, drain: 0 = none
 _kind_interval = _kind_duration_within(YEAR_S, zero_allowed=False)   # idle, periods, ejections
+_kind_idle = _kind_duration_within(YEAR_S, zero_allowed=True)        # tcp: "0s" = none
 
 
 def _kind_int(minimum, maximum=None):
@@ -999,11 +1022,14 @@ _SHUTDOWN_KEYS = {"drain_timeout": (_kind_delay, DEFAULT_DRAIN_TIMEOUT_S),
                   "min_drain": (_kind_delay, DEFAULT_MIN_DRAIN_S)}
 _LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
                   "cluster": (_kind_string, REQUIRED),
-                  "protocol": (_kind_one_of("http"), "http"),
+                  "protocol": (_kind_one_of("http", "tcp"), "http"),
+                  "connect_attempts": (_kind_int(1, 100), DEFAULT_TCP_CONNECT_ATTEMPTS),
+                  "half_closed_timeout": (_kind_interval, DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S),
+                  "max_connection_duration": (_kind_idle, 0.0),
                   "timeout": (_kind_timeout, DEFAULT_TIMEOUT_S),
                   "host_rewrite": (_kind_bool, True),
                   "max_connections": (_kind_int(1), DEFAULT_MAX_CONNECTIONS),
-                  "idle_timeout": (_kind_interval, DEFAULT_IDLE_TIMEOUT_S),
+                  "idle_timeout": (_kind_idle, DEFAULT_IDLE_TIMEOUT_S),
                   "header_timeout": (_kind_timeout, DEFAULT_HEADER_TIMEOUT_S),
                   "max_header_bytes": (_kind_int(1024, 1048576), DEFAULT_MAX_HEADER_BYTES)}
 _CLUSTER_KEYS = {"endpoints": (_kind_endpoints, REQUIRED),
@@ -1014,7 +1040,7 @@ _CLUSTER_KEYS = {"endpoints": (_kind_endpoints, REQUIRED),
                                             "ring_hash"), "round_robin"),
                  "hash_on": (_kind_hash_on, None)}
 _HEALTH_CHECK_KEYS = {
-    "type": (_kind_one_of("http", "tcp"), "http"),
+    "type": (_kind_one_of("http", "tcp", "redis", "postgres"), "http"),
     "path": (_kind_path, DEFAULT_HC_PATH),
     "interval": (_kind_interval, DEFAULT_HC_INTERVAL_S),
     "timeout": (_kind_timeout, DEFAULT_HC_TIMEOUT_S),
@@ -1053,7 +1079,7 @@ _DOWNSTREAM_TLS_KEYS = dict(_TLS_COMMON, **{
 _UPSTREAM_TLS_KEYS = dict(_TLS_COMMON, **{
     "ca": (_kind_file, None), "cert": (_kind_file, None), "key": (_kind_file, None),
     "server_name": (_kind_string, None), "verify": (_kind_bool, True),
-    "match_san": (_kind_strings, ())})
+    "match_san": (_kind_strings, ()), "starttls": (_kind_one_of("postgres"), None)})
 _FAULT_KEYS = {"delay": (_kind_delay, 0.0), "delay_percent": (_kind_number(0, 100), 0.0),
                "abort_status": (_kind_int(200, 599), 503),
                "abort_percent": (_kind_number(0, 100), 0.0),
@@ -1198,6 +1224,7 @@ def parse_config(raw, path="<config>"):
         values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"], _LISTENER_TABLES)
         values["routes"] = _parse_routes(v, where + ".routes", raw_routes, raw_clusters)
         _check_traffic(v, where, values, raw_clusters)
+        _check_protocol(v, where, table if isinstance(table, dict) else {}, raw_routes, values)
         tls = values.get("tls")
         if tls and (tls.require_client_cert or tls.allowed_sans) and not tls.ca:
             v.problem(where + ".tls.ca", "required to verify client certificates")
@@ -1230,6 +1257,24 @@ def _check_traffic(v, where, values, clusters):
     if mirror is not None and mirror.cluster not in clusters:
         v.problem(where + ".mirror.cluster", "no cluster named %s (clusters: %s)" % (
             json.dumps(mirror.cluster), ", ".join(sorted(clusters)) or "none"))
+
+
+_HTTP_ONLY_KEYS = ("retry", "timeout", "header_timeout", "max_header_bytes", "host_rewrite",
+                   "routes", "fault", "rate_limit", "mirror")
+_TCP_ONLY_KEYS = ("connect_attempts", "half_closed_timeout", "max_connection_duration")
+
+
+def _check_protocol(v, where, raw, raw_routes, values):
+    """Keys that mean nothing for the listener's protocol are errors, not silently unused."""
+    tcp = values.get("protocol") == "tcp"
+    for key in _HTTP_ONLY_KEYS if tcp else _TCP_ONLY_KEYS:
+        if key in raw or (key == "routes" and raw_routes):
+            v.problem("%s.%s" % (where, key), "not used by a%s listener (protocol = %s)"
+                      % (" tcp" if tcp else "n http", json.dumps(values.get("protocol"))))
+    if tcp and "idle_timeout" not in raw:
+        values["idle_timeout"] = DEFAULT_TCP_IDLE_TIMEOUT_S
+    if not tcp and values.get("idle_timeout") == 0:
+        v.problem(where + ".idle_timeout", "expected a duration > 0 for an http listener")
 
 
 def _parse_routes(v, where, raw, clusters):
@@ -1471,6 +1516,10 @@ class ListenerServer(socketserver.TCPServer):
         listener = self.listener
         if not listener.try_open_connection():
             listener.telemetry.rejected_connection(listener)
+            if listener.config.protocol == "tcp":      # no HTTP reply into a database protocol
+                listener.telemetry.tcp_connections.inc((listener.name, "overflow"))
+                self.shutdown_request(sock)
+                return
             req = Request()
             req.start, req.wall_start = monotonic(), time.time()
             req.status, req.error = 503, Overflow.tag
@@ -1489,7 +1538,12 @@ class ListenerServer(socketserver.TCPServer):
 
     def _serve_connection(self, sock, client_address):
         try:
-            DownstreamConnection(self.listener, sock, client_address).serve()
+            if self.listener.config.protocol == "tcp":
+                if self.listener.draining.is_set():
+                    return             # a tcp listener stops accepting when the drain begins
+                TcpSession(self.listener, sock, client_address).serve()
+            else:
+                DownstreamConnection(self.listener, sock, client_address).serve()
         except Exception:
             self.listener.telemetry.internal_error("downstream connection")
         finally:
@@ -2883,7 +2937,358 @@ class DownstreamConnection:
 
 
 # ==================================================================================================
-# 8. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
+# 8. TCP relay
+#    A tcp listener's connections: connect (connect_attempts tries over the balancer, breaker and
+#    limits; TLS from the first byte, or PostgreSQL's SSLRequest first), then one thread pumps
+#    bytes both ways with bounded buffers, passing on half-closes and resets, until both sides
+#    are done or a timeout ends it.  One access-log line and one termination per connection.
+# ==================================================================================================
+
+TCP_TERMINATIONS = ("client_fin", "upstream_fin", "client_reset", "upstream_reset",
+                    "idle_timeout", "half_closed_timeout", "max_duration", "drain",
+                    "connect_failure", "tls_error", "no_healthy_upstream", "circuit_open",
+                    "overflow")
+
+
+def postgres_starttls(sock, label):
+    """PostgreSQL's SSLRequest on a connected socket: the handshake may follow only if the
+    server answers exactly one byte "S" with nothing after it -- bytes that arrive before the
+    handshake must never pass for protected (CVE-2021-23214).  TlsError otherwise."""
+    sock.sendall(PG_SSL_REQUEST)
+    reply = sock.recv(1)
+    if reply != b"S":
+        what = {b"N": "refused TLS (N)", b"E": "answered an error (E)", b"": "closed"}.get(
+            reply, "answered %r" % reply)
+        raise TlsError("PostgreSQL at %s %s to SSLRequest" % (label, what),
+                       reason="starttls_refused")
+    timeout = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        extra = sock.recv(1)
+    except (BlockingIOError, InterruptedError):
+        extra = None                           # nothing after the S: as it must be
+    finally:
+        sock.settimeout(timeout)
+    if extra is not None:
+        raise TlsError("PostgreSQL at %s sent bytes after its S: refused (CVE-2021-23214)"
+                       % label, reason="starttls_injection")
+
+
+def reset_socket(sock):
+    """Close with a reset (SO_LINGER 0), so the peer sees a reset, not a clean end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (OSError, ValueError):
+        pass
+    close_quietly(sock)
+
+
+def close_quietly(sock):
+    try:
+        sock.close()
+    except (OSError, ValueError):
+        pass
+
+
+class TcpLogEntry(NamedTuple):
+    ts: float
+    listener: str
+    cluster: str
+    upstream: Optional[bytes]
+    duration_s: float
+    bytes_to_upstream: int
+    bytes_to_downstream: int
+    connect_attempts: int
+    termination: str
+
+
+class _UpstreamSocket:
+    """What Listener.cut_in_flight needs of a session's upstream: its socket."""
+    __slots__ = ("sock",)
+
+    def __init__(self, sock):
+        self.sock = sock
+
+
+class TcpSession:
+    """One connection on a tcp listener, served by its own thread: connect, then pump().
+
+    The app's side is `sock`; the upstream's is made by connect().  Nothing waits for the app
+    to speak first: the upstream's greeting reaches a silent app at once.  Registered with the
+    listener like a request, so a drain waits for it and, at drain_timeout, cuts it."""
+
+    def __init__(self, listener, sock, client_address):
+        self.listener, self.sock = listener, sock
+        self.client_address = client_address
+        self.cluster = listener.cluster
+        self.start, self.wall_start = monotonic(), time.time()
+        self.endpoint = None
+        self.conn = None                   # _UpstreamSocket once connected
+        self.attempts = 0
+        self.bytes_up = self.bytes_down = 0
+        self.termination = None
+        self.reason = None
+        self.drain_cut = False
+
+    def serve(self):
+        listener = self.listener
+        listener.begin_request(self, self)
+        try:
+            self._serve()
+        except Exception:
+            listener.telemetry.internal_error("tcp session")
+            self.termination = self.termination or "upstream_reset"
+        finally:
+            close_quietly(self.sock)
+            if self.conn is not None:
+                close_quietly(self.conn.sock)
+                self.cluster.limits.end("connections")
+                self.cluster.outlier_detector.record(self.endpoint, True)
+            if listener.end_request(self):
+                self.record()
+
+    def record(self):
+        if self.drain_cut:
+            self.termination = "drain"
+        self.listener.telemetry.tcp_closed(self.listener, self)
+        if self.reason and self.termination not in ("client_fin", "upstream_fin"):
+            self.listener.telemetry.log.warning("%s: tcp connection from %s closed: %s (%s)",
+                                                self.listener.name, self.client_address[0],
+                                                self.termination, self.reason)
+
+    def _serve(self):
+        listener = self.listener
+        if listener.tls is not None:                 # the callee's side of two Ambassadors
+            tls = DownstreamConnection(listener, self.sock, self.client_address)
+            if not tls.handshake():
+                self.termination, self.sock = "tls_error", tls.sock
+                return
+            self.sock = tls.sock
+            if tls.forbidden:
+                self.termination, self.reason = "tls_error", "client certificate not allowed"
+                return
+        upstream = self.connect()
+        if upstream is not None:
+            self.conn = _UpstreamSocket(upstream)
+            self.pump(self.sock, upstream)
+
+    def connect(self):
+        """A connected (and TLS, if the cluster says so) upstream socket, or None with the
+        termination set.  Up to connect_attempts tries, each to another endpoint when there
+        is one, with the retry defaults' backoff between them: safe, as no byte left yet."""
+        cluster, telemetry = self.cluster, self.listener.telemetry
+        last = None
+        for attempt in range(self.listener.config.connect_attempts):
+            if attempt:
+                time.sleep(min(DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_BASE_S * attempt * attempt)
+                           * (0.5 + 0.5 * random.random()))
+            try:
+                endpoint = cluster.pick_endpoint(avoid=last)
+            except NoHealthyUpstream as e:
+                self.termination, self.reason = "no_healthy_upstream", str(e)
+                return None
+            ticket = cluster.breaker.allow()
+            if ticket is None:
+                telemetry.rejected(cluster, "circuit_open")
+                self.termination = "circuit_open"
+                self.reason = "circuit breaker of cluster %s is open" % cluster.name
+                return None
+            if not cluster.limits.try_begin("connections"):
+                cluster.breaker.record(ticket, None)
+                telemetry.rejected(cluster, "overflow_connections")
+                self.termination = "overflow"
+                self.reason = "max_connections of cluster %s reached" % cluster.name
+                return None
+            self.attempts += 1
+            endpoint.begin_request()
+            try:
+                sock = self._open(endpoint)
+            except ConnectFailure as e:
+                cluster.limits.end("connections")
+                cluster.outlier_detector.record(endpoint, False)
+                cluster.breaker.record(ticket, False)
+                telemetry.upstream_attempt(cluster, endpoint, "connect_failure", 0)
+                if isinstance(e, TlsError):
+                    telemetry.tls_error("upstream", cluster.name, e.reason)
+                self.termination = "tls_error" if isinstance(e, TlsError) else "connect_failure"
+                self.reason, last = str(e), endpoint
+                continue
+            cluster.breaker.record(ticket, True)
+            telemetry.upstream_attempt(cluster, endpoint, "ok", 0)
+            self.endpoint = endpoint
+            return sock
+        return None
+
+    def _open(self, endpoint):
+        timeout = self.cluster.config.connect_timeout
+        label = endpoint.label.decode()
+        try:
+            sock = socket.create_connection(endpoint.address, timeout)
+        except OSError as e:
+            raise ConnectFailure("connect to %s: %s" % (label, e.strerror or e))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.cluster.tls
+            if tls is not None:
+                if tls.config.starttls == "postgres":
+                    postgres_starttls(sock, label)
+                sock = client_handshake(sock, tls, endpoint)
+        except ConnectFailure:
+            close_quietly(sock)
+            raise
+        except OSError as e:
+            close_quietly(sock)
+            raise ConnectFailure("connect to %s: %s" % (label, e))
+        return sock
+
+    def pump(self, down, up):
+        """Relay until both directions have ended.  Each direction holds at most
+        TCP_BUFFER_BYTES: a slow reader slows its writer, memory does not grow.  A FIN is
+        passed on with shutdown(SHUT_WR) once what came before it was delivered, and the other
+        direction keeps flowing (half_closed_timeout); a reset is passed on as a reset."""
+        c = self.listener.config
+        telemetry, name = self.listener.telemetry, self.listener.name
+        ssl_types = (self.cluster.tls.ssl.SSLSocket,) if self.cluster.tls is not None else ()
+        if self.listener.tls is not None:
+            ssl_types += (self.listener.tls.ssl.SSLSocket,)
+        want = (self.cluster.tls.ssl.SSLWantReadError, self.cluster.tls.ssl.SSLWantWriteError) \
+            if self.cluster.tls is not None else () 
+        if self.listener.tls is not None:
+            want += (self.listener.tls.ssl.SSLWantReadError,
+                     self.listener.tls.ssl.SSLWantWriteError)
+        # Ambassador speaks TLS to PostgreSQL for the app: the app's own SSLRequest and
+        # GSSENCRequest get "N" here, and it goes on in plaintext (libpq's sslmode=prefer).
+        pg_intercept = self.cluster.tls is not None and \
+            self.cluster.tls.config.starttls == "postgres"
+        sides = {"down": [down, bytearray(), False, False], "up": [up, bytearray(), False, False]}
+        # per side: socket, bytes waiting to be written to it, EOF read from it, FIN sent to it
+        other = {"down": "up", "up": "down"}
+        down.setblocking(False)
+        up.setblocking(False)
+        poller = select.poll()
+        fd_side = {down.fileno(): "down", up.fileno(): "up"}
+        last_active = started = monotonic()
+        half_closed_at = None
+        first_fin = None
+        while True:
+            if self.drain_cut:
+                self.termination = "drain"
+                return
+            for side, (sock, out, eof, shut) in sides.items():
+                if eof and not sides[other[side]][1] and not sides[other[side]][3]:
+                    # EOF from `side` and everything before it delivered: pass the FIN on
+                    peer = sides[other[side]]
+                    try:
+                        peer[0].shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    peer[3] = True
+                    first_fin = first_fin or ("client_fin" if side == "down" else "upstream_fin")
+                    half_closed_at = half_closed_at or monotonic()
+            if sides["down"][2] and sides["up"][2] and not sides["down"][1] and \
+                    not sides["up"][1]:
+                self.termination = first_fin
+                return
+            pending = False
+            for side, (sock, out, eof, shut) in sides.items():
+                events = 0
+                if not eof and len(sides[other[side]][1]) < TCP_BUFFER_BYTES:
+                    events |= select.POLLIN
+                    if ssl_types and isinstance(sock, ssl_types) and sock.pending():
+                        pending = True
+                if out:
+                    events |= select.POLLOUT
+                if events:
+                    poller.register(sock, events)
+                else:
+                    try:
+                        poller.unregister(sock)
+                    except KeyError:
+                        pass
+            now = monotonic()
+            deadlines = [(now + 1.0, None)]          # to notice a drain cut within a second
+            if c.idle_timeout:
+                deadlines.append((last_active + c.idle_timeout, "idle_timeout"))
+            if half_closed_at is not None:
+                deadlines.append((half_closed_at + c.half_closed_timeout, "half_closed_timeout"))
+            if c.max_connection_duration:
+                deadlines.append((started + c.max_connection_duration, "max_duration"))
+            due, why = min(deadlines)
+            if due <= now and why is not None:
+                self.termination = why
+                return
+            ready = poller.poll(0 if pending else max(0, (due - now) * 1000.0))
+            if pending:
+                ready = [(s[0].fileno(), select.POLLIN) for s in sides.values()] + ready
+            for fd, events in ready:
+                side = fd_side[fd]
+                entry = sides[side]
+                sock, peer = entry[0], sides[other[side]]
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not entry[2] \
+                        and len(peer[1]) < TCP_BUFFER_BYTES:
+                    try:
+                        data = sock.recv(IO_CHUNK_BYTES)
+                    except want:
+                        data = None
+                    except (BlockingIOError, InterruptedError):
+                        data = None
+                    except OSError as e:
+                        self._reset(side, peer[0], e)
+                        return
+                    if data is not None:
+                        last_active = monotonic()
+                        if not data:
+                            entry[2] = True
+                        else:
+                            if side == "down" and pg_intercept:
+                                data = self._intercept_pg(data, entry)
+                            if side == "down":
+                                self.bytes_up += len(data)
+                            else:
+                                self.bytes_down += len(data)
+                            telemetry.tcp_bytes(name, "to_upstream" if side == "down"
+                                                else "to_downstream", len(data))
+                            peer[1] += data
+                if events & select.POLLOUT and entry[1]:
+                    try:
+                        n = sock.send(entry[1][:IO_CHUNK_BYTES])
+                    except want:
+                        n = 0
+                    except (BlockingIOError, InterruptedError):
+                        n = 0
+                    except OSError as e:
+                        self._reset(other[side], sock, e)
+                        return
+                    if n:
+                        del entry[1][:n]
+                        last_active = monotonic()
+            pg_intercept = pg_intercept and self._pg_pending is not None
+
+    _pg_pending = b""        # the app's first bytes while they may still be an SSLRequest
+
+    def _intercept_pg(self, data, entry):
+        """The app's first bytes: answer SSLRequest / GSSENCRequest with "N", pass the rest."""
+        buf = self._pg_pending + data
+        while len(buf) >= 8 and buf[:8] in (PG_SSL_REQUEST, PG_GSSENC_REQUEST):
+            buf = buf[8:]
+            self.sock.setblocking(True)
+            self.sock.sendall(b"N")
+            self.sock.setblocking(False)
+        if len(buf) < 8 and (PG_SSL_REQUEST.startswith(buf) or PG_GSSENC_REQUEST.startswith(buf)):
+            self._pg_pending = buf
+            return b""
+        self._pg_pending = None
+        return buf
+
+    def _reset(self, side, peer_sock, error):
+        """`side` reset (or failed): the other side gets a reset too."""
+        self.termination = "client_reset" if side == "down" else "upstream_reset"
+        self.reason = "%s" % (error or type(error).__name__)
+        reset_socket(peer_sock)
+
+
+# ==================================================================================================
+# 9. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS), chosen by a
 #    balancer, each with a pool of keep-alive connections (TLS when the cluster has it) that
 #    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
@@ -3515,8 +3920,8 @@ class Cluster:
 
 
 # ==================================================================================================
-# 9. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
-#    HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
+# 10. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+#     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
 
@@ -3779,7 +4184,9 @@ class HealthChecker:
     """Active health checks of one cluster: one named thread per endpoint, each checking at
     once, then every `interval` (jittered).  An http check is GET path with User-Agent
     ambassador-health-check, passing on an expected status within `timeout`; a tcp check passes
-    when a connection is made.  Thread-safe."""
+    when a connection is made; redis sends PING and expects +PONG; postgres sends a
+    StartupMessage and expects an R (an authentication request).  Each speaks the cluster's
+    TLS (and its starttls).  Thread-safe."""
 
     def __init__(self, cluster, config, telemetry, rng=random):
         self.cluster = cluster
@@ -3840,11 +4247,26 @@ class HealthChecker:
         except OSError:
             return False
         try:
-            if self.cluster.tls is not None:
-                sock.settimeout(c.timeout)
-                sock = client_handshake(sock, self.cluster.tls, endpoint)
+            tls = self.cluster.tls
+            sock.settimeout(c.timeout)
+            if tls is not None:
+                if tls.config.starttls == "postgres":
+                    postgres_starttls(sock, endpoint.label.decode())
+                sock = client_handshake(sock, tls, endpoint)
             if c.type == "tcp":
                 return True
+            if c.type == "redis":                # PING -> +PONG
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                return SocketReader(sock).read_line(512) == b"+PONG"
+            if c.type == "postgres":             # a StartupMessage: an R (authentication) is up
+                body = struct.pack("!i", 196608) + b"user\0ambassador\0database\0postgres\0\0"
+                sock.sendall(struct.pack("!i", len(body) + 4) + body)
+                reply = sock.recv(1)
+                try:
+                    sock.sendall(b"X\0\0\0\x04")  # Terminate, politely
+                except OSError:
+                    pass
+                return reply == b"R"
             deadline = monotonic() + c.timeout
             sock.settimeout(c.timeout)
             sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ambassador-health-check"
@@ -3853,14 +4275,14 @@ class HealthChecker:
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             return len(parts) >= 2 and parts[1].isdigit() and \
                 int(parts[1]) in c.expected_statuses
-        except (OSError, EOFError, HeadTooLarge, TlsError):
+        except (OSError, EOFError, HeadTooLarge, TlsError, FramingError):
             return False
         finally:
             sock.close()
 
 
 # ==================================================================================================
-# 10. Telemetry: Metrics, AccessLog, Tracer, SpanExporter
+# 11. Telemetry: Metrics, AccessLog, Tracer, SpanExporter
 #    What happened, for people, Prometheus and trace collectors.  Nothing here may raise into the
 #    data path or block it: counters take one short lock; log lines and spans are written by
 #    background threads from bounded queues.
@@ -4090,7 +4512,33 @@ class AccessLog:
                 self._on_error()
             time.sleep(0)
 
+    def _stamp(self, ts):
+        second = int(ts)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self._second_text + ".%03dZ" % (ts % 1 * 1000)
+
+    def format_tcp(self, e):
+        """One line per tcp connection, when it closes."""
+        stamp = self._stamp(e.ts)
+        upstream = e.upstream.decode() if e.upstream else None
+        duration_ms = round(e.duration_s * 1000, 3)
+        if self._fmt == "json":
+            return json.dumps({"ts": stamp, "listener": e.listener, "protocol": "tcp",
+                               "cluster": e.cluster, "upstream": upstream,
+                               "duration_ms": duration_ms,
+                               "bytes_to_upstream": e.bytes_to_upstream,
+                               "bytes_to_downstream": e.bytes_to_downstream,
+                               "connect_attempts": e.connect_attempts,
+                               "termination": e.termination}, separators=(",", ":")) + "\n"
+        return '[%s] TCP %s %d %d %s %d "%s" "%s" "%s"\n' % (
+            stamp, e.termination, e.bytes_to_upstream, e.bytes_to_downstream, duration_ms,
+            e.connect_attempts, e.listener, upstream or "-", e.cluster)
+
     def format(self, entry):
+        if isinstance(entry, TcpLogEntry):
+            return self.format_tcp(entry)
         (ts, listener, method, path, status, duration_s, upstream, attempts, bytes_in, bytes_out,
          request_id, error, trace_id, span_id, route, cluster) = entry
         second = int(ts)
@@ -4473,6 +4921,15 @@ class Telemetry:
         self.rejections = m.add(Counter(
             "ambassador_rejected_total",
             "Requests and retries refused without being sent, by reason.", ("cluster", "reason")))
+        m.add(Gauge("ambassador_tcp_connections_active", "Open connections of tcp listeners.",
+                    ("listener",), lambda: [((l.name,), l.active_requests) for l in listeners
+                                            if l.config.protocol == "tcp"]))
+        self.tcp_connections = m.add(Counter(
+            "ambassador_tcp_connections_total", "Closed connections of tcp listeners, by how "
+            "they ended.", ("listener", "termination")))
+        self.tcp_byte_counts = m.add(Counter(
+            "ambassador_tcp_bytes_total", "Bytes relayed by tcp listeners.",
+            ("listener", "direction")))
         self.faults = m.add(Counter(
             "ambassador_faults_injected_total", "Faults injected by [fault], by kind.",
             ("listener", "route", "kind")))
@@ -4545,6 +5002,11 @@ class Telemetry:
                 self.duration.touch((l.name, cluster.name))
                 self.retries.touch((l.name, cluster.name))
             self.rejected_connections.touch((l.name,))
+            if l.config.protocol == "tcp":
+                for termination in TCP_TERMINATIONS:
+                    self.tcp_connections.touch((l.name, termination))
+                for direction in ("to_upstream", "to_downstream"):
+                    self.tcp_byte_counts.touch((l.name, direction))
             for route in l.routes + [l.default_route]:
                 if route.fault is not None:
                     for kind in ("delay", "abort"):
@@ -4649,6 +5111,21 @@ class Telemetry:
             self.log.warning("cluster %s: endpoint %s is %s", cluster.name,
                              endpoint.label.decode(), changed)
 
+    def tcp_bytes(self, listener_name, direction, n):
+        self.tcp_byte_counts.inc((listener_name, direction), n)
+
+    def tcp_closed(self, listener, session):
+        try:
+            self.tcp_connections.inc((listener.name, session.termination))
+            if self.access_log is not None:
+                self.access_log.record(TcpLogEntry(
+                    session.wall_start, listener.name, session.cluster.name,
+                    session.endpoint.label if session.endpoint else None,
+                    monotonic() - session.start, session.bytes_up, session.bytes_down,
+                    session.attempts, session.termination))
+        except Exception:
+            self.internal_error("telemetry")
+
     def fault_injected(self, listener, route, kind):
         self.faults.inc((listener.name, route.label, kind))
 
@@ -4686,7 +5163,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 11. Admin
+# 12. Admin
 #     GET / /metrics /ready /clusters /config, POST /quitquitquit.  Off the hot path, so it is a
 #     plain http.server; it binds 127.0.0.1 unless configured otherwise.
 # ==================================================================================================
@@ -4812,7 +5289,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 12. Process: Ambassador, demo, main()
+# 13. Process: Ambassador, demo, main()
 #     Wiring, start, drain, signals, the command line, and the demo a newcomer runs first.
 # ==================================================================================================
 
@@ -4974,6 +5451,9 @@ class Ambassador:
             time.sleep(0.02)
         for listener in self.listeners:         # threads that did not end in time
             for req in listener.abandon_in_flight():
+                if isinstance(req, TcpSession):
+                    req.record()
+                    continue
                 req.error = DrainCut.tag
                 self.telemetry.record_request(listener, req, monotonic() - req.start)
 
@@ -5261,7 +5741,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 13. Appendix: the TOML parser for Python < 3.11
+# 14. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.

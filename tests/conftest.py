@@ -535,3 +535,105 @@ def pki(tmp_path_factory):
     p.expired_client = p.expired("expired-client", "ca", "URI:%sorder" % SPIFFE, "clientAuth")
     p.ca_pem = p.path("ca.pem")
     return p
+
+
+# ------------------------------------------------------------------------------ real servers
+
+def need(binary):
+    """The path of a binary a test needs: a failure in CI (.ci/run installs it), a skip elsewhere."""
+    import glob
+    import shutil
+    path = shutil.which(binary) or next(iter(sorted(glob.glob(
+        "/usr/lib/postgresql/*/bin/%s" % binary), reverse=True)), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("%s is not installed: .ci/run installs it" % binary)
+        pytest.skip("%s is not installed here" % binary)
+    return path
+
+
+def wait_port(port, timeout=15.0):
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+    wait_for(up, timeout, "a server on port %d" % port)
+
+
+class RedisServer:
+    """redis-server on a free loopback port, no persistence; TLS only when given a PKI."""
+
+    def __init__(self, tmp, pki=None):
+        self.port = free_port()
+        args = [need("redis-server"), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(tmp)]
+        if pki is None:
+            args += ["--port", str(self.port)]
+        else:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                     pki.server[0], "--tls-key-file", pki.server[1], "--tls-ca-cert-file",
+                     pki.ca_pem, "--tls-auth-clients", "yes"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    r = RedisServer(tmp_path)
+    yield r
+    r.stop()
+
+
+class PostgresServer:
+    """PostgreSQL on a free loopback port that accepts only TLS (pg_hba.conf: hostssl), run as
+    the postgres user in a temporary cluster; stopped with pg_ctl."""
+
+    def __init__(self, tmp, pki):
+        if os.geteuid() != 0:
+            pytest.skip("PostgreSQL is started as the postgres user: the tests need root")
+        initdb, self.pg_ctl = need("initdb"), need("pg_ctl")
+        import tempfile
+        self.port = free_port()
+        # pytest's temporary folders are private to root: the cluster gets its own, in /tmp.
+        self.root = tempfile.mkdtemp(prefix="ambassador-pg-")
+        self.data = os.path.join(self.root, "data")
+        subprocess.check_call(["chown", "-R", "postgres:", self.root])
+        self.run([initdb, "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--locale=C", "--no-sync"])
+        for name, source in (("server.crt", pki.server[0]), ("server.key", pki.server[1])):
+            with open(source, "rb") as f, open(os.path.join(self.data, name), "wb") as out:
+                out.write(f.read())
+            os.chmod(os.path.join(self.data, name), 0o600)
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+                    "fsync = off\nshared_buffers = 16MB\n")
+        with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
+            f.write("hostssl all all 127.0.0.1/32 trust\n")
+        subprocess.check_call(["chown", "-R", "postgres:", self.root])
+        self.run([self.pg_ctl, "-D", self.data, "-l", os.path.join(self.root, "log"), "-w",
+                  "-t", "60", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
+                  % (self.port, self.root), "start"])
+
+    def run(self, args):
+        subprocess.check_call(["runuser", "-u", "postgres", "--"] + args,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        import shutil
+        try:
+            self.run([self.pg_ctl, "-D", self.data, "stop", "-m", "fast", "-w"])
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_server(tmp_path_factory, pki):
+    pg = PostgresServer(tmp_path_factory.mktemp("postgres"), pki)
+    yield pg
+    pg.stop()

@@ -70,7 +70,7 @@ BAD = [
     ({"extra": 'host_rewrite = "yes"'},
      'listeners.payment.host_rewrite: expected true or false, got "yes"'),
     ({"extra": 'protocol = "grpc"'},
-     'listeners.payment.protocol: expected one of "http", got "grpc"'),
+     'listeners.payment.protocol: expected one of "http", "tcp", got "grpc"'),
     ({"listen": '"nowhere"'}, 'listeners.payment.listen: expected "host:port", got "nowhere"'),
     ({"listen": '70000'}, 'listeners.payment.listen: port must be 0-65535, got 70000'),
     ({"extra": '[listeners.payment.tls]\ncert = "x.pem"'},

@@ -145,7 +145,7 @@ def test_a_keep_alive_response_is_never_followed_by_a_close(ambassador, upstream
             respond(sock, 200, b"next")
     up = upstream_factory(slow)
     config = base_config([up.address])
-    config["shutdown"] = {"drain_timeout": "10s", "min_drain": "2s"}
+    config["shutdown"] = {"drain_timeout": "10s", "min_drain": "5s"}   # room on a slow machine
     a = ambassador(config)
     with socket.create_connection(("127.0.0.1", a.port()), timeout=10) as s:
         s.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
