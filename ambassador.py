@@ -45,7 +45,7 @@ a cluster is a named set of endpoints (one address each); a route picks a cluste
 request.  A try is one exchange with one endpoint; a retry is a try after the first; the
 attempts of a request are all its tries (x-ambassador-attempts, the log's `attempts`).
 
-Contents (grep -n '^# [0-9]*\. ' for line numbers):
+Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
      1 Imports and compatibility       8 TCP relay: connect, pump, half-close, timeouts
      2 Constants and defaults          9 Upstream: endpoints, pool, balancers, DNS, Cluster
      3 Errors                         10 Resilience: retries, budget, breaker, limits,
@@ -92,6 +92,8 @@ __version__ = "0.1.0"
 __all__ = ["Ambassador", "Config", "load_config", "parse_config", "toml_loads", "main"]
 
 monotonic = time.monotonic
+# compat(3.9): os.splice (3.10+, Linux) moves a tcp listener's plaintext bytes in the kernel.
+HAS_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 
 
 # ==================================================================================================
@@ -3070,7 +3072,10 @@ class TcpSession:
         upstream = self.connect()
         if upstream is not None:
             self.conn = _UpstreamSocket(upstream)
-            self.pump(self.sock, upstream)
+            if HAS_SPLICE and self.listener.tls is None and self.cluster.tls is None:
+                self.splice_pump(self.sock, upstream)
+            else:
+                self.pump(self.sock, upstream)
 
     def connect(self):
         """A connected (and TLS, if the cluster says so) upstream socket, or None with the
@@ -3227,7 +3232,7 @@ class TcpSession:
                 if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not entry[2] \
                         and len(peer[1]) < TCP_BUFFER_BYTES:
                     try:
-                        data = sock.recv(IO_CHUNK_BYTES)
+                        data = sock.recv(TCP_BUFFER_BYTES - len(peer[1]))
                     except want:
                         data = None
                     except (BlockingIOError, InterruptedError):
@@ -3248,10 +3253,23 @@ class TcpSession:
                                 self.bytes_down += len(data)
                             telemetry.tcp_bytes(name, "to_upstream" if side == "down"
                                                 else "to_downstream", len(data))
+                            if data and not peer[1]:
+                                # The common case: the other side can take it now, without a
+                                # trip through the buffer and the poller.
+                                try:
+                                    n = peer[0].send(data)
+                                except want:
+                                    n = 0
+                                except (BlockingIOError, InterruptedError):
+                                    n = 0
+                                except OSError as e:
+                                    self._reset(other[side], peer[0], e)
+                                    return
+                                data = memoryview(data)[n:] if n else data
                             peer[1] += data
                 if events & select.POLLOUT and entry[1]:
                     try:
-                        n = sock.send(entry[1][:IO_CHUNK_BYTES])
+                        n = sock.send(entry[1])
                     except want:
                         n = 0
                     except (BlockingIOError, InterruptedError):
@@ -3263,6 +3281,122 @@ class TcpSession:
                         del entry[1][:n]
                         last_active = monotonic()
             pg_intercept = pg_intercept and self._pg_pending is not None
+
+    def splice_pump(self, down, up):
+        """pump() for plaintext on both sides, where os.splice exists (Linux, 3.10+): the kernel
+        moves the bytes through one pipe per direction, never copied into Python.  The same
+        rules: each pipe holds at most TCP_BUFFER_BYTES, FINs and resets are passed on, and
+        the same timeouts apply."""
+        import fcntl
+        c = self.listener.config
+        telemetry, name = self.listener.telemetry, self.listener.name
+        socks = {"down": down, "up": up}
+        other = {"down": "up", "up": "down"}
+        pipes, fill, eof, shut = {}, {"down": 0, "up": 0}, {}, {}
+        for side in socks:
+            pipes[side] = os.pipe()          # bytes read from `side`, waiting for the other
+            try:
+                fcntl.fcntl(pipes[side][1], fcntl.F_SETPIPE_SZ, TCP_BUFFER_BYTES)
+            except OSError:
+                pass                         # the default 64 KiB then
+            eof[side] = shut[side] = False
+            socks[side].setblocking(False)
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        poller = select.poll()
+        fd_side = {down.fileno(): "down", up.fileno(): "up"}
+        last_active = started = monotonic()
+        half_closed_at = first_fin = None
+
+        def move_out(side):
+            """Pipe of `side` -> the other socket.  -> False after a reset was passed on."""
+            while fill[side]:
+                try:
+                    n = os.splice(pipes[side][0], socks[other[side]].fileno(), fill[side],
+                                  flags=flags)
+                except (BlockingIOError, InterruptedError):
+                    return True
+                except OSError as e:
+                    self._reset(other[side], socks[side], e)
+                    return False
+                fill[side] -= n
+            return True
+        try:
+            while True:
+                if self.drain_cut:
+                    self.termination = "drain"
+                    return
+                for side in socks:
+                    if eof[side] and not fill[side] and not shut[other[side]]:
+                        try:
+                            socks[other[side]].shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+                        shut[other[side]] = True
+                        first_fin = first_fin or ("client_fin" if side == "down"
+                                                  else "upstream_fin")
+                        half_closed_at = half_closed_at or monotonic()
+                if eof["down"] and eof["up"] and not fill["down"] and not fill["up"]:
+                    self.termination = first_fin
+                    return
+                for side, sock in socks.items():
+                    events = (select.POLLIN if not eof[side] and fill[side] < TCP_BUFFER_BYTES
+                              else 0) | (select.POLLOUT if fill[other[side]] else 0)
+                    if events:
+                        poller.register(sock, events)
+                    else:
+                        try:
+                            poller.unregister(sock)
+                        except KeyError:
+                            pass
+                now = monotonic()
+                deadlines = [(now + 1.0, None)]
+                if c.idle_timeout:
+                    deadlines.append((last_active + c.idle_timeout, "idle_timeout"))
+                if half_closed_at is not None:
+                    deadlines.append((half_closed_at + c.half_closed_timeout,
+                                      "half_closed_timeout"))
+                if c.max_connection_duration:
+                    deadlines.append((started + c.max_connection_duration, "max_duration"))
+                due, why = min(deadlines)
+                if due <= now and why is not None:
+                    self.termination = why
+                    return
+                for fd, events in poller.poll(max(0, (due - now) * 1000.0)):
+                    side = fd_side[fd]
+                    if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and \
+                            not eof[side] and fill[side] < TCP_BUFFER_BYTES:
+                        try:
+                            n = os.splice(fd, pipes[side][1], TCP_BUFFER_BYTES - fill[side],
+                                          flags=flags)
+                        except (BlockingIOError, InterruptedError):
+                            n = None
+                        except OSError as e:
+                            self._reset(side, socks[other[side]], e)
+                            return
+                        if n is not None:
+                            last_active = monotonic()
+                            if n == 0:
+                                eof[side] = True
+                            else:
+                                fill[side] += n
+                                if side == "down":
+                                    self.bytes_up += n
+                                else:
+                                    self.bytes_down += n
+                                telemetry.tcp_bytes(name, "to_upstream" if side == "down"
+                                                    else "to_downstream", n)
+                                if not move_out(side):
+                                    return
+                    if events & select.POLLOUT and fill[other[side]]:
+                        before = fill[other[side]]
+                        if not move_out(other[side]):
+                            return
+                        if fill[other[side]] != before:
+                            last_active = monotonic()
+        finally:
+            for r, w in pipes.values():
+                os.close(r)
+                os.close(w)
 
     _pg_pending = b""        # the app's first bytes while they may still be an SSLRequest
 

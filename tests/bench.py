@@ -329,6 +329,114 @@ def compare_mirror(tmp, up_port, procs, args, load):
     hung.close()
 
 
+TCP_SOURCE = r"""
+import socket, ssl, sys, threading
+port, tls = int(sys.argv[1]), sys.argv[2:]
+srv = socket.socket(); srv.bind(("127.0.0.1", port)); srv.listen(1024)
+ctx = None
+if tls:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(tls[0], tls[1])
+block = b"z" * (1 << 20)
+def serve(s):
+    try:
+        if ctx: s = ctx.wrap_socket(s, server_side=True)
+        cmd = s.recv(64)
+        if cmd.startswith(b"STREAM"):
+            for _ in range(int(cmd.split()[1])): s.sendall(block)
+        else:
+            s.sendall(cmd)                               # ping: echo once
+            while s.recv(65536): pass
+    except OSError: pass
+    finally: s.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def tcp_numbers(tmp, procs, args):
+    """tcp listeners: one stream's MiB/s direct and through Ambassador (plain and with TLS to
+    the upstream), and connection set-up (connect, one byte each way) p50 and p99."""
+    subprocess.check_call(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                           "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj",
+                           "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                           "-keyout", os.path.join(tmp, "tcp.key"), "-out",
+                           os.path.join(tmp, "tcp.pem")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plain_up, tls_up = free_port(), free_port()
+    for port, extra in ((plain_up, []), (tls_up, [os.path.join(tmp, "tcp.pem"),
+                                                    os.path.join(tmp, "tcp.key")])):
+        procs.append(subprocess.Popen(pinned(1, [sys.executable, "-c", TCP_SOURCE, str(port)]
+                                             + extra)))
+    ports = {}
+    for name, up, tls in (("tcp", plain_up, ""), ("tcptls", tls_up,
+                                                  '[clusters.%s.tls]\nca = "%s"\n')):
+        port, admin = free_port(), free_port()
+        conf = os.path.join(tmp, name + ".toml")
+        with open(conf, "w") as f:
+            f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n'
+                    '[listeners.%s]\nlisten = "127.0.0.1:%d"\nprotocol = "tcp"\ncluster = "%s"\n'
+                    '[clusters.%s]\nendpoints = ["127.0.0.1:%d"]\n' % (admin, name, port, name,
+                                                                          name, up))
+            if tls:
+                f.write(tls % (name, os.path.join(tmp, "tcp.pem")))
+        procs.append(subprocess.Popen(pinned(0, [args.python, os.path.join(ROOT, "ambassador.py"),
+                                                 "-c", conf]), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        ports[name] = port
+    for port in (plain_up, tls_up, ports["tcp"], ports["tcptls"]):
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stream(port, tls=False, mib=2048):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if tls:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(os.path.join(tmp, "tcp.pem"))
+            s = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+        t0 = time.monotonic()
+        s.sendall(b"STREAM %d" % mib)
+        got, buf = 0, bytearray(1 << 20)
+        while got < mib << 20:
+            n = s.recv_into(buf)
+            if not n:
+                break
+            got += n
+        s.close()
+        return got / float(1 << 20) / (time.monotonic() - t0)
+
+    def setup(port, n=500):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"p")
+            s.recv(1)
+            times.append(time.perf_counter() - t0)
+            s.close()
+        times.sort()
+        return times[n // 2] * 1000, times[int(n * 0.99)] * 1000
+    print()
+    print("| tcp listener | direct | through Ambassador | ratio |")
+    print("|---|---|---|---|")
+    d, a = stream(plain_up), stream(ports["tcp"])
+    print("| one stream, plaintext, MiB/s | %.0f | %.0f | %.0f%% |" % (d, a, 100 * a / d))
+    d, a = stream(tls_up, tls=True), stream(ports["tcptls"])
+    print("| one stream, TLS to the upstream, MiB/s (direct: TLS client) | %.0f | %.0f | %.0f%% |"
+          % (d, a, 100 * a / d))
+    d, a = setup(plain_up), setup(ports["tcp"])
+    print("| connection set-up p50 / p99, ms | %.3f / %.3f | %.3f / %.3f | +%.3f ms at p50 |"
+          % (d[0], d[1], a[0], a[1], a[0] - d[0]))
+
+
 def route_selection_cost(rounds=20000):
     """In process: Listener.select_route with 50 routes, for a request that matches the last
     route and one that matches none (every route tried), and with no routes at all."""
@@ -375,6 +483,7 @@ def main():
                    help="the ambassador.py compared with --baseline (default: this one)")
     p.add_argument("--baseline-only", action="store_true",
                    help="with --baseline: only that comparison")
+    p.add_argument("--tcp-only", action="store_true", help="only the tcp listener figures")
     p.add_argument("--mirror-only", action="store_true",
                    help="only the mirror comparison")
     p.add_argument("--routes-only", action="store_true",
@@ -394,6 +503,9 @@ def main():
             return
         if args.mirror_only:
             compare_mirror(tmp, up_port, procs, args, load)
+            return
+        if args.tcp_only:
+            tcp_numbers(tmp, procs, args)
             return
         amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python)
         time.sleep(0.5)
@@ -433,6 +545,7 @@ def main():
         if args.baseline:
             compare_baseline(tmp, up_port, procs, args, load)
         compare_mirror(tmp, up_port, procs, args, load)
+        tcp_numbers(tmp, procs, args)
         route_selection_cost()
     finally:
         for proc in procs:

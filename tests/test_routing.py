@@ -349,3 +349,31 @@ def test_check_prints_each_listeners_routes_in_order(tmp_path):
     assert lines[1] == "  route canary: GET,POST /v2/* x-canary=1 -> v2 (90), v3 (10)"
     assert lines[2] == "  route 1: ~/orders/[0-9]+ -> orders"
     assert len(lines) == 9
+
+
+def test_retry_other_cluster_lets_a_retry_pick_the_other_weighted_cluster(ambassador,
+                                                                        upstream_factory):
+    broken = upstream_factory(lambda req, sock: respond(sock, 503, b"down"))
+    healthy = upstream_factory(named("healthy"))
+    config = base_config([broken.address])
+    config["clusters"]["svc"]["circuit_breaker"] = {"failure_threshold": 1000}  # stays closed
+    config["clusters"]["other"] = {"endpoints": [healthy.address]}
+    config["listeners"]["app"]["retry"] = {"attempts": 2, "retry_on": ["5xx"],
+                                           "backoff_base": "1ms"}
+    config["listeners"]["app"]["routes"] = [
+        {"clusters": [{"cluster": "svc", "weight": 50}, {"cluster": "other", "weight": 50}],
+         "retry_other_cluster": True},
+        ]
+    a = ambassador(config)
+    statuses = collections.Counter(request(a.port())[0] for _ in range(40))
+    assert statuses == {200: 40}                   # a 503 from svc is retried on other
+    assert broken.count() > 0
+    config2 = base_config([broken.address])
+    config2["clusters"]["svc"]["circuit_breaker"] = {"failure_threshold": 1000}
+    config2["clusters"]["other"] = {"endpoints": [healthy.address]}
+    config2["listeners"]["app"]["retry"] = config["listeners"]["app"]["retry"]
+    config2["listeners"]["app"]["routes"] = [
+        {"clusters": [{"cluster": "svc", "weight": 50}, {"cluster": "other", "weight": 50}]}]
+    b = ambassador(config2)
+    statuses = collections.Counter(request(b.port())[0] for _ in range(40))
+    assert statuses[503] > 0                       # by default retries stay on svc

@@ -256,3 +256,13 @@ def test_mirror_percent_and_bodies_too_large_to_hold(ambassador, upstream_factor
     time.sleep(0.2)
     assert shadow.count() == before                 # streamed, not held: not mirrored
     assert metric(a, "ambassador_mirror_requests_total", result="dropped") > dropped
+
+
+def test_100_per_second_burst_100_under_500_per_second_for_10_s_admits_1100():
+    clock = FakeClock()
+    bucket = amb.TokenBucket(100.0, 100, clock)
+    admitted = 0
+    for _ in range(5000):                        # 500 requests a second for 10 s
+        admitted += bucket.try_take()[0]
+        clock.now += 0.002
+    assert abs(admitted - 1100) <= 22, admitted   # 1,100 +- 2%
