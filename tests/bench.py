@@ -134,6 +134,9 @@ open_timeout = "30s"
 """
 
 
+ACCESS_LOG = [True]                       # --no-access-log turns it off in every config
+
+
 def start_ambassador(tmp, upstream_port, procs, python, extra="", name="ambassador",
                      script=os.path.join(ROOT, "ambassador.py")):
     port, admin = free_port(), free_port()
@@ -143,7 +146,7 @@ def start_ambassador(tmp, upstream_port, procs, python, extra="", name="ambassad
 [admin]
 listen = "127.0.0.1:%d"
 [log]
-access = "%s/access.log"
+access = "%s"
 format = "json"
 [listeners.bench]
 listen = "127.0.0.1:%d"
@@ -151,7 +154,8 @@ cluster = "bench"
 timeout = "30s"
 [clusters.bench]
 endpoints = ["127.0.0.1:%d"]
-%s""" % (admin, tmp, port, upstream_port, extra))
+%s""" % (admin, os.path.join(tmp, "access.log") if ACCESS_LOG[0] else "off", port,
+          upstream_port, extra))
     proc = subprocess.Popen(pinned(0, [python, script, "-c", conf]),
                             stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(tmp, name + ".err"), "w"))
@@ -437,6 +441,77 @@ def tcp_numbers(tmp, procs, args):
           % (d[0], d[1], a[0], a[1], a[0] - d[0]))
 
 
+def tcp_many(tmp, procs, args, total=1000, seconds=60):
+    """total connections through a tcp listener at once, half idle, half echoing a small
+    message in a loop, for `seconds`: errors, round trips, Ambassador's threads and RSS."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    up = free_port()
+    procs.append(subprocess.Popen(pinned(1, [sys.executable, "-c", TCP_SOURCE, str(up)])))
+    port, admin = free_port(), free_port()
+    conf = os.path.join(tmp, "many.toml")
+    with open(conf, "w") as f:
+        f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n[listeners.many]\n'
+                'listen = "127.0.0.1:%d"\nprotocol = "tcp"\ncluster = "many"\n'
+                'max_connections = 4096\n[clusters.many]\nendpoints = ["127.0.0.1:%d"]\n'
+                '[clusters.many.circuit_breaker]\nmax_connections = 4096\n' % (admin, port, up))
+    proc = subprocess.Popen(pinned(0, [args.python, os.path.join(ROOT, "ambassador.py"), "-c",
+                                       conf]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(proc)
+    wait_http(admin, "/ready")
+    errors, trips, lock = [0], [0], threading.Lock()
+    stop = time.monotonic() + seconds
+    socks = []
+    for i in range(total):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"p%05d" % i)                    # the upstream echoes the first message
+        assert s.recv(6) == b"p%05d" % i
+        socks.append(s)
+    busy = socks[:total // 2]
+
+    def worker(mine):
+        n = 0
+        while time.monotonic() < stop:
+            for s in mine:
+                try:
+                    s.sendall(b"x")                 # after the first message the upstream
+                    n += 1                          # reads and drops: one-way traffic
+                except OSError:
+                    with lock:
+                        errors[0] += 1
+            time.sleep(0.01)
+        with lock:
+            trips[0] += n
+    threads = [threading.Thread(target=worker, args=(busy[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 30)
+    with open("/proc/%d/status" % proc.pid) as f:
+        status = dict(l.split(":", 1) for l in f)
+    alive = 0
+    for s in socks:                                   # every connection still open
+        try:
+            s.setblocking(False)
+            data = s.recv(1)
+            if data == b"":
+                errors[0] += 1
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            errors[0] += 1
+        s.close()
+    print()
+    print("| %d tcp connections, half idle, %d s | value |" % (total, seconds))
+    print("|---|---|")
+    print("| errors | %d |" % errors[0])
+    print("| connections still open at the end | %d |" % alive)
+    print("| one-way messages sent by the busy half | %d |" % trips[0])
+    print("| Ambassador threads | %s |" % status["Threads"].strip())
+    print("| Ambassador RSS | %s |" % status["VmRSS"].strip())
+
+
 def route_selection_cost(rounds=20000):
     """In process: Listener.select_route with 50 routes, for a request that matches the last
     route and one that matches none (every route tried), and with no routes at all."""
@@ -484,11 +559,15 @@ def main():
     p.add_argument("--baseline-only", action="store_true",
                    help="with --baseline: only that comparison")
     p.add_argument("--tcp-only", action="store_true", help="only the tcp listener figures")
+    p.add_argument("--tcp-many", action="store_true",
+                   help="only the 1,000 tcp connections for 60 s")
+    p.add_argument("--no-access-log", action="store_true", help="access = \"off\" everywhere")
     p.add_argument("--mirror-only", action="store_true",
                    help="only the mirror comparison")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
     args = p.parse_args()
+    ACCESS_LOG[0] = not args.no_access_log
     if args.routes_only:
         route_selection_cost()
         return
@@ -506,6 +585,9 @@ def main():
             return
         if args.tcp_only:
             tcp_numbers(tmp, procs, args)
+            return
+        if args.tcp_many:
+            tcp_many(tmp, procs, args)
             return
         amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python)
         time.sleep(0.5)
