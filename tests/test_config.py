@@ -256,3 +256,89 @@ def test_check_reports_an_access_log_that_cannot_be_opened(tmp_path, path, why):
     assert ambassador.parse_config(ambassador.parse_toml(
         good() + '\n[log]\naccess = "%s"\n' % ok)).log.access == ok
     assert not os.path.exists(ok)                   # checked, not created
+
+
+# ------------------------------------------------------------------------------ one source
+
+import re as _re  # noqa: E402
+
+REFERENCE = {                      # README heading -> (key table, record it fills)
+    "[admin]": ("_ADMIN_KEYS", "AdminConfig"),
+    "[log]": ("_LOG_KEYS", "LogConfig"),
+    "[tracing]": ("_TRACING_KEYS", "TracingConfig"),
+    "[shutdown]": ("_SHUTDOWN_KEYS", "ShutdownConfig"),
+    "[listeners.<name>]": ("_LISTENER_KEYS", "ListenerConfig"),
+    "[listeners.<name>.retry]": ("_RETRY_KEYS", "RetryConfig"),
+    "[clusters.<name>]": ("_CLUSTER_KEYS", "ClusterConfig"),
+    "[clusters.<name>.health_check]": ("_HEALTH_CHECK_KEYS", "HealthCheckConfig"),
+    "[clusters.<name>.outlier_detection]": ("_OUTLIER_DETECTION_KEYS", "OutlierDetectionConfig"),
+    "[clusters.<name>.circuit_breaker]": ("_CIRCUIT_BREAKER_KEYS", "CircuitBreakerConfig"),
+    "[listeners.<name>.tls]": ("_DOWNSTREAM_TLS_KEYS", "DownstreamTlsConfig"),
+    "[clusters.<name>.tls]": ("_UPSTREAM_TLS_KEYS", "UpstreamTlsConfig"),
+    "[[listeners.<name>.routes]]": ("_ROUTE_KEYS", "RouteConfig"),
+    "[listeners.<name>.routes.match]": ("_MATCH_KEYS", "RouteMatch"),
+    "[listeners.<name>.fault]": ("_FAULT_KEYS", "FaultConfig"),
+    "[listeners.<name>.rate_limit]": ("_RATE_LIMIT_KEYS", "RateLimitConfig"),
+    "[listeners.<name>.mirror]": ("_MIRROR_KEYS", "MirrorConfig"),
+}
+
+
+def readme_tables():
+    """{heading: [keys in its table]} from the README's configuration reference."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    tables = {}
+    for m in _re.finditer(r"^### `(\[\[?[^`]+\]\]?)`.*?\n(.*?)(?=^#|\Z)", text, _re.M | _re.S):
+        keys = []
+        for row in _re.findall(r"^\| (`[^|]+`) \|", m.group(2), _re.M):
+            keys += _re.findall(r"`([a-z_0-9]+)`", row)
+        tables[m.group(1)] = keys
+    return tables
+
+
+@pytest.mark.parametrize("heading", sorted(REFERENCE))
+def test_the_readme_reference_lists_every_key_and_no_other(heading):
+    import ambassador
+    keys = getattr(ambassador, REFERENCE[heading][0])
+    documented = readme_tables().get(heading)
+    assert documented is not None, "README has no table for %s" % heading
+    sub_tables = {"[[listeners.<name>.routes]]": ambassador._ROUTE_TABLES}.get(heading, {})
+    assert set(keys) <= set(documented), (heading, set(keys) - set(documented))
+    assert set(documented) <= set(keys) | set(sub_tables), (heading, set(documented) - set(keys))
+
+
+@pytest.mark.parametrize("heading", sorted(REFERENCE))
+def test_each_default_is_declared_once(heading):
+    """The validator's default and the record's default are the same value."""
+    import ambassador
+    table, record = (getattr(ambassador, n) for n in REFERENCE[heading])
+    defaults = record._field_defaults
+    for key, (_, default) in table.items():
+        if default is ambassador.REQUIRED or key not in defaults:
+            continue
+        assert defaults[key] == default, (heading, key, defaults[key], default)
+
+
+def test_the_readme_metric_table_is_what_metrics_serves():
+    import ambassador
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("### Metrics", 1)[1].split("\n### ", 1)[0]
+    documented = set()
+    for row in _re.findall(r"^\| (`[^|]+`) \|", section, _re.M):
+        documented |= set(_re.findall(r"`([a-z_]+)`", row))
+    config = ambassador.parse_config(ambassador.parse_toml(
+        '[listeners.a]\nlisten = 0\ncluster = "c"\n[clusters.c]\nendpoints = ["127.0.0.1:1"]\n'))
+    served = set(_re.findall(r"^# TYPE (\S+) ",
+                             ambassador.Ambassador(config).telemetry.metrics.render(), _re.M))
+    assert documented == served
+
+
+def test_the_docstring_contents_name_every_section_banner():
+    import ambassador
+    with open(os.path.join(ROOT, "ambassador.py")) as f:
+        banners = _re.findall(r"^# (\d+)\. ", f.read(), _re.M)
+    assert banners == [str(i) for i in range(1, len(banners) + 1)]
+    contents = ambassador.__doc__.split("Contents", 1)[1]
+    listed = sorted(set(int(n) for n in _re.findall(r"(?:^|\s)(\d+) [A-Z]", contents)))
+    assert listed == list(range(1, len(banners) + 1))
