@@ -46,15 +46,16 @@ request.  A try is one exchange with one endpoint; a retry is a try after the fi
 attempts of a request are all its tries (x-ambassador-attempts, the log's `attempts`).
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       8 TCP relay: connect, pump, half-close, timeouts
-     2 Constants and defaults          9 Upstream: endpoints, pool, balancers, DNS, Cluster
-     3 Errors                         10 Resilience: retries, budget, breaker, limits,
-     4 Foundations                       outlier detection, health checks
-     5 Configuration                  11 Telemetry: metrics, access log, tracing
-     6 Listeners                      12 Admin and probes
-     7 Request pipeline: parse,       13 Process: Ambassador, drain, demo, main()
-       routes, faults, rate limit,    14 Appendix: TOML parser for Python < 3.11
-       mirror, forward, relay
+     1 Imports and compatibility       9 Request stack: routes, faults, rate limit, mirror,
+     2 Constants and defaults            forward (retries, breaker, limits), relay
+     3 Errors                         10 TCP relay: connect, pump, half-close, timeouts
+     4 Foundations                    11 Upstream: endpoints, pool, balancers, DNS, Cluster
+     5 Configuration                  12 Resilience: retries, budget, breaker, limits,
+     6 HTTP/1.1 wire format              outlier detection, health checks
+     7 TLS                            13 Telemetry: metrics, access log, tracing
+     8 Downstream: listeners and      14 Admin and probes
+       connections                    15 Process: Ambassador, drain, demo, main()
+                                      16 Appendix: TOML parser for Python < 3.11
 """
 
 # ==================================================================================================
@@ -377,154 +378,6 @@ def show(value):
     if isinstance(value, list):
         return "an array"
     return repr(value)
-
-
-class TlsContextSource:
-    """An ssl.SSLContext built from one `tls` table's files (a listener's: server side, or a
-    cluster's: client side), rebuilt when a file changes.  Used by Listeners and Clusters.
-
-    check() compares each file's mtime and size with what was loaded (a background thread calls
-    it every reload_interval; never the request path).  New material is refused -- one logged
-    error, the previous context stays -- if it does not load (half-written PEM, a key that
-    does not match its certificate).  `context` is replaced whole: new connections use the new
-    one, open connections finish on the old.  Thread-safe.
-
-    ssl is imported here, not at the top: it costs ~5 MB of memory that a sidecar without TLS
-    should not pay."""
-
-    def __init__(self, config, side, name, on_reload=None):
-        import ssl
-        self.ssl = ssl
-        self.config, self.side, self.name = config, side, name
-        self._on_reload = on_reload              # (path, "ok" | "error") -> None
-        self.paths = [p for p in (config.cert, config.key, config.ca) if p]
-        self._stamps = self._stat()
-        self.context = self._build()
-        self.own_uri = self._own_uri()
-
-    def _stat(self):
-        stamps = {}
-        for path in self.paths:
-            try:
-                st = os.stat(path)
-                stamps[path] = (st.st_mtime, st.st_size)
-            except OSError:
-                stamps[path] = None
-        return stamps
-
-    def _build(self):
-        ssl, c = self.ssl, self.config
-        if self.side == "downstream":
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(c.cert, c.key)
-            if c.ca:
-                ctx.load_verify_locations(c.ca)
-                ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else \
-                    ssl.CERT_OPTIONAL
-        else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            if not c.verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            elif c.ca:
-                ctx.load_verify_locations(c.ca)
-            else:
-                ctx.load_default_certs()
-            if c.cert:
-                ctx.load_cert_chain(c.cert, c.key)
-        if hasattr(ssl, "TLSVersion"):
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if c.min_version == "1.3" \
-                else ssl.TLSVersion.TLSv1_2
-        else:  # compat(3.6): no TLSVersion / minimum_version
-            ctx.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
-            if c.min_version == "1.3":
-                ctx.options |= ssl.OP_NO_TLSv1_2
-        return ctx
-
-    def _own_uri(self):
-        """The first URI SAN of our own certificate (for x-forwarded-client-cert By=)."""
-        if self.side != "downstream":
-            return None
-        info = self.certificate_info(self.config.cert)
-        uris = [v for k, v in (info or {}).get("subjectAltName", ()) if k == "URI"]
-        return uris[0] if uris else None
-
-    def certificate_info(self, path):
-        # The stdlib decodes a PEM file only through this private helper (3.6 to 3.13 alike).
-        decode = getattr(self.ssl._ssl, "_test_decode_cert", None)
-        try:
-            return decode(path) if decode else None
-        except (OSError, ValueError, self.ssl.SSLError):
-            return None
-
-    def expiry(self):
-        """{path: notAfter as Unix seconds} for the certificates this table loads."""
-        out = {}
-        for path in (self.config.cert, self.config.ca):
-            info = self.certificate_info(path) if path else None
-            if info and "notAfter" in info:
-                out[path] = self.ssl.cert_time_to_seconds(info["notAfter"])
-        return out
-
-    def check(self):
-        """Reload if a file changed.  -> True when new material was taken into use."""
-        stamps = self._stat()
-        if stamps == self._stamps:
-            return False
-        changed = [p for p in self.paths if stamps.get(p) != self._stamps.get(p)]
-        self._stamps = stamps               # a broken file is reported once, not every check
-        try:
-            self.context = self._build()
-        except (OSError, ValueError, self.ssl.SSLError) as e:
-            logging.getLogger("ambassador").error(
-                "%s %s: new TLS material refused, keeping the previous: %s",
-                self.side, self.name, e)
-            for path in changed:
-                self._report(path, "error")
-            return False
-        self.own_uri = self._own_uri()
-        logging.getLogger("ambassador").info("%s %s: TLS material reloaded", self.side, self.name)
-        for path in changed:
-            self._report(path, "ok")
-        return True
-
-    def _report(self, path, result):
-        if self._on_reload is not None:
-            self._on_reload(path, result)
-
-    def run(self, stop):
-        while not stop.wait(self.config.reload_interval):
-            self.check()
-
-    def classify(self, error):
-        """A handshake failure -> a short reason for the metric and the log."""
-        if isinstance(error, socket.timeout):
-            return "timeout"
-        text = str(error).lower()
-        for needle, reason in (("expired", "expired"), ("self signed", "unknown_ca"),
-                               ("self-signed", "unknown_ca"), ("unknown ca", "unknown_ca"),
-                               ("unable to get local issuer", "unknown_ca"),
-                               ("hostname", "hostname_mismatch"), ("match", "hostname_mismatch"),
-                               ("ip address mismatch", "hostname_mismatch"),
-                               ("http request", "plain_http"),
-                               ("certificate required", "no_client_cert"),
-                               ("peer did not return a certificate", "no_client_cert"),
-                               ("unknown_ca", "unknown_ca"), ("bad certificate", "bad_certificate"),
-                               ("certificate verify failed", "verify_failed")):
-            if needle in text:
-                return reason
-        if isinstance(error, self.ssl.SSLError):
-            return "handshake_failed"
-        return "connection_error"
-
-
-def certificate_sans(cert):
-    """getpeercert()'s subjectAltName as ["DNS:a", "IP Address:1.2.3.4", "URI:spiffe://..."]
-    and plain values, for matching either form."""
-    out = []
-    for kind, value in (cert or {}).get("subjectAltName", ()):
-        out += [value, "%s:%s" % (kind, value)]
-    return out
 
 
 # ==================================================================================================
@@ -1376,9 +1229,635 @@ def config_as_json(config):
 
 
 # ==================================================================================================
-# 6. Listeners
-#    One bound socket per configured listener; one named daemon thread per downstream connection,
-#    at most max_connections of them, past which a caller gets a fast 503 from the accept thread.
+# 6. HTTP/1.1 wire format
+#    Bytes in, records out: the buffered reader, request and response heads, body framing,
+#    and the replies Ambassador writes itself.  Pure functions of bytes and one socket; no policy.
+# ==================================================================================================
+
+class HeadTooLarge(Exception):
+    """A head longer than its limit; `in_first_line` says whether the first line alone was."""
+
+    def __init__(self, in_first_line):
+        Exception.__init__(self)
+        self.in_first_line = in_first_line
+
+
+class FramingError(ValueError):
+    """A body's framing cannot be trusted (bad chunk size, missing CRLF, huge trailers)."""
+
+
+class SocketReader:
+    """Buffered reads from one socket for HTTP framing: heads, lines, byte counts.
+
+    Used by one thread at a time.  A head arrives with one recv in the common case and is split in
+    one pass, which is what makes this cheaper than http.client's email-based parser."""
+    __slots__ = ("sock", "buf", "started")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+        self.started = None           # when the first byte of the last head came (downstream)
+
+    def read_head(self, max_bytes, deadline, head_timeout=None):
+        """The bytes of a head without its final CRLF CRLF, or b"" at EOF before any byte.
+
+        deadline bounds the wait; once a first byte has come and head_timeout is given, the head
+        must be complete head_timeout later.  Raises socket.timeout, HeadTooLarge, EOFError."""
+        sock = self.sock
+        buf = self.buf.lstrip(b"\r\n")        # RFC 9112 2.2: ignore empty lines before a request
+        searched = 0
+        while True:
+            end = buf.find(b"\r\n\r\n", searched)
+            if 0 <= end <= max_bytes:
+                self.buf = buf[end + 4:]
+                return buf[:end]
+            if end < 0:
+                # An empty line ended by a bare LF ends the head too, in a lenient parser:
+                # hand it over now so that it is refused at once, not after a timeout.
+                bare = [i for i in (buf.find(b"\n\n"), buf.find(b"\n\r\n")) if i >= 0]
+                if bare and min(bare) <= max_bytes:
+                    self.buf = b""
+                    return buf[:min(bare) + 1]
+            if end > max_bytes or len(buf) > max_bytes:
+                self.buf = buf
+                raise HeadTooLarge(buf.find(b"\r\n", 0, max_bytes) < 0)
+            searched = max(0, len(buf) - 3)
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                self.buf = buf
+                raise socket.timeout("timed out")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(IO_CHUNK_BYTES)
+            except socket.timeout:
+                self.buf = buf
+                raise
+            if not data:
+                self.buf = buf
+                if buf:
+                    raise EOFError("connection closed in the middle of a head")
+                return b""
+            if not buf and head_timeout is not None:
+                self.started = monotonic()
+                deadline = self.started + head_timeout
+                data = data.lstrip(b"\r\n")
+            buf += data
+
+    def read_some(self, limit):
+        """Up to limit bytes: buffered ones first, else one recv; b"" at EOF."""
+        buf = self.buf
+        if buf:
+            if len(buf) <= limit:
+                self.buf = b""
+                return buf
+            self.buf = buf[limit:]
+            return buf[:limit]
+        return self.sock.recv(limit)
+
+    def read_line(self, limit):
+        """One CRLF-terminated line without its CRLF.  FramingError past limit, EOFError at EOF."""
+        searched = 0
+        while True:
+            i = self.buf.find(b"\r\n", searched)
+            if i > limit:
+                raise FramingError("line longer than %d bytes" % limit)
+            if i >= 0:
+                line = self.buf[:i]
+                self.buf = self.buf[i + 2:]
+                return line
+            if len(self.buf) > limit:
+                raise FramingError("line longer than %d bytes" % limit)
+            searched = max(0, len(self.buf) - 1)
+            data = self.sock.recv(IO_CHUNK_BYTES)
+            if not data:
+                raise EOFError("connection closed in the middle of a line")
+            self.buf += data
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+def iter_length(reader, length, scratch=None):
+    """The data of a body of `length` bytes, as it arrives.  EOFError if the peer stops short.
+
+    With scratch (a memoryview of a bytearray) the data are views into it, each valid until the
+    next is asked for: a large body then streams without a new allocation per chunk, which
+    otherwise fragments the heap of a many-threaded process (measured: +5 MB RSS)."""
+    while length:
+        if scratch is None or reader.buf:
+            data = reader.read_some(min(length, IO_CHUNK_BYTES))
+        else:
+            data = scratch[:reader.sock.recv_into(scratch, min(length, len(scratch)))]
+        if not data:
+            raise EOFError("connection closed with %d body bytes missing" % length)
+        length -= len(data)
+        yield data
+
+
+def iter_chunked(reader):
+    """The data of a chunked body (RFC 9112 7.1); trailers are read and dropped.
+
+    Raises FramingError on a bad chunk size or a missing CRLF, EOFError if the peer stops short."""
+    while True:
+        line = reader.read_line(MAX_CHUNK_LINE_BYTES)
+        if _BAD_LINE_BYTES.search(line) is not None:
+            raise FramingError("control character or bare CR/LF in a chunk line")
+        size = line.split(b";", 1)[0].rstrip(b" \t")
+        if not size or len(size) > 15 or not _HEX_DIGITS.issuperset(size):
+            raise FramingError("bad chunk size %r" % line[:40])
+        size = int(size, 16)
+        if not size:
+            break
+        for data in iter_length(reader, size):
+            yield data
+        if reader.read_line(2):
+            raise FramingError("chunk data not followed by CRLF")
+    trailer_bytes = 0
+    while True:
+        line = reader.read_line(MAX_TRAILER_BYTES)
+        if not line:
+            return
+        if _BAD_LINE_BYTES.search(line) is not None:
+            raise FramingError("control character or bare CR/LF in a trailer")
+        trailer_bytes += len(line) + 2
+        if trailer_bytes > MAX_TRAILER_BYTES:
+            raise FramingError("trailers larger than %d bytes" % MAX_TRAILER_BYTES)
+
+
+def iter_until_close(reader):
+    """The data of a body delimited by the connection's close."""
+    while True:
+        data = reader.read_some(IO_CHUNK_BYTES)
+        if not data:
+            return
+        yield data
+
+
+class Request:
+    """One downstream request as parsed, and what became of it (for the access log and metrics)."""
+    __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked",
+                 "expect_continue", "keep_alive", "request_id", "forwarded_for", "replay_safe",
+                 "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
+                 "bytes_out", "response_started", "endpoint", "span", "trace_headers",
+                 "client_cert", "conn", "drain_cut", "client_address", "route", "cluster")
+
+    def __init__(self):
+        self.method = b"-"
+        self.target = b"-"
+        self.request_id = None
+        self.status = 0
+        self.error = None
+        self.upstream = None
+        self.attempts = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.response_started = False
+        self.keep_alive = False
+        self.content_length = None
+        self.chunked = False
+        self.endpoint = None              # the Endpoint of the last try
+        self.span = None                  # set by the Tracer when tracing is on
+        self.trace_headers = b""          # trace context for the upstream, this span as parent
+        self.client_cert = b""            # x-forwarded-client-cert line, from a TLS listener
+        self.conn = None                  # the UpstreamConnection of the current try
+        self.drain_cut = False            # drain_timeout passed while it was in flight
+        self.client_address = b"-"        # the app's ip:port, for %DOWNSTREAM_REMOTE_ADDRESS%
+        self.route = None                 # the Route that matched (None: refused before)
+        self.cluster = None               # the Cluster chosen for it
+
+
+def parse_request(head, req, client_ip):
+    """Fill req from a request head, or raise BadRequest (400, 405, 501, 505, 431).
+
+    Strict where leniency lets two parsers disagree (RFC 9112 11.2, request smuggling): a bare CR
+    or LF, obs-fold, a space before the colon, both Content-Length and Transfer-Encoding, differing
+    Content-Lengths and unknown transfer codings are all refused."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        raise BadRequest("bare CR or LF in the request head")
+    if _CONTROL_BYTES.search(head) is not None:
+        raise BadRequest("control character in the request head")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise BadRequest("malformed request line")
+    method, target, version = parts
+    req.method = method
+    req.target = target[:2048]
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if version[:5] == b"HTTP/" and len(version) == 8:
+            raise BadRequest("HTTP version not supported", status=505)
+        raise BadRequest("malformed request line")
+    if not method or not _TOKEN_CHARS.issuperset(method):
+        raise BadRequest("malformed method")
+    if method == b"CONNECT":                   # in any target form: a tunnel goes anywhere
+        raise BadRequest("CONNECT is not allowed: Ambassador is not an open proxy", status=405)
+    if _BAD_TARGET_BYTES.search(target) is not None:
+        raise BadRequest("control or non-ASCII byte in the request target")
+    if len(lines) > MAX_HEADER_COUNT + 1:
+        raise BadRequest("more than %d header fields" % MAX_HEADER_COUNT, status=431)
+
+    headers = []
+    content_length = transfer_encoding = host = forwarded_for = None
+    connection = b""
+    expect = None
+    replay_safe = method in IDEMPOTENT_METHODS
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not _TOKEN_CHARS.issuperset(name):
+            raise BadRequest("obs-fold" if line[:1] in (b" ", b"\t") else "malformed header field")
+        value = value.strip(b" \t")
+        lname = name.lower()
+        if lname == b"content-length":
+            if not value.isdigit() or len(value) > 18 or \
+                    (content_length is not None and content_length != int(value)):
+                raise BadRequest("invalid or conflicting Content-Length")
+            content_length = int(value)
+            continue
+        if lname == b"transfer-encoding":
+            transfer_encoding = value if transfer_encoding is None \
+                else transfer_encoding + b"," + value
+            continue
+        if lname == b"host":
+            if host is not None:
+                raise BadRequest("more than one Host")
+            host = value
+            continue
+        if lname == b"connection":
+            connection = connection + b"," + value.lower() if connection else value.lower()
+        elif lname == b"expect":
+            expect = value.lower()
+            continue
+        elif lname == b"x-forwarded-for":
+            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+            continue
+        elif lname == b"x-request-id":
+            if req.request_id is None and value:
+                req.request_id = value[:256]
+            continue
+        elif lname == b"idempotency-key":
+            replay_safe = True
+        elif lname == b"x-forwarded-client-cert":
+            continue                   # only Ambassador vouches for a client certificate
+        headers.append((lname, name, value))
+
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        if version == b"HTTP/1.0":
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip(b" \t").lower() for c in transfer_encoding.split(b",")]
+        if codings[-1] != b"chunked":
+            raise BadRequest("Transfer-Encoding does not end in chunked")
+        if len(codings) > 1:
+            raise BadRequest("transfer coding not implemented", status=501)
+        req.chunked = True
+    req.content_length = content_length
+    if version == b"HTTP/1.1" and host is None:
+        raise BadRequest("missing Host")
+    if expect is not None and expect != b"100-continue":
+        raise BadRequest("unsupported Expect", status=417)
+    req.expect_continue = expect == b"100-continue" and version == b"HTTP/1.1" and \
+        (req.chunked or bool(content_length))
+
+    # Only the path and query go upstream: a listener forwards to its cluster and nowhere else.
+    if target[:1] != b"/":
+        scheme, sep, rest = target.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https"):
+            slash = rest.find(b"/")
+            query = rest.find(b"?")
+            if slash < 0 or (0 <= query < slash):
+                target = b"/" + rest[query:] if query >= 0 else b"/"
+            else:
+                target = rest[slash:]
+        elif not (target == b"*" and method == b"OPTIONS"):
+            raise BadRequest("malformed request target")
+    req.target = target
+
+    tokens = [t.strip(b" \t") for t in connection.split(b",")] if connection else ()
+    if version == b"HTTP/1.1":
+        req.keep_alive = b"close" not in tokens
+    else:
+        req.keep_alive = b"keep-alive" in tokens
+    if tokens:  # RFC 9110 7.6.1: headers that Connection names are hop-by-hop too
+        named = frozenset(tokens)
+        headers = [h for h in headers if h[0] not in named and h[0] not in HOP_BY_HOP]
+    else:
+        headers = [h for h in headers if h[0] not in HOP_BY_HOP]
+    req.version = version
+    req.headers = headers
+    req.host = host
+    req.replay_safe = replay_safe
+    req.forwarded_for = (forwarded_for + b", " + client_ip) if forwarded_for else client_ip
+    if req.request_id is None:
+        req.request_id = new_request_id()
+
+
+def new_request_id():
+    """A random UUID (version 4) as bytes; os.urandom spares importing uuid and its memory."""
+    h = os.urandom(16).hex()
+    return ("%s-%s-4%s-%x%s-%s" % (h[:8], h[8:12], h[13:16], 8 | int(h[16], 16) & 3, h[17:20],
+                                   h[20:])).encode()
+
+
+class Response:
+    """An upstream response head, and how its body is framed.  `codings` holds the transfer
+    codings other than chunked (b"gzip"), relayed to the app as they came."""
+    __slots__ = ("status", "head", "headers", "length", "chunked", "codings", "has_body",
+                 "keep_alive", "request_id")
+
+
+def parse_response(head, method):
+    """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted.
+
+    keep_alive is false whenever the framing leaves doubt about where the next response starts
+    (both Content-Length and Transfer-Encoding; a body declared where none may follow): the
+    connection then closes instead of going back to the pool with stray bytes in it."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        raise UpstreamProtocolError("bare CR or LF in the response head")
+    if b"\x00" in head:
+        raise UpstreamProtocolError("NUL in the response head")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 \
+            or not parts[1].isdigit() or not 100 <= int(parts[1]) <= 599:
+        raise UpstreamProtocolError("malformed status line %r" % lines[0][:80])
+    resp = Response()
+    resp.status = int(parts[1])
+    resp.head = lines[0]
+    resp.request_id = None
+    length = None
+    codings = None
+    connection = b""
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+            raise UpstreamProtocolError("malformed header field in the response")
+        value = value.strip(b" \t")
+        lname = name.lower()
+        if lname == b"content-length":
+            if not value.isdigit() or (length is not None and length != int(value)):
+                raise UpstreamProtocolError("invalid or conflicting Content-Length")
+            length = int(value)
+        elif lname == b"transfer-encoding":
+            codings = (codings or []) + [c.strip(b" \t").lower() for c in value.split(b",")
+                                         if c.strip(b" \t")]
+        elif lname == b"connection":
+            connection = connection + b"," + value.lower() if connection else value.lower()
+        elif lname == b"x-request-id":
+            resp.request_id = value
+        headers.append((lname, name, value))
+    tokens = frozenset(t.strip(b" \t") for t in connection.split(b",")) if connection else ()
+    resp.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in tokens
+    resp.has_body = not (method == b"HEAD" or resp.status in (204, 304) or resp.status < 200)
+    resp.chunked = False
+    resp.codings = b""
+    if codings is not None:
+        if b"chunked" in codings[:-1]:
+            raise UpstreamProtocolError("chunked is not the last transfer coding")
+        resp.chunked = codings[-1:] == [b"chunked"]
+        resp.codings = b", ".join(c for c in codings if c != b"chunked")
+        if length is not None:
+            resp.keep_alive = False      # RFC 9112 6.1: both framings: never reuse it
+        length = None              # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
+    if not resp.has_body and (codings is not None or length):
+        resp.keep_alive = False          # a body may follow where none is allowed
+    resp.length = length
+    if resp.has_body and length is None and not resp.chunked:
+        resp.keep_alive = False                # delimited by the upstream's close
+    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
+    resp.headers = [h for h in headers if h[0] not in drop and
+                    (h[0] != b"content-length" or not resp.has_body)]
+    return resp
+
+
+def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=None, extra=()):
+    """The bytes of a short plain-text reply Ambassador gives itself; the route's
+    response_headers rules apply to it as to an upstream's response."""
+    body = ("%s: %s\n" % (tag, detail)).encode("utf-8", "replace")
+    headers = [(b"content-type", b"Content-Type", b"text/plain; charset=utf-8"),
+               (b"x-ambassador-error", b"x-ambassador-error", tag.encode())]
+    if attempts:
+        headers.append((b"x-ambassador-attempts", b"x-ambassador-attempts", b"%d" % attempts))
+    headers.append((b"x-request-id", b"X-Request-Id", request_id or b"-"))
+    headers += extra
+    route = req.route if req is not None else None
+    if route is not None and route.response_rules is not None:
+        headers = route.response_rules.apply(
+            headers, req, (req.cluster or route.targets[0][0]).name)
+    return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))] +
+                    [b"%s: %s\r\n" % (name, value) for _, name, value in headers] +
+                    [b"Content-Length: %d\r\n" % len(body),
+                     b"\r\n" if keep_alive else b"Connection: close\r\n\r\n", body])
+
+
+# ==================================================================================================
+# 7. TLS
+#    Context sources built from a tls table and rotated when its files change; handshakes
+#    with endpoints (SNI, SAN matching) and PostgreSQL's SSLRequest; peer identities.
+# ==================================================================================================
+
+class TlsContextSource:
+    """An ssl.SSLContext built from one `tls` table's files (a listener's: server side, or a
+    cluster's: client side), rebuilt when a file changes.  Used by Listeners and Clusters.
+
+    check() compares each file's mtime and size with what was loaded (a background thread calls
+    it every reload_interval; never the request path).  New material is refused -- one logged
+    error, the previous context stays -- if it does not load (half-written PEM, a key that
+    does not match its certificate).  `context` is replaced whole: new connections use the new
+    one, open connections finish on the old.  Thread-safe.
+
+    ssl is imported here, not at the top: it costs ~5 MB of memory that a sidecar without TLS
+    should not pay."""
+
+    def __init__(self, config, side, name, on_reload=None):
+        import ssl
+        self.ssl = ssl
+        self.config, self.side, self.name = config, side, name
+        self._on_reload = on_reload              # (path, "ok" | "error") -> None
+        self.paths = [p for p in (config.cert, config.key, config.ca) if p]
+        self._stamps = self._stat()
+        self.context = self._build()
+        self.own_uri = self._own_uri()
+
+    def _stat(self):
+        stamps = {}
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                stamps[path] = (st.st_mtime, st.st_size)
+            except OSError:
+                stamps[path] = None
+        return stamps
+
+    def _build(self):
+        ssl, c = self.ssl, self.config
+        if self.side == "downstream":
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(c.cert, c.key)
+            if c.ca:
+                ctx.load_verify_locations(c.ca)
+                ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else \
+                    ssl.CERT_OPTIONAL
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if not c.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            elif c.ca:
+                ctx.load_verify_locations(c.ca)
+            else:
+                ctx.load_default_certs()
+            if c.cert:
+                ctx.load_cert_chain(c.cert, c.key)
+        if hasattr(ssl, "TLSVersion"):
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if c.min_version == "1.3" \
+                else ssl.TLSVersion.TLSv1_2
+        else:  # compat(3.6): no TLSVersion / minimum_version
+            ctx.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+            if c.min_version == "1.3":
+                ctx.options |= ssl.OP_NO_TLSv1_2
+        return ctx
+
+    def _own_uri(self):
+        """The first URI SAN of our own certificate (for x-forwarded-client-cert By=)."""
+        if self.side != "downstream":
+            return None
+        info = self.certificate_info(self.config.cert)
+        uris = [v for k, v in (info or {}).get("subjectAltName", ()) if k == "URI"]
+        return uris[0] if uris else None
+
+    def certificate_info(self, path):
+        # The stdlib decodes a PEM file only through this private helper (3.6 to 3.13 alike).
+        decode = getattr(self.ssl._ssl, "_test_decode_cert", None)
+        try:
+            return decode(path) if decode else None
+        except (OSError, ValueError, self.ssl.SSLError):
+            return None
+
+    def expiry(self):
+        """{path: notAfter as Unix seconds} for the certificates this table loads."""
+        out = {}
+        for path in (self.config.cert, self.config.ca):
+            info = self.certificate_info(path) if path else None
+            if info and "notAfter" in info:
+                out[path] = self.ssl.cert_time_to_seconds(info["notAfter"])
+        return out
+
+    def check(self):
+        """Reload if a file changed.  -> True when new material was taken into use."""
+        stamps = self._stat()
+        if stamps == self._stamps:
+            return False
+        changed = [p for p in self.paths if stamps.get(p) != self._stamps.get(p)]
+        self._stamps = stamps               # a broken file is reported once, not every check
+        try:
+            self.context = self._build()
+        except (OSError, ValueError, self.ssl.SSLError) as e:
+            logging.getLogger("ambassador").error(
+                "%s %s: new TLS material refused, keeping the previous: %s",
+                self.side, self.name, e)
+            for path in changed:
+                self._report(path, "error")
+            return False
+        self.own_uri = self._own_uri()
+        logging.getLogger("ambassador").info("%s %s: TLS material reloaded", self.side, self.name)
+        for path in changed:
+            self._report(path, "ok")
+        return True
+
+    def _report(self, path, result):
+        if self._on_reload is not None:
+            self._on_reload(path, result)
+
+    def run(self, stop):
+        while not stop.wait(self.config.reload_interval):
+            self.check()
+
+    def classify(self, error):
+        """A handshake failure -> a short reason for the metric and the log."""
+        if isinstance(error, socket.timeout):
+            return "timeout"
+        text = str(error).lower()
+        for needle, reason in (("expired", "expired"), ("self signed", "unknown_ca"),
+                               ("self-signed", "unknown_ca"), ("unknown ca", "unknown_ca"),
+                               ("unable to get local issuer", "unknown_ca"),
+                               ("hostname", "hostname_mismatch"), ("match", "hostname_mismatch"),
+                               ("ip address mismatch", "hostname_mismatch"),
+                               ("http request", "plain_http"),
+                               ("certificate required", "no_client_cert"),
+                               ("peer did not return a certificate", "no_client_cert"),
+                               ("unknown_ca", "unknown_ca"), ("bad certificate", "bad_certificate"),
+                               ("certificate verify failed", "verify_failed")):
+            if needle in text:
+                return reason
+        if isinstance(error, self.ssl.SSLError):
+            return "handshake_failed"
+        return "connection_error"
+
+
+def certificate_sans(cert):
+    """getpeercert()'s subjectAltName as ["DNS:a", "IP Address:1.2.3.4", "URI:spiffe://..."]
+    and plain values, for matching either form."""
+    out = []
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        out += [value, "%s:%s" % (kind, value)]
+    return out
+
+
+def client_handshake(sock, tls, endpoint):
+    """TLS to an endpoint over a connected socket, within the socket's timeout -> the TLS socket.
+    SNI and the hostname check use server_name, else the endpoint's configured name; then the
+    certificate must carry one of match_san.  TlsError (closing the socket) otherwise."""
+    c = tls.config
+    label = endpoint.label.decode()
+    try:
+        name = c.server_name or endpoint.host_header.decode().rpartition(":")[0]
+        sock = tls.context.wrap_socket(sock, server_hostname=name.strip("[]"))
+        if c.match_san:
+            sans = certificate_sans(sock.getpeercert())
+            if not any(san in sans for san in c.match_san):
+                raise TlsError("certificate of %s carries none of match_san (it has %s)"
+                               % (label, ", ".join(sans[1::2]) or "no SAN"),
+                               reason="san_mismatch")
+    except TlsError:
+        sock.close()
+        raise
+    except (OSError, ValueError) as e:          # ssl.SSLError and CertificateError too
+        sock.close()
+        raise TlsError("TLS with %s: %s" % (label, e), reason=tls.classify(e))
+    return sock
+
+
+def postgres_starttls(sock, label):
+    """PostgreSQL's SSLRequest on a connected socket: the handshake may follow only if the
+    server answers exactly one byte "S" with nothing after it -- bytes that arrive before the
+    handshake must never pass for protected (CVE-2021-23214).  TlsError otherwise."""
+    sock.sendall(PG_SSL_REQUEST)
+    reply = sock.recv(1)
+    if reply != b"S":
+        what = {b"N": "refused TLS (N)", b"E": "answered an error (E)", b"": "closed"}.get(
+            reply, "answered %r" % reply)
+        raise TlsError("PostgreSQL at %s %s to SSLRequest" % (label, what),
+                       reason="starttls_refused")
+    timeout = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        extra = sock.recv(1)
+    except (BlockingIOError, InterruptedError):
+        extra = None                           # nothing after the S: as it must be
+    finally:
+        sock.settimeout(timeout)
+    if extra is not None:
+        raise TlsError("PostgreSQL at %s sent bytes after its S: refused (CVE-2021-23214)"
+                       % label, reason="starttls_injection")
+
+
+# ==================================================================================================
+# 8. Downstream: listeners and connections
+#    One bound socket per listener; one named thread per downstream connection, at most
+#    max_connections of them (past it a fast 503, or a close for tcp); per-connection serving:
+#    keep-alive, TLS termination, head limits and timeouts, error replies.
 # ==================================================================================================
 
 class Listener:
@@ -1553,337 +2032,191 @@ class ListenerServer(socketserver.TCPServer):
             self.shutdown_request(sock)
 
 
-class HeadTooLarge(Exception):
-    """A head longer than its limit; `in_first_line` says whether the first line alone was."""
+class DownstreamConnection:
+    """One connection from the app: its requests one after another (keep-alive), each through
+    parse_request() and forward(), each ending in telemetry.
 
-    def __init__(self, in_first_line):
-        Exception.__init__(self)
-        self.in_first_line = in_first_line
+    Not http.server.BaseHTTPRequestHandler: its header parsing (email.feedparser) is the largest
+    single cost of a threaded Python proxy; SocketReader reads a head in one recv instead."""
 
-
-class FramingError(ValueError):
-    """A body's framing cannot be trusted (bad chunk size, missing CRLF, huge trailers)."""
-
-
-class SocketReader:
-    """Buffered reads from one socket for HTTP framing: heads, lines, byte counts.
-
-    Used by one thread at a time.  A head arrives with one recv in the common case and is split in
-    one pass, which is what makes this cheaper than http.client's email-based parser."""
-    __slots__ = ("sock", "buf", "started")
-
-    def __init__(self, sock):
+    def __init__(self, listener, sock, client_address):
+        self.listener = listener
         self.sock = sock
-        self.buf = b""
-        self.started = None           # when the first byte of the last head came (downstream)
+        self.reader = SocketReader(sock)
+        self.client_ip = client_address[0].encode()
+        self.client_address = format_address(client_address[:2]).encode()
+        self._scratch = None
+        self.client_cert = b""            # the x-forwarded-client-cert line for its requests
+        self.forbidden = False            # a client certificate outside allowed_sans
 
-    def read_head(self, max_bytes, deadline, head_timeout=None):
-        """The bytes of a head without its final CRLF CRLF, or b"" at EOF before any byte.
+    def scratch(self):
+        """This connection's buffer for streaming large bodies (see iter_length), made once."""
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(IO_CHUNK_BYTES))
+        return self._scratch
 
-        deadline bounds the wait; once a first byte has come and head_timeout is given, the head
-        must be complete head_timeout later.  Raises socket.timeout, HeadTooLarge, EOFError."""
+    def serve(self):
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        config = self.listener.config
+        if self.listener.tls is not None:
+            if not self.handshake():
+                return
+        try:
+            self._serve_requests(config)
+        finally:
+            if self.listener.tls is not None:
+                self.sock.close()
+
+    def handshake(self):
+        """TLS on this connection, in its own thread within header_timeout, so that a slow or
+        broken client never holds up another.  Sets the client identity.  -> success."""
+        tls = self.listener.tls
+        try:
+            self.sock.settimeout(self.listener.config.header_timeout)
+            self.sock = tls.context.wrap_socket(self.sock, server_side=True,
+                                                do_handshake_on_connect=False)
+            self.sock.do_handshake()
+        except (OSError, ValueError) as e:
+            reason = tls.classify(e)
+            self.listener.telemetry.tls_error("downstream", self.listener.name, reason)
+            self.listener.telemetry.debug("%s: TLS handshake: %s", self.listener.name, e)
+            self.linger_close()
+            return False
+        self.reader = SocketReader(self.sock)
+        cert = self.sock.getpeercert()
+        if cert:
+            sans = certificate_sans(cert)
+            allowed = tls.config.allowed_sans
+            if allowed and not any(san in sans for san in allowed):
+                self.forbidden = True
+                self.listener.telemetry.tls_error("downstream", self.listener.name,
+                                                  "san_not_allowed")
+            uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+            cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            who = 'URI=%s' % uris[0] if uris else 'Subject="CN=%s"' % (cn[0] if cn else "")
+            by = "By=%s;" % tls.own_uri if tls.own_uri else ""
+            self.client_cert = ("x-forwarded-client-cert: %s%s\r\n" % (by, who)).encode()
+        return True
+
+    def linger_close(self):
+        """Close after a refused handshake so that the client reads our alert: its request may
+        already be on the way, and closing with unread input sends a reset that can overtake the
+        alert (nginx's lingering close).  Reads and drops input for at most a quarter second."""
         sock = self.sock
-        buf = self.buf.lstrip(b"\r\n")        # RFC 9112 2.2: ignore empty lines before a request
-        searched = 0
+        try:
+            sock.shutdown(socket.SHUT_WR)        # the alert is out; on TLS, back to plain reads
+            deadline = monotonic() + 0.25
+            while monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - monotonic()))
+                if not sock.recv(65536):
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
+
+    def _serve_requests(self, config):
+        # A new connection's first byte must come within header_timeout: a socket that never
+        # speaks would otherwise hold a connection slot for idle_timeout.
+        wait_s = config.header_timeout
         while True:
-            end = buf.find(b"\r\n\r\n", searched)
-            if 0 <= end <= max_bytes:
-                self.buf = buf[end + 4:]
-                return buf[:end]
-            if end < 0:
-                # An empty line ended by a bare LF ends the head too, in a lenient parser:
-                # hand it over now so that it is refused at once, not after a timeout.
-                bare = [i for i in (buf.find(b"\n\n"), buf.find(b"\n\r\n")) if i >= 0]
-                if bare and min(bare) <= max_bytes:
-                    self.buf = b""
-                    return buf[:min(bare) + 1]
-            if end > max_bytes or len(buf) > max_bytes:
-                self.buf = buf
-                raise HeadTooLarge(buf.find(b"\r\n", 0, max_bytes) < 0)
-            searched = max(0, len(buf) - 3)
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                self.buf = buf
-                raise socket.timeout("timed out")
-            sock.settimeout(remaining)
             try:
-                data = sock.recv(IO_CHUNK_BYTES)
+                head = self.reader.read_head(config.max_header_bytes, monotonic() + wait_s,
+                                             config.header_timeout)
             except socket.timeout:
-                self.buf = buf
-                raise
-            if not data:
-                self.buf = buf
-                if buf:
-                    raise EOFError("connection closed in the middle of a head")
-                return b""
-            if not buf and head_timeout is not None:
-                self.started = monotonic()
-                deadline = self.started + head_timeout
-                data = data.lstrip(b"\r\n")
-            buf += data
+                if self.reader.buf:   # a slow client: answer; an idle one is just closed
+                    self.refuse(RequestTimeout("request head not complete within "
+                                               "header_timeout"))
+                return
+            except HeadTooLarge as e:
+                status = 414 if e.in_first_line else 431
+                self.refuse(BadRequest("request %s larger than max_header_bytes"
+                                       % ("line" if status == 414 else "head"), status=status))
+                return
+            except (EOFError, OSError):
+                return
+            if not head or not self.handle(head):
+                return
+            wait_s = config.idle_timeout
 
-    def read_some(self, limit):
-        """Up to limit bytes: buffered ones first, else one recv; b"" at EOF."""
-        buf = self.buf
-        if buf:
-            if len(buf) <= limit:
-                self.buf = b""
-                return buf
-            self.buf = buf[limit:]
-            return buf[:limit]
-        return self.sock.recv(limit)
+    def refuse(self, error):
+        """Answer a request whose head could not be read, and account it like any other."""
+        req = Request()
+        now = monotonic()
+        req.start = self.reader.started or now
+        req.wall_start = time.time() - (now - req.start)
+        self.reply_error(req, error)
+        self.listener.telemetry.record_request(self.listener, req, monotonic() - req.start)
 
-    def read_line(self, limit):
-        """One CRLF-terminated line without its CRLF.  FramingError past limit, EOFError at EOF."""
-        searched = 0
-        while True:
-            i = self.buf.find(b"\r\n", searched)
-            if i > limit:
-                raise FramingError("line longer than %d bytes" % limit)
-            if i >= 0:
-                line = self.buf[:i]
-                self.buf = self.buf[i + 2:]
-                return line
-            if len(self.buf) > limit:
-                raise FramingError("line longer than %d bytes" % limit)
-            searched = max(0, len(self.buf) - 1)
-            data = self.sock.recv(IO_CHUNK_BYTES)
-            if not data:
-                raise EOFError("connection closed in the middle of a line")
-            self.buf += data
+    def handle(self, head):
+        """One request: parse, forward, account.  Returns whether to read another."""
+        listener = self.listener
+        req = Request()
+        req.start = monotonic()
+        req.wall_start = time.time()
+        listener.begin_request(req, self)
+        keep = False
+        try:
+            parse_request(head, req, self.client_ip)
+            if self.forbidden:
+                raise Forbidden("the client certificate carries none of allowed_sans")
+            req.client_cert = self.client_cert
+            req.client_address = self.client_address
+            if listener.telemetry.tracer is not None:
+                listener.telemetry.tracer.start(req)
+            route = req.route = listener.select_route(req)
+            keep = forward(listener, route, req, self)
+        except ProxyError as e:
+            keep = self.reply_error(req, e)
+        except DownstreamGone as e:
+            req.error = req.error or "downstream-disconnect"
+            listener.telemetry.debug("%s: %s", listener.name, e)
+        except (OSError, EOFError) as e:   # the app's socket failed while we wrote to it
+            req.error = req.error or "downstream-disconnect"
+            listener.telemetry.debug("%s: downstream: %s", listener.name, e)
+        finally:
+            if req.drain_cut:
+                req.error, keep = DrainCut.tag, False
+            if listener.end_request(req):
+                listener.telemetry.record_request(listener, req, monotonic() - req.start)
+        return keep
 
+    def reply_error(self, req, error):
+        """Answer with Ambassador's own reply, unless a response already started.  Returns
+        whether the connection can carry on: only if the request was read in full."""
+        if req.drain_cut and not isinstance(error, DrainCut):
+            error = DrainCut("drain_timeout passed with the request in flight (%s)" % error.tag)
+        req.error = error.tag
+        if req.response_started:
+            return False
+        req.status = error.status
+        keep = req.keep_alive and not isinstance(error, BadRequest) and \
+            not req.chunked and not req.content_length and not self.listener.draining.is_set()
+        reply = error_reply(error.status, error.tag, error.detail or error.tag,
+                            req.request_id, keep, req.attempts, req,
+                            getattr(error, "headers", ()))
+        try:
+            self.send(reply)
+        except DownstreamGone:
+            return False
+        req.bytes_out = len(reply) - reply.index(b"\r\n\r\n") - 4
+        return keep
 
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
-
-
-def iter_length(reader, length, scratch=None):
-    """The data of a body of `length` bytes, as it arrives.  EOFError if the peer stops short.
-
-    With scratch (a memoryview of a bytearray) the data are views into it, each valid until the
-    next is asked for: a large body then streams without a new allocation per chunk, which
-    otherwise fragments the heap of a many-threaded process (measured: +5 MB RSS)."""
-    while length:
-        if scratch is None or reader.buf:
-            data = reader.read_some(min(length, IO_CHUNK_BYTES))
-        else:
-            data = scratch[:reader.sock.recv_into(scratch, min(length, len(scratch)))]
-        if not data:
-            raise EOFError("connection closed with %d body bytes missing" % length)
-        length -= len(data)
-        yield data
-
-
-def iter_chunked(reader):
-    """The data of a chunked body (RFC 9112 7.1); trailers are read and dropped.
-
-    Raises FramingError on a bad chunk size or a missing CRLF, EOFError if the peer stops short."""
-    while True:
-        line = reader.read_line(MAX_CHUNK_LINE_BYTES)
-        if _BAD_LINE_BYTES.search(line) is not None:
-            raise FramingError("control character or bare CR/LF in a chunk line")
-        size = line.split(b";", 1)[0].rstrip(b" \t")
-        if not size or len(size) > 15 or not _HEX_DIGITS.issuperset(size):
-            raise FramingError("bad chunk size %r" % line[:40])
-        size = int(size, 16)
-        if not size:
-            break
-        for data in iter_length(reader, size):
-            yield data
-        if reader.read_line(2):
-            raise FramingError("chunk data not followed by CRLF")
-    trailer_bytes = 0
-    while True:
-        line = reader.read_line(MAX_TRAILER_BYTES)
-        if not line:
-            return
-        if _BAD_LINE_BYTES.search(line) is not None:
-            raise FramingError("control character or bare CR/LF in a trailer")
-        trailer_bytes += len(line) + 2
-        if trailer_bytes > MAX_TRAILER_BYTES:
-            raise FramingError("trailers larger than %d bytes" % MAX_TRAILER_BYTES)
-
-
-def iter_until_close(reader):
-    """The data of a body delimited by the connection's close."""
-    while True:
-        data = reader.read_some(IO_CHUNK_BYTES)
-        if not data:
-            return
-        yield data
+    def send(self, data):
+        """Write to the app; DownstreamGone if it closed, reset or stopped reading."""
+        try:
+            self.sock.settimeout(self.listener.config.idle_timeout)
+            self.sock.sendall(data)
+        except OSError as e:
+            raise DownstreamGone("write: %s" % (e or type(e).__name__))
 
 
 # ==================================================================================================
-# 7. Request pipeline
-#    Parse a request head with limits, clean its headers, give it an id, then forward(): pick an
-#    endpoint, send on a pooled connection, stream the response back.  Any failure before the
-#    response started becomes a short reply carrying x-ambassador-error.
+# 9. Request stack
+#    route -> deadline -> fault -> rate limit -> rewrites -> mirror -> retry loop (policy,
+#    budget, backoff) -> admission (limits, breaker) -> balance -> try -> pool, then the
+#    response streamed back.  Any failure before the response started is a short reply.
 # ==================================================================================================
-
-class Request:
-    """One downstream request as parsed, and what became of it (for the access log and metrics)."""
-    __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked",
-                 "expect_continue", "keep_alive", "request_id", "forwarded_for", "replay_safe",
-                 "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
-                 "bytes_out", "response_started", "endpoint", "span", "trace_headers",
-                 "client_cert", "conn", "drain_cut", "client_address", "route", "cluster")
-
-    def __init__(self):
-        self.method = b"-"
-        self.target = b"-"
-        self.request_id = None
-        self.status = 0
-        self.error = None
-        self.upstream = None
-        self.attempts = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.response_started = False
-        self.keep_alive = False
-        self.content_length = None
-        self.chunked = False
-        self.endpoint = None              # the Endpoint of the last try
-        self.span = None                  # set by the Tracer when tracing is on
-        self.trace_headers = b""          # trace context for the upstream, this span as parent
-        self.client_cert = b""            # x-forwarded-client-cert line, from a TLS listener
-        self.conn = None                  # the UpstreamConnection of the current try
-        self.drain_cut = False            # drain_timeout passed while it was in flight
-        self.client_address = b"-"        # the app's ip:port, for %DOWNSTREAM_REMOTE_ADDRESS%
-        self.route = None                 # the Route that matched (None: refused before)
-        self.cluster = None               # the Cluster chosen for it
-
-
-def parse_request(head, req, client_ip):
-    """Fill req from a request head, or raise BadRequest (400, 405, 501, 505, 431).
-
-    Strict where leniency lets two parsers disagree (RFC 9112 11.2, request smuggling): a bare CR
-    or LF, obs-fold, a space before the colon, both Content-Length and Transfer-Encoding, differing
-    Content-Lengths and unknown transfer codings are all refused."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
-        raise BadRequest("bare CR or LF in the request head")
-    if _CONTROL_BYTES.search(head) is not None:
-        raise BadRequest("control character in the request head")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise BadRequest("malformed request line")
-    method, target, version = parts
-    req.method = method
-    req.target = target[:2048]
-    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version[:5] == b"HTTP/" and len(version) == 8:
-            raise BadRequest("HTTP version not supported", status=505)
-        raise BadRequest("malformed request line")
-    if not method or not _TOKEN_CHARS.issuperset(method):
-        raise BadRequest("malformed method")
-    if method == b"CONNECT":                   # in any target form: a tunnel goes anywhere
-        raise BadRequest("CONNECT is not allowed: Ambassador is not an open proxy", status=405)
-    if _BAD_TARGET_BYTES.search(target) is not None:
-        raise BadRequest("control or non-ASCII byte in the request target")
-    if len(lines) > MAX_HEADER_COUNT + 1:
-        raise BadRequest("more than %d header fields" % MAX_HEADER_COUNT, status=431)
-
-    headers = []
-    content_length = transfer_encoding = host = forwarded_for = None
-    connection = b""
-    expect = None
-    replay_safe = method in IDEMPOTENT_METHODS
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not _TOKEN_CHARS.issuperset(name):
-            raise BadRequest("obs-fold" if line[:1] in (b" ", b"\t") else "malformed header field")
-        value = value.strip(b" \t")
-        lname = name.lower()
-        if lname == b"content-length":
-            if not value.isdigit() or len(value) > 18 or \
-                    (content_length is not None and content_length != int(value)):
-                raise BadRequest("invalid or conflicting Content-Length")
-            content_length = int(value)
-            continue
-        if lname == b"transfer-encoding":
-            transfer_encoding = value if transfer_encoding is None \
-                else transfer_encoding + b"," + value
-            continue
-        if lname == b"host":
-            if host is not None:
-                raise BadRequest("more than one Host")
-            host = value
-            continue
-        if lname == b"connection":
-            connection = connection + b"," + value.lower() if connection else value.lower()
-        elif lname == b"expect":
-            expect = value.lower()
-            continue
-        elif lname == b"x-forwarded-for":
-            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-            continue
-        elif lname == b"x-request-id":
-            if req.request_id is None and value:
-                req.request_id = value[:256]
-            continue
-        elif lname == b"idempotency-key":
-            replay_safe = True
-        elif lname == b"x-forwarded-client-cert":
-            continue                   # only Ambassador vouches for a client certificate
-        headers.append((lname, name, value))
-
-    if transfer_encoding is not None:
-        if content_length is not None:
-            raise BadRequest("both Content-Length and Transfer-Encoding")
-        if version == b"HTTP/1.0":
-            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-        codings = [c.strip(b" \t").lower() for c in transfer_encoding.split(b",")]
-        if codings[-1] != b"chunked":
-            raise BadRequest("Transfer-Encoding does not end in chunked")
-        if len(codings) > 1:
-            raise BadRequest("transfer coding not implemented", status=501)
-        req.chunked = True
-    req.content_length = content_length
-    if version == b"HTTP/1.1" and host is None:
-        raise BadRequest("missing Host")
-    if expect is not None and expect != b"100-continue":
-        raise BadRequest("unsupported Expect", status=417)
-    req.expect_continue = expect == b"100-continue" and version == b"HTTP/1.1" and \
-        (req.chunked or bool(content_length))
-
-    # Only the path and query go upstream: a listener forwards to its cluster and nowhere else.
-    if target[:1] != b"/":
-        scheme, sep, rest = target.partition(b"://")
-        if sep and scheme.lower() in (b"http", b"https"):
-            slash = rest.find(b"/")
-            query = rest.find(b"?")
-            if slash < 0 or (0 <= query < slash):
-                target = b"/" + rest[query:] if query >= 0 else b"/"
-            else:
-                target = rest[slash:]
-        elif not (target == b"*" and method == b"OPTIONS"):
-            raise BadRequest("malformed request target")
-    req.target = target
-
-    tokens = [t.strip(b" \t") for t in connection.split(b",")] if connection else ()
-    if version == b"HTTP/1.1":
-        req.keep_alive = b"close" not in tokens
-    else:
-        req.keep_alive = b"keep-alive" in tokens
-    if tokens:  # RFC 9110 7.6.1: headers that Connection names are hop-by-hop too
-        named = frozenset(tokens)
-        headers = [h for h in headers if h[0] not in named and h[0] not in HOP_BY_HOP]
-    else:
-        headers = [h for h in headers if h[0] not in HOP_BY_HOP]
-    req.version = version
-    req.headers = headers
-    req.host = host
-    req.replay_safe = replay_safe
-    req.forwarded_for = (forwarded_for + b", " + client_ip) if forwarded_for else client_ip
-    if req.request_id is None:
-        req.request_id = new_request_id()
-
-
-def new_request_id():
-    """A random UUID (version 4) as bytes; os.urandom spares importing uuid and its memory."""
-    h = os.urandom(16).hex()
-    return ("%s-%s-4%s-%x%s-%s" % (h[:8], h[8:12], h[13:16], 8 | int(h[16], 16) & 3, h[17:20],
-                                   h[20:])).encode()
-
 
 class RequestBody:
     """A request body on its way upstream.
@@ -1978,78 +2311,6 @@ class RequestBody:
             raise BadRequest(str(e))
         except (EOFError, OSError) as e:
             raise DownstreamGone("request body: %s" % (e or type(e).__name__))
-
-
-class Response:
-    """An upstream response head, and how its body is framed.  `codings` holds the transfer
-    codings other than chunked (b"gzip"), relayed to the app as they came."""
-    __slots__ = ("status", "head", "headers", "length", "chunked", "codings", "has_body",
-                 "keep_alive", "request_id")
-
-
-def parse_response(head, method):
-    """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted.
-
-    keep_alive is false whenever the framing leaves doubt about where the next response starts
-    (both Content-Length and Transfer-Encoding; a body declared where none may follow): the
-    connection then closes instead of going back to the pool with stray bytes in it."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
-        raise UpstreamProtocolError("bare CR or LF in the response head")
-    if b"\x00" in head:
-        raise UpstreamProtocolError("NUL in the response head")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 \
-            or not parts[1].isdigit() or not 100 <= int(parts[1]) <= 599:
-        raise UpstreamProtocolError("malformed status line %r" % lines[0][:80])
-    resp = Response()
-    resp.status = int(parts[1])
-    resp.head = lines[0]
-    resp.request_id = None
-    length = None
-    codings = None
-    connection = b""
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
-            raise UpstreamProtocolError("malformed header field in the response")
-        value = value.strip(b" \t")
-        lname = name.lower()
-        if lname == b"content-length":
-            if not value.isdigit() or (length is not None and length != int(value)):
-                raise UpstreamProtocolError("invalid or conflicting Content-Length")
-            length = int(value)
-        elif lname == b"transfer-encoding":
-            codings = (codings or []) + [c.strip(b" \t").lower() for c in value.split(b",")
-                                         if c.strip(b" \t")]
-        elif lname == b"connection":
-            connection = connection + b"," + value.lower() if connection else value.lower()
-        elif lname == b"x-request-id":
-            resp.request_id = value
-        headers.append((lname, name, value))
-    tokens = frozenset(t.strip(b" \t") for t in connection.split(b",")) if connection else ()
-    resp.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in tokens
-    resp.has_body = not (method == b"HEAD" or resp.status in (204, 304) or resp.status < 200)
-    resp.chunked = False
-    resp.codings = b""
-    if codings is not None:
-        if b"chunked" in codings[:-1]:
-            raise UpstreamProtocolError("chunked is not the last transfer coding")
-        resp.chunked = codings[-1:] == [b"chunked"]
-        resp.codings = b", ".join(c for c in codings if c != b"chunked")
-        if length is not None:
-            resp.keep_alive = False      # RFC 9112 6.1: both framings: never reuse it
-        length = None              # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
-    if not resp.has_body and (codings is not None or length):
-        resp.keep_alive = False          # a body may follow where none is allowed
-    resp.length = length
-    if resp.has_body and length is None and not resp.chunked:
-        resp.keep_alive = False                # delimited by the upstream's close
-    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
-    resp.headers = [h for h in headers if h[0] not in drop and
-                    (h[0] != b"content-length" or not resp.has_body)]
-    return resp
 
 
 _HEADER_VARIABLE = re.compile(r"%(DOWNSTREAM_REMOTE_ADDRESS|UPSTREAM_CLUSTER|REQUEST_ID|"
@@ -2739,207 +3000,8 @@ def relay_response(req, resp, conn, downstream, listener):
     return keep     # as the head said: an app may send its next request the moment it reads it
 
 
-def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=None, extra=()):
-    """The bytes of a short plain-text reply Ambassador gives itself; the route's
-    response_headers rules apply to it as to an upstream's response."""
-    body = ("%s: %s\n" % (tag, detail)).encode("utf-8", "replace")
-    headers = [(b"content-type", b"Content-Type", b"text/plain; charset=utf-8"),
-               (b"x-ambassador-error", b"x-ambassador-error", tag.encode())]
-    if attempts:
-        headers.append((b"x-ambassador-attempts", b"x-ambassador-attempts", b"%d" % attempts))
-    headers.append((b"x-request-id", b"X-Request-Id", request_id or b"-"))
-    headers += extra
-    route = req.route if req is not None else None
-    if route is not None and route.response_rules is not None:
-        headers = route.response_rules.apply(
-            headers, req, (req.cluster or route.targets[0][0]).name)
-    return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))] +
-                    [b"%s: %s\r\n" % (name, value) for _, name, value in headers] +
-                    [b"Content-Length: %d\r\n" % len(body),
-                     b"\r\n" if keep_alive else b"Connection: close\r\n\r\n", body])
-
-
-class DownstreamConnection:
-    """One connection from the app: its requests one after another (keep-alive), each through
-    parse_request() and forward(), each ending in telemetry.
-
-    Not http.server.BaseHTTPRequestHandler: its header parsing (email.feedparser) is the largest
-    single cost of a threaded Python proxy; SocketReader reads a head in one recv instead."""
-
-    def __init__(self, listener, sock, client_address):
-        self.listener = listener
-        self.sock = sock
-        self.reader = SocketReader(sock)
-        self.client_ip = client_address[0].encode()
-        self.client_address = format_address(client_address[:2]).encode()
-        self._scratch = None
-        self.client_cert = b""            # the x-forwarded-client-cert line for its requests
-        self.forbidden = False            # a client certificate outside allowed_sans
-
-    def scratch(self):
-        """This connection's buffer for streaming large bodies (see iter_length), made once."""
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(IO_CHUNK_BYTES))
-        return self._scratch
-
-    def serve(self):
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        config = self.listener.config
-        if self.listener.tls is not None:
-            if not self.handshake():
-                return
-        try:
-            self._serve_requests(config)
-        finally:
-            if self.listener.tls is not None:
-                self.sock.close()
-
-    def handshake(self):
-        """TLS on this connection, in its own thread within header_timeout, so that a slow or
-        broken client never holds up another.  Sets the client identity.  -> success."""
-        tls = self.listener.tls
-        try:
-            self.sock.settimeout(self.listener.config.header_timeout)
-            self.sock = tls.context.wrap_socket(self.sock, server_side=True,
-                                                do_handshake_on_connect=False)
-            self.sock.do_handshake()
-        except (OSError, ValueError) as e:
-            reason = tls.classify(e)
-            self.listener.telemetry.tls_error("downstream", self.listener.name, reason)
-            self.listener.telemetry.debug("%s: TLS handshake: %s", self.listener.name, e)
-            self.linger_close()
-            return False
-        self.reader = SocketReader(self.sock)
-        cert = self.sock.getpeercert()
-        if cert:
-            sans = certificate_sans(cert)
-            allowed = tls.config.allowed_sans
-            if allowed and not any(san in sans for san in allowed):
-                self.forbidden = True
-                self.listener.telemetry.tls_error("downstream", self.listener.name,
-                                                  "san_not_allowed")
-            uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
-            cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-            who = 'URI=%s' % uris[0] if uris else 'Subject="CN=%s"' % (cn[0] if cn else "")
-            by = "By=%s;" % tls.own_uri if tls.own_uri else ""
-            self.client_cert = ("x-forwarded-client-cert: %s%s\r\n" % (by, who)).encode()
-        return True
-
-    def linger_close(self):
-        """Close after a refused handshake so that the client reads our alert: its request may
-        already be on the way, and closing with unread input sends a reset that can overtake the
-        alert (nginx's lingering close).  Reads and drops input for at most a quarter second."""
-        sock = self.sock
-        try:
-            sock.shutdown(socket.SHUT_WR)        # the alert is out; on TLS, back to plain reads
-            deadline = monotonic() + 0.25
-            while monotonic() < deadline:
-                sock.settimeout(max(0.01, deadline - monotonic()))
-                if not sock.recv(65536):
-                    break
-        except (OSError, ValueError):
-            pass
-        finally:
-            sock.close()
-
-    def _serve_requests(self, config):
-        # A new connection's first byte must come within header_timeout: a socket that never
-        # speaks would otherwise hold a connection slot for idle_timeout.
-        wait_s = config.header_timeout
-        while True:
-            try:
-                head = self.reader.read_head(config.max_header_bytes, monotonic() + wait_s,
-                                             config.header_timeout)
-            except socket.timeout:
-                if self.reader.buf:   # a slow client: answer; an idle one is just closed
-                    self.refuse(RequestTimeout("request head not complete within "
-                                               "header_timeout"))
-                return
-            except HeadTooLarge as e:
-                status = 414 if e.in_first_line else 431
-                self.refuse(BadRequest("request %s larger than max_header_bytes"
-                                       % ("line" if status == 414 else "head"), status=status))
-                return
-            except (EOFError, OSError):
-                return
-            if not head or not self.handle(head):
-                return
-            wait_s = config.idle_timeout
-
-    def refuse(self, error):
-        """Answer a request whose head could not be read, and account it like any other."""
-        req = Request()
-        now = monotonic()
-        req.start = self.reader.started or now
-        req.wall_start = time.time() - (now - req.start)
-        self.reply_error(req, error)
-        self.listener.telemetry.record_request(self.listener, req, monotonic() - req.start)
-
-    def handle(self, head):
-        """One request: parse, forward, account.  Returns whether to read another."""
-        listener = self.listener
-        req = Request()
-        req.start = monotonic()
-        req.wall_start = time.time()
-        listener.begin_request(req, self)
-        keep = False
-        try:
-            parse_request(head, req, self.client_ip)
-            if self.forbidden:
-                raise Forbidden("the client certificate carries none of allowed_sans")
-            req.client_cert = self.client_cert
-            req.client_address = self.client_address
-            if listener.telemetry.tracer is not None:
-                listener.telemetry.tracer.start(req)
-            route = req.route = listener.select_route(req)
-            keep = forward(listener, route, req, self)
-        except ProxyError as e:
-            keep = self.reply_error(req, e)
-        except DownstreamGone as e:
-            req.error = req.error or "downstream-disconnect"
-            listener.telemetry.debug("%s: %s", listener.name, e)
-        except (OSError, EOFError) as e:   # the app's socket failed while we wrote to it
-            req.error = req.error or "downstream-disconnect"
-            listener.telemetry.debug("%s: downstream: %s", listener.name, e)
-        finally:
-            if req.drain_cut:
-                req.error, keep = DrainCut.tag, False
-            if listener.end_request(req):
-                listener.telemetry.record_request(listener, req, monotonic() - req.start)
-        return keep
-
-    def reply_error(self, req, error):
-        """Answer with Ambassador's own reply, unless a response already started.  Returns
-        whether the connection can carry on: only if the request was read in full."""
-        if req.drain_cut and not isinstance(error, DrainCut):
-            error = DrainCut("drain_timeout passed with the request in flight (%s)" % error.tag)
-        req.error = error.tag
-        if req.response_started:
-            return False
-        req.status = error.status
-        keep = req.keep_alive and not isinstance(error, BadRequest) and \
-            not req.chunked and not req.content_length and not self.listener.draining.is_set()
-        reply = error_reply(error.status, error.tag, error.detail or error.tag,
-                            req.request_id, keep, req.attempts, req,
-                            getattr(error, "headers", ()))
-        try:
-            self.send(reply)
-        except DownstreamGone:
-            return False
-        req.bytes_out = len(reply) - reply.index(b"\r\n\r\n") - 4
-        return keep
-
-    def send(self, data):
-        """Write to the app; DownstreamGone if it closed, reset or stopped reading."""
-        try:
-            self.sock.settimeout(self.listener.config.idle_timeout)
-            self.sock.sendall(data)
-        except OSError as e:
-            raise DownstreamGone("write: %s" % (e or type(e).__name__))
-
-
 # ==================================================================================================
-# 8. TCP relay
+# 10. TCP relay
 #    A tcp listener's connections: connect (connect_attempts tries over the balancer, breaker and
 #    limits; TLS from the first byte, or PostgreSQL's SSLRequest first), then one thread pumps
 #    bytes both ways with bounded buffers, passing on half-closes and resets, until both sides
@@ -2950,30 +3012,6 @@ TCP_TERMINATIONS = ("client_fin", "upstream_fin", "client_reset", "upstream_rese
                     "idle_timeout", "half_closed_timeout", "max_duration", "drain",
                     "connect_failure", "tls_error", "no_healthy_upstream", "circuit_open",
                     "overflow")
-
-
-def postgres_starttls(sock, label):
-    """PostgreSQL's SSLRequest on a connected socket: the handshake may follow only if the
-    server answers exactly one byte "S" with nothing after it -- bytes that arrive before the
-    handshake must never pass for protected (CVE-2021-23214).  TlsError otherwise."""
-    sock.sendall(PG_SSL_REQUEST)
-    reply = sock.recv(1)
-    if reply != b"S":
-        what = {b"N": "refused TLS (N)", b"E": "answered an error (E)", b"": "closed"}.get(
-            reply, "answered %r" % reply)
-        raise TlsError("PostgreSQL at %s %s to SSLRequest" % (label, what),
-                       reason="starttls_refused")
-    timeout = sock.gettimeout()
-    try:
-        sock.setblocking(False)
-        extra = sock.recv(1)
-    except (BlockingIOError, InterruptedError):
-        extra = None                           # nothing after the S: as it must be
-    finally:
-        sock.settimeout(timeout)
-    if extra is not None:
-        raise TlsError("PostgreSQL at %s sent bytes after its S: refused (CVE-2021-23214)"
-                       % label, reason="starttls_injection")
 
 
 def reset_socket(sock):
@@ -3156,11 +3194,11 @@ class TcpSession:
         ssl_types = (self.cluster.tls.ssl.SSLSocket,) if self.cluster.tls is not None else ()
         if self.listener.tls is not None:
             ssl_types += (self.listener.tls.ssl.SSLSocket,)
-        want = (self.cluster.tls.ssl.SSLWantReadError, self.cluster.tls.ssl.SSLWantWriteError) \
-            if self.cluster.tls is not None else () 
-        if self.listener.tls is not None:
-            want += (self.listener.tls.ssl.SSLWantReadError,
-                     self.listener.tls.ssl.SSLWantWriteError)
+        want, ssl_errors = (), ()
+        for source in (self.cluster.tls, self.listener.tls):
+            if source is not None:
+                want += (source.ssl.SSLWantReadError, source.ssl.SSLWantWriteError)
+                ssl_errors += (source.ssl.SSLError,)
         # Ambassador speaks TLS to PostgreSQL for the app: the app's own SSLRequest and
         # GSSENCRequest get "N" here, and it goes on in plaintext (libpq's sslmode=prefer).
         pg_intercept = self.cluster.tls is not None and \
@@ -3237,6 +3275,10 @@ class TcpSession:
                         data = None
                     except (BlockingIOError, InterruptedError):
                         data = None
+                    except ssl_errors:
+                        # A TLS peer that closed without close_notify: an end, not a reset
+                        # (OpenSSL 3 calls it "unexpected eof"; 3.6 and 3.7 show odd names).
+                        data = b""
                     except OSError as e:
                         self._reset(side, peer[0], e)
                         return
@@ -3422,35 +3464,11 @@ class TcpSession:
 
 
 # ==================================================================================================
-# 9. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
+# 11. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS), chosen by a
 #    balancer, each with a pool of keep-alive connections (TLS when the cluster has it) that
 #    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
 # ==================================================================================================
-
-def client_handshake(sock, tls, endpoint):
-    """TLS to an endpoint over a connected socket, within the socket's timeout -> the TLS socket.
-    SNI and the hostname check use server_name, else the endpoint's configured name; then the
-    certificate must carry one of match_san.  TlsError (closing the socket) otherwise."""
-    c = tls.config
-    label = endpoint.label.decode()
-    try:
-        name = c.server_name or endpoint.host_header.decode().rpartition(":")[0]
-        sock = tls.context.wrap_socket(sock, server_hostname=name.strip("[]"))
-        if c.match_san:
-            sans = certificate_sans(sock.getpeercert())
-            if not any(san in sans for san in c.match_san):
-                raise TlsError("certificate of %s carries none of match_san (it has %s)"
-                               % (label, ", ".join(sans[1::2]) or "no SAN"),
-                               reason="san_mismatch")
-    except TlsError:
-        sock.close()
-        raise
-    except (OSError, ValueError) as e:          # ssl.SSLError and CertificateError too
-        sock.close()
-        raise TlsError("TLS with %s: %s" % (label, e), reason=tls.classify(e))
-    return sock
-
 
 class UpstreamConnection:
     """One connection to an endpoint, used by one request at a time, then released or closed."""
@@ -4054,7 +4072,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 10. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 12. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -4416,7 +4434,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 11. Telemetry: Metrics, AccessLog, Tracer, SpanExporter
+# 13. Telemetry: Metrics, AccessLog, Tracer, SpanExporter
 #    What happened, for people, Prometheus and trace collectors.  Nothing here may raise into the
 #    data path or block it: counters take one short lock; log lines and spans are written by
 #    background threads from bounded queues.
@@ -5297,7 +5315,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 12. Admin
+# 14. Admin
 #     GET / /metrics /ready /clusters /config, POST /quitquitquit.  Off the hot path, so it is a
 #     plain http.server; it binds 127.0.0.1 unless configured otherwise.
 # ==================================================================================================
@@ -5423,7 +5441,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 13. Process: Ambassador, demo, main()
+# 15. Process: Ambassador, demo, main()
 #     Wiring, start, drain, signals, the command line, and the demo a newcomer runs first.
 # ==================================================================================================
 
@@ -5875,7 +5893,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 14. Appendix: the TOML parser for Python < 3.11
+# 16. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
