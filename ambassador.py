@@ -3050,6 +3050,30 @@ class _UpstreamSocket:
         self.sock = sock
 
 
+def watch(poller, sock, events):
+    """Poll sock for events, or stop polling it when there are none."""
+    if events:
+        poller.register(sock, events)
+    else:
+        try:
+            poller.unregister(sock)
+        except KeyError:
+            pass
+
+
+def next_deadline(config, now, last_active, started, half_closed_at):
+    """A pump's next wake-up -> (when, the termination it brings or None): within a second, so
+    that a drain cut is seen, or at the first of the listener's timeouts."""
+    deadlines = [(now + 1.0, None)]
+    if config.idle_timeout:
+        deadlines.append((last_active + config.idle_timeout, "idle_timeout"))
+    if half_closed_at is not None:
+        deadlines.append((half_closed_at + config.half_closed_timeout, "half_closed_timeout"))
+    if config.max_connection_duration:
+        deadlines.append((started + config.max_connection_duration, "max_duration"))
+    return min(deadlines)
+
+
 class TcpSession:
     """One connection on a tcp listener, served by its own thread: connect, then pump().
 
@@ -3241,22 +3265,9 @@ class TcpSession:
                         pending = True
                 if out:
                     events |= select.POLLOUT
-                if events:
-                    poller.register(sock, events)
-                else:
-                    try:
-                        poller.unregister(sock)
-                    except KeyError:
-                        pass
+                watch(poller, sock, events)
             now = monotonic()
-            deadlines = [(now + 1.0, None)]          # to notice a drain cut within a second
-            if c.idle_timeout:
-                deadlines.append((last_active + c.idle_timeout, "idle_timeout"))
-            if half_closed_at is not None:
-                deadlines.append((half_closed_at + c.half_closed_timeout, "half_closed_timeout"))
-            if c.max_connection_duration:
-                deadlines.append((started + c.max_connection_duration, "max_duration"))
-            due, why = min(deadlines)
+            due, why = next_deadline(c, now, last_active, started, half_closed_at)
             if due <= now and why is not None:
                 self.termination = why
                 return
@@ -3381,25 +3392,11 @@ class TcpSession:
                     self.termination = first_fin
                     return
                 for side, sock in socks.items():
-                    events = (select.POLLIN if not eof[side] and fill[side] < TCP_BUFFER_BYTES
-                              else 0) | (select.POLLOUT if fill[other[side]] else 0)
-                    if events:
-                        poller.register(sock, events)
-                    else:
-                        try:
-                            poller.unregister(sock)
-                        except KeyError:
-                            pass
+                    watch(poller, sock, (select.POLLIN if not eof[side] and
+                                         fill[side] < TCP_BUFFER_BYTES else 0) |
+                          (select.POLLOUT if fill[other[side]] else 0))
                 now = monotonic()
-                deadlines = [(now + 1.0, None)]
-                if c.idle_timeout:
-                    deadlines.append((last_active + c.idle_timeout, "idle_timeout"))
-                if half_closed_at is not None:
-                    deadlines.append((half_closed_at + c.half_closed_timeout,
-                                      "half_closed_timeout"))
-                if c.max_connection_duration:
-                    deadlines.append((started + c.max_connection_duration, "max_duration"))
-                due, why = min(deadlines)
+                due, why = next_deadline(c, now, last_active, started, half_closed_at)
                 if due <= now and why is not None:
                     self.termination = why
                     return
