@@ -4690,11 +4690,7 @@ class AccessLog:
             return self.format_tcp(entry)
         (ts, listener, method, path, status, duration_s, upstream, attempts, bytes_in, bytes_out,
          request_id, error, trace_id, span_id, route, cluster) = entry
-        second = int(ts)
-        if second != self._second:
-            self._second = second
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        stamp = self._second_text + ".%03dZ" % (ts % 1 * 1000)
+        stamp = self._stamp(ts)
         method = method.decode("latin-1")
         path = path.decode("latin-1")
         upstream = upstream.decode() if upstream else None
