@@ -95,6 +95,8 @@ __all__ = ["Ambassador", "Config", "load_config", "parse_config", "toml_loads", 
 monotonic = time.monotonic
 # compat(3.9): os.splice (3.10+, Linux) moves a tcp listener's plaintext bytes in the kernel.
 HAS_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+# Linux: idle downstream connections wait in an epoll, not in a thread each (see Dispatcher).
+HAS_EPOLL = hasattr(select, "epoll") and hasattr(select, "EPOLLONESHOT")
 
 
 # ==================================================================================================
@@ -174,6 +176,12 @@ RING_MAX_POINTS = 131072                      # ...within this many in all
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
+# How downstream connections reach threads (see Dispatcher).
+DISPATCH_WORKERS = 16        # per listener: threads running requests at once that are not stuck
+WORKER_STUCK_S = 0.02        # a turn this long waits on an upstream; it no longer counts
+WORKER_IDLE_S = 10.0         # a worker with nothing to do this long ends (save the last)
+SWEEP_S = 0.02               # how often the sweeper looks for stuck workers
+DEADLINE_SCAN_S = 0.25       # how often it closes parked connections past their deadline
 DISCARD_BODY_MAX_BYTES = 64 << 20             # of a body the upstream answered before its end
 ACCESS_LOG_MAX_QUEUE = 65536                  # entries waiting for the writer; past it, counted drops
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -1258,50 +1266,53 @@ class SocketReader:
         self.buf = b""
         self.started = None           # when the first byte of the last head came (downstream)
 
-    def read_head(self, max_bytes, deadline, head_timeout=None):
-        """The bytes of a head without its final CRLF CRLF, or b"" at EOF before any byte.
+    def take_head(self, max_bytes):
+        """The bytes of a head already in the buffer, without its final CRLF CRLF (the buffer
+        keeps what follows), or None while it is not complete.  Raises HeadTooLarge."""
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if 0 <= end <= max_bytes:
+            self.buf = buf[end + 4:]
+            return buf[:end]
+        if end < 0:
+            # An empty line ended by a bare LF ends the head too, in a lenient parser:
+            # hand it over now so that it is refused at once, not after a timeout.
+            bare = [i for i in (buf.find(b"\n\n"), buf.find(b"\n\r\n")) if i >= 0]
+            if bare and min(bare) <= max_bytes:
+                self.buf = b""
+                return buf[:min(bare) + 1]
+        if end > max_bytes or len(buf) > max_bytes:
+            raise HeadTooLarge(buf.find(b"\r\n", 0, max_bytes) < 0)
+        return None
 
-        deadline bounds the wait; once a first byte has come and head_timeout is given, the head
-        must be complete head_timeout later.  Raises socket.timeout, HeadTooLarge, EOFError."""
+    def feed(self, data):
+        """Add bytes that arrived; the first of a head starts its clock (`started`)."""
+        if not self.buf:
+            data = data.lstrip(b"\r\n")      # RFC 9112 2.2: ignore empty lines before a request
+            if data:
+                self.started = monotonic()
+        self.buf += data
+
+    def read_head(self, max_bytes, deadline):
+        """The bytes of a head without its final CRLF CRLF, or b"" at EOF before any byte, waiting
+        for them until deadline (an upstream's response head).  Raises socket.timeout,
+        HeadTooLarge, EOFError."""
         sock = self.sock
-        buf = self.buf.lstrip(b"\r\n")        # RFC 9112 2.2: ignore empty lines before a request
-        searched = 0
+        self.buf = self.buf.lstrip(b"\r\n")
         while True:
-            end = buf.find(b"\r\n\r\n", searched)
-            if 0 <= end <= max_bytes:
-                self.buf = buf[end + 4:]
-                return buf[:end]
-            if end < 0:
-                # An empty line ended by a bare LF ends the head too, in a lenient parser:
-                # hand it over now so that it is refused at once, not after a timeout.
-                bare = [i for i in (buf.find(b"\n\n"), buf.find(b"\n\r\n")) if i >= 0]
-                if bare and min(bare) <= max_bytes:
-                    self.buf = b""
-                    return buf[:min(bare) + 1]
-            if end > max_bytes or len(buf) > max_bytes:
-                self.buf = buf
-                raise HeadTooLarge(buf.find(b"\r\n", 0, max_bytes) < 0)
-            searched = max(0, len(buf) - 3)
+            head = self.take_head(max_bytes)
+            if head is not None:
+                return head
             remaining = deadline - monotonic()
             if remaining <= 0:
-                self.buf = buf
                 raise socket.timeout("timed out")
             sock.settimeout(remaining)
-            try:
-                data = sock.recv(IO_CHUNK_BYTES)
-            except socket.timeout:
-                self.buf = buf
-                raise
+            data = sock.recv(IO_CHUNK_BYTES)
             if not data:
-                self.buf = buf
-                if buf:
+                if self.buf:
                     raise EOFError("connection closed in the middle of a head")
                 return b""
-            if not buf and head_timeout is not None:
-                self.started = monotonic()
-                deadline = self.started + head_timeout
-                data = data.lstrip(b"\r\n")
-            buf += data
+            self.buf += data
 
     def read_some(self, limit):
         """Up to limit bytes: buffered ones first, else one recv; b"" at EOF."""
@@ -1853,6 +1864,43 @@ def postgres_starttls(sock, label):
                        % label, reason="starttls_injection")
 
 
+def client_identity(sock, tls, listener):
+    """A downstream TLS connection's client certificate -> (its x-forwarded-client-cert line,
+    whether allowed_sans forbids it).  Counts a forbidden one."""
+    cert = sock.getpeercert()
+    if not cert:
+        return b"", False
+    sans = certificate_sans(cert)
+    allowed = tls.config.allowed_sans
+    forbidden = bool(allowed) and not any(san in sans for san in allowed)
+    if forbidden:
+        listener.telemetry.tls_error("downstream", listener.name, "san_not_allowed")
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    who = 'URI=%s' % uris[0] if uris else 'Subject="CN=%s"' % (cn[0] if cn else "")
+    by = "By=%s;" % tls.own_uri if tls.own_uri else ""
+    return ("x-forwarded-client-cert: %s%s\r\n" % (by, who)).encode(), forbidden
+
+
+def handshake_failed(sock, listener, error):
+    """Count and log a refused downstream handshake, then close so that the client reads our
+    alert: its request may already be on the way, and closing with unread input sends a reset
+    that can overtake the alert (nginx's lingering close).  Drops input for at most 0.25 s."""
+    listener.telemetry.tls_error("downstream", listener.name, listener.tls.classify(error))
+    listener.telemetry.debug("%s: TLS handshake: %s", listener.name, error)
+    try:
+        sock.shutdown(socket.SHUT_WR)        # the alert is out; on TLS, back to plain reads
+        deadline = monotonic() + 0.25
+        while monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - monotonic()))
+            if not sock.recv(65536):
+                break
+    except (OSError, ValueError):
+        pass
+    finally:
+        sock.close()
+
+
 # ==================================================================================================
 # 8. Downstream: listeners and connections
 #    One bound socket per listener; one named thread per downstream connection, at most
@@ -1980,18 +2028,21 @@ _OVERFLOW_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plai
 
 
 class ListenerServer(socketserver.TCPServer):
-    """Accepts one listener's downstream connections and serves each in its own thread.
+    """Accepts one listener's downstream connections in its own thread, and hands each over:
+    an http connection to the listener's Dispatcher, a tcp one to a thread of its own.
 
-    Like ThreadingMixIn, but threads are named and counted: past max_connections the accepting
-    thread answers 503 itself and closes, so a flood never grows an unbounded pile of threads."""
+    Connections are counted: past max_connections the accepting thread answers 503 itself and
+    closes (a tcp listener just closes), so a flood never grows an unbounded pile."""
     allow_reuse_address = True
-    request_queue_size = 1024
+    request_queue_size = 4096             # the kernel caps it at net.core.somaxconn
 
     def __init__(self, listener):
         self.listener = listener
+        self.dispatcher = None
         if ":" in listener.config.listen[0]:
             self.address_family = socket.AF_INET6
         socketserver.TCPServer.__init__(self, listener.config.listen, None)
+        self.dispatcher = Dispatcher(listener) if listener.config.protocol == "http" else None
 
     def process_request(self, sock, client_address):
         listener = self.listener
@@ -2013,41 +2064,251 @@ class ListenerServer(socketserver.TCPServer):
             self.shutdown_request(sock)
             listener.telemetry.record_request(listener, req, monotonic() - req.start)
             return
-        name = "downstream:%s:%s" % (listener.name, client_address[1])
-        threading.Thread(target=self._serve_connection, args=(sock, client_address), name=name,
-                         daemon=True).start()
-
-    def _serve_connection(self, sock, client_address):
+        if listener.config.protocol == "tcp":
+            name = "downstream:%s:%s" % (listener.name, client_address[1])
+            threading.Thread(target=self._serve_tcp, args=(sock, client_address), name=name,
+                             daemon=True).start()
+            return
         try:
-            if self.listener.config.protocol == "tcp":
-                if self.listener.draining.is_set():
-                    return             # a tcp listener stops accepting when the drain begins
+            conn = DownstreamConnection(listener, sock, client_address, self.dispatcher)
+        except (OSError, ValueError) as e:        # reset before we could set it up
+            listener.telemetry.debug("%s: accept: %s", listener.name, e)
+            listener.close_connection()
+            self.shutdown_request(sock)
+            return
+        self.dispatcher.adopt(conn)
+
+    def _serve_tcp(self, sock, client_address):
+        try:
+            if not self.listener.draining.is_set():  # a tcp listener stops accepting at drain
                 TcpSession(self.listener, sock, client_address).serve()
-            else:
-                DownstreamConnection(self.listener, sock, client_address).serve()
         except Exception:
             self.listener.telemetry.internal_error("downstream connection")
         finally:
             self.listener.close_connection()
             self.shutdown_request(sock)
 
+    def server_close(self):
+        socketserver.TCPServer.server_close(self)
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+
+
+# ssl is imported only when TLS is configured (see TlsContextSource): its "try again" errors by name.
+_SSL_WANT = {"SSLWantReadError": "read", "SSLWantWriteError": "write"}
+
+
+class Dispatcher:
+    """Where one http listener's downstream connections wait, holding no thread.
+
+    A connection between requests -- idle on keep-alive, its head still arriving, its TLS
+    handshake half done -- is *parked*: registered in the listener's epoll, one-shot.  Worker
+    threads take turns waiting on that epoll; the kernel wakes one of them per ready connection,
+    and only one (one-shot), so that worker owns the connection: it serves what has arrived,
+    blocking as the request path always has, until the connection must wait again, then parks it.
+    An idle connection costs a dict entry and a socket, not a thread.
+
+    Threads.  A worker is started when one takes a connection and none is left waiting, while
+    fewer than DISPATCH_WORKERS are in a turn that began less than WORKER_STUCK_S ago: a turn that
+    lasts longer waits on an upstream, not for the CPU.  So a slow or hanging upstream gets a
+    thread per request in flight (never more than max_connections), while fast requests are run
+    by a few threads in the order they came (the epoll's ready list), instead of hundreds of
+    threads contending for one GIL.  A worker idle for WORKER_IDLE_S ends, save the last.  The
+    sweeper thread closes parked connections past their deadline (a 408 if a head had begun)
+    and starts a worker when every one is stuck.
+
+    Used through adopt() (the accepting thread), park() and release() (the owning worker).
+    Thread-safe.  Without epoll (not Linux) each connection keeps a thread that waits in
+    select() instead: the same turns, the old cost."""
+
+    def __init__(self, listener):
+        self.listener = listener
+        self._epoll = select.epoll() if HAS_EPOLL else None
+        self._lock = threading.Lock()     # guards everything below
+        self._parked = {}                 # fd -> DownstreamConnection registered and waiting
+        self._threads = 0                 # workers alive
+        self._waiting = 0                 # workers inside epoll.poll()
+        self._turns = {}                  # worker thread id -> monotonic start of its turn
+        self._closed = False
+        self._max = max(DISPATCH_WORKERS, listener.config.max_connections)
+        self._sweeper = None
+
+    def start(self, stop):
+        """Start the sweeper (and with it, on demand, the workers); both end at close()."""
+        name = "sweeper:%s" % self.listener.name
+        self._sweeper = threading.Thread(target=self._sweep, args=(stop,), name=name, daemon=True)
+        self._sweeper.start()
+        return self._sweeper
+
+    def adopt(self, conn):
+        """A connection just accepted: it waits here for its first byte (or handshake)."""
+        if self._epoll is None:
+            threading.Thread(target=conn.serve_blocking, name="downstream:%s:%s" % (
+                self.listener.name, conn.client_address.decode()), daemon=True).start()
+            return
+        spawn = False
+        with self._lock:
+            if self._closed:
+                conn.close()
+                return
+            self._parked[conn.fd] = conn
+            if not self._threads:
+                self._threads = spawn = 1
+        self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLONESHOT)
+        if spawn:
+            self._start_worker()
+
+    def park(self, conn, writable=False):
+        """conn waits (until conn.deadline) for input, or for room to write (TLS handshake)."""
+        if self._epoll is None:
+            conn.wait_writable = writable
+            return
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._parked[conn.fd] = conn
+        if closed:
+            conn.close()
+            return
+        try:
+            self._epoll.modify(conn.fd, (select.EPOLLOUT if writable else select.EPOLLIN) |
+                               select.EPOLLONESHOT)
+        except (OSError, ValueError):     # closed under us: drain cut, or the epoll at close()
+            with self._lock:
+                self._parked.pop(conn.fd, None)
+            conn.close()
+
+    def release(self, conn):
+        """conn is closing: it waits no more."""
+        if self._epoll is not None:
+            try:
+                self._epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
+
+    def _start_worker(self):
+        threading.Thread(target=self._work, name="worker:%s" % self.listener.name,
+                         daemon=True).start()
+
+    def _may_grow(self, now):
+        """Under the lock: whether one more worker may start (see the class docstring)."""
+        if self._threads >= self._max:
+            return False
+        if self._threads < DISPATCH_WORKERS:
+            return True
+        stuck = sum(1 for began in self._turns.values() if now - began > WORKER_STUCK_S)
+        return self._threads - stuck < DISPATCH_WORKERS
+
+    def _work(self):
+        me = threading.get_ident()
+        epoll, lock, parked, turns = self._epoll, self._lock, self._parked, self._turns
+        while True:
+            with lock:
+                self._waiting += 1
+            try:
+                events = epoll.poll(WORKER_IDLE_S, 1)
+            except (OSError, ValueError):  # the epoll closed: the listener stopped
+                events = None
+            with lock:
+                self._waiting -= 1
+                if not events:
+                    if events is None or self._closed or self._threads > 1:
+                        self._threads -= 1
+                        return
+                    continue
+                conn = parked.pop(events[0][0], None)
+                if conn is None:          # the sweeper took it first
+                    continue
+                now = monotonic()
+                turns[me] = now
+                spawn = not self._waiting and self._may_grow(now)
+                if spawn:
+                    self._threads += 1
+            if spawn:
+                self._start_worker()
+            try:
+                conn.turn()               # it parked or closed itself: it is not ours now
+            except Exception:
+                self.listener.telemetry.internal_error("downstream connection")
+                conn.close()
+            with lock:
+                del turns[me]
+
+    def _sweep(self, stop):
+        next_scan = 0.0
+        while not stop.wait(SWEEP_S):
+            now = monotonic()
+            expired = ()
+            with self._lock:
+                if self._closed:
+                    return
+                spawn = self._threads and not self._waiting and self._may_grow(now)
+                if spawn:
+                    self._threads += 1
+                if now >= next_scan:
+                    next_scan = now + DEADLINE_SCAN_S
+                    expired = [c for c in self._parked.values() if c.deadline <= now]
+                    for conn in expired:
+                        del self._parked[conn.fd]
+            if spawn:
+                self._start_worker()
+            for conn in expired:
+                self.release(conn)
+                try:
+                    conn.expire()
+                except Exception:
+                    self.listener.telemetry.internal_error("downstream connection")
+                    conn.close()
+
+    def close(self):
+        """The listener stopped: close every parked connection and let the workers end."""
+        with self._lock:
+            self._closed = True
+            parked, self._parked = list(self._parked.values()), {}
+        for conn in parked:
+            self.release(conn)
+            conn.close()
+        if self._epoll is not None:
+            self._epoll.close()
+
 
 class DownstreamConnection:
     """One connection from the app: its requests one after another (keep-alive), each through
     parse_request() and forward(), each ending in telemetry.
 
-    Not http.server.BaseHTTPRequestHandler: its header parsing (email.feedparser) is the largest
-    single cost of a threaded Python proxy; SocketReader reads a head in one recv instead."""
+    Served in turns (see Dispatcher): turn() runs in the worker the connection's input woke,
+    reads what has arrived without waiting, serves every complete request head, and parks the
+    connection again with a deadline -- header_timeout for a first byte, a handshake or a head
+    begun, idle_timeout between requests -- or closes it.
 
-    def __init__(self, listener, sock, client_address):
+    Not http.server.BaseHTTPRequestHandler: its header parsing (email.feedparser) is the largest
+    single cost of a threaded Python proxy; SocketReader splits a head in one pass instead."""
+
+    def __init__(self, listener, sock, client_address, dispatcher):
         self.listener = listener
+        self.dispatcher = dispatcher
         self.sock = sock
+        self.fd = sock.fileno()
         self.reader = SocketReader(sock)
         self.client_ip = client_address[0].encode()
         self.client_address = format_address(client_address[:2]).encode()
         self._scratch = None
         self.client_cert = b""            # the x-forwarded-client-cert line for its requests
         self.forbidden = False            # a client certificate outside allowed_sans
+        self.handshaking = False          # a TLS handshake begun and not finished
+        self.served = 0                   # requests answered on it
+        self.closed = False
+        self.wait_writable = False        # park()ed for room to write, not for input
+        self.send_timeout = listener.config.idle_timeout
+        now = monotonic()
+        self.deadline = now + listener.config.header_timeout   # of the current wait
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(0.0)
+        if listener.tls is not None:
+            self.sock = listener.tls.context.wrap_socket(sock, server_side=True,
+                                                         do_handshake_on_connect=False)
+            self.reader = SocketReader(self.sock)
+            self.handshaking = True
 
     def scratch(self):
         """This connection's buffer for streaming large bodies (see iter_length), made once."""
@@ -2055,89 +2316,137 @@ class DownstreamConnection:
             self._scratch = memoryview(bytearray(IO_CHUNK_BYTES))
         return self._scratch
 
-    def serve(self):
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def turn(self):
+        """Serve what has arrived; then park, or close.  Run by one thread at a time."""
         config = self.listener.config
-        if self.listener.tls is not None:
-            if not self.handshake():
+        if self.handshaking:
+            wait = self._handshake_step()
+            if wait is None:
                 return
-        try:
-            self._serve_requests(config)
-        finally:
-            if self.listener.tls is not None:
-                self.sock.close()
-
-    def handshake(self):
-        """TLS on this connection, in its own thread within header_timeout, so that a slow or
-        broken client never holds up another.  Sets the client identity.  -> success."""
-        tls = self.listener.tls
-        try:
-            self.sock.settimeout(self.listener.config.header_timeout)
-            self.sock = tls.context.wrap_socket(self.sock, server_side=True,
-                                                do_handshake_on_connect=False)
-            self.sock.do_handshake()
-        except (OSError, ValueError) as e:
-            reason = tls.classify(e)
-            self.listener.telemetry.tls_error("downstream", self.listener.name, reason)
-            self.listener.telemetry.debug("%s: TLS handshake: %s", self.listener.name, e)
-            self.linger_close()
-            return False
-        self.reader = SocketReader(self.sock)
-        cert = self.sock.getpeercert()
-        if cert:
-            sans = certificate_sans(cert)
-            allowed = tls.config.allowed_sans
-            if allowed and not any(san in sans for san in allowed):
-                self.forbidden = True
-                self.listener.telemetry.tls_error("downstream", self.listener.name,
-                                                  "san_not_allowed")
-            uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
-            cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-            who = 'URI=%s' % uris[0] if uris else 'Subject="CN=%s"' % (cn[0] if cn else "")
-            by = "By=%s;" % tls.own_uri if tls.own_uri else ""
-            self.client_cert = ("x-forwarded-client-cert: %s%s\r\n" % (by, who)).encode()
-        return True
-
-    def linger_close(self):
-        """Close after a refused handshake so that the client reads our alert: its request may
-        already be on the way, and closing with unread input sends a reset that can overtake the
-        alert (nginx's lingering close).  Reads and drops input for at most a quarter second."""
-        sock = self.sock
-        try:
-            sock.shutdown(socket.SHUT_WR)        # the alert is out; on TLS, back to plain reads
-            deadline = monotonic() + 0.25
-            while monotonic() < deadline:
-                sock.settimeout(max(0.01, deadline - monotonic()))
-                if not sock.recv(65536):
-                    break
-        except (OSError, ValueError):
-            pass
-        finally:
-            sock.close()
-
-    def _serve_requests(self, config):
-        # A new connection's first byte must come within header_timeout: a socket that never
-        # speaks would otherwise hold a connection slot for idle_timeout.
-        wait_s = config.header_timeout
+            if wait:
+                self.dispatcher.park(self, writable=wait == "write")
+                return
         while True:
             try:
-                head = self.reader.read_head(config.max_header_bytes, monotonic() + wait_s,
-                                             config.header_timeout)
-            except socket.timeout:
-                if self.reader.buf:   # a slow client: answer; an idle one is just closed
-                    self.refuse(RequestTimeout("request head not complete within "
-                                               "header_timeout"))
-                return
+                head = self.take_head(config)
             except HeadTooLarge as e:
                 status = 414 if e.in_first_line else 431
                 self.refuse(BadRequest("request %s larger than max_header_bytes"
                                        % ("line" if status == 414 else "head"), status=status))
-                return
-            except (EOFError, OSError):
-                return
-            if not head or not self.handle(head):
-                return
-            wait_s = config.idle_timeout
+                return self.close()
+            except (EOFError, OSError, ValueError):
+                return self.close()
+            if head is None:
+                return self.wait()
+            if not self.handle(head):
+                return self.close()
+            self.served += 1
+            if not self.reader.buf and self.listener.tls is None:
+                return self.wait()        # nothing buffered: the epoll says when more comes
+            self.reader.started = monotonic()
+
+    def take_head(self, config):
+        """A complete head: buffered, or read now without waiting; None if it has not all come.
+        EOFError when the app closed."""
+        reader = self.reader
+        sock = self.sock
+        while True:
+            head = reader.take_head(config.max_header_bytes)
+            if head is not None:
+                return head
+            try:
+                sock.settimeout(0.0)
+                data = sock.recv(IO_CHUNK_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as e:          # ssl.SSLWantReadError: a TLS record not all here
+                if type(e).__name__ in _SSL_WANT:
+                    return None
+                raise
+            if not data:
+                raise EOFError("closed")
+            reader.feed(data)
+
+    def wait(self):
+        """Park until more input comes, with the deadline this moment calls for."""
+        config = self.listener.config
+        if self.reader.buf:                                       # a head begun
+            self.deadline = self.reader.started + config.header_timeout
+        elif self.served:                                         # keep-alive
+            self.deadline = monotonic() + config.idle_timeout
+        self.dispatcher.park(self)
+
+    def expire(self):
+        """Its deadline passed while parked: a 408 for a head begun, else a close."""
+        if self.handshaking:
+            tls = self.listener.tls
+            self.listener.telemetry.tls_error("downstream", self.listener.name,
+                                              tls.classify(socket.timeout()))
+        elif self.reader.buf:
+            self.send_timeout = 0.0          # never wait on a client that does not read
+            self.refuse(RequestTimeout("request head not complete within header_timeout"))
+        self.close()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.dispatcher.release(self)
+        try:
+            if self.listener.tls is None:
+                self.sock.shutdown(socket.SHUT_WR)   # as socketserver: a FIN, then the close
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.listener.close_connection()
+
+    def serve_blocking(self):
+        """Without epoll: this connection's own thread waits for it in select()."""
+        try:
+            while not self.closed:
+                remaining = self.deadline - monotonic()
+                if remaining <= 0:
+                    self.expire()
+                    break
+                want = ([], [self.sock]) if self.wait_writable else ([self.sock], [])
+                if self.listener.tls is not None and not self.handshaking and \
+                        self.sock.pending():
+                    ready = True
+                else:
+                    ready = any(select.select(want[0], want[1], [], remaining)[:2])
+                if ready:
+                    self.wait_writable = False
+                    self.turn()
+        except Exception:
+            self.listener.telemetry.internal_error("downstream connection")
+        finally:
+            self.close()
+
+    def _handshake_step(self):
+        """Carry the TLS handshake on without waiting.  -> "read" or "write" (what it waits
+        for), "" when done, None when it failed (the connection is closed)."""
+        try:
+            self.sock.do_handshake()
+        except OSError as e:
+            want = _SSL_WANT.get(type(e).__name__)
+            if want:
+                return want
+            self._handshake_failed(e)
+            return None
+        except ValueError as e:
+            self._handshake_failed(e)
+            return None
+        self.handshaking = False
+        self.client_cert, self.forbidden = client_identity(self.sock, self.listener.tls,
+                                                           self.listener)
+        return ""
+
+    def _handshake_failed(self, error):
+        handshake_failed(self.sock, self.listener, error)
+        self.close()
 
     def refuse(self, error):
         """Answer a request whose head could not be read, and account it like any other."""
@@ -2205,7 +2514,7 @@ class DownstreamConnection:
     def send(self, data):
         """Write to the app; DownstreamGone if it closed, reset or stopped reading."""
         try:
-            self.sock.settimeout(self.listener.config.idle_timeout)
+            self.sock.settimeout(self.send_timeout)
             self.sock.sendall(data)
         except OSError as e:
             raise DownstreamGone("write: %s" % (e or type(e).__name__))
@@ -3123,12 +3432,16 @@ class TcpSession:
     def _serve(self):
         listener = self.listener
         if listener.tls is not None:                 # the callee's side of two Ambassadors
-            tls = DownstreamConnection(listener, self.sock, self.client_address)
-            if not tls.handshake():
-                self.termination, self.sock = "tls_error", tls.sock
+            try:
+                self.sock.settimeout(listener.config.header_timeout)
+                self.sock = listener.tls.context.wrap_socket(self.sock, server_side=True,
+                                                             do_handshake_on_connect=False)
+                self.sock.do_handshake()
+            except (OSError, ValueError) as e:
+                handshake_failed(self.sock, listener, e)
+                self.termination = "tls_error"
                 return
-            self.sock = tls.sock
-            if tls.forbidden:
+            if client_identity(self.sock, listener.tls, listener)[1]:
                 self.termination, self.reason = "tls_error", "client certificate not allowed"
                 return
         upstream = self.connect()
@@ -5539,6 +5852,8 @@ class Ambassador:
                                       kwargs={"poll_interval": 0.2})
             thread.start()
             self._vital.append(thread)
+            if getattr(server, "dispatcher", None) is not None:
+                self._vital.append(server.dispatcher.start(self._background_stop))
         log = self.telemetry.access_log
         if log is not None:
             self._vital.append(log.thread)

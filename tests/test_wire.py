@@ -154,7 +154,7 @@ def test_a_chunked_body_with_extensions_and_trailers_reads_whole():
 def test_a_head_ended_by_a_bare_lf_is_handed_over_at_once(data):
     reader = reader_with(data)
     start = time.monotonic()
-    head = reader.read_head(65536, time.monotonic() + 5, 5)
+    head = reader.read_head(65536, time.monotonic() + 5)
     assert time.monotonic() - start < 1
     assert b"\n" in head                      # for the parser to refuse
     with pytest.raises(amb.ProxyError):
@@ -175,6 +175,6 @@ def test_a_head_in_many_small_pieces_is_read_whole():
     t = threading.Thread(target=trickle)
     t.start()
     reader = amb.SocketReader(a)
-    head = reader.read_head(65536, time.monotonic() + 5, 5)
+    head = reader.read_head(65536, time.monotonic() + 5)
     t.join()
     assert head == data[:data.index(b"\r\n\r\n")]
