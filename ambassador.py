@@ -176,6 +176,7 @@ RING_MAX_POINTS = 131072                      # ...within this many in all
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
+OPEN_FILES_RESERVE = 64       # descriptors beyond connections: logs, health checks, DNS, admin
 # How downstream connections reach threads (see Dispatcher).
 DISPATCH_WORKERS = 16        # per listener: threads running requests at once that are not stuck
 WORKER_STUCK_S = 0.02        # a turn this long waits on an upstream; it no longer counts
@@ -6137,6 +6138,32 @@ def parse_args(argv):
     return args
 
 
+def raise_open_files_limit(config, log):
+    """Raise the soft limit on open files to the hard one, as servers do (nginx's
+    worker_rlimit_nofile, Go's runtime): the soft default of 1024 would refuse connections
+    long before max_connections.  Says so when even that is below what the listeners'
+    max_connections add up to, at two descriptors a connection (the app's and the upstream's)."""
+    try:
+        import resource
+    except ImportError:                   # not Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft != unlimited and (hard == unlimited or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (hard if hard != unlimited else 1 << 20, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit from %d: %s", soft, e)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = sum(2 * l.max_connections for l in config.listeners) + OPEN_FILES_RESERVE
+    if soft != unlimited and soft < need:
+        log.warning("open files limit %d is below the %d that the listeners' max_connections "
+                    "need (2 a connection, and %d more): connections past it will be refused "
+                    "(raise the hard limit: ulimit -Hn, LimitNOFILE=)", soft, need,
+                    OPEN_FILES_RESERVE)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
@@ -6172,6 +6199,7 @@ def main(argv=None):
     log.setLevel(level)
     if args.demo:
         config = start_demo(config)
+    raise_open_files_limit(config, log)
     app = Ambassador(config)
     try:
         app.bind()

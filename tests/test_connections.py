@@ -1,0 +1,198 @@
+"""The connection core, black-box: idle and slow connections hold no thread, a hanging upstream
+starves neither its own listener's other routes nor another listener, and the process raises
+its open files limit.  Timings are in tests/bench.py; here, bounded counts and deadlines."""
+
+import resource
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import (ambassador_command, base_config, request, respond, wait_for)
+from test_tls import callee_config, client_context, tls_get
+
+# Ambassador's own threads besides the workers: main, accept and sweeper per listener, admin,
+# access log writer, health checks and DNS of a cluster or two, a few spare.
+FIXED_THREADS = 16
+
+
+def threads_of(amb):
+    with open("/proc/%d/status" % amb.proc.pid) as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+
+
+def open_files_allowing(n):
+    """Raise this test process's own soft limit so that it can hold n sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < n + 64:
+        pytest.skip("the hard open files limit (%d) is below %d" % (hard, n + 64))
+    if soft != resource.RLIM_INFINITY and soft < n + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, hard))
+
+
+def read_reply(sock):
+    """One whole response with a Content-Length from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "closed before a reply"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n")
+                  if l.lower().startswith(b"content-length:")][0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def test_two_thousand_idle_keep_alive_connections_hold_a_bounded_number_of_threads(
+        ambassador, upstream):
+    n = 2000
+    open_files_allowing(n)
+    amb = ambassador([upstream.address], max_connections=n + 100, idle_timeout="120s")
+    baseline = threads_of(amb)
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(("127.0.0.1", amb.port()), timeout=20))
+        for s in socks:                       # all at once: a burst of 2,000 requests
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        for s in socks:
+            assert read_reply(s) == b"HTTP/1.1 200 OK"
+        assert upstream.count() == n
+        # All 2,000 are open and idle on keep-alive now.
+        assert threads_of(amb) <= FIXED_THREADS + 16 + baseline
+        assert threads_of(amb) <= 64
+        for s in socks[::200]:                # any of them still answers
+            s.sendall(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_reply(s) == b"HTTP/1.1 200 OK"
+        assert "open files limit" not in amb.stderr()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_slow_clients_hold_no_thread_and_get_408_while_others_are_served(ambassador, upstream):
+    amb = ambassador([upstream.address], header_timeout="2s")
+    slow = [socket.create_connection(("127.0.0.1", amb.port()), timeout=10) for _ in range(200)]
+    try:
+        for s in slow:
+            s.sendall(b"GET / HTTP/1.1\r\n")            # the head begun, never ended
+        time.sleep(0.3)      # give the worker the chance to be wrong: bytes from every one of them
+        for s in slow[::2]:
+            s.sendall(b"H")
+        assert threads_of(amb) <= 64
+        started = time.monotonic()
+        for _ in range(20):
+            assert request(amb.port())[0] == 200
+        assert time.monotonic() - started < 5
+        for s in slow:
+            assert s.recv(65536).startswith(b"HTTP/1.1 408")
+    finally:
+        for s in slow:
+            s.close()
+    assert upstream.count() == 20
+
+
+def test_stalled_tls_handshakes_hold_no_thread(ambassador, upstream, pki):
+    b = ambassador(callee_config(pki, upstream))
+    stalled = [socket.create_connection(("127.0.0.1", b.port())) for _ in range(100)]
+    try:
+        for s in stalled[::2]:
+            s.sendall(b"\x16\x03\x01")                  # a ClientHello's first bytes, no more
+        assert tls_get(b.port(), client_context(pki, pki.client)).startswith(b"HTTP/1.1 200")
+        assert threads_of(b) <= 64
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def hang(req, sock):
+    """An upstream that reads the request and never answers (until the test ends)."""
+    time.sleep(30)
+    return "close"
+
+
+def fire_and_forget(port, path, n):
+    """n requests, each on its own connection, not waited for; -> their sockets."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+        socks.append(s)
+    return socks
+
+
+def test_requests_hanging_on_one_route_never_starve_another(ambassador, upstream_factory):
+    slow, fast = upstream_factory(hang), upstream_factory()
+    config = base_config([fast.address], timeout="20s")
+    config["clusters"]["slow"] = {"endpoints": [slow.address]}
+    config["listeners"]["app"]["routes"] = [{"match": {"path_prefix": "/slow"}, "cluster": "slow"}]
+    amb = ambassador(config)
+    hung = fire_and_forget(amb.port(), b"/slow", 60)     # far more than the workers
+    try:
+        wait_for(lambda: slow.count() == 60, 10, "60 requests hanging upstream")
+        for _ in range(10):
+            started = time.monotonic()
+            assert request(amb.port(), path="/fast", timeout=5)[0] == 200
+            assert time.monotonic() - started < 2
+    finally:
+        for s in hung:
+            s.close()
+
+
+def test_a_listener_whose_upstream_hangs_does_not_hold_up_another(ambassador, upstream_factory):
+    slow, fast = upstream_factory(hang), upstream_factory()
+    config = base_config([slow.address], timeout="20s")
+    config["clusters"]["fast"] = {"endpoints": [fast.address]}
+    config["listeners"]["b"] = {"listen": "127.0.0.1:0", "cluster": "fast"}
+    amb = ambassador(config)
+    hung = fire_and_forget(amb.port("app"), b"/", 100)
+    try:
+        wait_for(lambda: slow.count() == 100, 10, "100 requests hanging upstream")
+        results = []
+
+        def caller():
+            for _ in range(25):
+                results.append(request(amb.port("b"), timeout=5)[0])
+        callers = [threading.Thread(target=caller) for _ in range(4)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(30)
+        assert results == [200] * 100
+    finally:
+        for s in hung:
+            s.close()
+
+
+def start_with_open_files(tmp_path, soft, hard, max_connections):
+    config = tmp_path / "a.toml"
+    config.write_text('[admin]\nlisten = "127.0.0.1:0"\n[listeners.app]\nlisten = "127.0.0.1:0"\n'
+                      'cluster = "svc"\nmax_connections = %d\n[clusters.svc]\n'
+                      'endpoints = ["127.0.0.1:9"]\n' % max_connections)
+    err = tmp_path / "err.txt"
+    proc = subprocess.Popen(
+        ambassador_command("-c", str(config)), stderr=open(str(err), "wb"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+    wait_for(lambda: "admin on" in err.read_text(), 15, "ambassador started")
+    with open("/proc/%d/limits" % proc.pid) as f:
+        limit = [l.split()[3:5] for l in f if l.startswith("Max open files")][0]
+    proc.terminate()
+    proc.wait(20)
+    return [int(x) for x in limit], err.read_text()
+
+
+@pytest.mark.parametrize("hard,max_connections,warned", [(4096, 1000, False),
+                                                         (1024, 1000, True)])
+def test_the_open_files_limit_is_raised_to_the_hard_one_at_start(tmp_path, hard,
+                                                                 max_connections, warned):
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < hard:
+        pytest.skip("the hard open files limit here is below %d" % hard)
+    limit, err = start_with_open_files(tmp_path, 256, hard, max_connections)
+    assert limit == [hard, hard]
+    assert ("open files limit %d is below" % hard in err) == warned, err
