@@ -14,10 +14,11 @@ Usage:
 
 How a request flows (Envoy's words: the app is *downstream*, the remote service *upstream*):
 
-    app --HTTP/1.1--> Listener ----------> DownstreamConnection ---> Listener.select_route
-                      (accept, one thread   (read head, limits,      (first Route that matches,
-                       per connection,       parse, hygiene,          else the default route)
-                       connection limit)     error replies)              |
+    app --HTTP/1.1--> Listener ---> Dispatcher ---> DownstreamConnection --> Listener.select_route
+                      (accept,      (idle and      (read head, limits,      (first Route that
+                       connection    slow ones      parse, hygiene,          matches, else the
+                       limit)        wait here)     error replies)           default route)
+                                                                         |
                                                                          v
                                             forward(): Route.pick_cluster (weights), rewrites,
                                             deadline, retry loop (policy, budget, backoff)
@@ -40,6 +41,29 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
 
+Who waits where, and which thread owns a connection (the connection core, section 8):
+
+    accept thread         one per listener: accept(), count against max_connections (past
+    (listener:NAME)       it: a 503 written at once), register the connection in the epoll
+         |
+         v
+    parked                in the listener's epoll, one-shot, holding no thread: before its
+    (Dispatcher)          first byte, a TLS handshake half done, a head half arrived, idle
+         |  ^             between keep-alive requests.  Deadlines: header_timeout for a first
+         |  |             byte, a handshake or a head begun; idle_timeout between requests.
+         |  |             The sweeper thread closes it past its deadline (408 if a head began).
+         v  |
+    one worker's turn     the worker the kernel woke owns it alone: reads what came, serves
+    (worker:NAME)         each complete request with the blocking request path below (body,
+                          upstream, response relay), then parks it again or closes it.
+
+    Threads are bounded per listener: workers start on demand while fewer than
+    DISPATCH_WORKERS (16) are in a turn younger than WORKER_STUCK_S (20 ms); a turn stuck
+    longer is waiting on an upstream and stops counting, so a slow upstream gets a thread per
+    request in flight (at most max_connections) while fast requests run on a few threads in
+    arrival order.  Idle workers end after WORKER_IDLE_S.  10,000 idle connections: one epoll,
+    ~20 threads in the process.  A tcp listener's connection keeps a thread of its own.
+
 Words used throughout (Envoy's): downstream is the app's side, upstream the remote service's;
 a cluster is a named set of endpoints (one address each); a route picks a cluster for a
 request.  A try is one exchange with one endpoint; a retry is a try after the first; the
@@ -53,8 +77,8 @@ Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
      5 Configuration                  12 Resilience: retries, budget, breaker, limits,
      6 HTTP/1.1 wire format              outlier detection, health checks
      7 TLS                            13 Telemetry: metrics, access log, tracing
-     8 Downstream: listeners and      14 Admin and probes
-       connections                    15 Process: Ambassador, drain, demo, main()
+     8 Downstream: listeners, where   14 Admin and probes
+       connections wait (Dispatcher)  15 Process: Ambassador, drain, demo, main()
                                       16 Appendix: TOML parser for Python < 3.11
 """
 
@@ -1903,10 +1927,10 @@ def handshake_failed(sock, listener, error):
 
 
 # ==================================================================================================
-# 8. Downstream: listeners and connections
-#    One bound socket per listener; one named thread per downstream connection, at most
-#    max_connections of them (past it a fast 503, or a close for tcp); per-connection serving:
-#    keep-alive, TLS termination, head limits and timeouts, error replies.
+# 8. Downstream: listeners, how connections wait and reach threads, per-connection serving
+#    One bound socket and accept thread per listener, at most max_connections connections (past
+#    it a fast 503, or a close for tcp); the Dispatcher where they wait between requests and the
+#    workers that serve them; keep-alive, TLS termination, head limits and timeouts, errors.
 # ==================================================================================================
 
 class Listener:

@@ -15,6 +15,7 @@ import argparse
 import http.client
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -138,7 +139,7 @@ ACCESS_LOG = [True]                       # --no-access-log turns it off in ever
 
 
 def start_ambassador(tmp, upstream_port, procs, python, extra="", name="ambassador",
-                     script=os.path.join(ROOT, "ambassador.py")):
+                     script=os.path.join(ROOT, "ambassador.py"), listener=""):
     port, admin = free_port(), free_port()
     conf = os.path.join(tmp, name + ".toml")
     with open(conf, "w") as f:
@@ -152,10 +153,11 @@ format = "json"
 listen = "127.0.0.1:%d"
 cluster = "bench"
 timeout = "30s"
+%s
 [clusters.bench]
 endpoints = ["127.0.0.1:%d"]
 %s""" % (admin, os.path.join(tmp, "access.log") if ACCESS_LOG[0] else "off", port,
-          upstream_port, extra))
+          listener, upstream_port, extra))
     proc = subprocess.Popen(pinned(0, [python, script, "-c", conf]),
                             stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(tmp, name + ".err"), "w"))
@@ -512,6 +514,177 @@ def tcp_many(tmp, procs, args, total=1000, seconds=60):
     print("| Ambassador RSS | %s |" % status["VmRSS"].strip())
 
 
+# ------------------------------------------------------------------------------ connection core
+
+def threads_of(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int([l for l in f if l.startswith("Threads:")][0].split()[1])
+
+
+def read_reply(sock):
+    """One response with a Content-Length off a keep-alive connection -> its status line."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("closed")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(br"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def timed_gets(port, n, socks=None):
+    """n sequential GETs, each on a new connection or on one of socks -> sorted ms."""
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        if socks:
+            s = socks[(i * 7919) % len(socks)]
+            s.sendall(b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n")
+            read_reply(s)
+        else:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n")
+                read_reply(s)
+        out.append((time.perf_counter() - t0) * 1000)
+    return sorted(out)
+
+
+class Hanging:
+    """An upstream that accepts, reads and never answers: listener A's failing service."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.port = self.sock.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+
+def connection_core(tmp, up_port, procs, args, load, idle=10000, slow=1000):
+    """#9's probes: 10,000 idle keep-alive connections; a listener whose upstream hangs beside
+    one under c16; 1,000 clients trickling a header byte a second beside a normal client."""
+    print()
+    print("Connection core (threads and RSS from /proc/<pid>/status):")
+    print()
+    print("| probe | figures |")
+    print("|---|---|")
+    port, pid = start_ambassador(tmp, up_port, procs, args.python, name="idle",
+                                 listener="max_connections = 20000\nidle_timeout = \"300s\"")
+    time.sleep(0.5)
+    threads0, rss0 = threads_of(pid), proc_stat(pid)[1]
+    socks = []
+    try:
+        for _ in range(idle):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        for s in socks:
+            s.sendall(b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n")
+        for s in socks:
+            read_reply(s)
+        time.sleep(1)
+        threads, rss = threads_of(pid), proc_stat(pid)[1]
+        lat = timed_gets(port, 300, socks)
+        print("| %d idle keep-alive connections | threads %d (idle process: %d), RSS +%.1f MB "
+              "above idle, a request on one of them: p50 %.2f ms, p99 %.2f ms |" % (
+                  idle, threads, threads0, (rss - rss0) / 1024.0, lat[len(lat) // 2],
+                  lat[int(len(lat) * 0.99)]))
+    finally:
+        for s in socks:
+            s.close()
+    sys.stdout.flush()
+
+    hang = Hanging()
+    port_b, pid_b = start_ambassador(
+        tmp, up_port, procs, args.python, name="bulkhead",
+        extra="[listeners.a]\nlisten = \"127.0.0.1:%d\"\ncluster = \"hang\"\ntimeout = \"120s\"\n"
+              "max_connections = 2000\n[clusters.hang]\nendpoints = [\"127.0.0.1:%d\"]\n"
+              % (free_port(), hang.port))
+    with open(os.path.join(tmp, "bulkhead.toml")) as f:
+        port_a = int(re.search(r'\[listeners\.a\]\nlisten = "127.0.0.1:(\d+)"', f.read()).group(1))
+    load(port_b, "/1k", 16, 1)
+    before = load(port_b, "/1k", 16, args.duration)
+    in_flight = []
+    for _ in range(300):
+        s = socket.create_connection(("127.0.0.1", port_a), timeout=30)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        in_flight.append(s)
+    deadline = time.monotonic() + 30
+    while len(hang.held) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    during = load(port_b, "/1k", 16, args.duration)
+    reached, threads = len(hang.held), threads_of(pid_b)
+    for s in in_flight + hang.held:
+        s.close()
+    hang.sock.close()
+    after = load(port_b, "/1k", 16, args.duration)       # the machine's drift, for scale
+    print("| bulkhead: B under c16 before, with 300 of A's requests hanging (%d reached A's "
+          "upstream; threads %d), and after | req/s %.0f, %.0f (%.2fx), %.0f; p99 %.2f, %.2f "
+          "(%.2fx), %.2f ms %s|" % (
+              reached, threads, before["rps"], during["rps"], during["rps"] / before["rps"],
+              after["rps"], before["p99"], during["p99"], during["p99"] / before["p99"],
+              after["p99"], during["errors"]))
+    sys.stdout.flush()
+
+    header_timeout = 5.0
+    port_s, pid_s = start_ambassador(tmp, up_port, procs, args.python, name="slow",
+                                     listener="header_timeout = \"%ds\"\nmax_connections = 4000"
+                                     % header_timeout)
+    trickling = [socket.create_connection(("127.0.0.1", port_s), timeout=30)
+                 for _ in range(slow)]
+    began = time.monotonic()
+    head = b"GET /1k HTTP/1.1\r\nHost: slow\r\nX-Slow: " + b"a" * 64
+    replies = {}
+
+    def trickle():
+        for i in range(len(head)):
+            if time.monotonic() - began > header_timeout + 3:
+                return
+            for s in trickling:
+                if s not in replies:
+                    try:
+                        s.send(head[i:i + 1])
+                    except OSError:
+                        pass
+            time.sleep(max(0.0, began + i + 1 - time.monotonic()))
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    lat = []
+    threads = 0
+    while time.monotonic() - began < header_timeout - 0.5:
+        lat += timed_gets(port_s, 20)
+        threads = max(threads, threads_of(pid_s))
+    lat.sort()
+    waited = []
+    for s in trickling:
+        s.settimeout(max(0.1, began + header_timeout + 5 - time.monotonic()))
+        try:
+            reply = s.recv(65536)
+        except OSError:
+            reply = b""
+        replies[s] = reply
+        if reply.startswith(b"HTTP/1.1 408"):
+            waited.append(time.monotonic() - began)
+    for s in trickling:
+        s.close()
+    print("| %d clients trickling a header byte a second, header_timeout %.0f s | threads at "
+          "most %d; a normal client meanwhile: p50 %.2f ms, p99 %.2f ms (%d requests, each a "
+          "new connection); %d got 408, after %.1f to %.1f s |" % (
+              slow, header_timeout, threads, lat[len(lat) // 2], lat[int(len(lat) * 0.99)],
+              len(lat), len(waited), min(waited or [0]), max(waited or [0])))
+    sys.stdout.flush()
+
+
 def route_selection_cost(rounds=20000):
     """In process: Listener.select_route with 50 routes, for a request that matches the last
     route and one that matches none (every route tried), and with no routes at all."""
@@ -564,10 +737,14 @@ def main():
     p.add_argument("--no-access-log", action="store_true", help="access = \"off\" everywhere")
     p.add_argument("--mirror-only", action="store_true",
                    help="only the mirror comparison")
+    p.add_argument("--connections-only", action="store_true",
+                   help="only the connection core: idle, bulkhead and slow-client probes")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
     args = p.parse_args()
     ACCESS_LOG[0] = not args.no_access_log
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # wrk -c1024, 10,000 idle
     if args.routes_only:
         route_selection_cost()
         return
@@ -589,6 +766,9 @@ def main():
         if args.tcp_many:
             tcp_many(tmp, procs, args)
             return
+        if args.connections_only:
+            connection_core(tmp, up_port, procs, args, load)
+            return
         amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python)
         time.sleep(0.5)
         _, idle_rss, _ = proc_stat(amb_pid)
@@ -600,7 +780,8 @@ def main():
               "| ambassador p50/p99 ms | ambassador CPU µs/req | errors |")
         print("|---|---|---|---|---|---|---|---|")
         load(amb_port, "/1k", 16, 1)                          # warm-up, not recorded
-        for conns, path in ((1, "/1k"), (16, "/1k"), (64, "/1k"), (8, "/1m")):
+        rps = {}
+        for conns, path in ((1, "/1k"), (16, "/1k"), (256, "/1k"), (1024, "/1k"), (8, "/1m")):
             direct = load(up_port, path, conns, args.duration)
             cpu0 = proc_stat(amb_pid)[0]
             amb = load(amb_port, path, conns, args.duration)
@@ -612,11 +793,15 @@ def main():
             else:
                 label = "c%d 1 KiB" % conns
                 d, a = direct["rps"], amb["rps"]
+                rps[conns] = a
             print("| %s | %.0f | %.0f | %.0f%% | %.2f / %.2f | %.2f / %.2f | %.0f | %s |" % (
                 label, d, a, 100.0 * a / d, direct["p50"], direct["p99"], amb["p50"],
                 amb["p99"], cpu_us, amb["errors"] or direct["errors"]))
             sys.stdout.flush()
-        _, rss_load, _ = proc_stat(amb_pid)
+        _, rss_load, peak_load = proc_stat(amb_pid)
+        print()
+        print("c256 req/s = %.2f x c16; peak RSS over c1 to c1024 and 1 MiB bodies: %.1f MB"
+              % (rps[256] / rps[16], peak_load / 1024.0))
         mib_s = stream_1g(amb_port)
         _, rss_after, peak = proc_stat(amb_pid)
         print()
@@ -627,6 +812,7 @@ def main():
         if args.baseline:
             compare_baseline(tmp, up_port, procs, args, load)
         compare_mirror(tmp, up_port, procs, args, load)
+        connection_core(tmp, up_port, procs, args, load)
         tcp_numbers(tmp, procs, args)
         route_selection_cost()
     finally:
