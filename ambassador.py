@@ -2063,11 +2063,13 @@ class ListenerServer(socketserver.TCPServer):
 
     def __init__(self, listener):
         self.listener = listener
-        self.dispatcher = None
+        self.dispatcher = self.relay = None
         if ":" in listener.config.listen[0]:
             self.address_family = socket.AF_INET6
         socketserver.TCPServer.__init__(self, listener.config.listen, None)
-        self.dispatcher = Dispatcher(listener) if listener.config.protocol == "http" else None
+        self.dispatcher = Dispatcher(listener)
+        self.relay = RelayLoop(listener) if listener.config.protocol == "tcp" and HAS_EPOLL \
+            else None
 
     def process_request(self, sock, client_address):
         listener = self.listener
@@ -2089,13 +2091,11 @@ class ListenerServer(socketserver.TCPServer):
             self.shutdown_request(sock)
             listener.telemetry.record_request(listener, req, monotonic() - req.start)
             return
-        if listener.config.protocol == "tcp":
-            name = "downstream:%s:%s" % (listener.name, client_address[1])
-            threading.Thread(target=self._serve_tcp, args=(sock, client_address), name=name,
-                             daemon=True).start()
-            return
         try:
-            conn = DownstreamConnection(listener, sock, client_address, self.dispatcher)
+            if listener.config.protocol == "tcp":
+                conn = TcpSession(listener, sock, client_address, self.dispatcher, self.relay)
+            else:
+                conn = DownstreamConnection(listener, sock, client_address, self.dispatcher)
         except (OSError, ValueError) as e:        # reset before we could set it up
             listener.telemetry.debug("%s: accept: %s", listener.name, e)
             listener.close_connection()
@@ -2103,20 +2103,12 @@ class ListenerServer(socketserver.TCPServer):
             return
         self.dispatcher.adopt(conn)
 
-    def _serve_tcp(self, sock, client_address):
-        try:
-            if not self.listener.draining.is_set():  # a tcp listener stops accepting at drain
-                TcpSession(self.listener, sock, client_address).serve()
-        except Exception:
-            self.listener.telemetry.internal_error("downstream connection")
-        finally:
-            self.listener.close_connection()
-            self.shutdown_request(sock)
-
     def server_close(self):
         socketserver.TCPServer.server_close(self)
         if self.dispatcher is not None:
             self.dispatcher.close()
+        if self.relay is not None:
+            self.relay.close()
 
 
 # ssl is imported only when TLS is configured (see TlsContextSource): its "try again" errors by name.
@@ -2168,8 +2160,8 @@ class Dispatcher:
     def adopt(self, conn):
         """A connection just accepted: it waits here for its first byte (or handshake)."""
         if self._epoll is None:
-            threading.Thread(target=conn.serve_blocking, name="downstream:%s:%s" % (
-                self.listener.name, conn.client_address.decode()), daemon=True).start()
+            threading.Thread(target=conn.serve_blocking, daemon=True,
+                             name="downstream:%s:%d" % (self.listener.name, conn.fd)).start()
             return
         spawn = False
         with self._lock:
@@ -2179,7 +2171,8 @@ class Dispatcher:
             self._parked[conn.fd] = conn
             if not self._threads:
                 self._threads = spawn = 1
-        self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLONESHOT)
+        self._epoll.register(conn.fd, (select.EPOLLOUT if conn.wait_writable else select.EPOLLIN)
+                             | select.EPOLLONESHOT)
         if spawn:
             self._start_worker()
 
@@ -3384,21 +3377,10 @@ class _UpstreamSocket:
         self.sock = sock
 
 
-def watch(poller, sock, events):
-    """Poll sock for events, or stop polling it when there are none."""
-    if events:
-        poller.register(sock, events)
-    else:
-        try:
-            poller.unregister(sock)
-        except KeyError:
-            pass
-
-
 def next_deadline(config, now, last_active, started, half_closed_at):
-    """A pump's next wake-up -> (when, the termination it brings or None): within a second, so
-    that a drain cut is seen, or at the first of the listener's timeouts."""
-    deadlines = [(now + 1.0, None)]
+    """A pump's next wake-up -> (when, the termination it brings or None): the first of the
+    listener's timeouts.  (A drain cut shuts the sockets, which wakes the pump by itself.)"""
+    deadlines = [(math.inf, None)]
     if config.idle_timeout:
         deadlines.append((last_active + config.idle_timeout, "idle_timeout"))
     if half_closed_at is not None:
@@ -3409,14 +3391,25 @@ def next_deadline(config, now, last_active, started, half_closed_at):
 
 
 class TcpSession:
-    """One connection on a tcp listener, served by its own thread: connect, then pump().
+    """One connection on a tcp listener: connect, then pump() until both directions end.
 
     The app's side is `sock`; the upstream's is made by connect().  Nothing waits for the app
     to speak first: the upstream's greeting reaches a silent app at once.  Registered with the
-    listener like a request, so a drain waits for it and, at drain_timeout, cuts it."""
+    listener like a request, so a drain waits for it and, at drain_timeout, cuts it.
 
-    def __init__(self, listener, sock, client_address):
+    Who runs it: the listener's Dispatcher gives its first turn() to a worker at once (the
+    TLS handshake and the connect attempts block, as the request path does); the pump then
+    goes to the listener's RelayLoop, where it holds no thread.  Without epoll the session
+    keeps a thread of its own (serve_blocking)."""
+
+    def __init__(self, listener, sock, client_address, dispatcher=None, relay=None):
         self.listener, self.sock = listener, sock
+        self.fd = sock.fileno()
+        self.dispatcher, self.relay = dispatcher, relay
+        self.deadline = math.inf          # parked only until a worker takes its first turn
+        self.wait_writable = True         # which is at once: a new socket is writable
+        self.begun = False                # registered with the listener (not refused at drain)
+        self.finished = False
         self.client_address = client_address
         self.cluster = listener.cluster
         self.start, self.wall_start = monotonic(), time.time()
@@ -3428,22 +3421,63 @@ class TcpSession:
         self.reason = None
         self.drain_cut = False
 
-    def serve(self):
-        listener = self.listener
-        listener.begin_request(self, self)
+    def turn(self):
+        """The first and only worker turn: handshake and connect, then hand the pump over."""
+        self.dispatcher.release(self)
+        pump = self.begin()
+        if pump is not None:
+            self.relay.add(self, pump)
+        else:
+            self.finish()
+
+    def serve_blocking(self):
+        """Without epoll: the whole session in this thread."""
+        pump = self.begin()
+        if pump is not None:
+            try:
+                drive_blocking(pump)
+            except Exception:
+                self.failed()
+        self.finish()
+
+    def begin(self):
+        """Begin: -> the pump generator, or None (the termination set) when there is none."""
+        if self.listener.draining.is_set():   # a tcp listener stops accepting at drain:
+            return None                       # as if never accepted, no log line, no count
+        self.listener.begin_request(self, self)
+        self.begun = True
         try:
-            self._serve()
+            return self._start()
         except Exception:
-            listener.telemetry.internal_error("tcp session")
-            self.termination = self.termination or "upstream_reset"
-        finally:
-            close_quietly(self.sock)
-            if self.conn is not None:
-                close_quietly(self.conn.sock)
-                self.cluster.limits.end("connections")
-                self.cluster.outlier_detector.record(self.endpoint, True)
-            if listener.end_request(self):
-                self.record()
+            self.failed()
+            return None
+
+    def failed(self):
+        """A bug, not a network event: counted, and the session ends as a reset."""
+        self.listener.telemetry.internal_error("tcp session")
+        self.termination = self.termination or "upstream_reset"
+
+    def expire(self):
+        self.close()
+
+    def close(self):
+        """The listener closed with the session still waiting for its first turn."""
+        self.finish()
+
+    def finish(self):
+        """The end, once: close both sides, give back the cluster's connection slot, account."""
+        if self.finished:
+            return
+        self.finished = True
+        listener = self.listener
+        close_quietly(self.sock)
+        if self.conn is not None:
+            close_quietly(self.conn.sock)
+            self.cluster.limits.end("connections")
+            self.cluster.outlier_detector.record(self.endpoint, True)
+        if self.begun and listener.end_request(self):
+            self.record()
+        listener.close_connection()
 
     def record(self):
         if self.drain_cut:
@@ -3454,7 +3488,7 @@ class TcpSession:
                                                 self.listener.name, self.client_address[0],
                                                 self.termination, self.reason)
 
-    def _serve(self):
+    def _start(self):
         listener = self.listener
         if listener.tls is not None:                 # the callee's side of two Ambassadors
             try:
@@ -3465,17 +3499,17 @@ class TcpSession:
             except (OSError, ValueError) as e:
                 handshake_failed(self.sock, listener, e)
                 self.termination = "tls_error"
-                return
+                return None
             if client_identity(self.sock, listener.tls, listener)[1]:
                 self.termination, self.reason = "tls_error", "client certificate not allowed"
-                return
+                return None
         upstream = self.connect()
-        if upstream is not None:
-            self.conn = _UpstreamSocket(upstream)
-            if HAS_SPLICE and self.listener.tls is None and self.cluster.tls is None:
-                self.splice_pump(self.sock, upstream)
-            else:
-                self.pump(self.sock, upstream)
+        if upstream is None:
+            return None
+        self.conn = _UpstreamSocket(upstream)
+        if HAS_SPLICE and self.listener.tls is None and self.cluster.tls is None:
+            return self.splice_pump(self.sock, upstream)
+        return self.pump(self.sock, upstream)
 
     def connect(self):
         """A connected (and TLS, if the cluster says so) upstream socket, or None with the
@@ -3547,7 +3581,9 @@ class TcpSession:
         return sock
 
     def pump(self, down, up):
-        """Relay until both directions have ended.  Each direction holds at most
+        """A generator that relays until both directions have ended: it yields ({fd: poll
+        events wanted}, deadline) and is sent the [(fd, events)] that came (see RelayLoop,
+        drive_blocking); the sockets are never waited on inside.  Each direction holds at most
         TCP_BUFFER_BYTES: a slow reader slows its writer, memory does not grow.  A FIN is
         passed on with shutdown(SHUT_WR) once what came before it was delivered, and the other
         direction keeps flowing (half_closed_timeout); a reset is passed on as a reset."""
@@ -3570,7 +3606,6 @@ class TcpSession:
         other = {"down": "up", "up": "down"}
         down.setblocking(False)
         up.setblocking(False)
-        poller = select.poll()
         fd_side = {down.fileno(): "down", up.fileno(): "up"}
         last_active = started = monotonic()
         half_closed_at = None
@@ -3595,6 +3630,7 @@ class TcpSession:
                 self.termination = first_fin
                 return
             pending = False
+            interest = {}
             for side, (sock, out, eof, shut) in sides.items():
                 events = 0
                 if not eof and len(sides[other[side]][1]) < TCP_BUFFER_BYTES:
@@ -3603,13 +3639,13 @@ class TcpSession:
                         pending = True
                 if out:
                     events |= select.POLLOUT
-                watch(poller, sock, events)
+                interest[sock.fileno()] = events
             now = monotonic()
             due, why = next_deadline(c, now, last_active, started, half_closed_at)
             if due <= now and why is not None:
                 self.termination = why
                 return
-            ready = poller.poll(0 if pending else max(0, (due - now) * 1000.0))
+            ready = yield interest, (now if pending else due)
             if pending:
                 ready = [(s[0].fileno(), select.POLLIN) for s in sides.values()] + ready
             for fd, events in ready:
@@ -3674,7 +3710,7 @@ class TcpSession:
             pg_intercept = pg_intercept and self._pg_pending is not None
 
     def splice_pump(self, down, up):
-        """pump() for plaintext on both sides, where os.splice exists (Linux, 3.10+): the kernel
+        """pump(), a generator too, for plaintext on both sides, where os.splice exists (Linux, 3.10+): the kernel
         moves the bytes through one pipe per direction, never copied into Python.  The same
         rules: each pipe holds at most TCP_BUFFER_BYTES, FINs and resets are passed on, and
         the same timeouts apply."""
@@ -3693,7 +3729,6 @@ class TcpSession:
             eof[side] = shut[side] = False
             socks[side].setblocking(False)
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        poller = select.poll()
         fd_side = {down.fileno(): "down", up.fileno(): "up"}
         last_active = started = monotonic()
         half_closed_at = first_fin = None
@@ -3729,16 +3764,17 @@ class TcpSession:
                 if eof["down"] and eof["up"] and not fill["down"] and not fill["up"]:
                     self.termination = first_fin
                     return
-                for side, sock in socks.items():
-                    watch(poller, sock, (select.POLLIN if not eof[side] and
-                                         fill[side] < TCP_BUFFER_BYTES else 0) |
-                          (select.POLLOUT if fill[other[side]] else 0))
+                interest = {sock.fileno(): (select.POLLIN if not eof[side] and
+                                            fill[side] < TCP_BUFFER_BYTES else 0) |
+                            (select.POLLOUT if fill[other[side]] else 0)
+                            for side, sock in socks.items()}
                 now = monotonic()
                 due, why = next_deadline(c, now, last_active, started, half_closed_at)
                 if due <= now and why is not None:
                     self.termination = why
                     return
-                for fd, events in poller.poll(max(0, (due - now) * 1000.0)):
+                ready = yield interest, due
+                for fd, events in ready:
                     side = fd_side[fd]
                     if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and \
                             not eof[side] and fill[side] < TCP_BUFFER_BYTES:
@@ -3796,6 +3832,147 @@ class TcpSession:
         self.termination = "client_reset" if side == "down" else "upstream_reset"
         self.reason = "%s" % (error or type(error).__name__)
         reset_socket(peer_sock)
+
+
+def drive_blocking(pump):
+    """Run a pump generator in this thread, waiting in poll() for what it asks."""
+    poller = select.poll()
+    registered = {}
+    ready = None
+    while True:
+        try:
+            interest, due = pump.send(ready)
+        except StopIteration:
+            return
+        for fd, events in interest.items():
+            if registered.get(fd, 0) != events:
+                if events:
+                    poller.register(fd, events)
+                else:
+                    poller.unregister(fd)
+                registered[fd] = events
+        ready = poller.poll(max(0.0, min(due - monotonic(), 3600.0)) * 1000.0)
+
+
+class RelayLoop:
+    """Where one tcp listener's connected sessions relay: every session's two sockets in one
+    epoll, every pump (a generator, see TcpSession.pump) stepped by this one thread when its
+    sockets are ready or its deadline comes.  A step only moves what is there without waiting,
+    so one thread carries thousands of connections, idle or busy (splice moves the bytes in the
+    kernel); the blocking parts (handshakes, connect attempts) ran before, in a worker.
+
+    add() is thread-safe; everything else runs in the loop's thread only."""
+
+    def __init__(self, listener):
+        self.listener = listener
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()     # guards _incoming
+        self._incoming = []               # (session, pump) handed over by workers
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._owner = {}                  # fd -> session         } the loop's thread only
+        self._fds = {}                    # session -> its fds    }
+        self._pumps = {}                  # session -> pump       }
+        self._interest = {}               # fd -> events armed    }
+        self._due = {}                    # session -> deadline   }
+        self._thread = None
+
+    def start(self, stop):
+        self._thread = threading.Thread(target=self._run, args=(stop,), daemon=True,
+                                        name="relay:%s" % self.listener.name)
+        self._thread.start()
+        return self._thread
+
+    def add(self, session, pump):
+        with self._lock:
+            self._incoming.append((session, pump))
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass                          # the pipe is full: the loop is awake anyway
+
+    def _run(self, stop):
+        now = next_scan = monotonic()
+        soon = []                         # sessions whose pump asked to run again at once
+        while not stop.is_set():
+            timeout = 0 if soon else max(0.0, min(DEADLINE_SCAN_S, next_scan - now))
+            try:
+                events = self._epoll.poll(timeout)
+            except (OSError, ValueError):     # closed: the listener stopped
+                return
+            now = monotonic()
+            ready = {}
+            for fd, ev in events:
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    with self._lock:
+                        incoming, self._incoming = self._incoming, []
+                    for session, pump in incoming:
+                        self._pumps[session] = pump
+                        ready.setdefault(session, [])
+                    continue
+                session = self._owner.get(fd)
+                if session is not None:
+                    ready.setdefault(session, []).append((fd, ev))
+            for session in soon:
+                ready.setdefault(session, [])
+            soon = []
+            if now >= next_scan:
+                next_scan = now + DEADLINE_SCAN_S
+                for session, due in self._due.items():
+                    if due <= now:
+                        ready.setdefault(session, [])
+            for session, got in ready.items():
+                if self._step(session, got, now):
+                    soon.append(session)
+
+    def _step(self, session, got, now):
+        """Send the pump what came; arm what it waits for.  -> whether it asked for at once."""
+        pump = self._pumps.get(session)
+        if pump is None:
+            return False
+        try:
+            interest, due = pump.send(got if session in self._due else None)
+        except StopIteration:
+            self._end(session)
+            return False
+        except Exception:
+            session.failed()
+            self._end(session)
+            return False
+        for fd, events in interest.items():
+            old = self._interest.get(fd, 0)
+            if events == old:
+                continue
+            if not events:
+                self._epoll.unregister(fd)
+            elif not old:
+                self._epoll.register(fd, events)
+                self._owner[fd] = session
+                self._fds.setdefault(session, set()).add(fd)
+            else:
+                self._epoll.modify(fd, events)
+            self._interest[fd] = events
+        self._due[session] = due
+        return due <= now
+
+    def _end(self, session):
+        for fd in self._fds.pop(session, ()):
+            if self._interest.pop(fd, 0):
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:           # closed by the pump (a reset passed on)
+                    pass
+            del self._owner[fd]
+        self._pumps.pop(session, None)
+        self._due.pop(session, None)
+        session.finish()
+
+    def close(self):
+        os.close(self._wake_w)
+        os.close(self._wake_r)
+        self._epoll.close()
 
 
 # ==================================================================================================
@@ -5879,6 +6056,8 @@ class Ambassador:
             self._vital.append(thread)
             if getattr(server, "dispatcher", None) is not None:
                 self._vital.append(server.dispatcher.start(self._background_stop))
+            if getattr(server, "relay", None) is not None:
+                self._vital.append(server.relay.start(self._background_stop))
         log = self.telemetry.access_log
         if log is not None:
             self._vital.append(log.thread)

@@ -499,3 +499,34 @@ def test_mtls_termination_on_a_tcp_listener_with_allowed_sans(ambassador, script
 
 def amb_sans(name):
     return "spiffe://cluster.local/ns/default/sa/" + name
+
+
+def test_a_thousand_redis_connections_half_idle_hold_a_bounded_number_of_threads(
+        ambassador, redis_server):
+    import resource
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 256), hard))
+    a = ambassador(tcp_config(["127.0.0.1:%d" % redis_server.port], max_connections=n + 10))
+    socks = [socket.create_connection(("127.0.0.1", a.port()), timeout=20) for _ in range(n)]
+    try:
+        def ping(batch):
+            for s in batch:
+                s.sendall(b"PING\r\n")
+            for s in batch:
+                assert s.recv(64) == b"+PONG\r\n"
+        ping(socks[::2])                       # half busy, half never said a word
+        wait_for(lambda: metric(a, "ambassador_tcp_connections_active") == n, 20,
+                 "all connected")
+        with open("/proc/%d/status" % a.proc.pid) as f:
+            threads = int([l for l in f if l.startswith("Threads:")][0].split()[1])
+        assert threads <= 64
+        ping(socks)                            # every one of them still relays
+        clients = subprocess.run([need("redis-cli"), "-p", str(redis_server.port), "INFO",
+                                  "clients"], stdout=subprocess.PIPE, timeout=10).stdout
+        assert b"connected_clients:%d" % (n + 1) in clients
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: metric(a, "ambassador_tcp_connections_active") == 0, 20, "all closed")
