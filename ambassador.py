@@ -36,7 +36,7 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
     A tcp listener's connection (databases, queues) takes another path: TcpSession.connect()
     (connect_attempts tries over the same balancer, breaker and limits; TLS from the first byte,
     or PostgreSQL's SSLRequest first), then TcpSession.pump() relays bytes both ways in the
-    connection's thread, passing half-closes and resets on, until both sides are done.
+    listener's RelayLoop, passing half-closes and resets on, until both sides are done.
 
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
@@ -62,7 +62,11 @@ Who waits where, and which thread owns a connection (the connection core, sectio
     longer is waiting on an upstream and stops counting, so a slow upstream gets a thread per
     request in flight (at most max_connections) while fast requests run on a few threads in
     arrival order.  Idle workers end after WORKER_IDLE_S.  10,000 idle connections: one epoll,
-    ~20 threads in the process.  A tcp listener's connection keeps a thread of its own.
+    ~20 threads in the process.
+
+    A tcp listener's connection takes one worker turn (TLS handshake, connect attempts), then
+    its pump relays in the listener's RelayLoop: one thread, one epoll, every session, idle or
+    busy.  Without epoll (not Linux) each connection keeps a thread of its own, as before.
 
 Words used throughout (Envoy's): downstream is the app's side, upstream the remote service's;
 a cluster is a named set of endpoints (one address each); a route picks a cluster for a
@@ -145,6 +149,7 @@ DEFAULT_TCP_IDLE_TIMEOUT_S = 3600.0
 DEFAULT_TCP_CONNECT_ATTEMPTS = 3
 DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S = 60.0
 TCP_BUFFER_BYTES = 131072                     # per direction: at most 256 KiB held a connection
+SPLICE_ROUNDS = 8                             # pipefuls moved per wake-up while they flow
 # PostgreSQL's SSLRequest and GSSENCRequest: length 8, then a magic code.
 PG_SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 PG_GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"
@@ -3776,30 +3781,35 @@ class TcpSession:
                 ready = yield interest, due
                 for fd, events in ready:
                     side = fd_side[fd]
-                    if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and \
-                            not eof[side] and fill[side] < TCP_BUFFER_BYTES:
+                    rounds = SPLICE_ROUNDS if events & (select.POLLIN | select.POLLHUP |
+                                                        select.POLLERR) else 0
+                    # While the other side takes all we read, read on: a stream then costs
+                    # one trip through the loop per SPLICE_ROUNDS pipefuls, not per pipeful.
+                    while rounds and not eof[side] and fill[side] < TCP_BUFFER_BYTES:
+                        rounds -= 1
+                        want = TCP_BUFFER_BYTES - fill[side]
                         try:
-                            n = os.splice(fd, pipes[side][1], TCP_BUFFER_BYTES - fill[side],
-                                          flags=flags)
+                            n = os.splice(fd, pipes[side][1], want, flags=flags)
                         except (BlockingIOError, InterruptedError):
-                            n = None
+                            break
                         except OSError as e:
                             self._reset(side, socks[other[side]], e)
                             return
-                        if n is not None:
-                            last_active = monotonic()
-                            if n == 0:
-                                eof[side] = True
-                            else:
-                                fill[side] += n
-                                if side == "down":
-                                    self.bytes_up += n
-                                else:
-                                    self.bytes_down += n
-                                telemetry.tcp_bytes(name, "to_upstream" if side == "down"
-                                                    else "to_downstream", n)
-                                if not move_out(side):
-                                    return
+                        last_active = monotonic()
+                        if n == 0:
+                            eof[side] = True
+                            break
+                        fill[side] += n
+                        if side == "down":
+                            self.bytes_up += n
+                        else:
+                            self.bytes_down += n
+                        telemetry.tcp_bytes(name, "to_upstream" if side == "down"
+                                            else "to_downstream", n)
+                        if not move_out(side):
+                            return
+                        if n < want or fill[side]:
+                            break             # no more for now, or the other side is full
                     if events & select.POLLOUT and fill[other[side]]:
                         before = fill[other[side]]
                         if not move_out(other[side]):
