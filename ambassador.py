@@ -21,10 +21,11 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
                                                                          |
                                                                          v
                                             forward(): Route.pick_cluster (weights), rewrites,
-                                            deadline, retry loop (policy, budget, backoff)
+                                            deadline -> retry_loop (policy, budget, backoff)
                                                                          |
                                                                          v
-                                                   CircuitBreaker, ResourceLimits -> try_once()
+                                        Admission (ResourceLimits) -> attempt() (CircuitBreaker
+                                        ticket, taken and returned there) -> try_once()
                                                                          |
                                                   Cluster.pick_endpoint (balancer over endpoints
                                                   not unhealthy, not ejected; DNS keeps them)
@@ -233,9 +234,11 @@ _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # ==================================================================================================
-# 3. Errors
+# 3. Errors and outcomes
 #    Config problems carry key paths; a ProxyError is a reply Ambassador gives itself, with its
-#    status and the x-ambassador-error tag that also goes to the access log.
+#    status and the x-ambassador-error tag that also goes to the access log.  The classes of a
+#    failed try are the one table of outcomes: each names its reply, tag, metric label and the
+#    retry_on conditions that cover it; TRY_OUTCOMES and the retry policy are derived from them.
 # ==================================================================================================
 
 class ConfigError(Exception):
@@ -252,10 +255,19 @@ class StartupError(Exception):
 
 class ProxyError(Exception):
     """A request Ambassador answers itself.  `status` and `tag` are the reply's; `reason`, where
-    there is one, labels a metric (overflow_requests, unknown_ca, ...)."""
+    there is one, labels a metric (overflow_requests, unknown_ca, ...).
+
+    A failed try's class also says how the try ended: `result` (the label of
+    ambassador_upstream_attempts_total, and a tcp connection's termination), `retry_on` (the
+    conditions that retry it) and `never_sent` (nothing left Ambassador: safe to retry for any
+    method).  One spelling per vocabulary: retry_on conditions and error tags are Envoy's, with
+    hyphens; metric labels and tcp terminations use underscores, as Prometheus labels do."""
     status = 502
     tag = "internal-error"
     reason = None
+    result = None
+    retry_on = ()
+    never_sent = False
 
     def __init__(self, detail="", status=None, reason=None):
         Exception.__init__(self, detail)
@@ -278,19 +290,26 @@ class RequestTimeout(BadRequest):
 class ConnectFailure(ProxyError):
     """No connection was made: the request never left Ambassador."""
     status, tag = 502, "connect-failure"
+    result, retry_on, never_sent = "connect_failure", ("connect-failure",), True
 
 
 class UpstreamReset(ProxyError):
     """The upstream closed or reset the connection before a complete response head."""
     status, tag = 502, "upstream-reset"
+    result, retry_on = "reset", ("reset",)
 
 
 class UpstreamTimeout(ProxyError):
+    """No response head within per_try_timeout (retried as a gateway error, as Envoy does), or
+    the route's timeout passed (never retried: no time is left)."""
     status, tag = 504, "upstream-timeout"
+    result, retry_on = "timeout", ("5xx", "gateway-error")
 
 
 class UpstreamProtocolError(ProxyError):
+    """The upstream's response could not be read as HTTP/1.1: never retried."""
     status, tag = 502, "upstream-protocol-error"
+    result = "protocol_error"
 
 
 class TlsError(ConnectFailure):
@@ -322,6 +341,23 @@ class Overflow(ProxyError):
 class FaultAbort(ProxyError):
     """Fault injection answered the request itself ([fault] abort): it was never sent."""
     status, tag = 503, "fault-abort"
+
+
+class TryResult(NamedTuple):
+    """How one try ended: `result` (ok, 5xx, or a failed try's class's result), the response
+    (its body unread) with its connection, or the error to answer with; `refused` when no try
+    was made (breaker open, no endpoint left): a retry refused leaves the previous result."""
+    result: str
+    response: object = None
+    conn: object = None
+    error: Optional[ProxyError] = None
+    refused: bool = False
+    endpoint: object = None
+
+
+TRY_FAILURES = (ConnectFailure, UpstreamReset, UpstreamTimeout, UpstreamProtocolError)
+# ambassador_upstream_attempts_total{result}: every value, declared here once.
+TRY_OUTCOMES = ("ok", "5xx") + tuple(c.result for c in TRY_FAILURES)
 
 
 class RateLimited(ProxyError):
@@ -903,8 +939,7 @@ def _kind_path(value):
     return value
 
 
-# Each table's keys: name -> (kind, default); REQUIRED marks keys without a default.  Keys that a
-# later issue implements are listed in _NOT_YET so that the format stays designed once.
+# Each table's keys: name -> (kind, default); REQUIRED marks keys without a default.
 REQUIRED = object()
 _ADMIN_KEYS = {"listen": (_kind_listen, AdminConfig().listen),
                "probe_listen": (_kind_listen, None)}
@@ -1008,7 +1043,6 @@ _TRACING_KEYS = {"otlp_endpoint": (_kind_url, REQUIRED),
                  "service_name": (_kind_string, "ambassador"),
                  "sample_ratio": (_kind_number(0, 1), 1.0),
                  "headers": (_kind_headers, ())}
-_NOT_YET = {"": (), "listeners": (), "clusters": ()}
 _TOP_KEYS = ("admin", "log", "shutdown", "tracing", "listeners", "clusters")
 
 
@@ -1021,7 +1055,7 @@ class _Validator:
     def problem(self, path, reason):
         self.problems.append("%s: %s" % (path, reason))
 
-    def table(self, path, raw, keys, not_yet=(), tables=None):
+    def table(self, path, raw, keys, tables=None):
         """raw (a dict) checked against keys -> {key: value}, defaults filled in.  tables maps
         sub-table keys to (keys, record): each becomes a record, defaults filled in too."""
         values = {}
@@ -1030,11 +1064,8 @@ class _Validator:
             self.problem(path, "expected a table, got %s" % show(raw))
             raw = {}
         for key in raw:
-            if key in not_yet:
-                self.problem("%s.%s" % (path, key), "not supported yet")
-            elif key not in keys and key not in tables:
-                self.unknown("%s.%s" % (path, key), key,
-                             list(keys) + list(tables) + list(not_yet))
+            if key not in keys and key not in tables:
+                self.unknown("%s.%s" % (path, key), key, list(keys) + list(tables))
         for key, (sub_keys, record) in tables.items():
             if key in raw:
                 sub = self.table("%s.%s" % (path, key), raw[key], sub_keys)
@@ -1063,9 +1094,7 @@ def parse_config(raw, path="<config>"):
     """A parsed TOML document -> Config; raises ConfigError listing every problem."""
     v = _Validator()
     for key in raw:
-        if key in _NOT_YET[""]:
-            v.problem(key, "not supported yet")
-        elif key not in _TOP_KEYS:
+        if key not in _TOP_KEYS:
             v.unknown(key, key, list(_TOP_KEYS))
     admin = AdminConfig(**v.table("admin", raw.get("admin", {}), _ADMIN_KEYS))
     log = LogConfig(**v.table("log", raw.get("log", {}), _LOG_KEYS))
@@ -1082,8 +1111,7 @@ def parse_config(raw, path="<config>"):
         v.problem("clusters", "expected a table of clusters, got %s" % show(raw_clusters))
         raw_clusters = {}
     for name, table in raw_clusters.items():
-        values = v.table("clusters.%s" % name, table, _CLUSTER_KEYS, _NOT_YET["clusters"],
-                         _CLUSTER_TABLES)
+        values = v.table("clusters.%s" % name, table, _CLUSTER_KEYS, _CLUSTER_TABLES)
         tls = values.get("tls")
         if tls and (tls.cert is None) != (tls.key is None):
             v.problem("clusters.%s.tls" % name, "cert and key go together")
@@ -1114,7 +1142,7 @@ def parse_config(raw, path="<config>"):
         if isinstance(table, dict) and "routes" in table:
             table = dict(table)
             raw_routes = table.pop("routes")
-        values = v.table(where, table, _LISTENER_KEYS, _NOT_YET["listeners"], _LISTENER_TABLES)
+        values = v.table(where, table, _LISTENER_KEYS, _LISTENER_TABLES)
         values["routes"] = _parse_routes(v, where + ".routes", raw_routes, raw_clusters)
         _check_traffic(v, where, values, raw_clusters)
         _check_protocol(v, where, table if isinstance(table, dict) else {}, raw_routes, values)
@@ -3039,21 +3067,15 @@ class Mirror:
             listener.telemetry.rejected(cluster, "overflow_requests")
             return "failed"
         try:
-            ticket = cluster.breaker.allow()
-            if ticket is None:
-                listener.telemetry.rejected(cluster, "circuit_open")
-                return "failed"
-            try:
-                endpoint = cluster.pick_endpoint(req=copy)
-            except NoHealthyUpstream:
-                cluster.breaker.record(ticket, None)
-                return "failed"
             timeout = copy.route.timeout
             try:
-                _, resp, conn, _ = try_once(listener, cluster, self._policy, copy, body, endpoint,
-                                            copy.start + timeout, ticket)
-            except ProxyError:
+                result = attempt(listener, cluster, self._policy, copy, body,
+                                 copy.start + timeout, None, None)
+            except ProxyError:                   # no healthy endpoint, the deadline passed
                 return "failed"
+            if isinstance(result.error, CircuitOpen):
+                listener.telemetry.rejected(cluster, "circuit_open")
+            resp, conn = result.response, result.conn
             if resp is None:
                 return "failed"
             try:
@@ -3078,116 +3100,186 @@ def forward(listener, route, req, downstream):
 
     The layers, each knowing only the next (linkerd2-proxy's stack, as plain code): deadline
     (route or listener timeout) -> route (cluster by weight) -> fault injection -> rate limit
-    -> rewrites -> mirror (a queued copy) -> retry loop
-    (RetryPolicy, RetryBudget, backoff) -> CircuitBreaker and ResourceLimits ->
-    Cluster.pick_endpoint -> ConnectionPool -> UpstreamConnection.  Returns whether the
-    downstream connection may carry another request.  Raises ProxyError while no response byte
-    was sent; after that, failures close the downstream connection instead."""
+    -> rewrites -> mirror (a queued copy) -> retry_loop (RetryPolicy, RetryBudget, backoff)
+    -> Admission (ResourceLimits; another cluster for a retry) -> attempt (CircuitBreaker
+    ticket, Cluster.pick_endpoint) -> try_once -> ConnectionPool -> UpstreamConnection.
+    Returns whether the downstream connection may carry another request.  Raises ProxyError
+    while no response byte was sent; after that, failures close the downstream connection."""
     deadline = req.start + route.timeout
     cluster = req.cluster = route.pick_cluster()
     if route.fault is not None:                  # as the request arrives, before any try
         route.fault.apply(listener, route, req, deadline)
     if route.rate_limiter is not None:
         route.rate_limiter.admit(listener, cluster)
-    app_headers = req.headers
     route.rewrite(req, cluster)
     policy = route.retry_policy
-    budget = route.retry_budget
     body = RequestBody(req, downstream, policy.config.buffer_limit)
     body.prepare()
     if route.mirror is not None:                 # a copy, queued: never waited for
         route.mirror.offer(req, body, route)
-    budget.record_request()
-    limits = cluster.limits
-    if not limits.try_begin("requests"):
-        listener.telemetry.rejected(cluster, "overflow_requests")
-        raise Overflow("max_requests of cluster %s reached" % cluster.name,
-                       reason="overflow_requests")
-    holds_retry = False
+    route.retry_budget.record_request()
+    admission = Admission(listener, route, req, cluster)
     try:
-        endpoint = cluster.pick_endpoint(req=req)
-        ticket = cluster.breaker.allow()
-        if ticket is None:
-            raise CircuitOpen("circuit breaker of cluster %s is open" % cluster.name)
-        retries = 0
-        while True:
-            result, resp, conn, error = try_once(listener, cluster, policy, req, body, endpoint,
-                                                 deadline, ticket)
-            status = resp.status if resp is not None else None
-            safe = req.replay_safe and body.replayable
-            if result == "ok" or not policy.should_retry(result, status, safe):
-                break
-            # A retry must fit every bound: attempts, time for its backoff, budget, breaker.
-            wait = policy.wait_before(retries + 1, resp)
-            if retries >= policy.config.attempts or wait is None or \
-                    monotonic() + wait >= deadline:
-                break
-            if not budget.try_spend():
-                listener.telemetry.budget_exhausted(cluster)
-                break
-            next_cluster = route.pick_cluster(avoid=cluster) if route.retry_other_cluster \
-                else cluster
-            if next_cluster is not cluster:
-                if not next_cluster.limits.try_begin("requests"):
-                    listener.telemetry.rejected(next_cluster, "overflow_requests")
-                    break
-                limits.end("requests")
-                if holds_retry:
-                    limits.end("retries")
-                    holds_retry = False
-                cluster, limits = next_cluster, next_cluster.limits
-            if not holds_retry:
-                if not limits.try_begin("retries"):
-                    listener.telemetry.rejected(cluster, "overflow_retries")
-                    break
-                holds_retry = True
-            try:
-                next_endpoint = cluster.pick_endpoint(avoid=endpoint, req=req)
-            except NoHealthyUpstream:
-                break
-            ticket = cluster.breaker.allow()
-            if ticket is None:
-                listener.telemetry.rejected(cluster, "circuit_open")
-                break
-            if conn is not None:
-                conn.close()                     # the response we will not relay
-            if req.cluster is not cluster:       # rules render %UPSTREAM_CLUSTER% anew
-                req.cluster, req.headers = cluster, app_headers
-                if route.request_rules is not None:
-                    req.headers = route.request_rules.apply(app_headers, req, cluster.name)
-            if req.span is not None:
-                req.span.event("backoff", **{"ambassador.backoff_ms": round(wait * 1000, 3)})
-            time.sleep(wait)
-            retries += 1
-            listener.telemetry.retried(listener, cluster)
-            endpoint = next_endpoint
-            if req.span is not None:
-                req.span.event("retry", **{"ambassador.attempt": req.attempts + 1,
-                                           "ambassador.retry_reason": result})
-        if resp is None:
-            raise error
-        keep = relay_response(req, resp, conn, downstream, listener)
+        result = retry_loop(
+            policy, route.retry_budget, deadline,
+            lambda previous: attempt(listener, admission.cluster, policy, req, body, deadline,
+                                     previous, admission.retrying),
+            admit_retry=admission.admit_retry,
+            is_safe=lambda: req.replay_safe and body.replayable,
+            on_backoff=admission.backing_off,
+            on_budget_exhausted=lambda: listener.telemetry.budget_exhausted(admission.cluster))
+        if result.response is None:
+            raise result.error
+        keep = relay_response(req, result.response, result.conn, downstream, listener)
         if not body.is_complete():          # answered before the whole body was sent
             keep = body.discard_rest() and keep
         return keep
     except (Overflow, CircuitOpen) as e:
-        listener.telemetry.rejected(cluster, e.reason)
+        listener.telemetry.rejected(admission.cluster, e.reason)
         raise
     finally:
-        limits.end("requests")
-        if holds_retry:
-            limits.end("retries")
+        admission.release()
 
 
-def try_once(listener, cluster, policy, req, body, endpoint, deadline, ticket):
-    """One try on one endpoint, admitted by the breaker's ticket -> (result, response, connection,
-    error): result is ok, 5xx, connect_failure, reset, timeout or protocol_error; a response
-    comes with its connection (body unread), a failure with the ProxyError to answer it with.
+def retry_loop(policy, budget, deadline, try_, admit_retry, is_safe, on_backoff=None,
+               on_budget_exhausted=None, clock=monotonic, sleep=time.sleep):
+    """The retry layer: try_(previous) -> a TryResult, the first with previous None, each retry
+    with the TryResult before.  Retries while the policy wants it (is_safe() says whether
+    the request may be sent twice), attempts and the deadline leave room for the backoff, the
+    budget has one, and admit_retry(previous) lets it in.  Between tries: on_backoff(wait,
+    previous), then sleep(wait).  A first try refused raises its error; a retry refused leaves
+    the previous result.  -> the last TryResult.  clock and sleep are injected for tests."""
+    result = try_(None)
+    if result.refused:
+        raise result.error
+    retries = 0
+    while True:                # "ok" too: retriable-4xx and retriable_status_codes may say 409, 429
+        status = result.response.status if result.response is not None else None
+        if not policy.should_retry(result.result, status, is_safe()):
+            break
+        wait = policy.wait_before(retries + 1, result.response)
+        if retries >= policy.config.attempts or wait is None or clock() + wait >= deadline:
+            break
+        if not budget.try_spend():
+            if on_budget_exhausted is not None:
+                on_budget_exhausted()
+            break
+        if not admit_retry(result):
+            break
+        if on_backoff is not None:
+            on_backoff(wait, result)
+        sleep(wait)
+        retries += 1
+        following = try_(result)
+        if following.refused:
+            break
+        if result.conn is not None:
+            result.conn.close()              # the response we will not relay
+        result = following
+    return result
+
+
+class Admission:
+    """The cluster's resource limits for one request, held from its first try to its end:
+    max_requests at once, and max_retries for a request retrying; a retry may move to another
+    cluster of the route (retry_other_cluster).  release() gives back whatever is held.  Used
+    by the request's thread only."""
+
+    def __init__(self, listener, route, req, cluster):
+        self.listener, self.route, self.req = listener, route, req
+        self.cluster = cluster
+        self.app_headers = req.headers
+        self.holds_retry = False
+        if not cluster.limits.try_begin("requests"):
+            self.cluster = None
+            listener.telemetry.rejected(cluster, "overflow_requests")
+            raise Overflow("max_requests of cluster %s reached" % cluster.name,
+                           reason="overflow_requests")
+
+    def admit_retry(self, previous):
+        """Whether a retry fits the limits (of another cluster, when the route says so)."""
+        cluster, route, telemetry = self.cluster, self.route, self.listener.telemetry
+        following = route.pick_cluster(avoid=cluster) if route.retry_other_cluster else cluster
+        if following is not cluster:
+            if not following.limits.try_begin("requests"):
+                telemetry.rejected(following, "overflow_requests")
+                return False
+            self.release()
+            self.cluster = cluster = following
+        if not self.holds_retry:
+            if not cluster.limits.try_begin("retries"):
+                telemetry.rejected(cluster, "overflow_retries")
+                return False
+            self.holds_retry = True
+        return True
+
+    def backing_off(self, wait, previous):
+        if self.req.span is not None:
+            self.req.span.event("backoff", **{"ambassador.backoff_ms": round(wait * 1000, 3)})
+
+    def retrying(self, previous):
+        """A retry was let in (endpoint and breaker ticket taken): count it, render anew."""
+        req, cluster = self.req, self.cluster
+        if req.cluster is not cluster:           # rules render %UPSTREAM_CLUSTER% anew
+            req.cluster, req.headers = cluster, self.app_headers
+            if self.route.request_rules is not None:
+                req.headers = self.route.request_rules.apply(self.app_headers, req,
+                                                             cluster.name)
+        self.listener.telemetry.retried(self.listener, cluster)
+        if req.span is not None:
+            req.span.event("retry", **{"ambassador.attempt": req.attempts + 1,
+                                       "ambassador.retry_reason": previous.result})
+
+    def release(self):
+        if self.cluster is None:
+            return
+        self.cluster.limits.end("requests")
+        if self.holds_retry:
+            self.cluster.limits.end("retries")
+            self.holds_retry = False
+
+
+def attempt(listener, cluster, policy, req, body, deadline, previous, on_retry):
+    """Admission to one try and the balance: an endpoint (not the previous try's when there
+    is another), the circuit breaker's ticket, the try, and the ticket back with the try's
+    verdict -- taken and returned here only.  A retry let in is announced with
+    on_retry(previous).  -> TryResult (refused: no endpoint, or no ticket)."""
+    avoid = previous.endpoint if previous is not None else None
+    try:
+        endpoint = cluster.pick_endpoint(avoid=avoid, req=req)
+    except NoHealthyUpstream as e:
+        if previous is None:
+            raise
+        return TryResult("no_healthy_upstream", error=e, refused=True)
+    ticket = cluster.breaker.allow()
+    if ticket is None:
+        if previous is not None:
+            listener.telemetry.rejected(cluster, "circuit_open")
+        return TryResult("circuit_open", refused=True, error=CircuitOpen(
+            "circuit breaker of cluster %s is open" % cluster.name))
+    if previous is not None:
+        on_retry(previous)
+    verdict = None                               # for the breaker: None means "not a try"
+    try:
+        result = try_once(listener, cluster, policy, req, body, endpoint, deadline)
+        verdict = result.result == "ok"
+        return result
+    except UpstreamTimeout:                      # the deadline passed: a failed try
+        verdict = False
+        raise
+    finally:
+        cluster.breaker.record(ticket, verdict)
+
+
+def try_once(listener, cluster, policy, req, body, endpoint, deadline):
+    """One try on one endpoint -> TryResult: ok or 5xx with the response and its connection
+    (body unread), or a failed try's result with the ProxyError to answer it with.  The
+    OutlierDetector observes every try here.
 
     Raises UpstreamTimeout when the listener's deadline passed (never retried) and Overflow."""
     per_try = policy.config.per_try_timeout
     fresh_only = False
-    verdict = None                               # for the breaker: None means "not a try"
+    verdict = None                               # for outlier detection: None is "not a try"
     endpoint.begin_request()
     req.endpoint = endpoint
     started = monotonic()
@@ -3210,37 +3302,31 @@ def try_once(listener, cluster, policy, req, body, endpoint, deadline, ticket):
                         req.attempts -= 1
                     else:                          # sent and lost with the connection: a try,
                         listener.telemetry.upstream_attempt(    # though not a retry (budget)
-                            cluster, endpoint, "reset", 0)
+                            cluster, endpoint, UpstreamReset.result, 0)
                     continue
-                error, result = UpstreamReset(e.reason), "reset"
-            except ConnectFailure as e:
-                error, result = e, "connect_failure"
-                if isinstance(e, TlsError):
-                    listener.telemetry.tls_error("upstream", cluster.name, e.reason)
-            except UpstreamReset as e:
-                error, result = e, "reset"
-            except UpstreamProtocolError as e:
-                error, result = e, "protocol_error"
-            except UpstreamTimeout:
+                error = UpstreamReset(e.reason)
+            except UpstreamTimeout as e:
                 if monotonic() >= deadline:
                     verdict = False
-                    listener.telemetry.upstream_attempt(cluster, endpoint, "timeout", 0)
+                    listener.telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
                     raise
-                error, result = UpstreamTimeout("no response within per_try_timeout (%gs)"
-                                                % per_try), "timeout"
+                error = UpstreamTimeout("no response within per_try_timeout (%gs)" % per_try)
+            except TRY_FAILURES as e:
+                error = e
+                if isinstance(e, TlsError):
+                    listener.telemetry.tls_error("upstream", cluster.name, e.reason)
             else:
                 result = "5xx" if resp.status >= 500 else "ok"
                 verdict = result == "ok"
                 listener.telemetry.upstream_attempt(cluster, endpoint, result, resp.status)
-                return result, resp, conn, None
+                return TryResult(result, resp, conn, endpoint=endpoint)
             verdict = False
-            listener.telemetry.upstream_attempt(cluster, endpoint, result, 0)
+            listener.telemetry.upstream_attempt(cluster, endpoint, error.result, 0)
             listener.telemetry.debug("%s: try %d on %s: %s", listener.name, req.attempts,
                                      endpoint.label.decode(), error)
-            return result, None, None, error
+            return TryResult(error.result, error=error, endpoint=endpoint)
     finally:
         cluster.outlier_detector.record(endpoint, verdict)
-        cluster.breaker.record(ticket, verdict)
         if verdict is not None:
             listener.telemetry.upstream_duration(cluster, monotonic() - started)
 
@@ -3551,10 +3637,10 @@ class TcpSession:
                 cluster.limits.end("connections")
                 cluster.outlier_detector.record(endpoint, False)
                 cluster.breaker.record(ticket, False)
-                telemetry.upstream_attempt(cluster, endpoint, "connect_failure", 0)
+                telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
                 if isinstance(e, TlsError):
                     telemetry.tls_error("upstream", cluster.name, e.reason)
-                self.termination = "tls_error" if isinstance(e, TlsError) else "connect_failure"
+                self.termination = "tls_error" if isinstance(e, TlsError) else e.result
                 self.reason, last = str(e), endpoint
                 continue
             cluster.breaker.record(ticket, True)
@@ -4599,6 +4685,9 @@ class Cluster:
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
 
+_FAILURE_BY_RESULT = {c.result: c for c in TRY_FAILURES}
+
+
 class RetryPolicy:
     """A listener's [retry] table as decisions.  No state: thread-safe."""
 
@@ -4614,15 +4703,10 @@ class RetryPolicy:
         connect-failure is retried for every method: the request never left.  Anything else only
         when `safe`: an idempotent method or an Idempotency-Key, and a body that was held."""
         on = self._on
-        if result == "connect_failure":
-            return "connect-failure" in on
-        if not safe:
-            return False
-        if result == "reset":
-            return "reset" in on
-        if result == "timeout":
-            return "5xx" in on or "gateway-error" in on
-        if status is None:
+        failure = _FAILURE_BY_RESULT.get(result)
+        if failure is not None:
+            return (failure.never_sent or safe) and any(c in on for c in failure.retry_on)
+        if not safe or status is None:
             return False
         return ("5xx" in on and status >= 500) or \
             ("gateway-error" in on and status in (502, 503, 504)) or \
@@ -5685,7 +5769,7 @@ class Telemetry:
                     for result in ("sent", "dropped", "failed"):
                         self.mirrors.touch((l.name, result))
         for name in sorted(clusters):
-            for result in ("ok", "5xx", "connect_failure", "reset", "timeout", "protocol_error"):
+            for result in TRY_OUTCOMES:
                 self.attempts.touch((name, result))
             self.budget.touch((name,))
             self.upstream_durations.touch((name,))

@@ -483,3 +483,17 @@ def test_the_retry_budget_governs_unless_max_retries_is_given(table, admitted):
     cb = ambassador.CircuitBreakerConfig(**table)
     limits = ambassador.ResourceLimits(cb)
     assert sum(limits.try_begin("retries") for _ in range(500)) == admitted
+
+
+@pytest.mark.parametrize("retry_on,codes,status,tries", [
+    (["retriable-4xx"], [503], 409, 2),
+    (["retriable-status-codes"], [429], 429, 2),
+    (["5xx"], [503], 409, 1),                          # a 4xx is no 5xx
+])
+def test_a_retriable_4xx_is_retried(ambassador, upstream_factory, retry_on, codes, status,
+                                    tries):
+    up = upstream_factory(failing_first(1, status=status))
+    amb = ambassador(retry_listener([up.address], attempts=2, retry_on=retry_on,
+                                    retriable_status_codes=codes))
+    got = request(amb.port(), method="PUT", body=b"x")[0]
+    assert (got, up.count()) == ((200, 2) if tries == 2 else (status, 1))
