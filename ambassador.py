@@ -72,7 +72,7 @@ Who waits where, and which thread owns a connection (the connection core, sectio
 Words used throughout (Envoy's): downstream is the app's side, upstream the remote service's;
 a cluster is a named set of endpoints (one address each); a route picks a cluster for a
 request.  A try is one exchange with one endpoint; a retry is a try after the first; the
-attempts of a request are all its tries (x-ambassador-attempts, the log's `attempts`).
+attempts of a request are all its tries (x-ambassador-attempt-count, the log's `attempts`).
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
      1 Imports and compatibility       9 Request stack: routes, faults, rate limit, mirror,
@@ -1707,6 +1707,8 @@ def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=Non
     headers = [(b"content-type", b"Content-Type", b"text/plain; charset=utf-8"),
                (b"x-ambassador-error", b"x-ambassador-error", tag.encode())]
     if attempts:
+        headers.append((b"x-ambassador-attempt-count", b"x-ambassador-attempt-count",
+                        b"%d" % attempts))
         headers.append((b"x-ambassador-attempts", b"x-ambassador-attempts", b"%d" % attempts))
     headers.append((b"x-request-id", b"X-Request-Id", request_id or b"-"))
     headers += extra
@@ -3357,7 +3359,9 @@ def relay_response(req, resp, conn, downstream, listener):
         parts += (name, b": ", value, b"\r\n")
     if resp.request_id is None:
         parts += (b"X-Request-Id: ", req.request_id, b"\r\n")
-    parts.append(b"x-ambassador-attempts: %d\r\n" % req.attempts)
+    # x-ambassador-attempts: the name before 0.2.0, kept for one release (see the changelog).
+    parts.append(b"x-ambassador-attempt-count: %d\r\nx-ambassador-attempts: %d\r\n"
+                 % (req.attempts, req.attempts))
     if resp.has_body:
         if resp.length is not None:
             parts.append(b"Content-Length: %d\r\n" % resp.length)
@@ -4102,8 +4106,9 @@ class UpstreamConnection:
         parts += (b"X-Forwarded-For: ", req.forwarded_for,
                   b"\r\nX-Forwarded-Proto: https\r\n" if config.tls else
                   b"\r\nX-Forwarded-Proto: http\r\n",
-                  b"X-Request-Id: ", req.request_id, b"\r\nx-ambassador-attempt: %d\r\n"
-                  % req.attempts, req.trace_headers, req.client_cert, body.framing(), b"\r\n",
+                  b"X-Request-Id: ", req.request_id,
+                  b"\r\nx-ambassador-attempt-count: %d\r\nx-ambassador-attempt: %d\r\n"
+                  % (req.attempts, req.attempts), req.trace_headers, req.client_cert, body.framing(), b"\r\n",
                   body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
@@ -6284,7 +6289,7 @@ class DemoService:
             return self.answer(500, {"service": self.kind, "error": "down for good"})
         with self._lock:
             self._charges += 1
-        if self.kind == "payment" and headers.get("x-ambassador-attempt", "1") == "1":
+        if self.kind == "payment" and headers.get("x-ambassador-attempt-count", "1") == "1":
             return self.answer(503, {"service": "payment", "error": "gateway busy, try again"})
         return self.answer(200, {"service": self.kind, "status": "charged"})
 
@@ -6318,7 +6323,7 @@ def start_demo(config):
             print("  curl -si -X POST %s/charge -H 'Idempotency-Key: order-42' "
                   "-d '{\"amount\": 42}'\n"
                   "      # safe to send again: a retry absorbs the failure, 200 with "
-                  "x-ambassador-attempts: 2" % url)
+                  "x-ambassador-attempt-count: 2" % url)
             print("  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%%{http_code} ' "
                   "-X POST %s/outage; done; echo\n"
                   "      # an outage: after 5 failures in a row the circuit opens, calls get a fast"

@@ -225,8 +225,8 @@ def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
         assert json.loads(request(ports[1], "GET", "/")[2])["charges_received"] == 2
         replies = [request(ports[1], "POST", "/charge", body=b"{}",
                            headers={"Idempotency-Key": "order-%d" % i}) for i in range(3)]
-        assert [(r[0], r[1]["x-ambassador-attempts"]) for r in replies] == [(200, "2")] * 3
-        assert "not sent twice" in text and "x-ambassador-attempts: 2" in text
+        assert [(r[0], r[1]["x-ambassador-attempt-count"]) for r in replies] == [(200, "2")] * 3
+        assert "not sent twice" in text and "x-ambassador-attempt-count: 2" in text
         assert "/outage; done" in text
         outage = [request(ports[1], "POST", "/outage") for _ in range(7)]
         assert [r[0] for r in outage] == [500] * 5 + [503] * 2          # the breaker opened

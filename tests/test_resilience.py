@@ -184,6 +184,9 @@ def test_get_is_retried_until_it_succeeds(ambassador, upstream_factory):
     status, headers, body = request(amb.port())
     assert status == 200 and body == b"ok after 2"
     assert up.count() == 3
+    assert [r.header("x-ambassador-attempt-count") for r in up.requests] == ["1", "2", "3"]
+    assert headers["x-ambassador-attempt-count"] == "3"
+    # The names before 0.2.0, kept for one release:
     assert [r.header("x-ambassador-attempt") for r in up.requests] == ["1", "2", "3"]
     assert headers["x-ambassador-attempts"] == "3"
 
