@@ -2010,6 +2010,22 @@ class Listener:
             mirror=Mirror(rc.mirror, clusters[rc.mirror.cluster], self, rng) if rc.mirror
             else self._mirror)
 
+    def apply(self, config, clusters, rng=random.random):
+        """A reload changed this listener (or a cluster it sends to): the requests that start
+        from now on -- on every connection, open ones too -- see the new routes, policy,
+        faults and limits; requests in flight keep the route they started with.  The retry
+        budget carries over while the [retry] table is the same."""
+        fresh = Listener(config, clusters, self.telemetry, self.draining, rng)
+        if config.retry == self.config.retry:
+            fresh.retry_budget = self.retry_budget
+            fresh.routes = [fresh._route(r, clusters, rng) for r in config.routes]
+            fresh.default_route = fresh._route(
+                RouteConfig(index=-1, clusters=(WeightedCluster(config.cluster),)), clusters, rng)
+        (self.config, self.cluster, self.retry_policy, self.retry_budget, self._fault,
+         self._rate_limiter, self._mirror, self.routes, self.default_route) = (
+            fresh.config, fresh.cluster, fresh.retry_policy, fresh.retry_budget, fresh._fault,
+            fresh._rate_limiter, fresh._mirror, fresh.routes, fresh.default_route)
+
     def select_route(self, req):
         """The first route whose match holds, else the default route."""
         routes = self.routes
@@ -2096,12 +2112,20 @@ class ListenerServer(socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 4096             # the kernel caps it at net.core.somaxconn
 
-    def __init__(self, listener):
+    def __init__(self, listener, inherited=None):
+        """inherited: a listening socket already bound to the listener's address (a reload
+        that re-purposes an address, or a live upgrade's parent): taken as it is."""
         self.listener = listener
         self.dispatcher = self.relay = None
+        self.keep_socket = False          # handed on to another server: never close it
         if ":" in listener.config.listen[0]:
             self.address_family = socket.AF_INET6
-        socketserver.TCPServer.__init__(self, listener.config.listen, None)
+        socketserver.TCPServer.__init__(self, listener.config.listen, None,
+                                        bind_and_activate=inherited is None)
+        if inherited is not None:
+            self.socket.close()
+            self.socket = inherited
+            self.server_address = inherited.getsockname()
         self.dispatcher = Dispatcher(listener)
         self.relay = RelayLoop(listener) if listener.config.protocol == "tcp" and HAS_EPOLL \
             else None
@@ -2139,7 +2163,8 @@ class ListenerServer(socketserver.TCPServer):
         self.dispatcher.adopt(conn)
 
     def server_close(self):
-        socketserver.TCPServer.server_close(self)
+        if not self.keep_socket:
+            socketserver.TCPServer.server_close(self)
         if self.dispatcher is not None:
             self.dispatcher.close()
         if self.relay is not None:
@@ -2313,14 +2338,19 @@ class Dispatcher:
                     self.listener.telemetry.internal_error("downstream connection")
                     conn.close()
 
-    def close(self):
-        """The listener stopped: close every parked connection and let the workers end."""
+    def close_parked(self):
+        """The listener is going (a reload removed it): close the connections waiting between
+        requests; those in a turn finish it and close, as parking is refused from now on."""
         with self._lock:
             self._closed = True
             parked, self._parked = list(self._parked.values()), {}
         for conn in parked:
             self.release(conn)
             conn.close()
+
+    def close(self):
+        """The listener stopped: close every parked connection and let the workers end."""
+        self.close_parked()
         if self._epoll is not None:
             self._epoll.close()
 
@@ -4634,6 +4664,14 @@ class Cluster:
         self._install(entries)
         return failures
 
+    def take_over(self, old):
+        """A reload changed this cluster: keep what `old` learned.  Endpoints that stay keep
+        their health, ejection and statistics (refresh() matches them); the breaker's state and
+        the limits' counts stay while [circuit_breaker] is the same."""
+        if self.config.circuit_breaker == old.config.circuit_breaker:
+            self.limits, self.breaker = old.limits, old.breaker
+        self.endpoints = old.endpoints
+
     def _install(self, entries):
         old = {(e.address, e.host_header): e for e in self.endpoints}
         new = []
@@ -4642,6 +4680,14 @@ class Cluster:
             if e is None:
                 e = Endpoint(address, host_header, weight, self.config.connect_timeout,
                              self.limits, self.tls)
+            elif (e.pool.limits, e.pool.tls, e.pool.connect_timeout) != \
+                    (self.limits, self.tls, self.config.connect_timeout):
+                stale, e.pool = e.pool, ConnectionPool(e, self.config.connect_timeout,
+                                                       self.limits, self.tls)
+                stale.close_idle()                # taken over by a reload that changed them
+                e.weight = weight
+            else:
+                e.weight = weight
             if e not in new:
                 new.append(e)
         self.endpoints = new
@@ -5085,6 +5131,12 @@ class Counter:
         with self._lock:
             return self._values.get(labelvalues, 0)
 
+    def forget(self, index, value):
+        """Drop the series whose label at index is value (a listener or cluster removed)."""
+        with self._lock:
+            for key in [k for k in self._values if k[index] == value]:
+                del self._values[key]
+
     def render(self):
         with self._lock:
             items = sorted(self._values.items())
@@ -5116,6 +5168,11 @@ class Histogram:
     def touch(self, labelvalues):
         with self._lock:
             self._series.setdefault(labelvalues, [0] * (len(self.buckets) + 1) + [0.0])
+
+    def forget(self, index, value):
+        with self._lock:
+            for key in [k for k in self._series if k[index] == value]:
+                del self._series[key]
 
     def observe(self, labelvalues, value):
         i = bisect.bisect_left(self.buckets, value)
@@ -5153,6 +5210,12 @@ class Metrics:
     def add(self, family):
         self._families.append(family)
         return family
+
+    def forget(self, labelname, value):
+        """Every series labelled labelname=value leaves (gauges read live objects anyway)."""
+        for f in self._families:
+            if labelname in f.labelnames and hasattr(f, "forget"):
+                f.forget(f.labelnames.index(labelname), value)
 
     def render(self):
         out = []
@@ -5736,6 +5799,21 @@ class Telemetry:
         self.tls_errors = m.add(Counter(
             "ambassador_tls_handshake_errors_total", "Failed TLS handshakes and refusals.",
             ("side", "name", "reason")))
+        self.reloads = m.add(Counter(
+            "ambassador_config_reloads_total", "Reloads of the config file, by result.",
+            ("result",)))
+        for result in ("success", "failure"):
+            self.reloads.touch((result,))
+        self.reload_state = [1, time.time(), 1]  # last successful?, when last applied, version
+        m.add(Gauge("ambassador_config_last_reload_successful",
+                    "1 if the last reload was applied (or none was tried), 0 if refused.", (),
+                    lambda: [((), self.reload_state[0])]))
+        m.add(Gauge("ambassador_config_last_reload_success_timestamp_seconds",
+                    "When the config serving now was applied (at start, or by a reload).", (),
+                    lambda: [((), self.reload_state[1])]))
+        m.add(Gauge("ambassador_config_version",
+                    "The config serving: 1 at start, +1 per applied reload.", (),
+                    lambda: [((), self.reload_state[2])]))
         self.tls_reloads = m.add(Counter(
             "ambassador_tls_reloads_total", "Reloads of TLS files by result.", ("path", "result")))
         self.tls_sources = []
@@ -5821,6 +5899,14 @@ class Telemetry:
 
     def upstream_duration(self, cluster, seconds):
         self.upstream_durations.observe((cluster.name,), seconds)
+
+    def reloaded(self, success, version):
+        self.reloads.inc(("success" if success else "failure",))
+        self.reload_state = [1 if success else 0, time.time() if success else
+                             self.reload_state[1], version]
+
+    def forget(self, labelname, value):
+        self.metrics.forget(labelname, value)
 
     def open_access_log(self, config):
         if config.access != "off":
@@ -5985,7 +6071,8 @@ class Admin:
              "GET  /live           200 while the threads that must run are running\n"
              "GET  /started        200 once the config is loaded and every listener bound\n"
              "GET  /clusters       clusters and their endpoints, JSON\n"
-             "GET  /config         the effective config, defaults filled in, JSON\n"
+             "GET  /config         the effective config, defaults filled in, and its version\n"
+             "POST /reload         re-read the config file and apply it, as on SIGHUP\n"
              "POST /quitquitquit   graceful exit, as on SIGTERM\n")
     TEXT = "text/plain; charset=utf-8"
 
@@ -5995,12 +6082,18 @@ class Admin:
     def route(self, method, path, body, headers=None):
         app = self.app
         if method == "POST":
+            if path == "/reload":
+                ok, version, errors = app.reload("POST /reload")
+                reply = {"success": ok, "version": version}
+                if not ok:
+                    reply["errors"] = errors
+                return (200 if ok else 400,) + self.json(reply)[1:]
             if path != "/quitquitquit":
                 return 404, self.TEXT, b"not found\n"
             app.request_stop("POST /quitquitquit")
             return 200, self.TEXT, b"draining\n"
         if method not in ("GET", "HEAD"):
-            return 405, self.TEXT, b"use GET, or POST for /quitquitquit\n"
+            return 405, self.TEXT, b"use GET, or POST for /reload and /quitquitquit\n"
         if path == "/":
             return 200, self.TEXT, self.INDEX.encode()
         if path == "/metrics":
@@ -6010,8 +6103,8 @@ class Admin:
         if path == "/clusters":
             return self.json(app.clusters_snapshot())
         if path == "/config":
-            return self.json(config_as_json(app.config))
-        if path == "/quitquitquit":
+            return self.json(dict(config_as_json(app.config), version=app.version))
+        if path in ("/quitquitquit", "/reload"):
             return 405, self.TEXT, b"use POST\n"
         return 404, self.TEXT, b"not found; GET / lists what is here\n"
 
@@ -6052,6 +6145,17 @@ class Admin:
 #     Wiring, start, drain, signals, the command line, and the demo a newcomer runs first.
 # ==================================================================================================
 
+class _Staged:
+    """What a reload built and bound before anything changed (see Ambassador._stage)."""
+
+    def __init__(self):
+        self.clusters = {}                # name -> Cluster (the current one when unchanged)
+        self.changed = {}                 # listener name -> (ListenerConfig, new TLS or None)
+        self.servers = []                 # ListenerServers bound for new or moved listeners
+        self.handed = []                  # current servers whose socket a new one took
+        self.tls = []                     # TlsContextSources loaded
+
+
 class Ambassador:
     """The running sidecar, built from a Config.
 
@@ -6060,8 +6164,11 @@ class Ambassador:
     keep serving until no request was active for DRAIN_QUIET_S or drain_timeout passes; then
     every socket closes and the access log is flushed.  request_stop() is thread-safe."""
 
-    def __init__(self, config):
+    def __init__(self, config, inherited=None):
         self.config = config
+        self.version = 1                  # of the config serving: +1 per applied reload
+        self.inherited = inherited or {}  # (host, port) -> a listening socket from a parent
+        self._reload_lock = threading.Lock()   # one reload at a time
         self.log = logging.getLogger("ambassador")
         self.draining = threading.Event()
         self._stop = threading.Event()
@@ -6082,6 +6189,7 @@ class Ambassador:
         self.started = threading.Event()  # every listener bound and accepting: /started
         self._vital = []                  # threads that must run while serving: /live
         self._background_stop = threading.Event()   # ends DNS, health and outlier threads
+        self._cluster_stops = {}          # Cluster -> the Event that ends its threads
 
     def load_tls(self):
         """Every tls table's context, before anything is bound; ConfigError if one fails."""
@@ -6111,7 +6219,8 @@ class Ambassador:
                                           or error))
             for listener in self.listeners:
                 try:
-                    self.servers.append(ListenerServer(listener))
+                    self.servers.append(ListenerServer(
+                        listener, inherited=self.inherited.pop(listener.config.listen, None)))
                 except OSError as e:
                     raise StartupError("listener %s: cannot listen on %s: %s" % (
                         listener.name, format_address(listener.config.listen),
@@ -6142,28 +6251,22 @@ class Ambassador:
         """Serve until request_stop(), drain, close.  Returns the exit code."""
         self._serving = True
         for cluster in self.clusters.values():
-            cluster.start(self._background_stop)
+            cluster.start(self._stop_of(cluster))
         for source in self.telemetry.tls_sources:
             threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
                              name="tls-reload:%s" % source.name).start()
-        servers = [(s, "listener:%s" % s.listener.name) for s in self.servers] + \
-            [(s, s.name) for s in (self.admin, self.probe) if s is not None]
-        for server, name in servers:
-            thread = threading.Thread(target=server.serve_forever, name=name, daemon=True,
-                                      kwargs={"poll_interval": 0.2})
-            thread.start()
-            self._vital.append(thread)
-            if getattr(server, "dispatcher", None) is not None:
-                self._vital.append(server.dispatcher.start(self._background_stop))
-            if getattr(server, "relay", None) is not None:
-                self._vital.append(server.relay.start(self._background_stop))
+        for server in self.servers:
+            self._serve_server(server)
+        for server in (self.admin, self.probe):
+            if server is not None:
+                thread = threading.Thread(target=server.serve_forever, name=server.name,
+                                          daemon=True, kwargs={"poll_interval": 0.2})
+                thread.start()
+                self._vital.append(thread)
         log = self.telemetry.access_log
         if log is not None:
             self._vital.append(log.thread)
         self.started.set()
-        for server in self.servers:
-            self.log.info("listener %s on %s -> cluster %s", server.listener.name,
-                          format_address(server.server_address[:2]), server.listener.cluster.name)
         self.log.info("admin on %s", format_address(self.admin.server_address[:2]))
         if self.probe is not None:
             self.log.info("probes (/ready /live /started /metrics) on %s",
@@ -6224,6 +6327,8 @@ class Ambassador:
         # shutdown() waits for serve_forever() to return, so only servers that ran are asked.
         running = self._serving
         self._background_stop.set()
+        for event in self._cluster_stops.values():
+            event.set()
         for server in self.servers + [s for s in (self.admin, self.probe) if s is not None]:
             if running:
                 server.shutdown()
@@ -6231,6 +6336,229 @@ class Ambassador:
         for cluster in self.clusters.values():
             cluster.close_idle()
         self.telemetry.close()
+
+    def _stop_of(self, cluster):
+        """The event that ends one cluster's background threads: at close, or when a reload
+        replaces or removes the cluster."""
+        event = threading.Event()
+        self._cluster_stops[cluster] = event
+        if self._background_stop.is_set():
+            event.set()
+        return event
+
+    # ---- reload ---------------------------------------------------------------------------
+
+    def reload(self, why):
+        """Re-read the config file and apply what changed, or nothing at all.  Everything is
+        checked first -- the file as --check does, every certificate and key, every new listen
+        address bound -- then applied by difference (see "Changing the config" in the README).
+        Serialised.  -> (success, the version serving, [errors with their key paths])."""
+        with self._reload_lock:
+            self.log.info("reload (%s): reading %s", why, self.config.path)
+            staged = None
+            try:
+                config = load_config(self.config.path)
+                staged = self._stage(config)
+            except ConfigError as e:
+                errors = e.problems
+            except StartupError as e:
+                errors = [str(e)]
+            else:
+                self._apply(config, staged)
+                self.version += 1
+                self.telemetry.reloaded(True, self.version)
+                self.log.info("reload (%s): version %d serving", why, self.version)
+                return True, self.version, []
+            for problem in errors:
+                self.log.error("reload (%s) refused, version %d keeps serving: %s",
+                               why, self.version, problem)
+            self.telemetry.reloaded(False, self.version)
+            return False, self.version, errors
+
+    def _stage(self, config):
+        """Build and bind, touching nothing that serves: -> what _apply() puts in place.
+        ConfigError or StartupError, with everything staged closed again, otherwise."""
+        old = self.config
+        for key in ("listen", "probe_listen"):
+            if getattr(config.admin, key) != getattr(old.admin, key):
+                raise ConfigError(["admin.%s: cannot change on reload (the admin port answers "
+                                   "it); restart, or upgrade with SIGUSR2" % key])
+        staged = _Staged()
+        try:
+            t = self.telemetry
+            for name, c in config.clusters.items():
+                current = self.clusters.get(name)
+                if current is not None and current.config == c:
+                    staged.clusters[name] = current
+                    continue
+                cluster = Cluster(c, telemetry=t, on_breaker_transition=lambda o, n, name=name:
+                                  t.breaker_transition(name, o, n))
+                if c.tls is not None:
+                    cluster.tls = self._tls_source(c.tls, "upstream", "clusters", name)
+                    staged.tls.append(cluster.tls)
+                if current is not None:
+                    cluster.take_over(current)
+                failures = cluster.refresh()
+                if failures and c.discovery == "static" and current is None:
+                    host, error = failures[0]
+                    raise ConfigError(["clusters.%s.endpoints: cannot resolve %s: %s" % (
+                        name, host, getattr(error, "strerror", None) or error)])
+                staged.clusters[name] = cluster
+            by_address = {s.listener.config.listen: s for s in self.servers}
+            current = {l.name: l for l in self.listeners}
+            for lc in config.listeners:
+                listener = current.get(lc.name)
+                tls = None
+                if lc.tls is not None and (listener is None or listener.config.tls != lc.tls):
+                    tls = self._tls_source(lc.tls, "downstream", "listeners", lc.name)
+                    staged.tls.append(tls)
+                same_socket = listener is not None and listener.config.listen == lc.listen \
+                    and listener.config.protocol == lc.protocol
+                if same_socket:
+                    staged.changed[lc.name] = (lc, tls)
+                    continue
+                fresh = Listener(lc, staged.clusters, t, self.draining)
+                fresh.tls = tls if lc.tls is not None else None
+                taken = by_address.get(lc.listen)
+                try:
+                    if taken is not None:              # an address re-purposed: hand it on
+                        server = ListenerServer(fresh, inherited=taken.socket)
+                        staged.handed.append(taken)
+                    else:
+                        server = ListenerServer(fresh)
+                except OSError as e:
+                    raise StartupError("listeners.%s.listen: cannot listen on %s: %s" % (
+                        lc.name, format_address(lc.listen), e.strerror or e))
+                staged.servers.append(server)
+        except (ConfigError, StartupError):
+            for server in staged.servers:
+                if server.socket not in [h.socket for h in staged.handed]:
+                    server.server_close()
+            raise
+        return staged
+
+    def _tls_source(self, config, side, section, name):
+        try:
+            return TlsContextSource(config, side, name, self.telemetry.tls_reloaded)
+        except (OSError, ValueError) as e:
+            raise ConfigError(["%s.%s.tls: cannot load: %s" % (section, name, e)])
+
+    def _apply(self, config, staged):
+        """Put a staged config in place.  Nothing here may fail."""
+        old_config, old_clusters = self.config, dict(self.clusters)
+        self.telemetry.tls_sources.extend(staged.tls)
+        for source in staged.tls:
+            threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
+                             name="tls-reload:%s" % source.name).start()
+        # Clusters: the dict is the one every listener and gauge reads; swapped entry by entry.
+        for name, cluster in staged.clusters.items():
+            if old_clusters.get(name) is not cluster:
+                self.clusters[name] = cluster
+                cluster.start(self._stop_of(cluster))
+        for name, cluster in old_clusters.items():
+            if staged.clusters.get(name) is not cluster:
+                self._cluster_stops.pop(cluster, threading.Event()).set()
+                if name not in staged.clusters:
+                    del self.clusters[name]
+                    threading.Thread(target=self._retire_cluster, args=(cluster,), daemon=True,
+                                     name="retire:%s" % name).start()
+        # Listeners: changed in place, new ones started, removed or moved ones drained.
+        replaced = {c for name, c in old_clusters.items() if staged.clusters.get(name) is not c}
+        keep = {}
+        for listener in self.listeners:
+            change = staged.changed.get(listener.name)
+            if change is None:
+                continue
+            lc, tls = change
+            if lc != listener.config or replaced & set(listener.clusters()):
+                listener.apply(lc, self.clusters)
+            if lc.tls is None:
+                listener.tls = None
+            elif tls is not None:
+                listener.tls = tls
+            keep[listener.name] = listener
+        for server in self.servers:
+            if server.listener.name not in keep:
+                self._retire_server(server, handed=server in staged.handed)
+        self.servers = [s for s in self.servers if s.listener.name in keep] + staged.servers
+        listeners = {s.listener.name: s.listener for s in self.servers}
+        self.listeners[:] = [listeners[lc.name] for lc in config.listeners]
+        for server in staged.servers:
+            self._serve_server(server)
+        # What the process does besides: log, tracing, shutdown.
+        t = self.telemetry
+        if config.log != old_config.log:
+            old_log = t.access_log
+            t.access_log = None
+            t.open_access_log(config.log)
+            if t.access_log is not None:
+                self._vital.append(t.access_log.thread)
+            if old_log is not None:
+                self._vital = [v for v in self._vital if v is not old_log.thread]
+                old_log.close()
+        if config.tracing != old_config.tracing:
+            old_tracer = t.tracer
+            t.tracer = None
+            t.open_tracing(config.tracing)
+            if old_tracer is not None:
+                old_tracer.exporter.close()
+        t.register(self.listeners, self.clusters)
+        self.config = config
+
+    def _serve_server(self, server):
+        name = "listener:%s" % server.listener.name
+        thread = threading.Thread(target=server.serve_forever, name=name, daemon=True,
+                                  kwargs={"poll_interval": 0.2})
+        thread.start()
+        server.thread = thread
+        self._vital.append(thread)
+        if server.dispatcher is not None:
+            server.vital = [server.dispatcher.start(self._background_stop)]
+        if server.relay is not None:
+            server.vital.append(server.relay.start(self._background_stop))
+        self._vital += server.vital
+        self.log.info("listener %s on %s -> cluster %s", server.listener.name,
+                      format_address(server.server_address[:2]), server.listener.cluster.name)
+
+    def _retire_server(self, server, handed):
+        """A listener removed, or moved to another address: stop accepting now (its socket,
+        if re-purposed, already serves the new listener), let what is in flight finish within
+        drain_timeout, then close the rest.  Its metric series go with it once drained."""
+        listener = server.listener
+        server.keep_socket = handed
+        dead = [getattr(server, "thread", None)] + getattr(server, "vital", [])
+        self._vital = [v for v in self._vital if v not in dead]
+        self.log.info("listener %s on %s: stops accepting, drains", listener.name,
+                      format_address(server.server_address[:2]))
+
+        def drain():
+            server.shutdown()
+            if not handed:
+                socketserver.TCPServer.server_close(server)
+            if server.dispatcher is not None:
+                server.dispatcher.close_parked()
+            limit = monotonic() + self.config.shutdown.drain_timeout
+            while listener.active_requests and monotonic() < limit:
+                time.sleep(0.05)
+            listener.cut_in_flight()
+            grace = monotonic() + DRAIN_CUT_GRACE_S
+            while listener.active_requests and monotonic() < grace:
+                time.sleep(0.02)
+            server.keep_socket = True
+            server.server_close()
+            if listener.name not in [l.name for l in self.listeners]:
+                self.telemetry.forget("listener", listener.name)
+        threading.Thread(target=drain, daemon=True, name="retire:%s" % listener.name).start()
+
+    def _retire_cluster(self, cluster):
+        """A cluster removed: no listener sends to it any more; requests in flight finish,
+        then its idle connections close and its series leave /metrics."""
+        limit = monotonic() + self.config.shutdown.drain_timeout
+        while cluster.limits.used("requests") and monotonic() < limit:
+            time.sleep(0.05)
+        cluster.close_idle()
+        if cluster.name not in self.clusters:
+            self.telemetry.forget("cluster", cluster.name)
 
     def clusters_snapshot(self):
         return {"clusters": {name: {"endpoints": [e.snapshot() for e in c.endpoints]}
@@ -6520,6 +6848,9 @@ def main(argv=None):
         app.request_stop(signal.Signals(signum).name)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGHUP"):       # a reload takes a while: not inside the handler
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+            target=app.reload, args=("SIGHUP",), name="reload", daemon=True).start())
     if hasattr(signal, "SIGUSR1") and app.telemetry.access_log is not None:
         signal.signal(signal.SIGUSR1, lambda signum, frame:
                       app.telemetry.access_log.request_reopen())

@@ -1,0 +1,284 @@
+"""Hot reload, black-box: SIGHUP and POST /reload re-read the file; a bad file changes nothing;
+a good one applies by difference without losing a connection, a breaker or a counter."""
+
+import http.client
+import json
+import re
+import signal
+import socket
+import threading
+import time
+
+from conftest import base_config, metric, request, respond, toml_dump, wait_for
+
+
+def rewrite(amb, config):
+    amb.config = config
+    with open(amb.config_path, "w") as f:
+        f.write(toml_dump(config))
+
+
+def reload(amb):
+    """POST /reload -> (status, the JSON reply)."""
+    conn = http.client.HTTPConnection("127.0.0.1", amb.bound()["admin"], timeout=10)
+    conn.request("POST", "/reload")
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def port_of(amb, listener):
+    """The port a listener bound, from the newest log line that says so."""
+    found = re.findall(r"listener %s on \S+:(\d+) ->" % listener, amb.stderr())
+    return int(found[-1]) if found else None
+
+
+def named(upstream):
+    def answer(req, sock):
+        respond(sock, 200, upstream.encode())
+    return answer
+
+
+def test_a_bad_file_changes_nothing_and_a_fixed_one_applies(ambassador, upstream):
+    amb = ambassador([upstream.address])
+    good = amb.config
+    bad = json.loads(json.dumps(good))
+    bad["listeners"]["app"]["timeout"] = "soon"
+    bad["clusters"]["svc"]["connect_timeout"] = "-1s"
+    rewrite(amb, bad)
+    started = time.monotonic()
+    status, reply = reload(amb)
+    assert time.monotonic() - started < 1.0
+    assert status == 400 and reply["success"] is False and reply["version"] == 1
+    assert any(e.startswith("listeners.app.timeout:") for e in reply["errors"]), reply
+    assert any(e.startswith("clusters.svc.connect_timeout:") for e in reply["errors"]), reply
+    assert "listeners.app.timeout" in amb.stderr()
+    assert request(amb.port())[0] == 200                      # the old config serves
+    assert metric(amb, "ambassador_config_last_reload_successful") == 0
+    assert metric(amb, "ambassador_config_reloads_total", result="failure") == 1
+    rewrite(amb, good)
+    assert reload(amb) == (200, {"success": True, "version": 2})
+    assert metric(amb, "ambassador_config_last_reload_successful") == 1
+    assert metric(amb, "ambassador_config_version") == 2
+    assert metric(amb, "ambassador_config_reloads_total", result="success") == 1
+    assert json.loads(amb.admin("/config")[1])["version"] == 2
+
+
+def test_a_changed_listener_applies_to_the_next_request_on_an_open_connection(
+        ambassador, upstream_factory):
+    a, b = upstream_factory(named("a")), upstream_factory(named("b"))
+    config = base_config([a.address])
+    config["clusters"]["other"] = {"endpoints": [b.address]}
+    amb = ambassador(config)
+    conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"a"
+    config = json.loads(json.dumps(amb.config))
+    config["listeners"]["app"]["cluster"] = "other"
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    conn.request("GET", "/")                  # the same keep-alive connection
+    assert conn.getresponse().read() == b"b"
+    assert a.connections == 1 and b.count() == 1
+
+
+def test_sighup_reloads_and_an_unchanged_listener_keeps_its_connections(ambassador, upstream):
+    amb = ambassador([upstream.address])
+    conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
+    conn.request("GET", "/")
+    conn.getresponse().read()
+    config = json.loads(json.dumps(amb.config))
+    config["listeners"]["second"] = {"listen": "127.0.0.1:0", "cluster": "svc"}
+    rewrite(amb, config)
+    amb.terminate(signal.SIGHUP)
+    wait_for(lambda: metric(amb, "ambassador_config_version") == 2, 10, "version 2")
+    conn.request("GET", "/again")             # the same connection, never dropped
+    assert conn.getresponse().status == 200
+    assert request(port_of(amb, "second"))[0] == 200
+    assert upstream.connections >= 1
+    assert len(upstream.requests) == 3
+
+
+def test_a_removed_listener_finishes_its_request_in_flight_then_stops(ambassador,
+                                                                     upstream_factory):
+    def slow(req, sock):
+        if req.target == "/slow":
+            time.sleep(1.0)
+        respond(sock, 200, b"done")
+    up = upstream_factory(slow)
+    config = base_config([up.address])
+    config["listeners"]["going"] = {"listen": "127.0.0.1:0", "cluster": "svc"}
+    amb = ambassador(config)
+    going = port_of(amb, "going")
+    result = []
+    t = threading.Thread(target=lambda: result.append(request(going, path="/slow")))
+    t.start()
+    wait_for(lambda: up.count() == 1, 5, "the slow request upstream")
+    config = json.loads(json.dumps(amb.config))
+    del config["listeners"]["going"]
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    t.join(10)
+    assert result and result[0][0] == 200 and result[0][2] == b"done"
+    wait_for(lambda: _refused(going), 5, "the removed listener's port closed")
+    assert request(amb.port())[0] == 200
+    wait_for(lambda: 'listener="going"' not in amb.admin("/metrics")[1], 10,
+             "the removed listener's series gone")
+
+
+def _refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except OSError:
+        return True
+
+
+def test_a_moved_listener_binds_its_new_address_and_leaves_the_old(ambassador, upstream):
+    amb = ambassador([upstream.address])
+    old = amb.port()
+    config = json.loads(json.dumps(amb.config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        new = s.getsockname()[1]
+    config["listeners"]["app"]["listen"] = "127.0.0.1:%d" % new
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    assert request(new)[0] == 200
+    wait_for(lambda: _refused(old), 5, "the old address closed")
+
+
+def test_a_taken_address_is_an_error_and_nothing_changes(ambassador, upstream):
+    amb = ambassador([upstream.address])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        config = json.loads(json.dumps(amb.config))
+        config["listeners"]["second"] = {"listen": "127.0.0.1:%d" % taken.getsockname()[1],
+                                         "cluster": "svc"}
+        config["listeners"]["app"]["timeout"] = "7s"
+        rewrite(amb, config)
+        status, reply = reload(amb)
+    assert status == 400
+    assert reply["errors"][0].startswith("listeners.second.listen: cannot listen on")
+    assert json.loads(amb.admin("/config")[1])["listeners"]["app"]["timeout"] != 7.0
+
+
+def test_the_admin_address_cannot_change_on_reload(ambassador, upstream):
+    amb = ambassador([upstream.address])
+    config = json.loads(json.dumps(amb.config))
+    config["admin"]["listen"] = "127.0.0.1:1"
+    rewrite(amb, config)
+    status, reply = reload(amb)
+    assert status == 400 and reply["errors"][0].startswith("admin.listen: cannot change")
+
+
+def failing(req, sock):
+    respond(sock, 500, b"no")
+
+
+def test_breaker_state_ejections_and_counters_survive_reloads_of_other_things(
+        ambassador, upstream_factory):
+    bad, bad2, good = upstream_factory(failing), upstream_factory(failing), upstream_factory()
+    config = base_config([bad.address, bad2.address])
+    config["listeners"]["app"]["retry"] = {"attempts": 0}
+    config["clusters"]["svc"]["circuit_breaker"] = {"failure_threshold": 6,
+                                                   "open_timeout": "60s"}
+    config["clusters"]["svc"]["outlier_detection"] = {"consecutive_5xx": 2,
+                                                     "base_ejection_time": "60s",
+                                                     "max_ejection_percent": 50}
+    config["clusters"]["b"] = {"endpoints": [good.address]}
+    config["listeners"]["b"] = {"listen": "127.0.0.1:0", "cluster": "b"}
+    amb = ambassador(config)
+    for _ in range(8):
+        request(amb.port())
+    wait_for(lambda: metric(amb, "ambassador_circuit_breaker_state", cluster="svc") == 1, 5,
+             "the breaker open")
+    ejected = metric(amb, "ambassador_endpoint_ejected", cluster="svc")
+    assert ejected == 1
+    before = metric(amb, "ambassador_requests_total", listener="app")
+    config = json.loads(json.dumps(amb.config))
+    config["clusters"]["b"]["connect_timeout"] = "2s"           # only cluster b changes
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    assert metric(amb, "ambassador_circuit_breaker_state", cluster="svc") == 1
+    assert metric(amb, "ambassador_endpoint_ejected", cluster="svc") == ejected
+    assert metric(amb, "ambassador_requests_total", listener="app") == before
+    assert request(port_of(amb, "b"))[0] == 200
+    # Cluster svc itself changes (a third endpoint); its endpoints that stay keep their state.
+    config["clusters"]["svc"]["endpoints"].append(good.address)
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    assert metric(amb, "ambassador_endpoint_ejected", cluster="svc") == ejected
+    assert metric(amb, "ambassador_circuit_breaker_state", cluster="svc") == 1
+    assert metric(amb, "ambassador_requests_total", listener="app") >= before
+
+
+def test_reloads_under_load_lose_nothing_and_send_no_post_twice(ambassador, upstream):
+    amb = ambassador([upstream.address], timeout="10s")
+    failures, sent, stop = [], [0], threading.Event()
+
+    def caller(method):
+        conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn.request(method, "/", body=b"x" if method == "POST" else None)
+                r = conn.getresponse()
+                r.read()
+                if r.status != 200:
+                    failures.append(r.status)
+                elif method == "POST":
+                    sent[0] += 1
+            except (OSError, http.client.HTTPException) as e:
+                failures.append(repr(e))
+                conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
+    callers = [threading.Thread(target=caller, args=(m,)) for m in ("GET", "POST") * 2]
+    for t in callers:
+        t.start()
+    try:
+        config = json.loads(json.dumps(amb.config))
+        for i in range(8):
+            config["listeners"]["app"]["timeout"] = "%ds" % (10 + i)
+            rewrite(amb, config)
+            assert reload(amb)[0] == 200
+            time.sleep(0.25)
+    finally:
+        stop.set()
+        for t in callers:
+            t.join(20)
+    assert failures == []
+    assert upstream.count("POST") == sent[0] > 0
+    assert metric(amb, "ambassador_config_version") == 9
+
+
+def test_an_address_handed_from_a_removed_listener_to_a_new_one(ambassador, upstream_factory):
+    a, b = upstream_factory(named("a")), upstream_factory(named("b"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = base_config([a.address], listen="127.0.0.1:%d" % port)
+    config["clusters"]["other"] = {"endpoints": [b.address]}
+    amb = ambassador(config)
+    assert request(port)[2] == b"a"
+    config = json.loads(json.dumps(amb.config))
+    config["listeners"]["renamed"] = dict(config["listeners"].pop("app"), cluster="other")
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    assert request(port)[2] == b"b"          # the same socket: never closed, never refused
+
+
+def test_an_open_redis_connection_survives_a_reload_of_its_listener(ambassador, redis_server):
+    config = base_config(["127.0.0.1:%d" % redis_server.port], protocol="tcp")
+    amb = ambassador(config)
+    with socket.create_connection(("127.0.0.1", amb.port()), timeout=10) as s:
+        s.sendall(b"PING\r\n")
+        assert s.recv(64) == b"+PONG\r\n"
+        config = json.loads(json.dumps(amb.config))
+        config["listeners"]["app"]["idle_timeout"] = "2h"
+        rewrite(amb, config)
+        assert reload(amb)[0] == 200
+        s.sendall(b"SET k v\r\n")
+        assert s.recv(64) == b"+OK\r\n"
+        with socket.create_connection(("127.0.0.1", amb.port()), timeout=10) as t:
+            t.sendall(b"GET k\r\n")
+            assert t.recv(64) == b"$1\r\nv\r\n"
