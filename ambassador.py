@@ -206,6 +206,7 @@ RING_MAX_POINTS = 131072                      # ...within this many in all
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
+UPGRADE_READY_TIMEOUT_S = 30.0 # a live upgrade's new process must serve within this
 OPEN_FILES_RESERVE = 64       # descriptors beyond connections: logs, health checks, DNS, admin
 # How downstream connections reach threads (see Dispatcher).
 DISPATCH_WORKERS = 16        # per listener: threads running requests at once that are not stuck
@@ -464,6 +465,7 @@ class AdminConfig(NamedTuple):
     listen: Tuple[str, int] = parse_address(DEFAULT_ADMIN_LISTEN)
     # GET /ready /live /started /metrics only, for the kubelet and Prometheus from outside
     probe_listen: Optional[Tuple[str, int]] = None
+    pid_file: Optional[str] = None        # this process's PID, written at start and upgrade
 
 
 class LogConfig(NamedTuple):
@@ -942,7 +944,8 @@ def _kind_path(value):
 # Each table's keys: name -> (kind, default); REQUIRED marks keys without a default.
 REQUIRED = object()
 _ADMIN_KEYS = {"listen": (_kind_listen, AdminConfig().listen),
-               "probe_listen": (_kind_listen, None)}
+               "probe_listen": (_kind_listen, None),
+               "pid_file": (_kind_string, None)}
 _LOG_KEYS = {"access": (_kind_log_target, "-"),
              "format": (_kind_one_of("json", "text"), "json"),
              "level": (_kind_one_of("debug", "info", "warning", "error"), "info")}
@@ -6022,11 +6025,15 @@ class SmallHTTPServer(socketserver.TCPServer):
     imports, a quarter of Ambassador's idle memory.  Thread-safe if route() is."""
     allow_reuse_address = True
 
-    def __init__(self, address, route, name):
+    def __init__(self, address, route, name, inherited=None):
         self.route, self.name = route, name
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        socketserver.TCPServer.__init__(self, address, None)
+        socketserver.TCPServer.__init__(self, address, None, bind_and_activate=inherited is None)
+        if inherited is not None:             # from the parent of a live upgrade
+            self.socket.close()
+            self.socket = inherited
+            self.server_address = inherited.getsockname()
 
     def process_request(self, sock, client_address):
         threading.Thread(target=self._serve, args=(sock,), daemon=True,
@@ -6167,7 +6174,7 @@ class Ambassador:
     def __init__(self, config, inherited=None):
         self.config = config
         self.version = 1                  # of the config serving: +1 per applied reload
-        self.inherited = inherited or {}  # (host, port) -> a listening socket from a parent
+        self.inherited = inherited or {}  # name -> (address, socket) from an upgrade's parent
         self._reload_lock = threading.Lock()   # one reload at a time
         self.log = logging.getLogger("ambassador")
         self.draining = threading.Event()
@@ -6190,6 +6197,7 @@ class Ambassador:
         self._vital = []                  # threads that must run while serving: /live
         self._background_stop = threading.Event()   # ends DNS, health and outlier threads
         self._cluster_stops = {}          # Cluster -> the Event that ends its threads
+        self.upgraded = False             # a live upgrade's child serves: drain at once
 
     def load_tls(self):
         """Every tls table's context, before anything is bound; ConfigError if one fails."""
@@ -6220,7 +6228,7 @@ class Ambassador:
             for listener in self.listeners:
                 try:
                     self.servers.append(ListenerServer(
-                        listener, inherited=self.inherited.pop(listener.config.listen, None)))
+                        listener, inherited=self._inherit(listener.name, listener.config.listen)))
                 except OSError as e:
                     raise StartupError("listener %s: cannot listen on %s: %s" % (
                         listener.name, format_address(listener.config.listen),
@@ -6232,7 +6240,7 @@ class Ambassador:
                 if address is None:
                     continue
                 try:
-                    server = SmallHTTPServer(address, route, name)
+                    server = SmallHTTPServer(address, route, name, self._inherit(name, address))
                 except OSError as e:
                     raise StartupError("admin: cannot listen on %s (%s): %s" % (
                         format_address(address), key, e.strerror or e))
@@ -6246,6 +6254,18 @@ class Ambassador:
         except (StartupError, ConfigError):
             self.close()
             raise
+        for _, sock in self.inherited.values():  # a listener the new config no longer has
+            sock.close()
+        self.inherited = {}
+
+    def _inherit(self, name, address):
+        """The socket a live upgrade's parent bound for `name` at this address (a configured
+        port 0 takes whatever port the parent had), or None."""
+        bound, sock = self.inherited.get(name, (None, None))
+        if sock is None or bound[0] != address[0] or address[1] not in (0, bound[1]):
+            return None
+        del self.inherited[name]
+        return sock
 
     def serve(self):
         """Serve until request_stop(), drain, close.  Returns the exit code."""
@@ -6268,6 +6288,21 @@ class Ambassador:
             self._vital.append(log.thread)
         self.started.set()
         self.log.info("admin on %s", format_address(self.admin.server_address[:2]))
+        if self.config.admin.pid_file:
+            try:
+                with open(self.config.admin.pid_file, "w") as f:
+                    f.write("%d\n" % os.getpid())
+            except OSError as e:
+                self.log.warning("admin.pid_file: cannot write %s: %s",
+                                 self.config.admin.pid_file, e.strerror or e)
+        ready_fd = os.environ.pop("AMBASSADOR_READY_FD", None)
+        if ready_fd is not None:              # a live upgrade's parent waits for this byte
+            notify_systemd("MAINPID=%d" % os.getpid())
+            try:
+                os.write(int(ready_fd), b"1")
+                os.close(int(ready_fd))
+            except (OSError, ValueError):
+                pass
         if self.probe is not None:
             self.log.info("probes (/ready /live /started /metrics) on %s",
                           format_address(self.probe.server_address[:2]))
@@ -6277,6 +6312,73 @@ class Ambassador:
         self.close()
         self.log.info("stopped")
         return 0
+
+    # ---- live upgrade ---------------------------------------------------------------------
+
+    def upgrade(self):
+        """SIGUSR2: start the file at our path again as a child that inherits every listening
+        socket (admin and probe too), wait until it serves, then stop accepting and drain as on
+        SIGTERM.  The sockets stay open all along, so no connection is refused.  If the child
+        fails to start (a syntax error, a bad config) or is not serving within
+        UPGRADE_READY_TIMEOUT_S, it is stopped and this process keeps serving.
+        -> the child's PID, or None."""
+        with self._reload_lock:
+            if self.draining.is_set():
+                return None
+            servers = self.servers + [s for s in (self.admin, self.probe) if s is not None]
+            fds = []
+            spec = []
+            for server in servers:
+                fd = server.socket.fileno()
+                fds.append(fd)
+                host, port = server.server_address[:2]
+                name = server.listener.name if isinstance(server, ListenerServer) else \
+                    server.name
+                spec.append("%s|%d|%s|%d" % (name, fd, host, port))
+            ready_r, ready_w = os.pipe()
+            env = dict(os.environ, AMBASSADOR_INHERIT=",".join(spec),
+                       AMBASSADOR_READY_FD=str(ready_w))
+            env.pop("AMBASSADOR_REEXEC", None)
+            command = [sys.executable] + interpreter_options() + \
+                [os.path.abspath(__file__)] + sys.argv[1:]
+            self.log.info("upgrade (SIGUSR2): starting %s", os.path.abspath(__file__))
+            try:
+                child = subprocess_popen(command, env, fds + [ready_w])
+            except OSError as e:
+                self.log.error("upgrade failed, this process keeps serving: %s", e)
+                os.close(ready_r)
+                os.close(ready_w)
+                return None
+            os.close(ready_w)
+            ready = self._wait_ready(child, ready_r)
+            os.close(ready_r)
+            if not ready:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                    why = "not serving within %gs" % UPGRADE_READY_TIMEOUT_S
+                else:
+                    why = "it exited with %s (its reason is logged above)" % child.returncode
+                self.log.error("upgrade failed, this process (PID %d) keeps serving: the new "
+                               "one %s", os.getpid(), why)
+                return None
+            self.log.info("upgrade: PID %d serves; PID %d stops accepting and drains",
+                          child.pid, os.getpid())
+            self.upgraded = True
+            for server in servers:             # the child accepts from now on
+                threading.Thread(target=server.shutdown, daemon=True).start()
+            self.request_stop("upgraded to PID %d" % child.pid)
+            return child.pid
+
+    @staticmethod
+    def _wait_ready(child, ready_r):
+        deadline = monotonic() + UPGRADE_READY_TIMEOUT_S
+        while monotonic() < deadline:
+            if select.select([ready_r], [], [], 0.1)[0]:
+                return os.read(ready_r, 1) == b"1"
+            if child.poll() is not None:
+                return False
+        return False
 
     def request_stop(self, why):
         if not self.draining.is_set():
@@ -6300,7 +6402,8 @@ class Ambassador:
         drain_timeout.  Then cut what is still in flight."""
         began = monotonic()
         limit = began + self.config.shutdown.drain_timeout
-        earliest = began + self.config.shutdown.min_drain
+        # After an upgrade the new process takes the app's calls: no reason to wait for them.
+        earliest = began + (0.0 if self.upgraded else self.config.shutdown.min_drain)
         while monotonic() < limit:
             quiet = [l.quiet_since() for l in self.listeners]
             now = monotonic()
@@ -6768,6 +6871,41 @@ def parse_args(argv):
     return args
 
 
+def inherited_sockets():
+    """The listening sockets a live upgrade's parent passed down (AMBASSADOR_INHERIT:
+    name|fd|host|port,... where name is a listener's, "admin" or "probe")
+    -> {name: ((host, port) bound, socket)}."""
+    spec = os.environ.pop("AMBASSADOR_INHERIT", "")
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, fd, host, port = item.split("|", 3)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        out[name] = ((host, int(port)), socket.socket(family, socket.SOCK_STREAM,
+                                                     fileno=int(fd)))
+    return out
+
+
+def notify_systemd(message):
+    """sd_notify without libsystemd: a datagram to $NOTIFY_SOCKET, when systemd set one (a
+    live upgrade's new process says it is the main PID now; the unit has NotifyAccess=all)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path or not hasattr(socket, "AF_UNIX"):
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]               # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), path)
+    except OSError:
+        pass
+
+
+def subprocess_popen(command, env, pass_fds):
+    """A child process that inherits pass_fds (subprocess is imported only for an upgrade)."""
+    import subprocess
+    return subprocess.Popen(command, env=env, pass_fds=pass_fds, close_fds=True)
+
+
 def raise_open_files_limit(config, log):
     """Raise the soft limit on open files to the hard one, as servers do (nginx's
     worker_rlimit_nofile, Go's runtime): the soft default of 1024 would refuse connections
@@ -6830,7 +6968,7 @@ def main(argv=None):
     if args.demo:
         config = start_demo(config)
     raise_open_files_limit(config, log)
-    app = Ambassador(config)
+    app = Ambassador(config, inherited_sockets())
     try:
         app.bind()
     except StartupError as e:
@@ -6848,6 +6986,9 @@ def main(argv=None):
         app.request_stop(signal.Signals(signum).name)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGUSR2"):
+        signal.signal(signal.SIGUSR2, lambda signum, frame: threading.Thread(
+            target=app.upgrade, name="upgrade", daemon=True).start())
     if hasattr(signal, "SIGHUP"):       # a reload takes a while: not inside the handler
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
             target=app.reload, args=("SIGHUP",), name="reload", daemon=True).start())

@@ -3,11 +3,14 @@ a good one applies by difference without losing a connection, a breaker or a cou
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
 import threading
 import time
+
+import pytest
 
 from conftest import base_config, metric, request, respond, toml_dump, wait_for
 
@@ -282,3 +285,122 @@ def test_an_open_redis_connection_survives_a_reload_of_its_listener(ambassador, 
         with socket.create_connection(("127.0.0.1", amb.port()), timeout=10) as t:
             t.sendall(b"GET k\r\n")
             assert t.recv(64) == b"$1\r\nv\r\n"
+
+
+# ------------------------------------------------------------------------------ live upgrade
+
+class Copy:
+    """ambassador.py copied to tmp_path and started from there (so the test may break the
+    file), with its stderr in a file."""
+
+    def __init__(self, tmp_path, config):
+        import shutil
+        import subprocess
+        from conftest import ROOT, ambassador_command
+        self.script = str(tmp_path / "ambassador.py")
+        shutil.copy(os.path.join(ROOT, "ambassador.py"), self.script)
+        self.config_path = str(tmp_path / "a.toml")
+        with open(self.config_path, "w") as f:
+            f.write(toml_dump(config))
+        self.err = str(tmp_path / "err.txt")
+        command = ambassador_command("-c", self.config_path)
+        command[command.index(os.path.join(ROOT, "ambassador.py"))] = self.script
+        self.proc = subprocess.Popen(command, stderr=open(self.err, "wb"), cwd=str(tmp_path))
+        wait_for(lambda: " admin on " in self.stderr(), 15, "started")
+
+    def stderr(self):
+        with open(self.err, errors="replace") as f:
+            return f.read()
+
+    def port(self):
+        return int(re.findall(r"listener app on \S+:(\d+) ->", self.stderr())[0])
+
+
+def test_an_upgrade_under_load_refuses_no_connection_and_fails_no_request(tmp_path, upstream):
+    config = base_config([upstream.address], timeout="10s")
+    config["admin"]["pid_file"] = str(tmp_path / "ambassador.pid")
+    amb = Copy(tmp_path, config)
+    port = amb.port()
+    failures, sent, stop = [], [0], threading.Event()
+
+    def caller(method):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn.request(method, "/", body=b"x" if method == "POST" else None)
+                r = conn.getresponse()
+                r.read()
+                if r.status != 200:
+                    failures.append(r.status)
+                elif method == "POST":
+                    sent[0] += 1
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            except (OSError, http.client.HTTPException) as e:
+                failures.append(repr(e))
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def connector():                      # a new connection each time: none may be refused
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                status = request(port, timeout=10)[0]
+                if status != 200:
+                    failures.append(status)
+            except OSError as e:
+                failures.append(repr(e))
+    threads = [threading.Thread(target=caller, args=(m,)) for m in ("GET", "POST")] + \
+        [threading.Thread(target=connector) for _ in range(2)]
+    for t in threads:
+        t.start()
+    child = None
+    try:
+        time.sleep(0.5)
+        amb.proc.send_signal(signal.SIGUSR2)
+        found = wait_for(lambda: re.search(r"upgrade: PID (\d+) serves", amb.stderr()), 30,
+                         "the new process serving")
+        child = int(found.group(1))
+        assert amb.proc.wait(30) == 0                    # the old one drained and left
+        time.sleep(0.5)                                  # the new one alone
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        if child is not None:
+            os.kill(child, signal.SIGTERM)
+        amb.proc.kill()
+    assert failures == []
+    assert upstream.count("POST") == sent[0] > 0
+    with open(str(tmp_path / "ambassador.pid")) as f:
+        assert int(f.read()) == child
+
+
+@pytest.mark.parametrize("breakage", ["file", "config"])
+def test_a_broken_upgrade_leaves_the_old_process_serving(tmp_path, upstream, breakage):
+    amb = Copy(tmp_path, base_config([upstream.address]))
+    try:
+        if breakage == "file":
+            with open(amb.script, "a") as f:
+                f.write("\nthis is not python (\n")
+        else:
+            with open(amb.config_path, "a") as f:
+                f.write("\n[listeners.app.nonsense]\n")
+        amb.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "upgrade failed" in amb.stderr(), 30, "the upgrade refused")
+        assert amb.proc.poll() is None
+        assert request(amb.port())[0] == 200
+    finally:
+        amb.proc.kill()
+
+
+def test_the_new_process_reports_its_pid_to_systemd(tmp_path, monkeypatch):
+    import ambassador as amb
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        s.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        amb.notify_systemd("MAINPID=%d" % os.getpid())
+        assert s.recv(64) == b"MAINPID=%d" % os.getpid()
