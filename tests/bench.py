@@ -693,6 +693,225 @@ def connection_core(tmp, up_port, procs, args, load, idle=10000, slow=1000):
     sys.stdout.flush()
 
 
+# ------------------------------------------------------------------------------ reload, upgrade
+
+class CountingUpstream(BaseHTTPRequestHandler):
+    """Counts POSTs by their X-Seq, so that one sent twice shows."""
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    seen = {}
+    lock = threading.Lock()
+
+    def do_GET(self):
+        self.answer()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.lock:
+            seq = self.headers.get("X-Seq")
+            self.seen[seq] = self.seen.get(seq, 0) + 1
+        self.answer()
+
+    def answer(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def echo_server():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(256)
+
+    def serve(c):
+        try:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    break
+                c.sendall(data)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def accept():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def reload_and_upgrade(tmp, args, seconds=60, rate=200, tcp=20):
+    """#11's acceptance: a reload every second for `seconds` under `rate` req/s of keep-alive
+    HTTP (half POSTs, counted at the upstream by sequence number) plus `tcp` connections
+    echoing checksummed data; then a live upgrade under the same load."""
+    import hashlib
+    import json
+    CountingUpstream.seen = {}
+    http_up = ThreadedServer(("127.0.0.1", 0), CountingUpstream)
+    threading.Thread(target=http_up.serve_forever, daemon=True).start()
+    echo_port = echo_server()
+    web, db, admin = free_port(), free_port(), free_port()
+    conf = os.path.join(tmp, "reload.toml")
+
+    def write(version):
+        with open(conf, "w") as f:
+            f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n'
+                    '[shutdown]\ndrain_timeout = "5s"\n'
+                    '[listeners.web]\nlisten = "127.0.0.1:%d"\ncluster = "up"\ntimeout = "%ds"\n'
+                    '[listeners.db]\nlisten = "127.0.0.1:%d"\nprotocol = "tcp"\ncluster = "echo"\n'
+                    'idle_timeout = "%ds"\n[clusters.up]\nendpoints = ["127.0.0.1:%d"]\n'
+                    '[clusters.echo]\nendpoints = ["127.0.0.1:%d"]\n'
+                    % (admin, web, 10 + version % 2, db, 3600 + version % 2,
+                       http_up.server_address[1], echo_port))
+    write(0)
+    proc = subprocess.Popen(pinned(0, [args.python, os.path.join(ROOT, "ambassador.py"), "-c",
+                                       conf]), stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(tmp, "reload.err"), "w"))
+    wait_http(web, "/")
+    stats = {"failed": [], "refused": 0, "posts": 0, "gets": 0, "tcp_bad": 0, "tcp_bytes": 0}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def http_caller(i):
+        conn = http.client.HTTPConnection("127.0.0.1", web, timeout=10)
+        period = 8.0 / rate
+        n = 0
+        next_at = time.monotonic()
+        while not stop.is_set():
+            next_at += period
+            n += 1
+            post = n % 2 == 0
+            try:
+                conn.request("POST" if post else "GET", "/", body=b"x" * 100 if post else None,
+                             headers={"X-Seq": "%d-%d" % (i, n)} if post else {})
+                r = conn.getresponse()
+                r.read()
+                with lock:
+                    if r.status != 200:
+                        stats["failed"].append(r.status)
+                    else:
+                        stats["posts" if post else "gets"] += 1
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException) as e:
+                with lock:
+                    stats["failed"].append(repr(e))
+                conn = http.client.HTTPConnection("127.0.0.1", web, timeout=10)
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+    def tcp_user(i, intact):
+        s = socket.create_connection(("127.0.0.1", db), timeout=10)
+        sent, got = hashlib.sha256(), hashlib.sha256()
+        try:
+            while not stop.is_set():
+                chunk = os.urandom(4096)
+                s.sendall(chunk)
+                sent.update(chunk)
+                left = len(chunk)
+                while left:
+                    data = s.recv(left)
+                    if not data:
+                        raise EOFError("closed")
+                    got.update(data)
+                    left -= len(data)
+                with lock:
+                    stats["tcp_bytes"] += len(chunk)
+                time.sleep(0.05)
+            intact[i] = sent.hexdigest() == got.hexdigest()
+        except (OSError, EOFError):
+            intact[i] = False
+        finally:
+            s.close()
+
+    def connector():
+        while not stop.is_set():
+            try:
+                socket.create_connection(("127.0.0.1", web), timeout=5).close()
+            except OSError:
+                with lock:
+                    stats["refused"] += 1
+            time.sleep(0.1)
+
+    def run(phase, body, length):
+        stop.clear()
+        intact = {}
+        threads = [threading.Thread(target=http_caller, args=(i,)) for i in range(8)] + \
+            [threading.Thread(target=tcp_user, args=(i, intact)) for i in range(tcp)] + \
+            [threading.Thread(target=connector)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        note = body(t0, length)
+        while time.monotonic() - t0 < length:
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        duplicates = sum(1 for v in CountingUpstream.seen.values() if v > 1)
+        print("| %s | %.0f req/s (%d POSTs answered, %d reached the upstream) | %d | %d | %d "
+              "| %d of %d intact, %.1f MiB echoed | %s |" % (
+                  phase, (stats["gets"] + stats["posts"]) / length, stats["posts"],
+                  len(CountingUpstream.seen),
+                          len(stats["failed"]), stats["refused"], duplicates,
+                          sum(intact.values()), tcp, stats["tcp_bytes"] / 1048576.0, note))
+        if stats["failed"]:
+            print("|  | failures: %s |" % ", ".join(map(str, stats["failed"][:5])))
+        for key in ("posts", "gets", "refused", "tcp_bytes"):
+            stats[key] = 0
+        stats["failed"] = []
+        CountingUpstream.seen.clear()
+        sys.stdout.flush()
+
+    def reloads(t0, length):
+        results = []
+        for version in range(1, int(length) + 1):
+            time.sleep(max(0.0, t0 + version - time.monotonic()))
+            write(version)
+            c = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+            c.request("POST", "/reload")
+            results.append(json.loads(c.getresponse().read())["success"])
+        return "%d reloads, %d applied" % (len(results), sum(results))
+
+    def upgrade(t0, length):
+        time.sleep(length / 3.0)
+        proc.send_signal(signal.SIGUSR2)
+        try:
+            code = proc.wait(length)
+        except subprocess.TimeoutExpired:
+            code = None
+        with open(os.path.join(tmp, "reload.err")) as f:
+            m = re.search(r"upgrade: PID (\d+) serves", f.read())
+        if m:
+            procs_extra.append(int(m.group(1)))
+        return "old process exited %s; new PID %s serving" % (code, m and m.group(1))
+    procs_extra = []
+    print()
+    print("| phase | load | failed requests | refused connections | POSTs sent twice "
+          "| tcp connections | |")
+    print("|---|---|---|---|---|---|---|")
+    try:
+        run("reload every second, %d s" % seconds, reloads, float(seconds))
+        run("live upgrade (SIGUSR2) at 1/3 of 15 s; tcp cut at drain_timeout 5 s", upgrade, 15.0)
+    finally:
+        proc.kill()
+        for pid in procs_extra:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        http_up.shutdown()
+
+
 def route_selection_cost(rounds=20000):
     """In process: Listener.select_route with 50 routes, for a request that matches the last
     route and one that matches none (every route tried), and with no routes at all."""
@@ -747,6 +966,10 @@ def main():
                    help="only the mirror comparison")
     p.add_argument("--connections-only", action="store_true",
                    help="only the connection core: idle, bulkhead and slow-client probes")
+    p.add_argument("--reload-only", action="store_true",
+                   help="only the reload and upgrade acceptance under load")
+    p.add_argument("--reload-seconds", type=int, default=60,
+                   help="how long to reload every second (default 60)")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
     args = p.parse_args()
@@ -776,6 +999,9 @@ def main():
             return
         if args.connections_only:
             connection_core(tmp, up_port, procs, args, load)
+            return
+        if args.reload_only:
+            reload_and_upgrade(tmp, args, seconds=args.reload_seconds)
             return
         amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python)
         time.sleep(0.5)
