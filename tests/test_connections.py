@@ -172,7 +172,8 @@ def test_a_listener_whose_upstream_hangs_does_not_hold_up_another(ambassador, up
 
 def start_with_open_files(tmp_path, soft, hard, max_connections):
     config = tmp_path / "a.toml"
-    config.write_text('[admin]\nlisten = "127.0.0.1:0"\n[listeners.app]\nlisten = "127.0.0.1:0"\n'
+    config.write_text('[admin]\nlisten = "127.0.0.1:0"\n[shutdown]\nmin_drain = "0s"\n'
+                      '[listeners.app]\nlisten = "127.0.0.1:0"\n'
                       'cluster = "svc"\nmax_connections = %d\n[clusters.svc]\n'
                       'endpoints = ["127.0.0.1:9"]\n' % max_connections)
     err = tmp_path / "err.txt"
