@@ -218,26 +218,7 @@ def test_breaker_state_ejections_and_counters_survive_reloads_of_other_things(
 
 def test_reloads_under_load_lose_nothing_and_send_no_post_twice(ambassador, upstream):
     amb = ambassador([upstream.address], timeout="10s")
-    failures, sent, stop = [], [0], threading.Event()
-
-    def caller(method):
-        conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
-        deadline = time.monotonic() + 20
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                conn.request(method, "/", body=b"x" if method == "POST" else None)
-                r = conn.getresponse()
-                r.read()
-                if r.status != 200:
-                    failures.append(r.status)
-                elif method == "POST":
-                    sent[0] += 1
-            except (OSError, http.client.HTTPException) as e:
-                failures.append(repr(e))
-                conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
-    callers = [threading.Thread(target=caller, args=(m,)) for m in ("GET", "POST") * 2]
-    for t in callers:
-        t.start()
+    load = Load(amb.port(), ("GET", "POST") * 2)
     try:
         config = json.loads(json.dumps(amb.config))
         for i in range(8):
@@ -246,12 +227,59 @@ def test_reloads_under_load_lose_nothing_and_send_no_post_twice(ambassador, upst
             assert reload(amb)[0] == 200
             time.sleep(0.25)
     finally:
-        stop.set()
-        for t in callers:
-            t.join(20)
-    assert failures == []
-    assert upstream.count("POST") == sent[0] > 0
+        load.stop()
+    assert load.failures == []
+    assert upstream.count("POST") == load.posts > 0
     assert metric(amb, "ambassador_config_version") == 9
+
+
+class Load:
+    """Keep-alive callers (one thread per method given) and, with connectors, callers that open
+    a new connection each time, on `port` until stop(): every failure is kept, and the POSTs
+    answered are counted, to compare with the upstream's count."""
+
+    def __init__(self, port, methods, connectors=0):
+        self.port, self.failures, self.posts = port, [], 0
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._keep_alive, args=(m,)) for m in methods]
+        self._threads += [threading.Thread(target=self._connector) for _ in range(connectors)]
+        for t in self._threads:
+            t.start()
+
+    def _keep_alive(self, method):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        deadline = time.monotonic() + 30
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn.request(method, "/", body=b"x" if method == "POST" else None)
+                r = conn.getresponse()
+                r.read()
+                with self._lock:
+                    if r.status != 200:
+                        self.failures.append(r.status)
+                    elif method == "POST":
+                        self.posts += 1
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            except (OSError, http.client.HTTPException) as e:
+                self.failures.append(repr(e))
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def _connector(self):
+        deadline = time.monotonic() + 30
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                status = request(self.port, timeout=10)[0]
+                if status != 200:
+                    self.failures.append(status)
+            except OSError as e:
+                self.failures.append(repr(e))
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
 
 
 def test_an_address_handed_from_a_removed_listener_to_a_new_one(ambassador, upstream_factory):
@@ -320,41 +348,7 @@ def test_an_upgrade_under_load_refuses_no_connection_and_fails_no_request(tmp_pa
     config = base_config([upstream.address], timeout="10s")
     config["admin"]["pid_file"] = str(tmp_path / "ambassador.pid")
     amb = Copy(tmp_path, config)
-    port = amb.port()
-    failures, sent, stop = [], [0], threading.Event()
-
-    def caller(method):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        deadline = time.monotonic() + 30
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                conn.request(method, "/", body=b"x" if method == "POST" else None)
-                r = conn.getresponse()
-                r.read()
-                if r.status != 200:
-                    failures.append(r.status)
-                elif method == "POST":
-                    sent[0] += 1
-                if r.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            except (OSError, http.client.HTTPException) as e:
-                failures.append(repr(e))
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-
-    def connector():                      # a new connection each time: none may be refused
-        deadline = time.monotonic() + 30
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                status = request(port, timeout=10)[0]
-                if status != 200:
-                    failures.append(status)
-            except OSError as e:
-                failures.append(repr(e))
-    threads = [threading.Thread(target=caller, args=(m,)) for m in ("GET", "POST")] + \
-        [threading.Thread(target=connector) for _ in range(2)]
-    for t in threads:
-        t.start()
+    load = Load(amb.port(), ("GET", "POST"), connectors=2)
     child = None
     try:
         time.sleep(0.5)
@@ -365,14 +359,12 @@ def test_an_upgrade_under_load_refuses_no_connection_and_fails_no_request(tmp_pa
         assert amb.proc.wait(30) == 0                    # the old one drained and left
         time.sleep(0.5)                                  # the new one alone
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        load.stop()
         if child is not None:
             os.kill(child, signal.SIGTERM)
         amb.proc.kill()
-    assert failures == []
-    assert upstream.count("POST") == sent[0] > 0
+    assert load.failures == []
+    assert upstream.count("POST") == load.posts > 0
     with open(str(tmp_path / "ambassador.pid")) as f:
         assert int(f.read()) == child
 
