@@ -11,6 +11,8 @@ Usage:
     python ambassador.py -c ambassador.toml         # run until SIGTERM / SIGINT / POST /quitquitquit
     python ambassador.py -c ambassador.toml --check # validate only: no DNS, no binding
     python ambassador.py --version
+    kill -HUP <pid>  (or POST /reload)              # re-read the config, apply what changed
+    kill -USR2 <pid>                                # live upgrade: a new ambassador.py takes over
 
 How a request flows (Envoy's words: the app is *downstream*, the remote service *upstream*):
 
@@ -77,13 +79,14 @@ attempts of a request are all its tries (x-ambassador-attempt-count, the log's `
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
      1 Imports and compatibility       9 Request stack: routes, faults, rate limit, mirror,
      2 Constants and defaults            forward (retries, breaker, limits), relay
-     3 Errors                         10 TCP relay: connect, pump, half-close, timeouts
+     3 Errors and outcomes            10 TCP relay: connect, pump, RelayLoop, timeouts
      4 Foundations                    11 Upstream: endpoints, pool, balancers, DNS, Cluster
      5 Configuration                  12 Resilience: retries, budget, breaker, limits,
      6 HTTP/1.1 wire format              outlier detection, health checks
      7 TLS                            13 Telemetry: metrics, access log, tracing
      8 Downstream: listeners, where   14 Admin and probes
-       connections wait (Dispatcher)  15 Process: Ambassador, drain, demo, main()
+       connections wait (Dispatcher)  15 Process: Ambassador, reload, upgrade,
+                                         drain, demo, main()
                                       16 Appendix: TOML parser for Python < 3.11
 """
 
@@ -2174,7 +2177,8 @@ class ListenerServer(socketserver.TCPServer):
             self.relay.close()
 
 
-# ssl is imported only when TLS is configured (see TlsContextSource): its "try again" errors by name.
+# ssl is imported only when TLS is configured (see TlsContextSource): its "try again" errors,
+# by name.
 _SSL_WANT = {"SSLWantReadError": "read", "SSLWantWriteError": "write"}
 
 
@@ -3838,10 +3842,10 @@ class TcpSession:
             pg_intercept = pg_intercept and self._pg_pending is not None
 
     def splice_pump(self, down, up):
-        """pump(), a generator too, for plaintext on both sides, where os.splice exists (Linux, 3.10+): the kernel
-        moves the bytes through one pipe per direction, never copied into Python.  The same
-        rules: each pipe holds at most TCP_BUFFER_BYTES, FINs and resets are passed on, and
-        the same timeouts apply."""
+        """pump(), a generator too, for plaintext on both sides, where os.splice exists (Linux,
+        3.10+): the kernel moves the bytes through one pipe per direction, never copied into
+        Python.  The same rules: each pipe holds at most TCP_BUFFER_BYTES, FINs and resets are
+        passed on, and the same timeouts apply."""
         import fcntl
         c = self.listener.config
         telemetry, name = self.listener.telemetry, self.listener.name
@@ -4140,9 +4144,10 @@ class UpstreamConnection:
                   b"\r\nX-Forwarded-Proto: https\r\n" if config.tls else
                   b"\r\nX-Forwarded-Proto: http\r\n",
                   b"X-Request-Id: ", req.request_id,
+                  # x-ambassador-attempt: the name before 0.2.0, kept for one release.
                   b"\r\nx-ambassador-attempt-count: %d\r\nx-ambassador-attempt: %d\r\n"
-                  % (req.attempts, req.attempts), req.trace_headers, req.client_cert, body.framing(), b"\r\n",
-                  body.held_bytes())
+                  % (req.attempts, req.attempts), req.trace_headers, req.client_cert,
+                  body.framing(), b"\r\n", body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
         try:
@@ -6148,8 +6153,9 @@ class Admin:
 
 
 # ==================================================================================================
-# 15. Process: Ambassador, demo, main()
-#     Wiring, start, drain, signals, the command line, and the demo a newcomer runs first.
+# 15. Process: Ambassador, reload, upgrade, demo, main()
+#     Wiring, start, reload by difference, live upgrade, drain, signals, the command line, and
+#     the demo a newcomer runs first.
 # ==================================================================================================
 
 class _Staged:
@@ -6460,6 +6466,8 @@ class Ambassador:
             self.log.info("reload (%s): reading %s", why, self.config.path)
             staged = None
             try:
+                if self.draining.is_set():
+                    raise StartupError("draining: the process is stopping")
                 config = load_config(self.config.path)
                 staged = self._stage(config)
             except ConfigError as e:
