@@ -396,3 +396,24 @@ def test_the_new_process_reports_its_pid_to_systemd(tmp_path, monkeypatch):
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         amb.notify_systemd("MAINPID=%d" % os.getpid())
         assert s.recv(64) == b"MAINPID=%d" % os.getpid()
+
+
+def test_a_removed_cluster_leaves_metrics_once_drained(ambassador, upstream_factory):
+    a, b = upstream_factory(), upstream_factory()
+    config = base_config([a.address])
+    config["clusters"]["extra"] = {"endpoints": [b.address]}
+    config["listeners"]["x"] = {"listen": "127.0.0.1:0", "cluster": "extra"}
+    amb = ambassador(config)
+    assert request(port_of(amb, "x"))[0] == 200
+    assert 'cluster="extra"' in amb.admin("/metrics")[1]
+    before = metric(amb, "ambassador_requests_total", listener="app")
+    config = json.loads(json.dumps(amb.config))
+    del config["listeners"]["x"]
+    del config["clusters"]["extra"]
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    wait_for(lambda: 'cluster="extra"' not in amb.admin("/metrics")[1], 10,
+             "the removed cluster's series gone")
+    assert request(amb.port())[0] == 200
+    assert metric(amb, "ambassador_requests_total", listener="app") == (before or 0) + 1
+    assert "extra" not in json.loads(amb.admin("/clusters")[1])["clusters"]
