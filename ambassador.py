@@ -61,9 +61,9 @@ Who waits where, and which thread owns a connection (the connection core, sectio
                           upstream, response relay), then parks it again or closes it.
 
     Threads are bounded per listener: workers start on demand while fewer than
-    DISPATCH_WORKERS (16) are in a turn younger than WORKER_STUCK_S (20 ms); a turn stuck
-    longer is waiting on an upstream and stops counting, so a slow upstream gets a thread per
-    request in flight (at most max_connections) while fast requests run on a few threads in
+    DISPATCH_WORKERS (16) are running; one waiting over WORKER_STUCK_S (20 ms) on an upstream's
+    response, a backoff or a delay, or in a turn over WORKER_TURN_STUCK_S (250 ms), stops
+    counting, so a slow upstream gets a thread per request in flight (at most max_connections) while fast requests run on a few threads in
     arrival order.  Idle workers end after WORKER_IDLE_S.  10,000 idle connections: one epoll,
     ~20 threads in the process.
 
@@ -213,7 +213,8 @@ UPGRADE_READY_TIMEOUT_S = 30.0 # a live upgrade's new process must serve within 
 OPEN_FILES_RESERVE = 64       # descriptors beyond connections: logs, health checks, DNS, admin
 # How downstream connections reach threads (see Dispatcher).
 DISPATCH_WORKERS = 16        # per listener: threads running requests at once that are not stuck
-WORKER_STUCK_S = 0.02        # a turn this long waits on an upstream; it no longer counts
+WORKER_STUCK_S = 0.02        # waiting this long on an upstream or a delay: no longer counted
+WORKER_TURN_STUCK_S = 0.25   # a turn this long, whatever it waits on: no longer counted
 WORKER_IDLE_S = 10.0         # a worker with nothing to do this long ends (save the last)
 SWEEP_S = 0.02               # how often the sweeper looks for stuck workers
 DEADLINE_SCAN_S = 0.25       # how often it closes parked connections past their deadline
@@ -2182,6 +2183,30 @@ class ListenerServer(socketserver.TCPServer):
 _SSL_WANT = {"SSLWantReadError": "read", "SSLWantWriteError": "write"}
 
 
+_turn = threading.local()         # in a Dispatcher's worker: .dispatcher, .ident
+
+
+def blocking(begin):
+    """The request path starts (begin True) or ends waiting on something other than the CPU:
+    an upstream's response, a backoff, a fault's delay.  A worker that waits over
+    WORKER_STUCK_S stops counting toward DISPATCH_WORKERS (see Dispatcher).  Cheap; a no-op
+    outside a worker."""
+    d = getattr(_turn, "dispatcher", None)
+    if d is not None:
+        turn = d._turns.get(_turn.ident)
+        if turn is not None:
+            turn[1] = monotonic() if begin else None
+
+
+def blocked_sleep(seconds):
+    """time.sleep that tells the Dispatcher this worker is waiting, not running."""
+    blocking(True)
+    try:
+        time.sleep(seconds)
+    finally:
+        blocking(False)
+
+
 class Dispatcher:
     """Where one http listener's downstream connections wait, holding no thread.
 
@@ -2193,8 +2218,10 @@ class Dispatcher:
     An idle connection costs a dict entry and a socket, not a thread.
 
     Threads.  A worker is started when one takes a connection and none is left waiting, while
-    fewer than DISPATCH_WORKERS are in a turn that began less than WORKER_STUCK_S ago: a turn that
-    lasts longer waits on an upstream, not for the CPU.  So a slow or hanging upstream gets a
+    fewer than DISPATCH_WORKERS are running: a worker waiting (see blocking()) on an upstream's
+    response, a backoff or a delay for over WORKER_STUCK_S does not count, nor one whose turn has
+    lasted WORKER_TURN_STUCK_S (a slow client, a slow body).  Waiting for the GIL does count, so
+    a busy CPU does not grow the pile of threads it is already short of.  So a slow or hanging upstream gets a
     thread per request in flight (never more than max_connections), while fast requests are run
     by a few threads in the order they came (the epoll's ready list), instead of hundreds of
     threads contending for one GIL.  A worker idle for WORKER_IDLE_S ends, save the last.  The
@@ -2281,11 +2308,14 @@ class Dispatcher:
             return False
         if self._threads < DISPATCH_WORKERS:
             return True
-        stuck = sum(1 for began in self._turns.values() if now - began > WORKER_STUCK_S)
+        stuck = sum(1 for began, waiting in self._turns.values()
+                    if now - began > WORKER_TURN_STUCK_S or
+                    (waiting is not None and now - waiting > WORKER_STUCK_S))
         return self._threads - stuck < DISPATCH_WORKERS
 
     def _work(self):
-        me = threading.get_ident()
+        me = _turn.ident = threading.get_ident()
+        _turn.dispatcher = self
         epoll, lock, parked, turns = self._epoll, self._lock, self._parked, self._turns
         while True:
             with lock:
@@ -2305,7 +2335,7 @@ class Dispatcher:
                 if conn is None:          # the sweeper took it first
                     continue
                 now = monotonic()
-                turns[me] = now
+                turns[me] = [now, None]           # began; waiting since (see blocking())
                 spawn = not self._waiting and self._may_grow(now)
                 if spawn:
                     self._threads += 1
@@ -2924,7 +2954,7 @@ class FaultInjector:
     x-ambassador-fault-abort (a status) ask for one, and are consumed.  rng and sleep are
     injectable; no state: thread-safe."""
 
-    def __init__(self, config, rng=random.random, sleep=time.sleep):
+    def __init__(self, config, rng=random.random, sleep=blocked_sleep):
         self.config = config
         self._rng, self._sleep = rng, sleep
 
@@ -3181,7 +3211,7 @@ def forward(listener, route, req, downstream):
 
 
 def retry_loop(policy, budget, deadline, try_, admit_retry, is_safe, on_backoff=None,
-               on_budget_exhausted=None, clock=monotonic, sleep=time.sleep):
+               on_budget_exhausted=None, clock=monotonic, sleep=blocked_sleep):
     """The retry layer: try_(previous) -> a TryResult, the first with previous None, each retry
     with the TryResult before.  Retries while the policy wants it (is_safe() says whether
     the request may be sent twice), attempts and the deadline leave room for the backoff, the
@@ -4173,7 +4203,11 @@ class UpstreamConnection:
                     # The upstream stopped taking the body: it may have answered already
                     # (413, 401), and that answer goes to the app instead of a reset.
                     early = True
-            head = self.reader.read_head(65536, deadline)
+            blocking(True)
+            try:
+                head = self.reader.read_head(65536, deadline)
+            finally:
+                blocking(False)
             if not head:
                 raise EOFError("connection closed before a response")
         except socket.timeout:
