@@ -74,7 +74,13 @@ Who waits where, and which thread owns a connection (the connection core, sectio
 Words used throughout (Envoy's): downstream is the app's side, upstream the remote service's;
 a cluster is a named set of endpoints (one address each); a route picks a cluster for a
 request.  A try is one exchange with one endpoint; a retry is a try after the first; the
-attempts of a request are all its tries (x-ambassador-attempt-count, the log's `attempts`).
+attempts of a request are all its tries (x-ambassador-attempt-count, the log's `attempts`,
+ambassador_upstream_attempts_total), while [retry] attempts, Istio's word, bounds the retries.
+Each vocabulary has one spelling, and section 3 maps them: retry_on conditions and error tags
+are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
+(connect_failure).  The access log names a try's endpoint `upstream` and the response code
+`status`, as Envoy's log does (%UPSTREAM_HOST%, %RESPONSE_CODE%); metrics label the same
+`endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
      1 Imports and compatibility       9 Request stack: routes, faults, rate limit, mirror,
@@ -1430,6 +1436,14 @@ def iter_length(reader, length, scratch=None):
         yield data
 
 
+LAST_CHUNK = b"0\r\n\r\n"              # the end of a chunked body, without trailers
+
+
+def chunk(data):
+    """One chunk of a chunked body (RFC 9112 7.1): size in hex, CRLF, data, CRLF."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 def iter_chunked(reader):
     """The data of a chunked body (RFC 9112 7.1); trailers are read and dropped.
 
@@ -2698,7 +2712,7 @@ class RequestBody:
     def held_bytes(self):
         """What goes right after the head: the held bytes, as a chunk if the rest streams chunked."""
         if self.rest is not None and self.req.content_length is None and self.buffered:
-            return b"%x\r\n%s\r\n" % (len(self.buffered), self.buffered)
+            return chunk(self.buffered)
         return self.buffered
 
     def send_rest(self, sock):
@@ -2706,9 +2720,9 @@ class RequestBody:
         self.replayable = False
         chunked = self.req.content_length is None
         for data in self._read(self.rest):
-            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            sock.sendall(chunk(data) if chunked else data)
         if chunked:
-            sock.sendall(b"0\r\n\r\n")
+            sock.sendall(LAST_CHUNK)
         self.rest_sent = True
 
     def is_complete(self):
@@ -3472,7 +3486,7 @@ def relay_response(req, resp, conn, downstream, listener):
                 # calling again at once finds it there instead of opening another.
                 conn.release(resp.keep_alive)
                 upstream_done = True
-            send(b"%x\r\n%s\r\n" % (len(data), data) if rechunk else data)
+            send(chunk(data) if rechunk else data)
     except (EOFError, FramingError, OSError) as e:
         conn.close()
         req.error = "upstream-timeout" if isinstance(e, socket.timeout) else "upstream-reset"
@@ -3483,7 +3497,7 @@ def relay_response(req, resp, conn, downstream, listener):
             conn.close()
         raise
     if rechunk:
-        send(b"0\r\n\r\n")
+        send(LAST_CHUNK)
     if not upstream_done:
         conn.release(resp.keep_alive)
     return keep     # as the head said: an app may send its next request the moment it reads it

@@ -178,3 +178,10 @@ def test_a_head_in_many_small_pieces_is_read_whole():
     head = reader.read_head(65536, time.monotonic() + 5)
     t.join()
     assert head == data[:data.index(b"\r\n\r\n")]
+
+
+@pytest.mark.parametrize("pieces", [[b"hello"], [b"a" * 4096, b"b"], [b"x" * 65536] * 3])
+def test_chunks_written_are_chunks_read(pieces):
+    wire = b"".join(amb.chunk(p) for p in pieces) + amb.LAST_CHUNK
+    assert amb.chunk(b"hello") == b"5\r\nhello\r\n"
+    assert b"".join(bytes(d) for d in amb.iter_chunked(reader_with(wire))) == b"".join(pieces)
