@@ -3646,13 +3646,13 @@ class TcpSession:
             return
         self.finished = True
         listener = self.listener
-        close_quietly(self.sock)
         if self.conn is not None:
             close_quietly(self.conn.sock)
             self.cluster.limits.end("connections")
             self.cluster.outlier_detector.record(self.endpoint, True)
         if self.begun and listener.end_request(self):
             self.record()
+        close_quietly(self.sock)          # last: when the app sees the end, it is accounted
         listener.close_connection()
 
     def record(self):

@@ -85,11 +85,12 @@ def test_metrics_exist_from_the_start_and_count_requests(ambassador, upstream):
 
     for _ in range(3):
         assert request(amb.port())[0] == 200
-    f = parse_exposition(amb.admin("/metrics")[1])
-    assert f["ambassador_requests_total"]["samples"][
-        ("ambassador_requests_total", (("listener", "app"), ("cluster", "svc"), ("code", "200"),
-                                       ("route", "default")))
-    ] == 3
+    # A request is counted just after its response is sent: the third may take a moment.
+    key = ("ambassador_requests_total", (("listener", "app"), ("cluster", "svc"),
+                                         ("code", "200"), ("route", "default")))
+    f = wait_for(lambda: [f for f in [parse_exposition(amb.admin("/metrics")[1])]
+                          if f["ambassador_requests_total"]["samples"].get(key) == 3], 5,
+                 "3 requests counted")[0]
     assert f["ambassador_request_duration_seconds"]["samples"][
         ("ambassador_request_duration_seconds_count",
          (("listener", "app"), ("cluster", "svc")))] == 3
