@@ -2255,7 +2255,6 @@ class Dispatcher:
         self._waiting = 0                 # workers inside epoll.poll()
         self._turns = {}                  # worker thread id -> monotonic start of its turn
         self._closed = False
-        self._max = max(DISPATCH_WORKERS, listener.config.max_connections)
         self._sweeper = None
 
     def start(self, stop):
@@ -2318,7 +2317,8 @@ class Dispatcher:
 
     def _may_grow(self, now):
         """Under the lock: whether one more worker may start (see the class docstring)."""
-        if self._threads >= self._max:
+        # Never more workers than connections: max_connections, as a reload may have changed it.
+        if self._threads >= max(DISPATCH_WORKERS, self.listener.config.max_connections):
             return False
         if self._threads < DISPATCH_WORKERS:
             return True
@@ -2525,6 +2525,8 @@ class DownstreamConnection:
         if self.closed:
             return
         self.closed = True
+        # The slot first: when the app sees the close, a new connection of its may take it.
+        self.listener.close_connection()
         self.dispatcher.release(self)
         try:
             if self.listener.tls is None:
@@ -2535,7 +2537,6 @@ class DownstreamConnection:
             self.sock.close()
         except OSError:
             pass
-        self.listener.close_connection()
 
     def serve_blocking(self):
         """Without epoll: this connection's own thread waits for it in select()."""
@@ -3652,8 +3653,8 @@ class TcpSession:
             self.cluster.outlier_detector.record(self.endpoint, True)
         if self.begun and listener.end_request(self):
             self.record()
-        close_quietly(self.sock)          # last: when the app sees the end, it is accounted
         listener.close_connection()
+        close_quietly(self.sock)          # last: when the app sees the end, it is accounted
 
     def record(self):
         if self.drain_cut:

@@ -150,8 +150,10 @@ def test_a_keep_alive_response_is_never_followed_by_a_close(ambassador, upstream
     with socket.create_connection(("127.0.0.1", a.port()), timeout=10) as s:
         s.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         assert body_started.wait(5)
-        a.terminate(signal.SIGTERM)               # the head already went out: keep-alive
         data = b""
+        while b"12345" not in data:               # the head reached the app: then the signal
+            data += s.recv(65536)
+        a.terminate(signal.SIGTERM)               # the head already went out: keep-alive
         while not data.endswith(b"67890"):
             data += s.recv(65536)
         assert b"Connection: close" not in data

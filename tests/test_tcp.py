@@ -214,7 +214,7 @@ def test_64_mib_each_way_at_once_arrives_whole(ambassador, scripted):
     sent = blast(c, size)
     t.join(60)
     c.close()
-    wait_for(lambda: "up" in got, 10, "the upstream's hash")
+    wait_for(lambda: "up" in got and "up_sent" in got, 10, "the upstream's hashes")
     assert got["up"] == (sent, size)
     assert got["down"] == (got["up_sent"], size)
 
