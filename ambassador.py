@@ -61,8 +61,8 @@ Who waits where, and which thread owns a connection (the connection core, sectio
                           upstream, response relay), then parks it again or closes it.
 
     Threads are bounded per listener: workers start on demand while fewer than
-    DISPATCH_WORKERS (16) are running; one waiting over WORKER_STUCK_S (20 ms) on an upstream's
-    response, a backoff or a delay, or in a turn over WORKER_TURN_STUCK_S (250 ms), stops
+    DISPATCH_WORKERS (8) are running; one waiting over WORKER_STUCK_S (2 ms) on an upstream's
+    response, a backoff or a delay, or in a turn over WORKER_TURN_STUCK_S (20 ms), stops
     counting, so a slow upstream gets a thread per request in flight (at most max_connections) while fast requests run on a few threads in
     arrival order.  Idle workers end after WORKER_IDLE_S.  10,000 idle connections: one epoll,
     ~20 threads in the process.
@@ -218,11 +218,12 @@ IO_CHUNK_BYTES = 65536
 UPGRADE_READY_TIMEOUT_S = 30.0 # a live upgrade's new process must serve within this
 OPEN_FILES_RESERVE = 64       # descriptors beyond connections: logs, health checks, DNS, admin
 # How downstream connections reach threads (see Dispatcher).
-DISPATCH_WORKERS = 16        # per listener: threads running requests at once that are not stuck
-WORKER_STUCK_S = 0.02        # waiting this long on an upstream or a delay: no longer counted
-WORKER_TURN_STUCK_S = 0.25   # a turn this long, whatever it waits on: no longer counted
+DISPATCH_WORKERS = 8         # per listener: threads running requests at once that are not stuck
+WORKER_STUCK_S = 0.002       # waiting this long on an upstream or a delay: no longer counted
+WORKER_TURN_STUCK_S = 0.02   # a turn this long, whatever it waits on: no longer counted
 WORKER_IDLE_S = 10.0         # a worker with nothing to do this long ends (save the last)
-SWEEP_S = 0.02               # how often the sweeper looks for stuck workers
+SWEEP_S = 0.05               # how often the sweeper looks for stuck workers; and while every
+SWEEP_BUSY_S = 0.005         # worker is busy (so that a slow upstream soon gets its threads)
 DEADLINE_SCAN_S = 0.25       # how often it closes parked connections past their deadline
 DISCARD_BODY_MAX_BYTES = 64 << 20             # of a body the upstream answered before its end
 ACCESS_LOG_MAX_QUEUE = 65536                  # entries waiting for the writer; past it, counted drops
@@ -2315,17 +2316,14 @@ class Dispatcher:
         threading.Thread(target=self._work, name="worker:%s" % self.listener.name,
                          daemon=True).start()
 
-    def _may_grow(self, now):
-        """Under the lock: whether one more worker may start (see the class docstring)."""
+    def _wanted(self, now):
+        """Under the lock: how many more workers to start (see the class docstring)."""
         # Never more workers than connections: max_connections, as a reload may have changed it.
-        if self._threads >= max(DISPATCH_WORKERS, self.listener.config.max_connections):
-            return False
-        if self._threads < DISPATCH_WORKERS:
-            return True
+        room = max(DISPATCH_WORKERS, self.listener.config.max_connections) - self._threads
         stuck = sum(1 for began, waiting in self._turns.values()
                     if now - began > WORKER_TURN_STUCK_S or
                     (waiting is not None and now - waiting > WORKER_STUCK_S))
-        return self._threads - stuck < DISPATCH_WORKERS
+        return max(0, min(room, DISPATCH_WORKERS - (self._threads - stuck)))
 
     def _work(self):
         me = _turn.ident = threading.get_ident()
@@ -2350,7 +2348,9 @@ class Dispatcher:
                     continue
                 now = monotonic()
                 turns[me] = [now, None]           # began; waiting since (see blocking())
-                spawn = not self._waiting and self._may_grow(now)
+                # Up to DISPATCH_WORKERS at once here; past them, only the sweeper looks for
+                # stuck workers (every SWEEP_S), so that a busy listener does not pay per turn.
+                spawn = not self._waiting and self._threads < DISPATCH_WORKERS
                 if spawn:
                     self._threads += 1
             if spawn:
@@ -2365,21 +2365,24 @@ class Dispatcher:
 
     def _sweep(self, stop):
         next_scan = 0.0
-        while not stop.wait(SWEEP_S):
+        busy = False
+        # Every SWEEP_BUSY_S while no worker waits for a connection (work may be queued behind
+        # stuck ones), else every SWEEP_S.
+        while not stop.wait(SWEEP_BUSY_S if busy else SWEEP_S):
             now = monotonic()
             expired = ()
             with self._lock:
                 if self._closed:
                     return
-                spawn = self._threads and not self._waiting and self._may_grow(now)
-                if spawn:
-                    self._threads += 1
+                busy = bool(self._threads) and not self._waiting
+                spawn = self._wanted(now) if busy else 0
+                self._threads += spawn
                 if now >= next_scan:
                     next_scan = now + DEADLINE_SCAN_S
                     expired = [c for c in self._parked.values() if c.deadline <= now]
                     for conn in expired:
                         del self._parked[conn.fd]
-            if spawn:
+            for _ in range(spawn):
                 self._start_worker()
             for conn in expired:
                 self.release(conn)
