@@ -912,6 +912,52 @@ def reload_and_upgrade(tmp, args, seconds=60, rate=200, tcp=20):
         http_up.shutdown()
 
 
+class QuietServer(ThreadedServer):
+    def handle_error(self, request, client_address):
+        pass                              # a reset at the end of a load is no news
+
+
+class SlowUpstream(BaseHTTPRequestHandler):
+    """Answers after DELAY seconds, head and body in one write (no Nagle stall)."""
+    protocol_version = "HTTP/1.1"
+    delay = 0.005
+
+    def do_GET(self):
+        time.sleep(self.delay)
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def log_message(self, *args):
+        pass
+
+
+def upstream_latency(tmp, procs, args, load, delays=(0.002, 0.005, 0.02), conns=64):
+    """An upstream that takes 2, 5 or 20 ms, at 64 connections: the workers' cap (see the
+    Dispatcher) against a direct run; with --baseline, that file in the same run too."""
+    QuietServer.request_queue_size = 1024
+    print()
+    print("| upstream answers in | direct req/s | Ambassador req/s, p99 ms |%s" % (
+        " baseline req/s, p99 ms |" if args.baseline else ""))
+    print("|---|---|---|%s" % ("---|" if args.baseline else ""))
+    for delay in delays:
+        SlowUpstream.delay = delay
+        srv = QuietServer(("127.0.0.1", 0), SlowUpstream)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        up = srv.server_address[1]
+        files = [("current", args.current)] + ([("baseline", args.baseline)] if args.baseline
+                                               else [])
+        direct = load(up, "/", conns, args.duration)
+        cells = []
+        for name, script in files:
+            port, _ = start_ambassador(tmp, up, procs, args.python, name="lat-%s-%d" % (
+                name, delay * 1000), script=os.path.abspath(script))
+            load(port, "/", conns, 1)
+            r = load(port, "/", conns, args.duration)
+            cells.append("%.0f, %.1f %s" % (r["rps"], r["p99"], r["errors"]))
+        print("| %.0f ms | %.0f | %s |" % (delay * 1000, direct["rps"], " | ".join(cells)))
+        srv.shutdown()
+        sys.stdout.flush()
+
+
 def route_selection_cost(rounds=20000):
     """In process: Listener.select_route with 50 routes, for a request that matches the last
     route and one that matches none (every route tried), and with no routes at all."""
@@ -966,6 +1012,8 @@ def main():
                    help="only the mirror comparison")
     p.add_argument("--connections-only", action="store_true",
                    help="only the connection core: idle, bulkhead and slow-client probes")
+    p.add_argument("--latency-only", action="store_true",
+                   help="only the slow-upstream probe: 2, 5 and 20 ms at 64 connections")
     p.add_argument("--reload-only", action="store_true",
                    help="only the reload and upgrade acceptance under load")
     p.add_argument("--reload-seconds", type=int, default=60,
@@ -999,6 +1047,9 @@ def main():
             return
         if args.connections_only:
             connection_core(tmp, up_port, procs, args, load)
+            return
+        if args.latency_only:
+            upstream_latency(tmp, procs, args, load)
             return
         if args.reload_only:
             reload_and_upgrade(tmp, args, seconds=args.reload_seconds)
