@@ -2125,6 +2125,19 @@ _OVERFLOW_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plai
                    b"\r\n%s" % (len(_OVERFLOW_BODY), _OVERFLOW_BODY))
 
 
+def init_tcp_server(server, address, inherited=None):
+    """socketserver.TCPServer.__init__ for address (IPv6 when it says so), or over inherited:
+    a socket already listening there (an address a reload hands on, or a live upgrade's
+    parent's), taken as it is, never bound again."""
+    if ":" in address[0]:
+        server.address_family = socket.AF_INET6
+    socketserver.TCPServer.__init__(server, address, None, bind_and_activate=inherited is None)
+    if inherited is not None:
+        server.socket.close()
+        server.socket = inherited
+        server.server_address = inherited.getsockname()
+
+
 class ListenerServer(socketserver.TCPServer):
     """Accepts one listener's downstream connections in its own thread, and hands each over:
     an http connection to the listener's Dispatcher, a tcp one to a thread of its own.
@@ -2140,14 +2153,7 @@ class ListenerServer(socketserver.TCPServer):
         self.listener = listener
         self.dispatcher = self.relay = None
         self.keep_socket = False          # handed on to another server: never close it
-        if ":" in listener.config.listen[0]:
-            self.address_family = socket.AF_INET6
-        socketserver.TCPServer.__init__(self, listener.config.listen, None,
-                                        bind_and_activate=inherited is None)
-        if inherited is not None:
-            self.socket.close()
-            self.socket = inherited
-            self.server_address = inherited.getsockname()
+        init_tcp_server(self, listener.config.listen, inherited)
         self.dispatcher = Dispatcher(listener)
         self.relay = RelayLoop(listener) if listener.config.protocol == "tcp" and HAS_EPOLL \
             else None
@@ -2487,12 +2493,12 @@ class DownstreamConnection:
         EOFError when the app closed."""
         reader = self.reader
         sock = self.sock
+        sock.settimeout(0.0)                  # once a turn; the request path sets its own
         while True:
             head = reader.take_head(config.max_header_bytes)
             if head is not None:
                 return head
             try:
-                sock.settimeout(0.0)
                 data = sock.recv(IO_CHUNK_BYTES)
             except (BlockingIOError, InterruptedError):
                 return None
@@ -6084,13 +6090,7 @@ class SmallHTTPServer(socketserver.TCPServer):
 
     def __init__(self, address, route, name, inherited=None):
         self.route, self.name = route, name
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        socketserver.TCPServer.__init__(self, address, None, bind_and_activate=inherited is None)
-        if inherited is not None:             # from the parent of a live upgrade
-            self.socket.close()
-            self.socket = inherited
-            self.server_address = inherited.getsockname()
+        init_tcp_server(self, address, inherited)
 
     def process_request(self, sock, client_address):
         threading.Thread(target=self._serve, args=(sock,), daemon=True,
