@@ -103,7 +103,10 @@ def test_psql_with_sslmode_prefer_reaches_a_tls_only_postgres(ambassador, pki, p
     endpoint, = json.loads(a.admin("/clusters")[1])["clusters"]["svc"]["endpoints"]
     assert endpoint["health"] == "healthy"            # the postgres health check, over TLS
     line, = log_lines(log, 1)
-    assert line["termination"] == "client_fin" and line["bytes_to_upstream"] > 0
+    # psql writes Terminate, then closes: on a busy machine PostgreSQL's answer to Terminate
+    # (its own close) can reach Ambassador before psql's FIN does.  Either is a clean end.
+    assert line["termination"] in ("client_fin", "upstream_fin")
+    assert line["bytes_to_upstream"] > 0
     assert line["protocol"] == "tcp" and line["connect_attempts"] == 1
     direct = subprocess.run([need("psql"), "host=127.0.0.1 port=%d user=postgres sslmode=disable"
                              % postgres_server.port, "-Atc", "select 1"],
