@@ -1331,12 +1331,13 @@ class SocketReader:
 
     Used by one thread at a time.  A head arrives with one recv in the common case and is split in
     one pass, which is what makes this cheaper than http.client's email-based parser."""
-    __slots__ = ("sock", "buf", "started")
+    __slots__ = ("sock", "buf", "started", "poller")
 
-    def __init__(self, sock):
+    def __init__(self, sock, poller=None):
         self.sock = sock
         self.buf = b""
         self.started = None           # when the first byte of the last head came (downstream)
+        self.poller = poller          # a plain socket's poll object, its POLLIN registered
 
     def take_head(self, max_bytes):
         """The bytes of a head already in the buffer, without its final CRLF CRLF (the buffer
@@ -1378,8 +1379,17 @@ class SocketReader:
             remaining = deadline - monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out")
-            sock.settimeout(remaining)
-            data = sock.recv(IO_CHUNK_BYTES)
+            if self.poller is None:           # TLS: a record may wait in OpenSSL, not the kernel
+                sock.settimeout(remaining)
+                data = sock.recv(IO_CHUNK_BYTES)
+            else:
+                # Wait here, not in a socket timeout: setting one is a system call each time.
+                if not self.poller.poll(int(remaining * 1000) + 1):
+                    continue                  # the deadline check above raises
+                try:
+                    data = sock.recv(IO_CHUNK_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    continue
             if not data:
                 if self.buf:
                     raise EOFError("connection closed in the middle of a head")
@@ -2447,6 +2457,7 @@ class DownstreamConnection:
         self.deadline = now + listener.config.header_timeout   # of the current wait
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(0.0)
+        self.timeout = 0.0                # the socket's, as last set (see settimeout)
         if listener.tls is not None:
             self.sock = listener.tls.context.wrap_socket(sock, server_side=True,
                                                          do_handshake_on_connect=False)
@@ -2493,7 +2504,7 @@ class DownstreamConnection:
         EOFError when the app closed."""
         reader = self.reader
         sock = self.sock
-        sock.settimeout(0.0)                  # once a turn; the request path sets its own
+        self.settimeout(0.0)                  # the request path may have set its own
         while True:
             head = reader.take_head(config.max_header_bytes)
             if head is not None:
@@ -2655,11 +2666,33 @@ class DownstreamConnection:
         req.bytes_out = len(reply) - reply.index(b"\r\n\r\n") - 4
         return keep
 
+    def settimeout(self, value):
+        """Set the socket's timeout only when it changes: each set is a system call, and one
+        that lets another thread take the GIL."""
+        if value != self.timeout:
+            self.sock.settimeout(value)
+            self.timeout = value
+
     def send(self, data):
         """Write to the app; DownstreamGone if it closed, reset or stopped reading."""
+        sock = self.sock
         try:
-            self.sock.settimeout(self.send_timeout)
-            self.sock.sendall(data)
+            if self.timeout == 0.0:
+                # In a turn the socket does not wait: a write the kernel takes whole (nearly
+                # all) costs one system call, not the poll a timeout adds before it.
+                try:
+                    sent = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as e:      # ssl.SSLWantWriteError: no room for a TLS record
+                    if type(e).__name__ not in _SSL_WANT:
+                        raise
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
+            self.settimeout(self.send_timeout)
+            sock.sendall(data)
         except OSError as e:
             raise DownstreamGone("write: %s" % (e or type(e).__name__))
 
@@ -2694,7 +2727,7 @@ class RequestBody:
         if req.expect_continue:
             self.downstream.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         reader = self.downstream.reader
-        reader.sock.settimeout(self.downstream.listener.config.idle_timeout)
+        self.downstream.settimeout(self.downstream.listener.config.idle_timeout)
         source = iter_chunked(reader) if req.chunked else iter_length(reader, req.content_length)
         if req.content_length is not None and req.content_length > self.buffer_limit:
             self.rest = iter_length(reader, req.content_length, self.downstream.scratch())
@@ -3173,7 +3206,7 @@ class Mirror:
                 return "failed"
             try:
                 if resp.has_body:
-                    conn.sock.settimeout(timeout)
+                    conn.settimeout(timeout)
                     source = iter_length(conn.reader, resp.length) if resp.length is not None \
                         else iter_chunked(conn.reader) if resp.chunked else \
                         iter_until_close(conn.reader)
@@ -3470,17 +3503,28 @@ def relay_response(req, resp, conn, downstream, listener):
         parts.append(b"\r\n")
     req.status = resp.status
     req.response_started = True
+    reader = conn.reader
+    length = resp.length
+    if resp.has_body and length and reader.buf:
+        # The body's first bytes came with the head (all of a small body, usually): they go in
+        # the same write, and a body read in full frees the connection before that write.
+        parts.append(reader.read_some(length))
+        req.bytes_out += len(parts[-1])
+        length -= len(parts[-1])
+        if not length:
+            conn.release(resp.keep_alive)
+            downstream.send(b"".join(parts))
+            return keep
     downstream.send(b"".join(parts))
     if not resp.has_body:
         conn.release(resp.keep_alive)
         return keep
     # From here a failure can only close the app's connection: a truncated body must never
     # look complete, so no final chunk and no keep-alive after it.
-    reader = conn.reader
-    reader.sock.settimeout(req.route.timeout)
-    if resp.length is not None:
-        source = iter_length(reader, resp.length,
-                             downstream.scratch() if resp.length > IO_CHUNK_BYTES else None)
+    conn.settimeout(req.route.timeout)
+    if length is not None:
+        source = iter_length(reader, length,
+                             downstream.scratch() if length > IO_CHUNK_BYTES else None)
     elif resp.chunked:
         source = iter_chunked(reader)
     else:
@@ -4175,14 +4219,27 @@ class RelayLoop:
 
 class UpstreamConnection:
     """One connection to an endpoint, used by one request at a time, then released or closed."""
-    __slots__ = ("sock", "reader", "pool", "reused", "closed")
+    __slots__ = ("sock", "reader", "pool", "reused", "closed", "timeout")
 
     def __init__(self, sock, pool):
         self.sock = sock
-        self.reader = SocketReader(sock)
+        poller = None
+        if pool.tls is None:
+            # A plain one rests non-blocking: a write is one system call, and a wait for the
+            # response is this poll, with no socket timeout to set before each.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+        self.reader = SocketReader(sock, poller)
         self.pool = pool
         self.reused = False
         self.closed = False
+        self.timeout = sock.gettimeout()   # the socket's, as last set (see settimeout)
+
+    def settimeout(self, value):
+        """Set the socket's timeout only when it changes (a system call that lets the GIL go)."""
+        if value != self.timeout:
+            self.sock.settimeout(value)
+            self.timeout = value
 
     def exchange(self, req, body, config, deadline, timeout_s):
         """Send the request (head, then body) and read the response head -> Response.
@@ -4204,19 +4261,24 @@ class UpstreamConnection:
                   body.framing(), b"\r\n", body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
+        plain = self.reader.poller is not None
         try:
             remaining = deadline - monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out")
-            sock.settimeout(remaining)
+            self.settimeout(0.0 if plain else remaining)
             try:
                 sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0                      # plain, and the kernel's buffer is full
             except OSError as e:
                 if self.reused and not isinstance(e, socket.timeout):
                     raise StaleConnection("write: %s" % e, nothing_written=True)
                 raise
+            if plain and (sent < len(data) or body.rest is not None):
+                self.settimeout(max(0.001, deadline - monotonic()))
             if sent < len(data):
-                sock.sendall(data[sent:])
+                sock.sendall(memoryview(data)[sent:])
             early = False
             if body.rest is not None:
                 try:
@@ -4277,8 +4339,10 @@ class UpstreamConnection:
     def is_closed_by_peer(self):
         """True when the idle connection shows EOF or unexpected data: it must not be reused."""
         try:
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
+            poller = self.reader.poller
+            if poller is None:
+                poller = select.poll()
+                poller.register(self.sock, select.POLLIN)
             if not poller.poll(0):
                 return False
         except (OSError, ValueError):
@@ -4289,18 +4353,13 @@ class UpstreamConnection:
         # A non-blocking read tells: nothing for the application (want-read) means alive.
         sock = self.sock
         try:
-            sock.setblocking(False)
+            self.settimeout(0.0)
             sock.recv(1)                # data or EOF: either way it cannot be reused
             return True
         except self.pool.tls.ssl.SSLWantReadError:
             return False
         except OSError:
             return True
-        finally:
-            try:
-                sock.setblocking(True)
-            except OSError:
-                pass
 
     def release(self, reusable):
         if reusable and not self.reader.buf:
