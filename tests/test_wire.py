@@ -1,9 +1,11 @@
 """The HTTP/1.1 wire format, in process: request and response heads, body framing and the
 buffered reader, table-driven.  Each row is one case a strict peer or a fuzzer found."""
 
+import select
 import socket
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -164,7 +166,19 @@ def test_a_head_ended_by_a_bare_lf_is_handed_over_at_once(data):
             parse(head)
 
 
-def test_a_head_in_many_small_pieces_is_read_whole():
+def reader_on(sock, how):
+    """A SocketReader as a TLS upstream uses it (socket timeouts) or a plain one (non-blocking
+    socket, a poll object)."""
+    if how == "timeout":
+        return amb.SocketReader(sock)
+    sock.setblocking(False)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return amb.SocketReader(sock, poller)
+
+
+@pytest.mark.parametrize("how", ["timeout", "poll"])
+def test_a_head_in_many_small_pieces_is_read_whole(how):
     a, b = socket.socketpair()
     data = b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\nrest"
 
@@ -174,10 +188,32 @@ def test_a_head_in_many_small_pieces_is_read_whole():
             time.sleep(0.001)
     t = threading.Thread(target=trickle)
     t.start()
-    reader = amb.SocketReader(a)
+    reader = reader_on(a, how)
     head = reader.read_head(65536, time.monotonic() + 5)
     t.join()
     assert head == data[:data.index(b"\r\n\r\n")]
+
+
+@pytest.mark.parametrize("how", ["timeout", "poll"])
+def test_a_head_that_does_not_come_times_out_at_the_deadline(how):
+    a, b = socket.socketpair()
+    b.sendall(b"HTTP/1.1 200 OK\r\n")               # begun, never ended
+    reader = reader_on(a, how)
+    began = time.monotonic()
+    with pytest.raises(socket.timeout):
+        reader.read_head(65536, began + 0.2)
+    assert 0.19 <= time.monotonic() - began < 2
+    b.close()
+    with pytest.raises(EOFError):                      # then closed mid-head
+        reader.read_head(65536, time.monotonic() + 5)
+
+
+def test_request_ids_are_version_4_uuids_and_differ():
+    ids = {amb.new_request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for i in list(ids)[:200]:
+        u = uuid.UUID(i.decode())
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u).encode() == i
 
 
 @pytest.mark.parametrize("pieces", [[b"hello"], [b"a" * 4096, b"b"], [b"x" * 65536] * 3])
