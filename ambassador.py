@@ -221,6 +221,9 @@ OPEN_FILES_RESERVE = 64       # descriptors beyond connections: logs, health che
 DISPATCH_WORKERS = 8         # per listener: threads running requests at once that are not stuck
 WORKER_STUCK_S = 0.002       # waiting this long on an upstream or a delay: no longer counted
 WORKER_TURN_STUCK_S = 0.02   # a turn this long, whatever it waits on: no longer counted
+WORKER_STUCK_BUSY_S = 0.1    # either, while the process uses a whole core (CPU_BUSY)
+CPU_BUSY = 0.9               # of one core, over CPU_WINDOW_S: the GIL leaves no room for more
+CPU_WINDOW_S = 0.05          # threads, and a wait may be for the GIL, not for the upstream
 WORKER_IDLE_S = 10.0         # a worker with nothing to do this long ends (save the last)
 SWEEP_S = 0.05               # how often the sweeper looks for stuck workers; and while every
 SWEEP_BUSY_S = 0.005         # worker is busy (so that a slow upstream soon gets its threads)
@@ -2256,11 +2259,13 @@ class Dispatcher:
     Threads.  A worker is started when one takes a connection and none is left waiting, while
     fewer than DISPATCH_WORKERS are running: a worker waiting (see blocking()) on an upstream's
     response, a backoff or a delay for over WORKER_STUCK_S does not count, nor one whose turn has
-    lasted WORKER_TURN_STUCK_S (a slow client, a slow body).  Waiting for the GIL does count, so
-    a busy CPU does not grow the pile of threads it is already short of.  So a slow or hanging upstream gets a
-    thread per request in flight (never more than max_connections), while fast requests are run
-    by a few threads in the order they came (the epoll's ready list), instead of hundreds of
-    threads contending for one GIL.  A worker idle for WORKER_IDLE_S ends, save the last.  The
+    lasted WORKER_TURN_STUCK_S (a slow client, a slow body).  While the process uses a whole core
+    (CPU_BUSY), both limits are WORKER_STUCK_BUSY_S: a worker whose upstream has answered may
+    then queue for the GIL for milliseconds, its wait still marked, and more threads would only
+    lengthen that queue.  So a slow or hanging upstream gets a thread per request in flight
+    (never more than max_connections), while fast requests are run by a few threads in the
+    order they came (the epoll's ready list), instead of hundreds of threads contending for
+    one GIL.  A worker idle for WORKER_IDLE_S ends, save the last.  The
     sweeper thread closes parked connections past their deadline (a 408 if a head had begun)
     and starts a worker when every one is stuck.
 
@@ -2337,13 +2342,16 @@ class Dispatcher:
         threading.Thread(target=self._work, name="worker:%s" % self.listener.name,
                          daemon=True).start()
 
-    def _wanted(self, now):
+    def _wanted(self, now, cpu_busy=False):
         """Under the lock: how many more workers to start (see the class docstring)."""
         # Never more workers than connections: max_connections, as a reload may have changed it.
         room = max(DISPATCH_WORKERS, self.listener.config.max_connections) - self._threads
+        # With the CPU busy a worker's marked wait goes on while it queues for the GIL after
+        # its upstream answered: only a far longer one tells a slow upstream from that.
+        wait_s, turn_s = (WORKER_STUCK_BUSY_S, WORKER_STUCK_BUSY_S) if cpu_busy else \
+            (WORKER_STUCK_S, WORKER_TURN_STUCK_S)
         stuck = sum(1 for began, waiting in self._turns.values()
-                    if now - began > WORKER_TURN_STUCK_S or
-                    (waiting is not None and now - waiting > WORKER_STUCK_S))
+                    if now - began > turn_s or (waiting is not None and now - waiting > wait_s))
         return max(0, min(room, DISPATCH_WORKERS - (self._threads - stuck)))
 
     def _work(self):
@@ -2386,17 +2394,22 @@ class Dispatcher:
 
     def _sweep(self, stop):
         next_scan = 0.0
-        busy = False
+        busy = cpu_busy = False
+        window = (monotonic(), time.process_time())
         # Every SWEEP_BUSY_S while no worker waits for a connection (work may be queued behind
         # stuck ones), else every SWEEP_S.
         while not stop.wait(SWEEP_BUSY_S if busy else SWEEP_S):
             now = monotonic()
+            if now - window[0] >= CPU_WINDOW_S:
+                cpu = time.process_time()
+                cpu_busy = (cpu - window[1]) / (now - window[0]) >= CPU_BUSY
+                window = (now, cpu)
             expired = ()
             with self._lock:
                 if self._closed:
                     return
                 busy = bool(self._threads) and not self._waiting
-                spawn = self._wanted(now) if busy else 0
+                spawn = self._wanted(now, cpu_busy) if busy else 0
                 self._threads += spawn
                 if now >= next_scan:
                     next_scan = now + DEADLINE_SCAN_S
@@ -5377,10 +5390,6 @@ _JSON_LINE = ('{"ts":"%s","listener":%s,"method":%s,"path":%s,"status":%d,"durat
               '"error":%s,"trace_id":%s,"span_id":%s,"route":%s,"cluster":%s}\n')
 
 
-def _json_or_null(text):
-    return "null" if text is None else _json_string(text)
-
-
 _UNSAFE_LOG_CHARS = re.compile('[\x00-\x1f\x7f-\xff"\\\\]')
 
 
@@ -5448,8 +5457,10 @@ class AccessLog:
             self._write()
 
     def _write(self):
-        # Small batches, with a pause between them: formatting holds the GIL, and one long
-        # batch would stall every request thread for its duration (seen as p99 latency).
+        # Batches of 64 lines: formatting holds the GIL, and one long batch would stall every
+        # request thread for its duration (seen as p99 latency); each batch's write lets the
+        # GIL go, which is the pause between them.  Fewer, larger writes would each be a
+        # system call less, but a longer stall.
         queue = self._queue
         if self._reopen:
             self._reopen = False
@@ -5460,13 +5471,12 @@ class AccessLog:
             except OSError:
                 self._on_error()
         while queue:
-            lines = [self.format(queue.popleft()) for _ in range(min(32, len(queue)))]
+            lines = [self.format(queue.popleft()) for _ in range(min(64, len(queue)))]
             try:
                 self._file.write("".join(lines))
                 self._file.flush()
             except (OSError, ValueError):
                 self._on_error()
-            time.sleep(0)
 
     def _stamp(self, ts):
         second = int(ts)
@@ -5507,11 +5517,15 @@ class AccessLog:
             # What json.dumps(dict(zip(FIELDS, ...)), separators=(",", ":")) gives, byte for
             # byte (a test keeps them equal), for a quarter of its cost: each field's type is
             # known, and strings go through the json module's own C escaper.
+            q = _json_string                 # (inline: a call a field adds up, per line)
             return _JSON_LINE % (
-                stamp, _json_string(listener), _json_string(method), _json_string(path), status,
-                duration_ms, _json_or_null(upstream), attempts, bytes_in, bytes_out,
-                _json_or_null(request_id), _json_or_null(error), _json_or_null(trace_id),
-                _json_or_null(span_id), _json_or_null(route), _json_or_null(cluster))
+                stamp, q(listener), q(method), q(path), status, duration_ms,
+                "null" if upstream is None else q(upstream), attempts, bytes_in, bytes_out,
+                "null" if request_id is None else q(request_id),
+                "null" if error is None else q(error),
+                "null" if trace_id is None else q(trace_id),
+                "null" if span_id is None else q(span_id),
+                "null" if route is None else q(route), "null" if cluster is None else q(cluster))
         # Envoy's default format, in the fields Ambassador has: people who read one read this.
         # What the app sent is escaped: a quote, a newline or a terminal escape in a URL or
         # X-Request-Id must not plant fields or lines.
