@@ -63,9 +63,11 @@ Who waits where, and which thread owns a connection (the connection core, sectio
     Threads are bounded per listener: workers start on demand while fewer than
     DISPATCH_WORKERS (8) are running; one waiting over WORKER_STUCK_S (2 ms) on an upstream's
     response, a backoff or a delay, or in a turn over WORKER_TURN_STUCK_S (20 ms), stops
-    counting, so a slow upstream gets a thread per request in flight (at most max_connections) while fast requests run on a few threads in
-    arrival order.  Idle workers end after WORKER_IDLE_S.  10,000 idle connections: one epoll,
-    ~20 threads in the process.
+    counting (past WORKER_STUCK_BUSY_S, 100 ms, while the process uses a whole core: a wait
+    then may be a queue for the GIL), so a slow upstream gets a thread per request in flight
+    (at most max_connections) while fast requests run on a few threads in arrival order.  Idle
+    workers end after WORKER_IDLE_S.  10,000 idle connections: one epoll, ~20 threads in the
+    process.
 
     A tcp listener's connection takes one worker turn (TLS handshake, connect attempts), then
     its pump relays in the listener's RelayLoop: one thread, one epoll, every session, idle or

@@ -7,9 +7,11 @@ import socket
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 
+from ambassador import Dispatcher
 from conftest import ambassador_command, base_config, request, wait_for
 from test_tls import callee_config, client_context, tls_get
 
@@ -191,3 +193,26 @@ def test_the_open_files_limit_is_raised_to_the_hard_one_at_start(tmp_path, hard,
     limit, err = start_with_open_files(tmp_path, 256, hard, max_connections)
     assert limit == [hard, hard]
     assert ("open files limit %d is below" % hard in err) == warned, err
+
+
+# ------------------------------------------------------------------------------ in process
+
+@pytest.mark.parametrize("turns, cpu_busy, wanted", [
+    # (seconds into its turn, seconds waiting on an upstream or None) per running worker
+    ([(0.001, None)] * 8, False, 0),                 # eight busy on the CPU: none more
+    ([(0.010, 0.005)] * 8, False, 8),                # eight waiting 5 ms on upstreams: 8 more
+    ([(0.010, 0.005)] * 8, True, 0),                 # ...while a core is busy: a GIL queue
+    ([(0.030, None)] * 3 + [(0.001, None)] * 5, False, 3),   # three turns past 20 ms
+    ([(0.030, None)] * 3 + [(0.001, None)] * 5, True, 0),
+    ([(0.5, 0.4)] * 8, True, 8),                     # an upstream hanging: more, busy or not
+    ([(0.5, 0.4)] * 4 + [(0.001, 0.001)] * 4, True, 4),
+])
+def test_workers_stuck_on_upstreams_get_company_but_a_busy_core_does_not(turns, cpu_busy,
+                                                                           wanted):
+    listener = types.SimpleNamespace(name="l", config=types.SimpleNamespace(max_connections=100))
+    d = Dispatcher(listener)
+    now = 1000.0
+    d._threads = len(turns)
+    d._turns = {i: [now - began, None if waiting is None else now - waiting]
+                for i, (began, waiting) in enumerate(turns)}
+    assert d._wanted(now, cpu_busy) == wanted
