@@ -217,6 +217,8 @@ RING_MAX_POINTS = 131072                      # ...within this many in all
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
+SPLICE_BODY_MIN_BYTES = 65536                 # a response body past this, plain both ways: spliced
+SPLICE_PIPE_BYTES = 1 << 20                   # a splicing worker thread's pipe (kernel memory)
 UPGRADE_READY_TIMEOUT_S = 30.0 # a live upgrade's new process must serve within this
 OPEN_FILES_RESERVE = 64       # descriptors beyond connections: logs, health checks, DNS, admin
 # How downstream connections reach threads (see Dispatcher).
@@ -3477,6 +3479,113 @@ def try_once(listener, cluster, policy, req, body, endpoint, deadline):
             listener.telemetry.upstream_duration(cluster, monotonic() - started)
 
 
+class SplicePipe:
+    """A worker thread's pipe for splice_body, made on its first large body.  It goes with the
+    thread (its thread-local), and its two descriptors with it."""
+    __slots__ = ("r", "w")
+
+    def __init__(self):
+        import fcntl
+        self.r = self.w = -1
+        self.r, self.w = os.pipe()
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, SPLICE_PIPE_BYTES)   # compat(3.9): 3.10+
+        except (OSError, AttributeError):
+            pass                          # the default 64 KiB then
+
+    def close(self):
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.r = self.w = -1
+
+    __del__ = close
+
+
+_splice_pipes = threading.local()        # .pipe: this thread's SplicePipe
+
+
+def splice_body(req, resp, conn, downstream, length, listener):
+    """The rest of a response body of `length` bytes, plain upstream to plain app, moved by the
+    kernel (os.splice through this thread's pipe): never copied into Python, two system calls
+    a pipeful.  The same rules as the copying loop in relay_response: each read waits at most
+    the route's timeout, each write send_timeout; the connection goes back to the pool once
+    read in full, before the last write.  -> whether the app's connection may carry on."""
+    pipe = getattr(_splice_pipes, "pipe", None)
+    if pipe is None:
+        pipe = _splice_pipes.pipe = SplicePipe()
+    up, down = conn.sock, downstream.sock
+    conn.settimeout(0.0)
+    downstream.settimeout(0.0)
+    src, dst = up.fileno(), down.fileno()
+    readable, writable = select.poll(), select.poll()
+    readable.register(src, select.POLLIN)
+    writable.register(dst, select.POLLOUT)
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    read_wait_ms = int(req.route.timeout * 1000) + 1
+    write_wait_ms = int(downstream.send_timeout * 1000) + 1
+    fill = 0                              # bytes in the pipe
+    try:
+        while length or fill:
+            moved = False
+            if length and fill < SPLICE_PIPE_BYTES:
+                try:
+                    n = os.splice(src, pipe.w, min(length, SPLICE_PIPE_BYTES - fill),
+                                  flags=flags)
+                except (BlockingIOError, InterruptedError):
+                    n = None
+                if n == 0:
+                    raise EOFError("connection closed with %d body bytes missing" % length)
+                if n:
+                    length -= n
+                    fill += n
+                    moved = True
+                    if not length:        # read in full: back to the pool before the last write
+                        conn.release(resp.keep_alive)
+            if fill:
+                try:
+                    n = os.splice(pipe.r, dst, fill, flags=flags)
+                except (BlockingIOError, InterruptedError):
+                    n = None
+                except OSError as e:
+                    raise DownstreamGone("write: %s" % (e or type(e).__name__))
+                if n:
+                    fill -= n
+                    req.bytes_out += n
+                    moved = True
+            if moved:
+                continue
+            # Nothing moved: wait for the side that holds things up.
+            if fill and (not length or fill >= SPLICE_PIPE_BYTES):
+                if not writable.poll(write_wait_ms):
+                    raise DownstreamGone("write: timed out")
+            elif not readable.poll(read_wait_ms):
+                raise socket.timeout("timed out")
+        return True
+    except (EOFError, OSError) as e:      # the upstream's side (DownstreamGone is not OSError)
+        _drop_splice_pipe()
+        conn.close()
+        req.error = "upstream-timeout" if isinstance(e, socket.timeout) else "upstream-reset"
+        listener.telemetry.debug("%s: response body cut short: %s", listener.name, e)
+        return False
+    except DownstreamGone:
+        _drop_splice_pipe()
+        if length:
+            conn.close()
+        raise
+
+
+def _drop_splice_pipe():
+    """After a body cut short the pipe may hold its bytes: a new pipe for the next body."""
+    pipe = getattr(_splice_pipes, "pipe", None)
+    _splice_pipes.pipe = None
+    if pipe is not None:
+        pipe.close()
+
+
 class StaleConnection(Exception):
     """A reused pooled connection failed before any response byte arrived."""
 
@@ -3541,6 +3650,9 @@ def relay_response(req, resp, conn, downstream, listener):
         return keep
     # From here a failure can only close the app's connection: a truncated body must never
     # look complete, so no final chunk and no keep-alive after it.
+    if length is not None and length >= SPLICE_BODY_MIN_BYTES and HAS_SPLICE and \
+            not reader.buf and conn.reader.poller is not None and downstream.listener.tls is None:
+        return splice_body(req, resp, conn, downstream, length, listener) and keep
     conn.settimeout(req.route.timeout)
     if length is not None:
         source = iter_length(reader, length,

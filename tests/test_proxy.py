@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -327,6 +328,82 @@ def test_truncated_response_body_closes_the_app_connection(ambassador, upstream_
     with pytest.raises(http.client.IncompleteRead):
         r.read()
     conn.close()
+
+
+def read_response(sock):
+    """(head, body) of one response with a Content-Length, read from a keep-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, "closed before a head"
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(l.split(b":")[1] for l in head.split(b"\r\n")
+                      if l.lower().startswith(b"content-length:")))
+    body = bytearray(body)
+    while len(body) < length:
+        piece = sock.recv(1 << 20)
+        assert piece, "closed with %d of %d body bytes" % (len(body), length)
+        body += piece
+    return head, bytes(body)
+
+
+# Bodies past 64 KiB move from a plain upstream to a plain app by os.splice (3.10+, Linux):
+# sizes at the edge, and pieces that arrive with pauses between them.
+@pytest.mark.parametrize("size, pieces", [(65535, 1), (65536, 1), (65537, 3),
+                                          (3 * (1 << 20) + 7, 11)])
+def test_response_bodies_arrive_byte_for_byte_and_the_connection_carries_on(
+        ambassador, upstream_factory, tmp_path, size, pieces):
+    body = os.urandom(size)
+
+    def answer(req, sock):
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        step = -(-size // pieces)
+        for i in range(0, size, step):
+            sock.sendall(body[i:i + step])
+            time.sleep(0.01)
+    up = upstream_factory(answer)
+    log = tmp_path / "access.log"
+    amb = ambassador([up.address], access=str(log))
+    with socket.create_connection(("127.0.0.1", amb.port()), timeout=10) as s:
+        for _ in range(2):
+            s.sendall(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+            head, got = read_response(s)
+            assert head.startswith(b"HTTP/1.1 200") and got == body
+    lines = wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 2 and
+                     [json.loads(l) for l in log.read_text().splitlines()], 10, "two lines")
+    assert [(l["bytes_out"], l["error"]) for l in lines] == [(size, None)] * 2
+    assert up.connections == 1                       # the upstream connection was reused
+
+
+@pytest.mark.parametrize("failure", ["close", "stall"])
+def test_a_large_body_cut_short_closes_the_app_connection(ambassador, upstream_factory,
+                                                         tmp_path, failure):
+    def answer(req, sock):
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 20))
+        sock.sendall(b"y" * 300000)
+        if failure == "stall":
+            time.sleep(3)
+        return "close"
+    up = upstream_factory(answer)
+    log = tmp_path / "access.log"
+    amb = ambassador([up.address], access=str(log), timeout="1s")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", amb.port()), timeout=10) as s:
+        s.sendall(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while True:
+            piece = s.recv(1 << 20)
+            if not piece:
+                break
+            data += piece
+    assert data.startswith(b"HTTP/1.1 200")
+    assert len(data.partition(b"\r\n\r\n")[2]) == 300000     # never more, never complete
+    assert time.monotonic() - started < 2.5          # a stall ends at the 1 s read timeout
+    line = wait_for(lambda: log.exists() and log.read_text().strip() and
+                    json.loads(log.read_text().splitlines()[0]), 10, "a line")
+    assert line["error"] == ("upstream-timeout" if failure == "stall" else "upstream-reset")
+    assert line["bytes_out"] == 300000
 
 
 def test_truncated_chunked_body_never_looks_complete(ambassador, upstream_factory):

@@ -1,10 +1,13 @@
 """The request stack in process: the retry loop with a fake clock and sleep (each decision
 exact), the outcome table it reads, and attempt()'s admission (breaker ticket and balance)."""
 
+import os
+import threading
+
 import pytest
 
 import ambassador as amb
-from conftest import FakeClock
+from conftest import FakeClock, wait_for
 
 
 class Conn:
@@ -179,3 +182,20 @@ def test_the_outcome_table_is_one_spelling_per_vocabulary():
         for condition in c.retry_on:
             assert condition in amb.RETRY_ON_CONDITIONS
     assert amb.ConnectFailure.result in amb.TCP_TERMINATIONS
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_worker_threads_splice_pipe_closes_when_the_thread_ends():
+    before = len(os.listdir("/proc/self/fd"))
+
+    during = []
+
+    def work():
+        amb._splice_pipes.pipe = amb.SplicePipe()
+        during.append(len(os.listdir("/proc/self/fd")))
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert during == [before + 2]
+    # The thread's locals go as its state is torn down, which join() may beat by a moment.
+    wait_for(lambda: len(os.listdir("/proc/self/fd")) == before, 5, "the pipe closed")
