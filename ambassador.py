@@ -1679,6 +1679,12 @@ class Response:
                  "keep_alive", "request_id")
 
 
+_BLANK_BYTES = (0x20, 0x09)              # SP and HTAB, as a bytes object's items
+# Response fields parse_response reads (the hop-by-hop ones among them are not relayed).
+_RESPONSE_FRAMING = HOP_BY_HOP | frozenset([b"content-length", b"x-request-id"])
+_CONNECTION_TOKENS = frozenset([b"close", b"keep-alive"])
+
+
 def parse_response(head, method):
     """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted.
 
@@ -1695,23 +1701,30 @@ def parse_response(head, method):
             or not parts[1].isdigit() or not 100 <= int(parts[1]) <= 599:
         raise UpstreamProtocolError("malformed status line %r" % lines[0][:80])
     resp = Response()
-    resp.status = int(parts[1])
+    resp.status = status = int(parts[1])
     resp.head = lines[0]
     resp.request_id = None
+    resp.has_body = has_body = not (method == b"HEAD" or status in (204, 304) or status < 200)
     length = None
     codings = None
     connection = b""
     headers = []
+    # The loop of a request's costliest Python: a check or a copy saved here counts.  The
+    # headers Ambassador frames itself, or that are hop-by-hop, are left out as they come.
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+        if not colon or not name or name[-1] in _BLANK_BYTES or name[0] in _BLANK_BYTES:
             raise UpstreamProtocolError("malformed header field in the response")
         value = value.strip(b" \t")
         lname = name.lower()
-        if lname == b"content-length":
+        if lname not in _RESPONSE_FRAMING:
+            headers.append((lname, name, value))
+        elif lname == b"content-length":
             if not value.isdigit() or (length is not None and length != int(value)):
                 raise UpstreamProtocolError("invalid or conflicting Content-Length")
             length = int(value)
+            if not has_body:
+                headers.append((lname, name, value))   # a HEAD's: what a GET would get
         elif lname == b"transfer-encoding":
             codings = (codings or []) + [c.strip(b" \t").lower() for c in value.split(b",")
                                          if c.strip(b" \t")]
@@ -1719,10 +1732,14 @@ def parse_response(head, method):
             connection = connection + b"," + value.lower() if connection else value.lower()
         elif lname == b"x-request-id":
             resp.request_id = value
-        headers.append((lname, name, value))
-    tokens = frozenset(t.strip(b" \t") for t in connection.split(b",")) if connection else ()
+            headers.append((lname, name, value))
+    if not connection:
+        tokens = ()
+    elif b"," in connection:
+        tokens = frozenset(t.strip(b" \t") for t in connection.split(b","))
+    else:
+        tokens = (connection.strip(b" \t"),)       # one token, as nearly always
     resp.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in tokens
-    resp.has_body = not (method == b"HEAD" or resp.status in (204, 304) or resp.status < 200)
     resp.chunked = False
     resp.codings = b""
     if codings is not None:
@@ -1733,14 +1750,15 @@ def parse_response(head, method):
         if length is not None:
             resp.keep_alive = False      # RFC 9112 6.1: both framings: never reuse it
         length = None              # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
-    if not resp.has_body and (codings is not None or length):
+    if not has_body and (codings is not None or length):
         resp.keep_alive = False          # a body may follow where none is allowed
     resp.length = length
-    if resp.has_body and length is None and not resp.chunked:
+    if has_body and length is None and not resp.chunked:
         resp.keep_alive = False                # delimited by the upstream's close
-    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
-    resp.headers = [h for h in headers if h[0] not in drop and
-                    (h[0] != b"content-length" or not resp.has_body)]
+    if tokens and not _CONNECTION_TOKENS.issuperset(tokens):
+        # RFC 9110 7.6.1: the fields Connection names are hop-by-hop too
+        headers = [h for h in headers if h[0] not in tokens]
+    resp.headers = headers
     return resp
 
 

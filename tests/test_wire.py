@@ -119,6 +119,27 @@ def test_response_framing_and_whether_the_connection_may_be_reused(head, method,
     assert (r.chunked, r.codings, r.length, r.keep_alive) == expected
 
 
+# (head, method) -> the fields relayed to the app, and the X-Request-Id read
+RELAYED = [
+    (b"HTTP/1.1 200 OK\r\nServer: n\r\nContent-Length: 5\r\nConnection: keep-alive",
+     b"GET", ([b"server"], None)),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 9", b"HEAD", ([b"content-length"], None)),
+    (b"HTTP/1.1 200 OK\r\nX-Request-Id: r1\r\nKeep-Alive: 5\r\nUpgrade: h2c\r\nTe: x\r\n"
+     b"Trailer: y\r\nProxy-Connection: z\r\nTransfer-Encoding: chunked", b"GET",
+     ([b"x-request-id"], b"r1")),
+    (b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: x-a, close\r\nX-B: 2\r\nContent-Length: 0",
+     b"GET", ([b"x-b"], None)),
+    (b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: X-A\r\nContent-Length: 0", b"GET", ([], None)),
+    (b"HTTP/1.1 200 OK\r\nConnection: close, keep-alive\r\nX-A: 1", b"GET", ([b"x-a"], None)),
+]
+
+
+@pytest.mark.parametrize("head, method, expected", RELAYED)
+def test_the_fields_relayed_to_the_app_leave_out_hop_by_hop_and_framing(head, method, expected):
+    r = response(head, method)
+    assert ([h[0] for h in r.headers], r.request_id) == expected
+
+
 _PEERS = []
 
 
