@@ -2244,19 +2244,17 @@ class ListenerServer(socketserver.TCPServer):
 _SSL_WANT = {"SSLWantReadError": "read", "SSLWantWriteError": "write"}
 
 
-_turn = threading.local()         # in a Dispatcher's worker: .dispatcher, .ident
+_turn = threading.local()         # in a Dispatcher's worker: .mark, its turn's [began, waiting]
 
 
 def blocking(begin):
     """The request path starts (begin True) or ends waiting on something other than the CPU:
     an upstream's response, a backoff, a fault's delay.  A worker that waits over
     WORKER_STUCK_S stops counting toward DISPATCH_WORKERS (see Dispatcher).  Cheap; a no-op
-    outside a worker."""
-    d = getattr(_turn, "dispatcher", None)
-    if d is not None:
-        turn = d._turns.get(_turn.ident)
-        if turn is not None:
-            turn[1] = monotonic() if begin else None
+    outside a worker's turn."""
+    mark = getattr(_turn, "mark", None)
+    if mark is not None:
+        mark[1] = monotonic() if begin else None
 
 
 def blocked_sleep(seconds):
@@ -2377,8 +2375,7 @@ class Dispatcher:
         return max(0, min(room, DISPATCH_WORKERS - (self._threads - stuck)))
 
     def _work(self):
-        me = _turn.ident = threading.get_ident()
-        _turn.dispatcher = self
+        me = threading.get_ident()
         epoll, lock, parked, turns = self._epoll, self._lock, self._parked, self._turns
         while True:
             with lock:
@@ -2398,7 +2395,7 @@ class Dispatcher:
                 if conn is None:          # the sweeper took it first
                     continue
                 now = monotonic()
-                turns[me] = [now, None]           # began; waiting since (see blocking())
+                turns[me] = _turn.mark = [now, None]   # began; waiting since (blocking())
                 # Up to DISPATCH_WORKERS at once here; past them, only the sweeper looks for
                 # stuck workers (every SWEEP_S), so that a busy listener does not pay per turn.
                 spawn = not self._waiting and self._threads < DISPATCH_WORKERS
@@ -2413,6 +2410,7 @@ class Dispatcher:
                 conn.close()
             with lock:
                 del turns[me]
+            _turn.mark = None
 
     def _sweep(self, stop):
         next_scan = 0.0
