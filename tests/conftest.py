@@ -437,6 +437,24 @@ def request(port, method="GET", path="/", body=None, headers=None, timeout=10):
         conn.close()
 
 
+def read_response(sock):
+    """(head, body) of one response with a Content-Length, read from a keep-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, "closed before a head"
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(l.split(b":")[1] for l in head.split(b"\r\n")
+                      if l.lower().startswith(b"content-length:")))
+    body = bytearray(body)
+    while len(body) < length:
+        piece = sock.recv(1 << 20)
+        assert piece, "closed with %d of %d body bytes" % (len(body), length)
+        body += piece
+    return head, bytes(body)
+
+
 def raw(port, data, timeout=5.0):
     """Send raw bytes, read until the peer closes or timeout -> bytes received."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:

@@ -12,7 +12,7 @@ import types
 import pytest
 
 from ambassador import Dispatcher
-from conftest import ambassador_command, base_config, request, wait_for
+from conftest import ambassador_command, base_config, read_response, request, wait_for
 from test_tls import callee_config, client_context, tls_get
 
 
@@ -33,18 +33,8 @@ def open_files_allowing(n):
 
 
 def read_reply(sock):
-    """One whole response with a Content-Length from a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "closed before a reply"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l.split(b":")[1] for l in head.split(b"\r\n")
-                  if l.lower().startswith(b"content-length:")][0])
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head.split(b"\r\n")[0]
+    """The status line of one whole response from a keep-alive connection."""
+    return read_response(sock)[0].split(b"\r\n")[0]
 
 
 def test_two_thousand_idle_keep_alive_connections_hold_a_bounded_number_of_threads(

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import free_port, raw, request, respond, wait_for
+from conftest import free_port, raw, read_response, request, respond, wait_for
 
 
 def test_get_is_forwarded_with_forwarding_headers(ambassador, upstream):
@@ -328,24 +328,6 @@ def test_truncated_response_body_closes_the_app_connection(ambassador, upstream_
     with pytest.raises(http.client.IncompleteRead):
         r.read()
     conn.close()
-
-
-def read_response(sock):
-    """(head, body) of one response with a Content-Length, read from a keep-alive socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(65536)
-        assert piece, "closed before a head"
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(l.split(b":")[1] for l in head.split(b"\r\n")
-                      if l.lower().startswith(b"content-length:")))
-    body = bytearray(body)
-    while len(body) < length:
-        piece = sock.recv(1 << 20)
-        assert piece, "closed with %d of %d body bytes" % (len(body), length)
-        body += piece
-    return head, bytes(body)
 
 
 # Bodies past 64 KiB move from a plain upstream to a plain app by os.splice (3.10+, Linux):
