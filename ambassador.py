@@ -2285,9 +2285,9 @@ class Dispatcher:
     lengthen that queue.  So a slow or hanging upstream gets a thread per request in flight
     (never more than max_connections), while fast requests are run by a few threads in the
     order they came (the epoll's ready list), instead of hundreds of threads contending for
-    one GIL.  A worker idle for WORKER_IDLE_S ends, save the last.  The
-    sweeper thread closes parked connections past their deadline (a 408 if a head had begun)
-    and starts a worker when every one is stuck.
+    one GIL.  A worker idle for WORKER_IDLE_S ends, save the last.  The sweeper thread closes
+    parked connections past their deadline (a 408 if a head had begun) and starts a worker
+    when every one is stuck.
 
     Used through adopt() (the accepting thread), park() and release() (the owning worker).
     Thread-safe.  Without epoll (not Linux) each connection keeps a thread that waits in
