@@ -1338,13 +1338,22 @@ class SocketReader:
 
     Used by one thread at a time.  A head arrives with one recv in the common case and is split in
     one pass, which is what makes this cheaper than http.client's email-based parser."""
-    __slots__ = ("sock", "buf", "started", "poller")
+    __slots__ = ("sock", "buf", "started", "poller", "timeout")
 
     def __init__(self, sock, poller=None):
         self.sock = sock
         self.buf = b""
         self.started = None           # when the first byte of the last head came (downstream)
         self.poller = poller          # a plain socket's poll object, its POLLIN registered
+        self.timeout = sock.gettimeout()   # the socket's, as last set (see settimeout)
+
+    def settimeout(self, value):
+        """Set the socket's timeout only when it changes: each set is a system call, and one
+        that lets another thread take the GIL.  Every owner sets it here, so that this stays
+        true."""
+        if value != self.timeout:
+            self.sock.settimeout(value)
+            self.timeout = value
 
     def take_head(self, max_bytes):
         """The bytes of a head already in the buffer, without its final CRLF CRLF (the buffer
@@ -1387,7 +1396,7 @@ class SocketReader:
             if remaining <= 0:
                 raise socket.timeout("timed out")
             if self.poller is None:           # TLS: a record may wait in OpenSSL, not the kernel
-                sock.settimeout(remaining)
+                self.settimeout(remaining)
                 data = sock.recv(IO_CHUNK_BYTES)
             else:
                 # Wait here, not in a socket timeout: setting one is a system call each time.
@@ -2480,7 +2489,6 @@ class DownstreamConnection:
         self.dispatcher = dispatcher
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = SocketReader(sock)
         self.client_ip = client_address[0].encode()
         self.client_address = format_address(client_address[:2]).encode()
         self._scratch = None
@@ -2495,12 +2503,11 @@ class DownstreamConnection:
         self.deadline = now + listener.config.header_timeout   # of the current wait
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(0.0)
-        self.timeout = 0.0                # the socket's, as last set (see settimeout)
         if listener.tls is not None:
             self.sock = listener.tls.context.wrap_socket(sock, server_side=True,
                                                          do_handshake_on_connect=False)
-            self.reader = SocketReader(self.sock)
             self.handshaking = True
+        self.reader = SocketReader(self.sock)   # its timeout: see SocketReader.settimeout
 
     def scratch(self):
         """This connection's buffer for streaming large bodies (see iter_length), made once."""
@@ -2542,7 +2549,7 @@ class DownstreamConnection:
         EOFError when the app closed."""
         reader = self.reader
         sock = self.sock
-        self.settimeout(0.0)                  # the request path may have set its own
+        reader.settimeout(0.0)                # the request path may have set its own
         while True:
             head = reader.take_head(config.max_header_bytes)
             if head is not None:
@@ -2704,18 +2711,11 @@ class DownstreamConnection:
         req.bytes_out = len(reply) - reply.index(b"\r\n\r\n") - 4
         return keep
 
-    def settimeout(self, value):
-        """Set the socket's timeout only when it changes: each set is a system call, and one
-        that lets another thread take the GIL."""
-        if value != self.timeout:
-            self.sock.settimeout(value)
-            self.timeout = value
-
     def send(self, data):
         """Write to the app; DownstreamGone if it closed, reset or stopped reading."""
         sock = self.sock
         try:
-            if self.timeout == 0.0:
+            if self.reader.timeout == 0.0:
                 # In a turn the socket does not wait: a write the kernel takes whole (nearly
                 # all) costs one system call, not the poll a timeout adds before it.
                 try:
@@ -2729,7 +2729,7 @@ class DownstreamConnection:
                 if sent == len(data):
                     return
                 data = memoryview(data)[sent:]
-            self.settimeout(self.send_timeout)
+            self.reader.settimeout(self.send_timeout)
             sock.sendall(data)
         except OSError as e:
             raise DownstreamGone("write: %s" % (e or type(e).__name__))
@@ -2765,7 +2765,7 @@ class RequestBody:
         if req.expect_continue:
             self.downstream.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         reader = self.downstream.reader
-        self.downstream.settimeout(self.downstream.listener.config.idle_timeout)
+        reader.settimeout(self.downstream.listener.config.idle_timeout)
         source = iter_chunked(reader) if req.chunked else iter_length(reader, req.content_length)
         if req.content_length is not None and req.content_length > self.buffer_limit:
             self.rest = iter_length(reader, req.content_length, self.downstream.scratch())
@@ -3244,7 +3244,7 @@ class Mirror:
                 return "failed"
             try:
                 if resp.has_body:
-                    conn.settimeout(timeout)
+                    conn.reader.settimeout(timeout)
                     source = iter_length(conn.reader, resp.length) if resp.length is not None \
                         else iter_chunked(conn.reader) if resp.chunked else \
                         iter_until_close(conn.reader)
@@ -3533,10 +3533,9 @@ def splice_body(req, resp, conn, downstream, length, listener):
     pipe = getattr(_splice_pipes, "pipe", None)
     if pipe is None:
         pipe = _splice_pipes.pipe = SplicePipe()
-    up, down = conn.sock, downstream.sock
-    conn.settimeout(0.0)
-    downstream.settimeout(0.0)
-    src, dst = up.fileno(), down.fileno()
+    conn.reader.settimeout(0.0)
+    downstream.reader.settimeout(0.0)
+    src, dst = conn.sock.fileno(), downstream.sock.fileno()
     readable, writable = select.poll(), select.poll()
     readable.register(src, select.POLLIN)
     writable.register(dst, select.POLLOUT)
@@ -3666,10 +3665,11 @@ def relay_response(req, resp, conn, downstream, listener):
         return keep
     # From here a failure can only close the app's connection: a truncated body must never
     # look complete, so no final chunk and no keep-alive after it.
+    # (What the reader held went out with the head: the rest is all on the socket.)
     if length is not None and length >= SPLICE_BODY_MIN_BYTES and HAS_SPLICE and \
-            not reader.buf and conn.reader.poller is not None and downstream.listener.tls is None:
+            reader.poller is not None and downstream.listener.tls is None:
         return splice_body(req, resp, conn, downstream, length, listener) and keep
-    conn.settimeout(req.route.timeout)
+    reader.settimeout(req.route.timeout)
     if length is not None:
         source = iter_length(reader, length,
                              downstream.scratch() if length > IO_CHUNK_BYTES else None)
@@ -4367,7 +4367,7 @@ class RelayLoop:
 
 class UpstreamConnection:
     """One connection to an endpoint, used by one request at a time, then released or closed."""
-    __slots__ = ("sock", "reader", "pool", "reused", "closed", "timeout")
+    __slots__ = ("sock", "reader", "pool", "reused", "closed")
 
     def __init__(self, sock, pool):
         self.sock = sock
@@ -4381,13 +4381,6 @@ class UpstreamConnection:
         self.pool = pool
         self.reused = False
         self.closed = False
-        self.timeout = sock.gettimeout()   # the socket's, as last set (see settimeout)
-
-    def settimeout(self, value):
-        """Set the socket's timeout only when it changes (a system call that lets the GIL go)."""
-        if value != self.timeout:
-            self.sock.settimeout(value)
-            self.timeout = value
 
     def exchange(self, req, body, config, deadline, timeout_s):
         """Send the request (head, then body) and read the response head -> Response.
@@ -4414,7 +4407,7 @@ class UpstreamConnection:
             remaining = deadline - monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out")
-            self.settimeout(0.0 if plain else remaining)
+            self.reader.settimeout(0.0 if plain else remaining)
             try:
                 sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -4424,7 +4417,7 @@ class UpstreamConnection:
                     raise StaleConnection("write: %s" % e, nothing_written=True)
                 raise
             if plain and (sent < len(data) or body.rest is not None):
-                self.settimeout(max(0.001, deadline - monotonic()))
+                self.reader.settimeout(max(0.001, deadline - monotonic()))
             if sent < len(data):
                 sock.sendall(memoryview(data)[sent:])
             early = False
@@ -4501,7 +4494,7 @@ class UpstreamConnection:
         # A non-blocking read tells: nothing for the application (want-read) means alive.
         sock = self.sock
         try:
-            self.settimeout(0.0)
+            self.reader.settimeout(0.0)
             sock.recv(1)                # data or EOF: either way it cannot be reused
             return True
         except self.pool.tls.ssl.SSLWantReadError:
