@@ -244,11 +244,10 @@ HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te"
 IDEMPOTENT_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                          b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-# RFC 9110 5.5: a field value holds no control byte but HTAB (CR and LF are checked apart).
-_CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # RFC 9112 3.2: a request target is visible ASCII only.
 _BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
-# A chunk-size line or a trailer: no control byte but HTAB, and no bare CR or LF.
+# RFC 9110 5.5: a field value holds no control byte but HTAB.  The same for a chunk-size line,
+# a trailer, and a request head with its CRLFs made HTABs: no bare CR or LF either.
 _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -1359,6 +1358,8 @@ class SocketReader:
         """The bytes of a head already in the buffer, without its final CRLF CRLF (the buffer
         keeps what follows), or None while it is not complete.  Raises HeadTooLarge."""
         buf = self.buf
+        if not buf:
+            return None
         end = buf.find(b"\r\n\r\n")
         if 0 <= end <= max_bytes:
             self.buf = buf[end + 4:]
@@ -1549,9 +1550,11 @@ def parse_request(head, req, client_ip):
     Strict where leniency lets two parsers disagree (RFC 9112 11.2, request smuggling): a bare CR
     or LF, obs-fold, a space before the colon, both Content-Length and Transfer-Encoding, differing
     Content-Lengths and unknown transfer codings are all refused."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
-        raise BadRequest("bare CR or LF in the request head")
-    if _CONTROL_BYTES.search(head) is not None:
+    # One pass for both: with each CRLF made an HTAB, any CR, LF or control byte left is bad.
+    bad = _BAD_LINE_BYTES.search(head.replace(b"\r\n", b"\t"))
+    if bad is not None:
+        if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+            raise BadRequest("bare CR or LF in the request head")
         raise BadRequest("control character in the request head")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
@@ -1682,10 +1685,25 @@ def new_request_id():
 
 
 class Response:
-    """An upstream response head, and how its body is framed.  `codings` holds the transfer
-    codings other than chunked (b"gzip"), relayed to the app as they came."""
-    __slots__ = ("status", "head", "headers", "length", "chunked", "codings", "has_body",
+    """An upstream response head, and how its body is framed.  `lines` are the field lines
+    relayed to the app, as they came; `codings` the transfer codings other than chunked
+    (b"gzip"), relayed as they came too."""
+    __slots__ = ("status", "head", "lines", "length", "chunked", "codings", "has_body",
                  "keep_alive", "request_id")
+
+    @property
+    def headers(self):
+        """The relayed fields as (lower-case name, name, value): parsed again from `lines` when
+        asked for (response rules, Retry-After), as most responses are relayed untouched."""
+        fields = []
+        for line in self.lines:
+            name, _, value = line.partition(b":")
+            fields.append((name.lower(), name, value.strip(b" \t")))
+        return fields
+
+    @headers.setter
+    def headers(self, fields):
+        self.lines = [b"%s: %s" % (name, value) for _, name, value in fields]
 
 
 _BLANK_BYTES = (0x20, 0x09)              # SP and HTAB, as a bytes object's items
@@ -1700,7 +1718,8 @@ def parse_response(head, method):
     keep_alive is false whenever the framing leaves doubt about where the next response starts
     (both Content-Length and Transfer-Encoding; a body declared where none may follow): the
     connection then closes instead of going back to the pool with stray bytes in it."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         raise UpstreamProtocolError("bare CR or LF in the response head")
     if b"\x00" in head:
         raise UpstreamProtocolError("NUL in the response head")
@@ -1717,23 +1736,25 @@ def parse_response(head, method):
     length = None
     codings = None
     connection = b""
-    headers = []
-    # The loop of a request's costliest Python: a check or a copy saved here counts.  The
-    # headers Ambassador frames itself, or that are hop-by-hop, are left out as they come.
+    relayed = []
+    # The loop of a request's costliest Python: a check or a copy saved here counts.  A field
+    # line is relayed as it came; those Ambassador frames itself, or that are hop-by-hop, are
+    # left out as they come.
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name[-1] in _BLANK_BYTES or name[0] in _BLANK_BYTES:
             raise UpstreamProtocolError("malformed header field in the response")
-        value = value.strip(b" \t")
         lname = name.lower()
         if lname not in _RESPONSE_FRAMING:
-            headers.append((lname, name, value))
-        elif lname == b"content-length":
+            relayed.append(line)
+            continue
+        value = value.strip(b" \t")
+        if lname == b"content-length":
             if not value.isdigit() or (length is not None and length != int(value)):
                 raise UpstreamProtocolError("invalid or conflicting Content-Length")
             length = int(value)
             if not has_body:
-                headers.append((lname, name, value))   # a HEAD's: what a GET would get
+                relayed.append(line)           # a HEAD's: what a GET would get
         elif lname == b"transfer-encoding":
             codings = (codings or []) + [c.strip(b" \t").lower() for c in value.split(b",")
                                          if c.strip(b" \t")]
@@ -1741,7 +1762,7 @@ def parse_response(head, method):
             connection = connection + b"," + value.lower() if connection else value.lower()
         elif lname == b"x-request-id":
             resp.request_id = value
-            headers.append((lname, name, value))
+            relayed.append(line)
     if not connection:
         tokens = ()
     elif b"," in connection:
@@ -1766,8 +1787,9 @@ def parse_response(head, method):
         resp.keep_alive = False                # delimited by the upstream's close
     if tokens and not _CONNECTION_TOKENS.issuperset(tokens):
         # RFC 9110 7.6.1: the fields Connection names are hop-by-hop too
-        headers = [h for h in headers if h[0] not in tokens]
-    resp.headers = headers
+        relayed = [line for line in relayed
+                   if line.partition(b":")[0].lower() not in tokens]
+    resp.lines = relayed
     return resp
 
 
@@ -3619,12 +3641,12 @@ def relay_response(req, resp, conn, downstream, listener):
                                     % resp.codings.decode("latin-1"))
     keep = req.keep_alive and not listener.draining.is_set()
     parts = [b"HTTP/1.1 ", resp.head[9:], b"\r\n"]
-    headers = resp.headers
     rules = req.route.response_rules
     if rules is not None:
-        headers = rules.apply(headers, req, req.cluster.name)
-    for _, name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
+        for _, name, value in rules.apply(resp.headers, req, req.cluster.name):
+            parts += (name, b": ", value, b"\r\n")
+    elif resp.lines:
+        parts += (b"\r\n".join(resp.lines), b"\r\n")   # as they came: one join, not a loop
     if resp.request_id is None:
         parts += (b"X-Request-Id: ", req.request_id, b"\r\n")
     # x-ambassador-attempts: the name before 0.2.0, kept for one release (see the changelog).
