@@ -1710,6 +1710,17 @@ _BLANK_BYTES = (0x20, 0x09)              # SP and HTAB, as a bytes object's item
 # Response fields parse_response reads (the hop-by-hop ones among them are not relayed).
 _RESPONSE_FRAMING = HOP_BY_HOP | frozenset([b"content-length", b"x-request-id"])
 _CONNECTION_TOKENS = frozenset([b"close", b"keep-alive"])
+# Names common in responses: one of these is a token, with no blank at an end to look for.
+_KNOWN_RESPONSE_FIELDS = _RESPONSE_FRAMING | frozenset([
+    b"accept-ranges", b"access-control-allow-credentials", b"access-control-allow-headers",
+    b"access-control-allow-methods", b"access-control-allow-origin",
+    b"access-control-expose-headers", b"access-control-max-age", b"age", b"allow", b"alt-svc",
+    b"cache-control", b"content-disposition", b"content-encoding", b"content-language",
+    b"content-location", b"content-range", b"content-security-policy", b"content-type",
+    b"date", b"etag", b"expires", b"last-modified", b"link", b"location", b"pragma",
+    b"referrer-policy", b"retry-after", b"server", b"set-cookie", b"strict-transport-security",
+    b"vary", b"via", b"www-authenticate", b"x-content-type-options", b"x-frame-options",
+    b"x-powered-by"])
 
 
 def parse_response(head, method):
@@ -1742,9 +1753,10 @@ def parse_response(head, method):
     # left out as they come.
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1] in _BLANK_BYTES or name[0] in _BLANK_BYTES:
-            raise UpstreamProtocolError("malformed header field in the response")
         lname = name.lower()
+        if not colon or lname not in _KNOWN_RESPONSE_FIELDS and (
+                not name or name[-1] in _BLANK_BYTES or name[0] in _BLANK_BYTES):
+            raise UpstreamProtocolError("malformed header field in the response")
         if lname not in _RESPONSE_FRAMING:
             relayed.append(line)
             continue
@@ -2330,7 +2342,7 @@ class Dispatcher:
         self._lock = threading.Lock()     # guards everything below
         self._parked = {}                 # fd -> DownstreamConnection registered and waiting
         self._threads = 0                 # workers alive
-        self._waiting = 0                 # workers inside epoll.poll()
+        self._waiting = 0                 # workers in epoll.poll(), or on their way to it
         self._turns = {}                  # worker thread id -> monotonic start of its turn
         self._closed = False
         self._sweeper = None
@@ -2408,23 +2420,24 @@ class Dispatcher:
     def _work(self):
         me = threading.get_ident()
         epoll, lock, parked, turns = self._epoll, self._lock, self._parked, self._turns
+        with lock:
+            self._waiting += 1
         while True:
-            with lock:
-                self._waiting += 1
             try:
                 events = epoll.poll(WORKER_IDLE_S, 1)
             except (OSError, ValueError):  # the epoll closed: the listener stopped
                 events = None
             with lock:
-                self._waiting -= 1
                 if not events:
                     if events is None or self._closed or self._threads > 1:
+                        self._waiting -= 1
                         self._threads -= 1
                         return
                     continue
                 conn = parked.pop(events[0][0], None)
                 if conn is None:          # the sweeper took it first
                     continue
+                self._waiting -= 1
                 now = monotonic()
                 turns[me] = _turn.mark = [now, None]   # began; waiting since (blocking())
                 # Up to DISPATCH_WORKERS at once here; past them, only the sweeper looks for
@@ -2441,6 +2454,7 @@ class Dispatcher:
                 conn.close()
             with lock:
                 del turns[me]
+                self._waiting += 1        # (from here: it is on its way back to the epoll)
             _turn.mark = None
 
     def _sweep(self, stop):

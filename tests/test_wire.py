@@ -83,6 +83,14 @@ BAD_RESPONSES = [
     ("bare CR", b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 0"),
     ("chunked not last", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip"),
     ("conflicting lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2"),
+    # Field names: a common one and an unknown one each way (common names skip a check).
+    ("space before the colon", b"HTTP/1.1 200 OK\r\nServer : n\r\nContent-Length: 0"),
+    ("tab before the colon", b"HTTP/1.1 200 OK\r\nX-A\t: n\r\nContent-Length: 0"),
+    ("obs-fold", b"HTTP/1.1 200 OK\r\nX-A: 1\r\n  2\r\nContent-Length: 0"),
+    ("blank before a name", b"HTTP/1.1 200 OK\r\n Date: x\r\nContent-Length: 0"),
+    ("empty name", b"HTTP/1.1 200 OK\r\n: x\r\nContent-Length: 0"),
+    ("no colon, common name", b"HTTP/1.1 200 OK\r\nServer\r\nContent-Length: 0"),
+    ("no colon", b"HTTP/1.1 200 OK\r\nX-A x\r\nContent-Length: 0"),
 ]
 
 
@@ -138,6 +146,16 @@ RELAYED = [
 def test_the_fields_relayed_to_the_app_leave_out_hop_by_hop_and_framing(head, method, expected):
     r = response(head, method)
     assert ([h[0] for h in r.headers], r.request_id) == expected
+
+
+def test_relayed_field_lines_stay_as_they_came_and_parse_again_for_rules():
+    r = response(b"HTTP/1.1 503 Busy\r\nX-A:1\r\nRetry-After:  7 \r\nContent-Length: 0\r\n"
+                 b"x-b: two: parts")
+    assert r.lines == [b"X-A:1", b"Retry-After:  7 ", b"x-b: two: parts"]
+    assert r.headers == [(b"x-a", b"X-A", b"1"), (b"retry-after", b"Retry-After", b"7"),
+                         (b"x-b", b"x-b", b"two: parts")]
+    r.headers = [(b"x-c", b"X-C", b"3")]          # what a test or a rule may set
+    assert r.lines == [b"X-C: 3"]
 
 
 _PEERS = []
