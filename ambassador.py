@@ -2585,7 +2585,8 @@ class DownstreamConnection:
         EOFError when the app closed."""
         reader = self.reader
         sock = self.sock
-        reader.settimeout(0.0)                # the request path may have set its own
+        if reader.timeout != 0.0:             # the request path may have set its own
+            reader.settimeout(0.0)
         while True:
             head = reader.take_head(config.max_header_bytes)
             if head is not None:
@@ -4628,14 +4629,16 @@ class ConnectionPool:
         now = monotonic()
         stale = None
         with self._lock:
-            if self._idle and now - self._idle[0][1] >= UPSTREAM_IDLE_S:
-                stale = self._idle.pop(0)[0]
-            if len(self._idle) < POOL_MAX_IDLE:
-                self._idle.append((conn, now))
+            idle = self._idle
+            if idle and now - idle[0][1] >= UPSTREAM_IDLE_S:
+                stale = idle.pop(0)[0]
+            if len(idle) < POOL_MAX_IDLE:
+                idle.append((conn, now))
                 conn = None
-        for c in (stale, conn):
-            if c is not None:
-                c.close()
+        if stale is not None:
+            stale.close()
+        if conn is not None:                  # the pool is full
+            conn.close()
 
     def closed_one(self):
         with self._lock:
@@ -5167,7 +5170,8 @@ class CircuitBreaker:
                 ticket = self.TRIAL
             else:
                 ticket = None
-        self._announce(changed)
+        if changed is not None:
+            self._announce(changed)
         return ticket
 
     def record(self, ticket, ok):
@@ -5190,7 +5194,8 @@ class CircuitBreaker:
                     self._failures += 1
                     if self._failures >= self.failure_threshold:
                         changed = self._open()
-        self._announce(changed)
+        if changed is not None:
+            self._announce(changed)
 
     def _open(self):
         self._open_until = self._clock() + self.open_timeout_s
@@ -5201,7 +5206,7 @@ class CircuitBreaker:
         return old, new
 
     def _announce(self, changed):
-        if changed is not None and self._on_transition is not None:
+        if self._on_transition is not None:
             self._on_transition(*changed)
 
 
