@@ -1007,6 +1007,75 @@ def route_selection_cost(rounds=20000):
         print("| %s | %.2f |" % (label, (time.perf_counter() - t0) / rounds * 1e6))
 
 
+def request_path(script, upstream_port, n):
+    """In process, on one thread: n keep-alive requests (GET /1k, the access log on, in JSON)
+    through script's request path -- head, parse, route, forward, relay, telemetry -- from a
+    socket pair standing for the app to the upstream.  What instructions_per_request() counts;
+    DownstreamConnection.take_head() and handle() are the entry (ambassador.py from 0.2.0)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ambassador_under_test", script)
+    amb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(amb)
+    log = tempfile.NamedTemporaryFile(suffix=".log")
+    config = amb.parse_config({
+        "log": {"access": log.name, "format": "json"},
+        "listeners": {"bench": {"listen": "127.0.0.1:0", "cluster": "bench", "timeout": "30s"}},
+        "clusters": {"bench": {"endpoints": ["127.0.0.1:%d" % upstream_port]}}})
+    ambassador = amb.Ambassador(config)
+    for cluster in ambassador.clusters.values():
+        cluster.refresh()                                # its endpoints, as start() would
+    ambassador.telemetry.open_access_log(config.log)
+    listener = ambassador.listeners[0]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    app = socket.create_connection(server.getsockname())
+    app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = amb.DownstreamConnection(listener, server.accept()[0], ("127.0.0.1", 1), None)
+    amb._turn.mark = [time.monotonic(), None]        # as in a worker's turn
+    request = b"GET /1k HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for _ in range(n):
+        app.sendall(request)
+        conn.handle(conn.take_head(listener.config))
+        got = app.recv(65536)
+        while b"\r\n\r\n" not in got:
+            got += app.recv(65536)
+        head, _, body = got.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise SystemExit("the request path answered %r" % head[:200])
+        while len(body) < 1024:
+            body += app.recv(65536)
+    ambassador.telemetry.access_log.close()             # every line formatted and written
+
+
+def instructions_per_request(up_port, args):
+    """User-space instructions per request of the in-process request path (valgrind), for
+    this ambassador.py and --baseline: counted, not timed, so the same on a noisy machine."""
+    if not shutil.which("valgrind"):
+        print("valgrind not installed: instructions per request skipped")
+        return
+
+    def count(script, n):
+        out = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                              "--cachegrind-out-file=/dev/null", args.python, __file__,
+                              "--request-path", script, str(up_port), str(n)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+        m = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr.decode())
+        if out.returncode or not m:
+            raise SystemExit("valgrind run failed:\n" + out.stderr.decode()[-2000:])
+        return int(m.group(1).replace(",", ""))
+    print("| in process, one thread: GET /1k, access log on | instructions per request |")
+    print("|---|---|")
+    scripts = [("this ambassador.py", args.current)]
+    if args.baseline:
+        scripts.append(("baseline (%s)" % args.baseline, args.baseline))
+    for label, script in scripts:
+        # Two runs, 300 and 1,300 requests: the difference leaves start-up out.
+        per = (count(script, 1300) - count(script, 300)) / 1000.0
+        print("| %s | %.0f |" % (label, per))
+        sys.stdout.flush()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=int, default=5, help="seconds per load (default 5)")
@@ -1033,6 +1102,11 @@ def main():
                    help="only the reload and upgrade acceptance under load")
     p.add_argument("--reload-seconds", type=int, default=60,
                    help="how long to reload every second (default 60)")
+    p.add_argument("--instructions", action="store_true",
+                   help="only the instructions per request of the in-process request path "
+                        "(valgrind), for this file and --baseline: counted, not timed")
+    p.add_argument("--request-path", nargs=3, metavar=("FILE", "PORT", "N"),
+                   help=argparse.SUPPRESS)               # what --instructions runs, under valgrind
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
     args = p.parse_args()
@@ -1042,12 +1116,19 @@ def main():
     if args.routes_only:
         route_selection_cost()
         return
+    if args.request_path:
+        script, port, n = args.request_path
+        request_path(script, int(port), int(n))
+        return
     use_wrk = shutil.which("wrk") and not args.python_load
     load = wrk_load if use_wrk else python_load
     tmp = tempfile.mkdtemp(prefix="ambassador-bench-")
     procs = []
     try:
         up_port, up_desc = start_upstream(tmp, procs)
+        if args.instructions:
+            instructions_per_request(up_port, args)
+            return
         if args.baseline and args.baseline_only:
             compare_baseline(tmp, up_port, procs, args, load)
             return
