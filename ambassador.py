@@ -1732,7 +1732,9 @@ def parse_response(head, method):
     crlf = head.count(b"\r\n")
     if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         raise UpstreamProtocolError("bare CR or LF in the response head")
-    if b"\x00" in head:
+    # find(), not `in`: below 3.13, `x in some_bytes` first tries x as a byte value (an int),
+    # raising and clearing a TypeError each time -- twice the cost, here on every response.
+    if head.find(b"\x00") >= 0:
         raise UpstreamProtocolError("NUL in the response head")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
@@ -1777,7 +1779,7 @@ def parse_response(head, method):
             relayed.append(line)
     if not connection:
         tokens = ()
-    elif b"," in connection:
+    elif connection.find(b",") >= 0:
         tokens = frozenset(t.strip(b" \t") for t in connection.split(b","))
     else:
         tokens = (connection.strip(b" \t"),)       # one token, as nearly always
