@@ -1011,7 +1011,7 @@ def request_path(script, upstream_port, n):
     """In process, on one thread: n keep-alive requests (GET /1k, the access log on, in JSON)
     through script's request path -- head, parse, route, forward, relay, telemetry -- from a
     socket pair standing for the app to the upstream.  What instructions_per_request() counts;
-    DownstreamConnection.take_head() and handle() are the entry (ambassador.py from 0.2.0)."""
+    its entry is DownstreamConnection.take_head() and handle(), as in files from 35fd047 on."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("ambassador_under_test", script)
     amb = importlib.util.module_from_spec(spec)
