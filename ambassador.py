@@ -2345,7 +2345,7 @@ class Dispatcher:
         self._parked = {}                 # fd -> DownstreamConnection registered and waiting
         self._threads = 0                 # workers alive
         self._waiting = 0                 # workers in epoll.poll(), or on their way to it
-        self._turns = {}                  # worker thread id -> monotonic start of its turn
+        self._turns = {}                  # worker thread id -> its turn's [began, waiting since]
         self._closed = False
         self._sweeper = None
 
@@ -2587,8 +2587,7 @@ class DownstreamConnection:
         EOFError when the app closed."""
         reader = self.reader
         sock = self.sock
-        if reader.timeout != 0.0:             # the request path may have set its own
-            reader.settimeout(0.0)
+        reader.settimeout(0.0)                # the request path may have set its own
         while True:
             head = reader.take_head(config.max_header_bytes)
             if head is not None:
@@ -3541,7 +3540,7 @@ class SplicePipe:
 
     def __init__(self):
         import fcntl
-        self.r = self.w = -1
+        self.r = self.w = -1              # so that close() (and __del__) work if pipe() fails
         self.r, self.w = os.pipe()
         try:
             fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, SPLICE_PIPE_BYTES)   # compat(3.9): 3.10+
