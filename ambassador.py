@@ -2683,6 +2683,10 @@ class DownstreamConnection:
         return ""
 
     def _handshake_failed(self, error):
+        # Out of the epoll first, as close() does it: handshake_failed() closes the socket, and
+        # by the time close() would unregister self.fd that number may be the next connection's.
+        self.dispatcher.release(self)
+        self.fd = -1
         handshake_failed(self.sock, self.listener, error)
         self.close()
 
