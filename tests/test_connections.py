@@ -2,7 +2,9 @@
 starves neither its own listener's other routes nor another listener, and the process raises
 its open files limit.  Timings are in tests/bench.py; here, bounded counts and deadlines."""
 
+import os
 import resource
+import select
 import socket
 import subprocess
 import threading
@@ -11,7 +13,8 @@ import types
 
 import pytest
 
-from ambassador import Dispatcher
+import ambassador
+from ambassador import Dispatcher, DownstreamConnection
 from conftest import ambassador_command, base_config, read_response, request, wait_for
 from test_tls import callee_config, client_context, tls_get
 
@@ -206,3 +209,49 @@ def test_workers_stuck_on_upstreams_get_company_but_a_busy_core_does_not(turns, 
     d._turns = {i: [now - began, None if waiting is None else now - waiting]
                 for i, (began, waiting) in enumerate(turns)}
     assert d._wanted(now, cpu_busy) == wanted
+
+
+@pytest.mark.skipif(not ambassador.HAS_EPOLL, reason="parked connections need epoll")
+def test_a_failed_handshake_leaves_the_epoll_before_the_next_connection_takes_its_number(
+        monkeypatch):
+    # The socket closes inside handshake_failed(); at that moment the accepting thread may give
+    # its descriptor number to a new connection.  Unregistering the number after that took the
+    # new connection's registration: it was closed mid-handshake at its first park (CI once saw
+    # the client's first write meet a broken pipe).
+    listener = types.SimpleNamespace(
+        name="l", tls=None, close_connection=lambda: None,
+        config=types.SimpleNamespace(idle_timeout=5.0, header_timeout=5.0, max_connections=8))
+    d = Dispatcher(listener)
+    d._threads = 1                                 # no worker: this test is the only one
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    clients = [socket.create_connection(server.getsockname()) for _ in range(2)]
+    failing = DownstreamConnection(listener, server.accept()[0], ("127.0.0.1", 1), d)
+    d.adopt(failing)
+    number = failing.sock.fileno()
+    after = []
+
+    def handshake_failed(sock, listener, error):
+        sock.close()
+        accepted = server.accept()[0]              # as the accepting thread would, now,
+        if accepted.fileno() != number:            # given the number just freed
+            os.dup2(accepted.fileno(), number)
+            accepted.close()
+            accepted = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=number)
+        newcomer = DownstreamConnection(listener, accepted, ("127.0.0.1", 2), d)
+        d.adopt(newcomer)
+        after.append(newcomer)
+    monkeypatch.setattr(ambassador, "handshake_failed", handshake_failed)
+    try:
+        failing._handshake_failed(ValueError("refused"))
+        newcomer, = after
+        clients[1].sendall(b"x")
+        assert [fd for fd, _ in d._epoll.poll(5)] == [number]   # still heard
+        d.park(newcomer)
+        assert not newcomer.closed
+    finally:
+        d.close()
+        server.close()
+        for c in clients:
+            c.close()
