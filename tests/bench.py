@@ -19,6 +19,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -292,8 +293,10 @@ def compare_resilience(tmp, up_port, procs, args, load, amb_port, amb_pid):
 
 
 def compare_baseline(tmp, up_port, procs, args, load):
-    """c16 1 KiB through an older ambassador.py (--baseline) and this one, each a fresh
-    process with the same config, alternated: what a change costs, measured in one run."""
+    """c16 and c1 1 KiB through an older ambassador.py (--baseline) and this one, each a fresh
+    process with the same config, alternated: what a change costs, measured in one run.  c1's
+    p50 is the median of the rounds' p50s: one wake-up after another, it drifts with the
+    machine more than any other figure, so only the ratio in one run means much."""
     base_port, base_pid = start_ambassador(tmp, up_port, procs, args.python, name="baseline",
                                            script=os.path.abspath(args.baseline))
     amb_port, amb_pid = start_ambassador(tmp, up_port, procs, args.python, name="current",
@@ -303,6 +306,7 @@ def compare_baseline(tmp, up_port, procs, args, load):
     reset_peak(base_pid)
     reset_peak(amb_pid)
     totals = {"baseline": [0, 0.0, 0.0, 0.0], "this ambassador.py": [0, 0.0, 0.0, 0.0]}
+    c1 = {"baseline": [], "this ambassador.py": []}
     for _ in range(args.rounds):
         for label, port, pid in (("baseline", base_port, base_pid),
                                  ("this ambassador.py", amb_port, amb_pid)):
@@ -313,6 +317,7 @@ def compare_baseline(tmp, up_port, procs, args, load):
             t[1] += proc_stat(pid)[0] - cpu0
             t[2] += r["rps"]
             t[3] = max(t[3], r["p99"])
+            c1[label].append(load(port, "/1k", 1, args.duration)["p50"])
     print()
     print("| c16 1 KiB, %d runs each, alternated | req/s | CPU µs/req | worst p99 ms | peak RSS MB |"
           % args.rounds)
@@ -322,6 +327,14 @@ def compare_baseline(tmp, up_port, procs, args, load):
         print("| %s (%s) | %.0f | %.1f | %.2f | %.1f |" % (
             label, args.baseline if label == "baseline" else "HEAD", rps / args.rounds,
             cpu / max(1, n) * 1e6, p99, proc_stat(pid)[2] / 1024.0))
+    print()
+    print("| c1 1 KiB, %d runs each, alternated | p50 ms, each run | median |" % args.rounds)
+    print("|---|---|---|")
+    for label in ("baseline", "this ambassador.py"):
+        print("| %s | %s | %.3f |" % (label, ", ".join("%.3f" % p for p in c1[label]),
+                                     statistics.median(c1[label])))
+    print("c1 p50, this / baseline: %.2fx" % (statistics.median(c1["this ambassador.py"]) /
+                                             statistics.median(c1["baseline"])))
 
 
 def compare_mirror(tmp, up_port, procs, args, load):
