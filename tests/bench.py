@@ -1089,6 +1089,121 @@ def instructions_per_request(up_port, args):
         sys.stdout.flush()
 
 
+# x86-64 numbers of the system calls a c1 request's turn waits in or moves its bytes with.
+_C1_SYSCALLS = {"recvfrom": 45, "sendto": 44,
+                "waits": frozenset([7, 23, 232, 270, 271, 281])}  # poll select epoll_wait ...
+_C1_SLEPT_US = 5.0           # a wait (or a blocking recv) this long slept: the request woke it
+
+
+def c1_segments(perf_data):
+    """Split each c1 request's time on the thread that served it, from a `perf record` of the
+    raw_syscalls tracepoints: -> {segment: [µs per request]}.  A request starts with the
+    recvfrom that returned it (its socket is the app's), goes upstream with the first sendto
+    on another socket and comes back with the recvfroms on that one; its response starts with
+    the first sendto on the app's socket."""
+    out = subprocess.run(["perf", "script", "-i", perf_data, "-F", "tid,time,event,trace"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         timeout=300).stdout.decode()
+    line_re = re.compile(r"\s*(\d+)\s+([\d.]+):\s+raw_syscalls:sys_(enter|exit):\s+NR (\d+)"
+                         r"\s*(?:\(([0-9a-f]+),|= (-?\d+))")
+    threads = {}
+    for line in out.splitlines():
+        m = line_re.match(line)
+        if m:
+            threads.setdefault(m.group(1), []).append(m.groups()[1:])
+    recv, send, waits = _C1_SYSCALLS["recvfrom"], _C1_SYSCALLS["sendto"], _C1_SYSCALLS["waits"]
+    segments = {k: [] for k in ("wake to the upstream send", "upstream send",
+                                "waiting for the upstream", "response to the app send",
+                                "app send", "app send to the next wake")}
+    for events in threads.values():
+        state, woke, app_sent, fd, entered = 0, None, None, None, 0.0
+        for t, kind, nr, arg, ret in events:
+            t, nr = float(t) * 1e6, int(nr)
+            if kind == "enter":
+                fd, entered = arg, t
+                if nr != send:
+                    continue
+                if state == 1 and fd != app:
+                    segments["wake to the upstream send"].append(t - woke)
+                    state, upstream = 2, fd
+                elif state == 1:
+                    state = 0                   # Ambassador's own reply: not counted
+                elif state == 3 and fd == app and answered is not None:
+                    segments["response to the app send"].append(t - answered)
+                    segments["waiting for the upstream"].append(first_byte - up_sent)
+                    state = 4
+                continue
+            slept = t - entered >= _C1_SLEPT_US
+            if nr in waits and slept:
+                woke = t
+            elif nr == recv and int(ret) > 0:
+                if state == 0:
+                    woke = t if slept or woke is None else woke
+                    if app_sent is not None:
+                        segments["app send to the next wake"].append(woke - app_sent)
+                    state, app = 1, fd
+                elif state == 3 and fd == upstream:
+                    first_byte = first_byte if first_byte is not None else t
+                    answered = t
+            elif nr == send and state == 2:
+                segments["upstream send"].append(t - entered)
+                state, up_sent, first_byte, answered = 3, t, None, None
+            elif nr == send and state == 4:
+                segments["app send"].append(t - entered)
+                state, app_sent, woke = 0, t, None
+    return segments
+
+
+def c1_path(tmp, up_port, procs, args, load):
+    """c1 through this ambassador.py (and --baseline, alternated): where each request's time
+    goes on the thread that served it, medians from its system calls (perf).  wrk's p50 at c1
+    swings ±25% with the machine -- the upstream's and wrk's wake-ups on the other core --
+    while the segments inside Ambassador hold within a few µs: those judge a change to c1."""
+    if not shutil.which("perf") or os.uname().machine != "x86_64":
+        print("c1 path: needs perf on x86-64; skipped")
+        return
+    files = [("this ambassador.py", args.current)]
+    if args.baseline:
+        files.append(("baseline", args.baseline))
+    started = {}
+    for label, script in files:
+        port, pid = start_ambassador(tmp, up_port, procs, args.python, script=script,
+                                     name="c1-%d" % len(started))
+        load(port, "/1k", 16, 1)
+        started[label] = (port, pid)
+    found = {label: {} for label, _ in files}
+    p50s = {label: [] for label, _ in files}
+    for round_ in range(args.rounds):
+        for label, _ in files:
+            port, pid = started[label]
+            data = os.path.join(tmp, "c1-%d.perf" % round_)
+            perf = subprocess.Popen(["perf", "record", "-q", "-m", "1024",
+                                     "-e", "raw_syscalls:sys_enter",
+                                     "-e", "raw_syscalls:sys_exit", "-p", str(pid), "-o", data,
+                                     "--", "sleep", str(args.duration)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            p50s[label].append(load(port, "/1k", 1, args.duration)["p50"])
+            err = perf.communicate(timeout=args.duration + 60)[1]
+            if perf.returncode:
+                print("c1 path: perf record failed: %s" % err.decode().strip()[-300:])
+                return
+            for name, values in c1_segments(data).items():
+                found[label].setdefault(name, []).extend(values)
+            os.unlink(data)
+    print()
+    print("| c1 1 KiB, %d runs of %d s each, alternated, under perf | %s |" % (
+        args.rounds, args.duration, " | ".join(label for label, _ in files)))
+    print("|---|%s" % ("---|" * len(files)))
+    print("| wrk p50 ms, each run | %s |" % " | ".join(
+        ", ".join("%.3f" % p for p in p50s[label]) for label, _ in files))
+    for name in found[files[0][0]]:
+        print("| %s, median µs | %s |" % (name, " | ".join(
+            "%.1f (%d requests)" % (statistics.median(found[label][name]),
+                                    len(found[label][name]))
+            if found[label].get(name) else "-" for label, _ in files)))
+    sys.stdout.flush()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=int, default=5, help="seconds per load (default 5)")
@@ -1120,6 +1235,9 @@ def main():
                         "(valgrind), for this file and --baseline: counted, not timed")
     p.add_argument("--request-path", nargs=3, metavar=("FILE", "PORT", "N"),
                    help=argparse.SUPPRESS)               # what --instructions runs, under valgrind
+    p.add_argument("--c1-path", action="store_true",
+                   help="only where a c1 request's time goes, from Ambassador's system calls "
+                        "(perf), for this file and --baseline")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
     args = p.parse_args()
@@ -1141,6 +1259,9 @@ def main():
         up_port, up_desc = start_upstream(tmp, procs)
         if args.instructions:
             instructions_per_request(up_port, args)
+            return
+        if args.c1_path:
+            c1_path(tmp, up_port, procs, args, load)
             return
         if args.baseline and args.baseline_only:
             compare_baseline(tmp, up_port, procs, args, load)
