@@ -1117,6 +1117,7 @@ def c1_segments(perf_data):
                                 "app send", "app send to the next wake")}
     for events in threads.values():
         state, woke, app_sent, fd, entered = 0, None, None, None, 0.0
+        app = upstream = up_sent = first_byte = answered = None
         for t, kind, nr, arg, ret in events:
             t, nr = float(t) * 1e6, int(nr)
             if kind == "enter":
