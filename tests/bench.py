@@ -1089,9 +1089,9 @@ def instructions_per_request(up_port, args):
         sys.stdout.flush()
 
 
-# x86-64 numbers of the system calls a c1 request's turn waits in or moves its bytes with.
-_C1_SYSCALLS = {"recvfrom": 45, "sendto": 44,
-                "waits": frozenset([7, 23, 232, 270, 271, 281])}  # poll select epoll_wait ...
+# x86-64 numbers of the system calls a c1 request's turn moves its bytes with, or waits in.
+_RECVFROM, _SENDTO = 45, 44
+_WAITS = frozenset([7, 23, 232, 270, 271, 281])  # poll select epoll_wait pselect6 ppoll epoll_pwait
 _C1_SLEPT_US = 5.0           # a wait (or a blocking recv) this long slept: the request woke it
 
 
@@ -1111,7 +1111,6 @@ def c1_segments(perf_data):
         m = line_re.match(line)
         if m:
             threads.setdefault(m.group(1), []).append(m.groups()[1:])
-    recv, send, waits = _C1_SYSCALLS["recvfrom"], _C1_SYSCALLS["sendto"], _C1_SYSCALLS["waits"]
     segments = {k: [] for k in ("wake to the upstream send", "upstream send",
                                 "waiting for the upstream", "response to the app send",
                                 "app send", "app send to the next wake")}
@@ -1122,7 +1121,7 @@ def c1_segments(perf_data):
             t, nr = float(t) * 1e6, int(nr)
             if kind == "enter":
                 fd, entered = arg, t
-                if nr != send:
+                if nr != _SENDTO:
                     continue
                 if state == 1 and fd != app:
                     segments["wake to the upstream send"].append(t - woke)
@@ -1135,9 +1134,9 @@ def c1_segments(perf_data):
                     state = 4
                 continue
             slept = t - entered >= _C1_SLEPT_US
-            if nr in waits and slept:
+            if nr in _WAITS and slept:
                 woke = t
-            elif nr == recv and int(ret) > 0:
+            elif nr == _RECVFROM and int(ret) > 0:
                 if state == 0:
                     woke = t if slept or woke is None else woke
                     if app_sent is not None:
@@ -1146,10 +1145,10 @@ def c1_segments(perf_data):
                 elif state == 3 and fd == upstream:
                     first_byte = first_byte if first_byte is not None else t
                     answered = t
-            elif nr == send and state == 2:
+            elif nr == _SENDTO and state == 2:
                 segments["upstream send"].append(t - entered)
                 state, up_sent, first_byte, answered = 3, t, None, None
-            elif nr == send and state == 4:
+            elif nr == _SENDTO and state == 4:
                 segments["app send"].append(t - entered)
                 state, app_sent, woke = 0, t, None
     return segments
