@@ -304,8 +304,11 @@ def test_listener_timeout_is_never_exceeded_by_tries_or_backoff(ambassador, upst
     elapsed = time.monotonic() - start
     release.set()
     assert status == 504 and headers["x-ambassador-error"] == "upstream-timeout"
-    assert 1.0 <= elapsed < 1.0 * 1.5
-    assert up.count() <= 4
+    # Three tries time out at 0.3 s each, with 5-90 ms of jittered backoff between them.  Then
+    # either a fourth try is cut short at the listener's 1 s, or its backoff does not fit and
+    # the third try's 504 is returned at once, a few tens of ms before 1 s: both are right.
+    assert 3 * 0.3 <= elapsed < 1.0 * 1.5
+    assert 3 <= up.count() <= 4
 
 
 def test_backoff_that_does_not_fit_returns_the_last_response(ambassador, upstream_factory):
