@@ -2839,7 +2839,9 @@ class RequestBody:
         return self.buffered
 
     def send_rest(self, sock):
-        """Stream what was not held from the app to the upstream (after head and held bytes)."""
+        """Stream what was not held from the app to the upstream (after head and held bytes).
+        Copied, never spliced: measured, a spliced upload reached the upstream as segments its
+        kernel cannot coalesce, which closed its receive window (0.67-0.86x the uploads/s)."""
         self.replayable = False
         chunked = self.req.content_length is None
         for data in self._read(self.rest):
@@ -3538,7 +3540,7 @@ def try_once(listener, cluster, policy, req, body, endpoint, deadline):
 
 
 class SplicePipe:
-    """A worker thread's pipe for splice_body, made on its first large body.  It goes with the
+    """A worker thread's pipe for splice_bytes, made on its first large body.  It goes with the
     thread (its thread-local), and its two descriptors with it."""
     __slots__ = ("r", "w")
 
@@ -3566,73 +3568,113 @@ class SplicePipe:
 _splice_pipes = threading.local()        # .pipe: this thread's SplicePipe
 
 
-def splice_body(req, resp, conn, downstream, length, listener):
-    """The rest of a response body of `length` bytes, plain upstream to plain app, moved by the
-    kernel (os.splice through this thread's pipe): never copied into Python, two system calls
-    a pipeful.  The same rules as the copying loop in relay_response: each read waits at most
-    the route's timeout, each write send_timeout; the connection goes back to the pool once
-    read in full, before the last write.  -> whether the app's connection may carry on."""
+class SpliceFailed(Exception):
+    """splice_bytes stopped on its reading side (.reading) or its writing side, with .error what
+    happened there, after .read bytes left the source and .written reached the destination."""
+
+    def __init__(self, reading, error, read, written):
+        Exception.__init__(self, "%s: %s" % ("read" if reading else "write",
+                                             error or type(error).__name__))
+        self.reading, self.error, self.read, self.written = reading, error, read, written
+
+
+def splice_bytes(src, dst, length, read_wait, write_wait, on_read_in_full=None):
+    """Move `length` bytes from socket src to socket dst (descriptors of non-blocking plaintext
+    sockets) through this thread's pipe: never copied into Python, two system calls a pipeful.
+    While nothing moves it waits on both sides at once, so that neither stalls the other: the
+    source for at most read_wait seconds, the destination for at most write_wait; past either,
+    socket.timeout on that side.  on_read_in_full() runs once the source has given its last
+    byte, before the last write.  Raises SpliceFailed; the pipe, which may then hold bytes, is
+    dropped."""
     pipe = getattr(_splice_pipes, "pipe", None)
     if pipe is None:
         pipe = _splice_pipes.pipe = SplicePipe()
-    conn.reader.settimeout(0.0)
-    downstream.reader.settimeout(0.0)
-    src, dst = conn.sock.fileno(), downstream.sock.fileno()
-    readable, writable = select.poll(), select.poll()
+    readable, writable, either = select.poll(), select.poll(), select.poll()
     readable.register(src, select.POLLIN)
     writable.register(dst, select.POLLOUT)
+    either.register(src, select.POLLIN)
+    either.register(dst, select.POLLOUT)
     flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-    read_wait_ms = int(req.route.timeout * 1000) + 1
-    write_wait_ms = int(downstream.send_timeout * 1000) + 1
-    fill = 0                              # bytes in the pipe
+    left = length                         # bytes still to read from src
+    fill = written = 0                    # bytes in the pipe; bytes written to dst
+    read_since = write_since = None       # when a wait for that side began
+    reading = True
     try:
-        while length or fill:
+        while left or fill:
             moved = False
-            if length and fill < SPLICE_PIPE_BYTES:
+            if left and fill < SPLICE_PIPE_BYTES:
+                reading = True
                 try:
-                    n = os.splice(src, pipe.w, min(length, SPLICE_PIPE_BYTES - fill),
-                                  flags=flags)
+                    n = os.splice(src, pipe.w, min(left, SPLICE_PIPE_BYTES - fill), flags=flags)
                 except (BlockingIOError, InterruptedError):
                     n = None
                 if n == 0:
-                    raise EOFError("connection closed with %d body bytes missing" % length)
+                    raise EOFError("connection closed with %d body bytes missing" % left)
                 if n:
-                    length -= n
+                    left -= n
                     fill += n
                     moved = True
-                    if not length:        # read in full: back to the pool before the last write
-                        conn.release(resp.keep_alive)
+                    read_since = None
+                    if not left and on_read_in_full is not None:
+                        on_read_in_full()
             if fill:
+                reading = False
                 try:
                     n = os.splice(pipe.r, dst, fill, flags=flags)
                 except (BlockingIOError, InterruptedError):
                     n = None
-                except OSError as e:
-                    raise DownstreamGone("write: %s" % (e or type(e).__name__))
                 if n:
                     fill -= n
-                    req.bytes_out += n
+                    written += n
                     moved = True
+                    write_since = None
             if moved:
                 continue
-            # Nothing moved: wait for the side that holds things up.
-            if fill and (not length or fill >= SPLICE_PIPE_BYTES):
-                if not writable.poll(write_wait_ms):
-                    raise DownstreamGone("write: timed out")
-            elif not readable.poll(read_wait_ms):
+            # Nothing moved: wait for whichever side can move, each side for its own time.
+            now = monotonic()
+            wants_read = left and fill < SPLICE_PIPE_BYTES
+            read_by = write_by = now + DAY_S
+            if wants_read:
+                read_since = read_since or now
+                read_by = read_since + read_wait
+            if fill:
+                write_since = write_since or now
+                write_by = write_since + write_wait
+            until = min(read_by, write_by)
+            if until <= now:
+                reading = read_by <= write_by
                 raise socket.timeout("timed out")
-        return True
-    except (EOFError, OSError) as e:      # the upstream's side (DownstreamGone is not OSError)
+            poller = either if wants_read and fill else writable if fill else readable
+            poller.poll(int((until - now) * 1000) + 1)
+    except (EOFError, OSError) as e:
         _drop_splice_pipe()
-        conn.close()
-        req.error = "upstream-timeout" if isinstance(e, socket.timeout) else "upstream-reset"
-        listener.telemetry.debug("%s: response body cut short: %s", listener.name, e)
-        return False
-    except DownstreamGone:
-        _drop_splice_pipe()
-        if length:
+        raise SpliceFailed(reading, e, length - left, written)
+
+
+def splice_body(req, resp, conn, downstream, length, listener):
+    """The rest of a response body of `length` bytes, plain upstream to plain app, moved by
+    splice_bytes.  The same rules as the copying loop in relay_response: each read waits at
+    most the route's timeout, each write send_timeout; the connection goes back to the pool
+    once read in full, before the last write.  -> whether the app's connection may carry on."""
+    conn.reader.settimeout(0.0)
+    downstream.reader.settimeout(0.0)
+    try:
+        splice_bytes(conn.sock.fileno(), downstream.sock.fileno(), length,
+                     req.route.timeout, downstream.send_timeout,
+                     on_read_in_full=lambda: conn.release(resp.keep_alive))
+    except SpliceFailed as e:
+        req.bytes_out += e.written
+        if e.reading:                     # the upstream's side
             conn.close()
-        raise
+            req.error = "upstream-timeout" if isinstance(e.error, socket.timeout) \
+                else "upstream-reset"
+            listener.telemetry.debug("%s: response body cut short: %s", listener.name, e.error)
+            return False
+        if e.read < length:
+            conn.close()
+        raise DownstreamGone("write: %s" % (e.error or type(e.error).__name__))
+    req.bytes_out += length
+    return True
 
 
 def _drop_splice_pipe():

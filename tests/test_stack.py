@@ -1,8 +1,11 @@
 """The request stack in process: the retry loop with a fake clock and sleep (each decision
-exact), the outcome table it reads, and attempt()'s admission (breaker ticket and balance)."""
+exact), the outcome table it reads, attempt()'s admission (breaker ticket and balance), and
+splice_bytes, which moves a large response body between real loopback sockets."""
 
 import os
+import socket
 import threading
+import time
 
 import pytest
 
@@ -199,3 +202,99 @@ def test_a_worker_threads_splice_pipe_closes_when_the_thread_ends():
     assert during == [before + 2]
     # The thread's locals go as its state is torn down, which join() may beat by a moment.
     wait_for(lambda: len(os.listdir("/proc/self/fd")) == before, 5, "the pipe closed")
+
+
+def tcp_pair():
+    """Two connected loopback TCP sockets (what splice_bytes moves bytes between)."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        near = socket.create_connection(listening.getsockname())
+        far, _ = listening.accept()
+    return near, far
+
+
+def fill_until_full(sock):
+    """Write to a non-blocking socket until its buffers, and its peer's, are full: until even
+    one byte is refused, and still is 50 ms later (ACKs free room for a moment)."""
+    sock.setblocking(False)
+    filled, refused, size = 0, 0, 65536
+    deadline = time.monotonic() + 10
+    while refused < 2 and time.monotonic() < deadline:
+        try:
+            filled += sock.send(b"f" * size)
+            refused = 0
+        except BlockingIOError:
+            refused, size = refused + 1, 1
+            time.sleep(0.05)
+    return filled
+
+
+def send_quietly(sock, data):
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass                                          # closed by the test's end
+
+
+@pytest.mark.skipif(not amb.HAS_SPLICE, reason="os.splice: Linux, Python 3.10+")
+def test_splice_bytes_hands_what_it_holds_to_a_reader_while_the_source_pauses():
+    # The app's socket is full and the upstream pauses with bytes already in the pipe.  When
+    # the app reads again, those bytes must reach it in the pause, not when the upstream
+    # sends again (the loop once waited on the upstream alone then).
+    upstream, src = tcp_pair()
+    dst, app = tcp_pair()
+    dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    src.setblocking(False)
+    prefill = fill_until_full(dst)
+    first, rest = os.urandom(200000), os.urandom(100000)
+    upstream.sendall(first)
+    outcome = []
+    mover = threading.Thread(target=lambda: outcome.append(
+        amb.splice_bytes(src.fileno(), dst.fileno(), len(first) + len(rest), 10.0, 10.0)))
+    mover.start()
+    try:
+        app.settimeout(5)
+        got = bytearray()
+        deadline = time.monotonic() + 5
+        while len(got) < prefill + len(first) and time.monotonic() < deadline:
+            got += app.recv(65536)
+        assert bytes(got[prefill:]) == first          # all of it, with the upstream still silent
+        upstream.sendall(rest)
+        while len(got) < prefill + len(first) + len(rest):
+            got += app.recv(65536)
+        assert bytes(got[prefill + len(first):]) == rest
+    finally:
+        upstream.close()
+        mover.join(15)
+    assert outcome == [None]
+    for s in (src, dst, app):
+        s.close()
+
+
+@pytest.mark.skipif(not amb.HAS_SPLICE, reason="os.splice: Linux, Python 3.10+")
+@pytest.mark.parametrize("stalled, reading", [("source", True), ("destination", False)])
+def test_splice_bytes_times_out_on_the_side_that_stalls(stalled, reading):
+    upstream, src = tcp_pair()
+    dst, app = tcp_pair()
+    src.setblocking(False)
+    dst.setblocking(False)
+    length = 4 << 20
+    if stalled == "source":
+        upstream.sendall(b"x" * 1000)                 # then nothing
+    else:
+        fill_until_full(dst)                          # and the app never reads
+        threading.Thread(target=send_quietly, args=(upstream, b"x" * length), daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(amb.SpliceFailed) as failed:
+        amb.splice_bytes(src.fileno(), dst.fileno(), length, 0.3, 0.3)
+    assert 0.3 <= time.monotonic() - started < 3
+    e = failed.value
+    assert e.reading is reading and isinstance(e.error, socket.timeout)
+    if reading:
+        assert e.read == e.written == 1000
+    else:
+        assert e.written < e.read
+    for s in (upstream, src, dst, app):
+        s.close()
