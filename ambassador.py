@@ -2841,7 +2841,7 @@ class RequestBody:
     def send_rest(self, sock):
         """Stream what was not held from the app to the upstream (after head and held bytes).
         Copied, never spliced: measured, a spliced upload reached the upstream as segments its
-        kernel cannot coalesce, which closed its receive window (0.67-0.86x the uploads/s)."""
+        kernel cannot coalesce, which closed its receive window (0.66-0.86x the uploads/s)."""
         self.replayable = False
         chunked = self.req.content_length is None
         for data in self._read(self.rest):
