@@ -3672,7 +3672,7 @@ def splice_body(req, resp, conn, downstream, length, listener):
             return False
         if e.read < length:
             conn.close()
-        raise DownstreamGone("write: %s" % (e.error or type(e.error).__name__))
+        raise DownstreamGone(str(e))      # "write: ..."
     req.bytes_out += length
     return True
 
