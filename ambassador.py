@@ -4613,9 +4613,13 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.limits = limits                   # the cluster's ResourceLimits
         self.tls = tls                         # the cluster's TlsContextSource, or None
-        self._lock = threading.Lock()          # guards _idle and open_connections
+        self._lock = threading.Lock()          # guards _idle, open_connections, _draining
         self._idle = []                         # [(UpstreamConnection, idle since)], newest last
         self.open_connections = 0
+        # Replaced by a reload, or its endpoint retired: connections still lent out close when
+        # they come back instead of resting in a pool nobody acquires from (each holds one of
+        # the cluster's max_connections slots until it closes).
+        self._draining = False
 
     def acquire(self, deadline, fresh_only=False):
         if not fresh_only:
@@ -4670,16 +4674,13 @@ class ConnectionPool:
         return sock
 
     def release(self, conn):
-        if self.endpoint.retired:
-            conn.close()
-            return
         now = monotonic()
         stale = None
         with self._lock:
             idle = self._idle
             if idle and now - idle[0][1] >= UPSTREAM_IDLE_S:
                 stale = idle.pop(0)[0]
-            if len(idle) < POOL_MAX_IDLE:
+            if len(idle) < POOL_MAX_IDLE and not self._draining:
                 idle.append((conn, now))
                 conn = None
         if stale is not None:
@@ -4697,6 +4698,13 @@ class ConnectionPool:
             idle, self._idle = self._idle, []
         for conn, _ in idle:
             conn.close()
+
+    def drain(self):
+        """No longer used for new requests: close the idle connections now and each one lent
+        out when it is released, so that every connection slot it holds comes back."""
+        with self._lock:
+            self._draining = True
+        self.close_idle()
 
 
 class Endpoint:
@@ -4790,7 +4798,7 @@ class Endpoint:
         """Gone from DNS: never picked again; requests in flight finish on their connection."""
         with self._lock:
             self.retired = True
-        self.pool.close_idle()
+        self.pool.drain()
 
     def snapshot(self):
         with self._lock:
@@ -5036,7 +5044,7 @@ class Cluster:
                     (self.limits, self.tls, self.config.connect_timeout):
                 stale, e.pool = e.pool, ConnectionPool(e, self.config.connect_timeout,
                                                        self.limits, self.tls)
-                stale.close_idle()                # taken over by a reload that changed them
+                stale.drain()                     # taken over by a reload that changed them
                 e.weight = weight
             else:
                 e.weight = weight
@@ -7008,12 +7016,17 @@ class Ambassador:
         limit = monotonic() + self.config.shutdown.drain_timeout
         while cluster.limits.used("requests") and monotonic() < limit:
             time.sleep(0.05)
-        cluster.close_idle()
+        for endpoint in cluster.endpoints:
+            endpoint.pool.drain()
         if cluster.name not in self.clusters:
             self.telemetry.forget("cluster", cluster.name)
 
     def clusters_snapshot(self):
-        return {"clusters": {name: {"endpoints": [e.snapshot() for e in c.endpoints]}
+        # connections_in_use: the max_connections slots taken, which must equal the upstream
+        # sockets open (a pool a reload replaced gives each back as its connection closes).
+        return {"clusters": {name: {"endpoints": [e.snapshot() for e in c.endpoints],
+                                    "connections_in_use": c.limits.used("connections"),
+                                    "requests_in_use": c.limits.used("requests")}
                              for name, c in sorted(self.clusters.items())}}
 
 

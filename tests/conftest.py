@@ -189,6 +189,7 @@ class Upstream:
         self.port = self._sock.getsockname()[1]
         self.address = "127.0.0.1:%d" % self.port
         self._open = []
+        self.open_now = 0                       # connections accepted and not yet closed
         self._stopped = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -200,6 +201,7 @@ class Upstream:
                 return
             with self._lock:
                 self.connections += 1
+                self.open_now += 1
                 self._open.append(sock)
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
@@ -212,6 +214,8 @@ class Upstream:
                 sock.settimeout(None)
             except OSError:
                 sock.close()
+                with self._lock:
+                    self.open_now -= 1
                 return
         reader = Reader(sock)
         nth = 0
@@ -239,6 +243,8 @@ class Upstream:
                 sock.close()
             except OSError:
                 pass
+            with self._lock:
+                self.open_now -= 1
 
     def count(self, method=None):
         with self._lock:

@@ -417,3 +417,49 @@ def test_a_removed_cluster_leaves_metrics_once_drained(ambassador, upstream_fact
     assert request(amb.port())[0] == 200
     assert metric(amb, "ambassador_requests_total", listener="app") == (before or 0) + 1
     assert "extra" not in json.loads(amb.admin("/clusters")[1])["clusters"]
+
+
+def test_a_reload_storm_under_load_gives_back_every_connection_slot(ambassador, upstream):
+    """Reloads that replace the cluster's pools while requests are in flight: the old pools
+    drain, so the max_connections slots in use end equal to the upstream sockets open, and no
+    request is refused as overflow (before the fix every reload leaked the slots it held)."""
+    config = base_config([upstream.address])
+    # 4 clients can hold 8 slots for a moment: a response reaches the app before its
+    # connection is released, and the app's next request may open a new one meanwhile.
+    config["clusters"]["svc"]["circuit_breaker"] = {"max_connections": 16}
+    amb = ambassador(config)
+    port = amb.port()
+    stop = threading.Event()
+    statuses = []
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for _ in range(2000):                   # bounded; the storm below stops it sooner
+            if stop.is_set():
+                break
+            conn.request("GET", "/")
+            r = conn.getresponse()
+            r.read()
+            statuses.append(r.status)
+        conn.close()
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        for i in range(30):                     # each changes connect_timeout: new pools
+            config = json.loads(json.dumps(amb.config))
+            config["clusters"]["svc"]["connect_timeout"] = "%dms" % (900 + i)
+            rewrite(amb, config)
+            assert reload(amb)[0] == 200
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(30)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+
+    def balanced():
+        used = json.loads(amb.admin("/clusters")[1])["clusters"]["svc"]["connections_in_use"]
+        return used == upstream.open_now and used <= 16
+    wait_for(balanced, 10, "slots in use == upstream sockets open")
+    for _ in range(20):                         # and the cluster still serves
+        assert request(port)[0] == 200
