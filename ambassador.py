@@ -96,6 +96,7 @@ Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
        connections wait (Dispatcher)  15 Process: Ambassador, reload, upgrade,
                                          drain, demo, main()
                                       16 Appendix: TOML parser for Python < 3.11
+                                      17 Appendix: linear-time regular expressions
 """
 
 # ==================================================================================================
@@ -681,6 +682,15 @@ class Config(NamedTuple):
     tracing: Optional[TracingConfig] = None
 
 
+class SubKeyError(ValueError):
+    """A kind's complaint about one entry inside its value (a header of match.headers): the
+    validator adds `key` to the key path, so the message names the exact key."""
+
+    def __init__(self, key, reason):
+        ValueError.__init__(self, "%s: %s" % (key, reason))
+        self.key, self.reason = key, reason
+
+
 def _kind_duration_within(maximum_s, zero_allowed):
     """A duration up to maximum_s; 0 only where zero_allowed (where 0 means "none")."""
     words = "%s and at most %s" % (">= 0" if zero_allowed else "> 0", _DURATION_BOUNDS[maximum_s])
@@ -874,11 +884,12 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
+    """A pattern the linear-time matcher (section 17) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
-        re.compile(value)
-    except re.error as e:
+        LinearRegex(value)
+    except RegexError as e:
         raise ValueError("invalid regular expression %s: %s" % (show(value), e))
     return value
 
@@ -895,17 +906,23 @@ def _kind_match_headers(value):
     if not isinstance(value, dict):
         raise ValueError("expected a table of header conditions, got %s" % show(value))
     out = []
-    for name, cond in value.items():
-        name = _kind_header_name(name)
+    for raw_name, cond in value.items():
+        try:
+            name = _kind_header_name(raw_name)
+        except ValueError as e:
+            raise SubKeyError(raw_name, str(e))
         if isinstance(cond, str):
             out.append((name, "exact", cond))
         elif isinstance(cond, dict) and len(cond) == 1 and "regex" in cond:
-            out.append((name, "regex", _kind_regex(cond["regex"])))
+            try:
+                out.append((name, "regex", _kind_regex(cond["regex"])))
+            except ValueError as e:
+                raise SubKeyError(raw_name + ".regex", str(e))
         elif isinstance(cond, dict) and len(cond) == 1 and isinstance(cond.get("present"), bool):
             out.append((name, "present", cond["present"]))
         else:
-            raise ValueError("%s: expected \"value\", { regex = \"...\" } or "
-                             "{ present = true|false }, got %s" % (name, show(cond)))
+            raise SubKeyError(raw_name, "expected \"value\", { regex = \"...\" } or "
+                              "{ present = true|false }, got %s" % show(cond))
     return tuple(out)
 
 
@@ -1100,6 +1117,8 @@ class _Validator:
                 continue
             try:
                 values[key] = kind(raw[key])
+            except SubKeyError as e:
+                self.problem("%s.%s.%s" % (path, key, e.key), e.reason)
             except ValueError as e:
                 self.problem("%s.%s" % (path, key), str(e))
         return values
@@ -2993,8 +3012,10 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        self.regex = re.compile(m.path_regex.encode()) if m.path_regex else None
-        self.headers = [(name.encode(), kind, re.compile(value.encode()) if kind == "regex"
+        # Linear-time matchers (section 17), never `re`: a backtracking pattern would hold the
+        # GIL, and with it every listener, for as long as one request's path takes.
+        self.regex = LinearRegex(m.path_regex) if m.path_regex else None
+        self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
                          else value.encode() if kind == "exact" else value)
                         for name, kind, value in m.headers]
         self.query = [(k.encode(), v.encode()) for k, v in m.query]
@@ -7706,6 +7727,352 @@ def _parse_inline_table(src, pos):
         if not src.startswith(",", pos):
             raise _toml_error(src, pos, "expected ',' or '}' in an inline table")
         pos += 1
+
+
+# ==================================================================================================
+# 17. Appendix: linear-time regular expressions (RE2's syntax subset)
+#     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
+#     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
+#     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
+#     time linear in the input whatever the pattern (RE2's and Envoy's guarantee).
+# ==================================================================================================
+
+class RegexError(ValueError):
+    """A pattern outside the supported syntax, or not a pattern; the message says which part."""
+
+
+_RX_BYTE, _RX_SPLIT, _RX_ASSERT, _RX_MATCH = 0, 1, 2, 3
+_RX_MAX_PROGRAM = 20000           # instructions: bounds a{1000}{1000}-style expansion
+_RX_MAX_CACHE = 20000             # cached DFA transitions; cleared (not grown) past this
+_RX_ALL = (1 << 256) - 1
+
+
+def _rx_mask(data):
+    mask = 0
+    for b in data:
+        mask |= 1 << b
+    return mask
+
+
+def _rx_range(lo, hi):
+    return ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
+
+
+_RX_DIGIT = _rx_range(0x30, 0x39)
+_RX_WORD = _RX_DIGIT | _rx_range(0x41, 0x5a) | _rx_range(0x61, 0x7a) | (1 << 0x5f)
+_RX_SPACE = _rx_mask(b" \t\n\r\f\v")
+_RX_CLASS_ESCAPES = {ord("d"): _RX_DIGIT, ord("D"): _RX_ALL ^ _RX_DIGIT,
+                     ord("w"): _RX_WORD, ord("W"): _RX_ALL ^ _RX_WORD,
+                     ord("s"): _RX_SPACE, ord("S"): _RX_ALL ^ _RX_SPACE}
+_RX_CHAR_ESCAPES = {ord("n"): 10, ord("t"): 9, ord("r"): 13, ord("f"): 12, ord("v"): 11,
+                    ord("a"): 7}
+_RX_ALNUM = _RX_WORD ^ (1 << 0x5f)
+
+
+def _rx_fail(src, pos, reason):
+    return RegexError("%s at position %d" % (reason, pos))
+
+
+def _rx_alternation(src, pos, depth):
+    pos, node = _rx_sequence(src, pos, depth)
+    branches = [node]
+    while src[pos:pos + 1] == b"|":
+        pos, node = _rx_sequence(src, pos + 1, depth)
+        branches.append(node)
+    return pos, branches[0] if len(branches) == 1 else ("alt", branches)
+
+
+def _rx_sequence(src, pos, depth):
+    items = []
+    while pos < len(src) and src[pos:pos + 1] not in (b"|", b")"):
+        pos, node = _rx_atom(src, pos, depth)
+        pos, node = _rx_quantified(src, pos, node)
+        items.append(node)
+    return pos, ("cat", items)
+
+
+def _rx_quantified(src, pos, node):
+    quantified = False
+    while pos < len(src):
+        c = src[pos:pos + 1]
+        if c in (b"*", b"+", b"?"):
+            low, high, pos = {b"*": (0, None), b"+": (1, None), b"?": (0, 1)}[c] + (pos + 1,)
+        elif c == b"{":
+            counted = _rx_counted(src, pos)
+            if counted is None:            # not a repeat count: `{` is a literal, as in `re`
+                return pos, node
+            low, high, pos = counted
+        else:
+            return pos, node
+        if quantified:
+            raise _rx_fail(src, pos - 1, "multiple repeat")
+        if node[0] == "assert":
+            raise _rx_fail(src, pos - 1, "nothing to repeat")
+        if src[pos:pos + 1] == b"?":        # lazy: the same answer for a whole-input match
+            pos += 1
+        elif src[pos:pos + 1] == b"+":
+            raise _rx_fail(src, pos, "possessive repeats are not supported")
+        node, quantified = ("rep", node, low, high), True
+    return pos, node
+
+
+def _rx_counted(src, pos):
+    """{n} {n,} {n,m} {,m} at pos -> (low, high or None, pos after), or None if it is not one."""
+    end = src.find(b"}", pos)
+    if end < 0:
+        return None
+    low, comma, high = src[pos + 1:end].partition(b",")
+    if not (low.isdigit() or (comma and not low)) or (high and not high.isdigit()) or \
+            (not low and not high):
+        return None
+    low = int(low) if low else 0
+    high = low if not comma else (int(high) if high else None)
+    if max(low, high or 0) > 1000:
+        raise _rx_fail(src, pos, "a repeat count over 1000")
+    if high is not None and high < low:
+        raise _rx_fail(src, pos, "min repeat greater than max repeat")
+    return low, high, end + 1
+
+
+def _rx_atom(src, pos, depth):
+    c = src[pos]
+    if c == 0x28:                                         # (
+        if depth > 100:
+            raise _rx_fail(src, pos, "groups nested too deeply")
+        pos += 1
+        if src[pos:pos + 1] == b"?":
+            if src[pos:pos + 2] == b"?:":
+                pos += 2
+            elif src[pos:pos + 3] == b"?P<":
+                end = src.find(b">", pos)
+                if end < 0:
+                    raise _rx_fail(src, pos, "unterminated group name")
+                pos = end + 1
+            elif src[pos:pos + 2] in (b"?=", b"?!") or src[pos:pos + 3] in (b"?<=", b"?<!"):
+                raise _rx_fail(src, pos - 1, "lookaround is not supported (RE2 syntax)")
+            elif src[pos:pos + 3] == b"?P=":
+                raise _rx_fail(src, pos - 1, "backreferences are not supported (RE2 syntax)")
+            else:
+                raise _rx_fail(src, pos - 1, "inline flags and other (?...) groups are not "
+                               "supported")
+        pos, node = _rx_alternation(src, pos, depth + 1)
+        if src[pos:pos + 1] != b")":
+            raise _rx_fail(src, pos, "missing ), unterminated subpattern")
+        return pos + 1, node
+    if c == 0x29:
+        raise _rx_fail(src, pos, "unbalanced parenthesis")
+    if c in b"*+?":
+        raise _rx_fail(src, pos, "nothing to repeat")
+    if c == 0x5b:                                         # [
+        return _rx_class(src, pos)
+    if c == 0x2e:                                         # .
+        return pos + 1, ("set", _RX_ALL ^ (1 << 10))
+    if c == 0x5e:
+        return pos + 1, ("assert", "^")
+    if c == 0x24:
+        return pos + 1, ("assert", "$")
+    if c == 0x5c:                                         # backslash
+        if pos + 1 >= len(src):
+            raise _rx_fail(src, pos, "bad escape (end of pattern)")
+        e = src[pos + 1]
+        if e in b"bB":
+            return pos + 2, ("assert", chr(e))
+        if e == 0x41:                                     # \A
+            return pos + 2, ("assert", "^")
+        if e == 0x5a:                                     # \Z
+            return pos + 2, ("assert", "$")
+        pos, mask = _rx_escape(src, pos, in_class=False)
+        return pos, ("set", mask)
+    return pos + 1, ("set", 1 << c)
+
+
+def _rx_escape(src, pos, in_class):
+    """The escape at pos (a backslash) -> (pos after, mask of the bytes it stands for)."""
+    if pos + 1 >= len(src):
+        raise _rx_fail(src, pos, "bad escape (end of pattern)")
+    e = src[pos + 1]
+    if e in _RX_CLASS_ESCAPES:
+        return pos + 2, _RX_CLASS_ESCAPES[e]
+    if e in _RX_CHAR_ESCAPES:
+        return pos + 2, 1 << _RX_CHAR_ESCAPES[e]
+    if e == 0x62 and in_class:                            # [\b] is a backspace
+        return pos + 2, 1 << 8
+    if e == 0x78:                                         # \xHH
+        digits = src[pos + 2:pos + 4]
+        if len(digits) != 2 or not all(d in b"0123456789abcdefABCDEF" for d in digits):
+            raise _rx_fail(src, pos, "bad escape \\x")
+        return pos + 4, 1 << int(digits, 16)
+    if e in b"0123456789":
+        raise _rx_fail(src, pos, "backreferences and octal escapes are not supported "
+                       "(RE2 syntax)")
+    if (_RX_ALNUM >> e) & 1:
+        raise _rx_fail(src, pos, "bad escape \\%s" % chr(e))
+    return pos + 2, 1 << e
+
+
+def _rx_class(src, pos):
+    start = pos
+    pos += 1
+    negate = src[pos:pos + 1] == b"^"
+    if negate:
+        pos += 1
+    mask = 0
+    first = True
+    while True:
+        if pos >= len(src):
+            raise _rx_fail(src, start, "unterminated character set")
+        c = src[pos]
+        if c == 0x5d and not first:                      # ]
+            pos += 1
+            break
+        first = False
+        if c == 0x5c:
+            pos, lo_mask = _rx_escape(src, pos, in_class=True)
+        else:
+            pos, lo_mask = pos + 1, 1 << c
+        single = lo_mask & (lo_mask - 1) == 0
+        if single and src[pos:pos + 1] == b"-" and pos + 1 < len(src) and src[pos + 1] != 0x5d:
+            if src[pos + 1] == 0x5c:
+                pos, hi_mask = _rx_escape(src, pos + 1, in_class=True)
+            else:
+                pos, hi_mask = pos + 2, 1 << src[pos + 1]
+            lo, hi = lo_mask.bit_length() - 1, hi_mask.bit_length() - 1
+            if hi_mask & (hi_mask - 1) or hi < lo:
+                raise _rx_fail(src, pos, "bad character range")
+            mask |= _rx_range(lo, hi)
+        else:
+            mask |= lo_mask
+    return pos, ("set", _RX_ALL ^ mask if negate else mask)
+
+
+class LinearRegex:
+    """A compiled pattern: fullmatch(data) is True or None, as re's fullmatch is a match or
+    None, in time linear in len(data).  Bytes in, as the route matcher has them.  Thread-safe:
+    the DFA cache is a dict read and written whole-entry (atomic under the GIL) and cleared,
+    never grown, past _RX_MAX_CACHE entries.
+
+    Supported (RE2's syntax, as Envoy and Istio accept it): literals, . [] [^] ranges,
+    \\d \\w \\s \\D \\W \\S \\xHH, groups (...) (?:...) (?P<n>...), | * + ? {n} {n,} {n,m} and lazy
+    forms, ^ $ \\A \\Z \\b \\B.  Refused with a reason: backreferences, lookaround, inline flags,
+    possessive repeats.  Two differences from `re`, both RE2's rules: $ matches only at the very
+    end, never before a final newline, and \\B matches an empty input."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        src = pattern.encode("utf-8") if isinstance(pattern, str) else pattern
+        pos, tree = _rx_alternation(src, 0, 0)
+        if pos != len(src):
+            raise _rx_fail(src, pos, "unbalanced parenthesis")
+        self._program = []
+        self._has_asserts = False
+        match = self._emit((_RX_MATCH,))
+        self._start = frozenset([self._compile(tree, match)])
+        self._cache = {}
+
+    # ---- compilation: the tree, back to front, into a list of instructions -------------------
+
+    def _emit(self, instruction):
+        if len(self._program) >= _RX_MAX_PROGRAM:
+            raise RegexError("pattern too large once its repeats are expanded (over %d states)"
+                             % _RX_MAX_PROGRAM)
+        self._program.append(instruction)
+        return len(self._program) - 1
+
+    def _compile(self, node, following):
+        """Instructions for node, continuing at `following` -> its entry."""
+        kind = node[0]
+        if kind == "set":
+            return self._emit((_RX_BYTE, node[1], following))
+        if kind == "cat":
+            for item in reversed(node[1]):
+                following = self._compile(item, following)
+            return following
+        if kind == "alt":
+            entries = [self._compile(branch, following) for branch in node[1]]
+            entry = entries[-1]
+            for other in reversed(entries[:-1]):
+                entry = self._emit((_RX_SPLIT, other, entry))
+            return entry
+        if kind == "assert":
+            self._has_asserts = True
+            return self._emit((_RX_ASSERT, node[1], following))
+        _, body, low, high = node                          # "rep"
+        if high is None:                                   # body*: a loop back to a split
+            loop = self._emit(None)
+            self._program[loop] = (_RX_SPLIT, self._compile(body, loop), following)
+            following = loop
+        else:
+            end = following
+            for _ in range(high - low):                    # optional copies, each may skip out
+                following = self._emit((_RX_SPLIT, self._compile(body, following), end))
+        for _ in range(low):
+            following = self._compile(body, following)
+        return following
+
+    # ---- matching: sets of states, each step cached -------------------------------------------
+
+    def _closure(self, pcs, prev, cur):
+        """The instructions reachable from pcs without a byte -> (byte instructions, matched).
+        prev: 2 at the start, 1 after a word byte, 0 after another; cur: the next byte or None
+        at the end (assertions look at both)."""
+        program = self._program
+        seen = set()
+        stack = list(pcs)
+        waiting = []
+        matched = False
+        while stack:
+            pc = stack.pop()
+            if pc in seen:
+                continue
+            seen.add(pc)
+            op = program[pc]
+            kind = op[0]
+            if kind == _RX_BYTE:
+                waiting.append(op)
+            elif kind == _RX_SPLIT:
+                stack.append(op[2])
+                stack.append(op[1])
+            elif kind == _RX_MATCH:
+                matched = True
+            else:
+                what = op[1]
+                if what == "^":
+                    holds = prev == 2
+                elif what == "$":
+                    holds = cur is None
+                else:
+                    boundary = (prev == 1) != (cur is not None and (_RX_WORD >> cur) & 1 == 1)
+                    holds = boundary if what == "b" else not boundary
+                if holds:
+                    stack.append(op[2])
+        return waiting, matched
+
+    def _step(self, state, prev, cur):
+        waiting, _ = self._closure(state, prev, cur)
+        return frozenset(op[2] for op in waiting if (op[1] >> cur) & 1)
+
+    def fullmatch(self, data):
+        cache = self._cache
+        if len(cache) > _RX_MAX_CACHE:
+            cache.clear()
+        state = self._start
+        tracks_prev = self._has_asserts
+        prev = 2
+        for b in data:
+            key = (state, prev, b)
+            following = cache.get(key)
+            if following is None:
+                following = cache[key] = self._step(state, prev, b)
+            if not following:
+                return None
+            state = following
+            if tracks_prev:
+                prev = (_RX_WORD >> b) & 1
+        key = (state, prev, None)
+        matched = cache.get(key)
+        if matched is None:
+            matched = cache[key] = self._closure(state, prev, None)[1]
+        return True if matched else None
 
 
 if __name__ == "__main__":

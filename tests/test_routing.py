@@ -153,7 +153,7 @@ BAD_ROUTES = [
     ('match = { methods = [] }\ncluster = "v2"', "routes[0].match.methods: expected"),
     ('match = { authority = "a.*.b" }\ncluster = "v2"', "routes[0].match.authority: expected"),
     ('match = { headers = { x = { regex = "(" } } }\ncluster = "v2"',
-     "routes[0].match.headers: invalid regular expression"),
+     "routes[0].match.headers.x.regex: invalid regular expression"),
     ('match = { path_prefix = "v2" }\ncluster = "v2"', "routes[0].match.path_prefix: expected"),
     ('cluster = "v2"\nmatch = { pathprefix = "/v2" }', "routes[0].match.pathprefix: unknown key"),
     ('cluster = "v2"\n[listeners.p.routes.retry]\nattemps = 1', "routes[0].retry.attemps: unknown"),
