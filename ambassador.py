@@ -187,6 +187,9 @@ DEFAULT_CB_LIMIT = 1024
 DEFAULT_CB_FAILURE_THRESHOLD = 5
 DEFAULT_CB_OPEN_TIMEOUT_S = 30.0
 DEFAULT_CB_HALF_OPEN_MAX_REQUESTS = 1
+DEFAULT_CB_FAILURE_PERCENT = 50.0
+DEFAULT_CB_WINDOW_S = 10.0
+CB_WINDOW_SLOTS = 10                   # the breaker's window moves on in tenths
 # Endpoints: discovery, health checks and outlier detection follow Envoy's defaults.
 DEFAULT_DNS_REFRESH_S = 5.0
 DEFAULT_HC_PATH = "/health"
@@ -514,9 +517,11 @@ class CircuitBreakerConfig(NamedTuple):
     max_pending_requests: int = DEFAULT_CB_LIMIT
     max_requests: int = DEFAULT_CB_LIMIT
     max_retries: Optional[int] = None      # None: the retry budget governs (Envoy's rule)
-    failure_threshold: int = DEFAULT_CB_FAILURE_THRESHOLD
+    failure_threshold: int = DEFAULT_CB_FAILURE_THRESHOLD     # failed tries in the window, at least
     open_timeout: float = DEFAULT_CB_OPEN_TIMEOUT_S
     half_open_max_requests: int = DEFAULT_CB_HALF_OPEN_MAX_REQUESTS
+    failure_percent: float = DEFAULT_CB_FAILURE_PERCENT       # of the window's tries, at least
+    window: float = DEFAULT_CB_WINDOW_S
 
 
 class DownstreamTlsConfig(NamedTuple):
@@ -1034,7 +1039,9 @@ _CIRCUIT_BREAKER_KEYS = {
     "max_retries": (_kind_int(0), None),
     "failure_threshold": (_kind_int(1), DEFAULT_CB_FAILURE_THRESHOLD),
     "open_timeout": (_kind_timeout, DEFAULT_CB_OPEN_TIMEOUT_S),
-    "half_open_max_requests": (_kind_int(1), DEFAULT_CB_HALF_OPEN_MAX_REQUESTS)}
+    "half_open_max_requests": (_kind_int(1), DEFAULT_CB_HALF_OPEN_MAX_REQUESTS),
+    "failure_percent": (_kind_number(1, 100), DEFAULT_CB_FAILURE_PERCENT),
+    "window": (_kind_interval, DEFAULT_CB_WINDOW_S)}
 # Sub-tables, each checked with its own keys: table key -> (keys, record).
 _TLS_COMMON = {"min_version": (_kind_one_of("1.2", "1.3"), "1.2"),
                "reload_interval": (_kind_interval, DEFAULT_TLS_RELOAD_INTERVAL_S)}
@@ -3497,7 +3504,7 @@ def attempt(listener, cluster, policy, req, body, deadline, previous, on_retry):
         verdict = False
         raise
     finally:
-        cluster.breaker.record(ticket, verdict)
+        cluster.record_try(ticket, endpoint, verdict)
 
 
 def try_once(listener, cluster, policy, req, body, endpoint, deadline):
@@ -4028,14 +4035,14 @@ class TcpSession:
             except ConnectFailure as e:
                 cluster.limits.end("connections")
                 cluster.outlier_detector.record(endpoint, False)
-                cluster.breaker.record(ticket, False)
+                cluster.record_try(ticket, endpoint, False)
                 telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
                 if isinstance(e, TlsError):
                     telemetry.tls_error("upstream", cluster.name, e.reason)
                 self.termination = "tls_error" if isinstance(e, TlsError) else e.result
                 self.reason, last = str(e), endpoint
                 continue
-            cluster.breaker.record(ticket, True)
+            cluster.record_try(ticket, endpoint, True)
             telemetry.upstream_attempt(cluster, endpoint, "ok", 0)
             self.endpoint = endpoint
             return sock
@@ -4964,7 +4971,8 @@ class Cluster:
         self.limits = ResourceLimits(cb)
         self.breaker = CircuitBreaker(cb.failure_threshold, cb.open_timeout,
                                       cb.half_open_max_requests, clock,
-                                      on_transition=on_breaker_transition)
+                                      on_transition=on_breaker_transition,
+                                      failure_percent=cb.failure_percent, window_s=cb.window)
         self.balancer = BALANCERS[config.lb_policy](rng)
         self.telemetry = telemetry
         self.tls = None                  # TlsContextSource, set by Ambassador.bind()
@@ -4993,6 +5001,17 @@ class Cluster:
         if available:
             return available[0]
         raise NoHealthyUpstream("no healthy endpoint in cluster %s" % self.name)
+
+    def record_try(self, ticket, endpoint, ok):
+        """A try's verdict for the breaker, after the outlier detector has seen it: a failure
+        on an endpoint now ejected or unhealthy is explained by it, and no verdict here."""
+        if ok is not False:
+            self.breaker.record(ticket, ok)
+        elif endpoint.ejected or endpoint.health == "unhealthy":
+            self.breaker.record(ticket, None)
+        else:
+            self.breaker.record(ticket, False, endpoint,
+                                sum(1 for e in self.endpoints if not e.retired))
 
     def hash_key(self, req):
         """The value hash_on names in req (header, cookie, query parameter, source_ip), or
@@ -5202,34 +5221,51 @@ class RetryBudget:
 
 
 class CircuitBreaker:
-    """The consecutive-failure breaker of one cluster.  Thread-safe: one lock, every decision
-    and state change under it, so 64 concurrent callers see one transition each time.
+    """The failure-rate breaker of one cluster: it means "the service is failing", not "one
+    endpoint is" (the OutlierDetector's job).  Thread-safe: one lock, every decision and state
+    change under it, so 64 concurrent callers see one transition each time.
 
-        closed --(failure_threshold consecutive failed tries)--> open
-          ^                                                        |
+        closed --(over the last `window`: >= failure_threshold failed tries, >= failure_percent
+          ^       of all tries, from two endpoints or more when the cluster has two)--> open
+          |                                                        |
           |                                           (open_timeout passed, next caller)
           |                                                        v
           +------------(a trial succeeds)-------------------- half_open
                                                                    |
             open <--(a trial fails: a new open_timeout)------------+
 
+    Why a rate with a minimum volume (Hystrix's and resilience4j's rule) and not a count of
+    failures in a row: when one endpoint of three dies, the tries in flight on it fail together,
+    and five of them used to open the breaker for the whole cluster though the outlier
+    detector had already ejected that endpoint and two healthy ones remained.  Failures the
+    outlier detector explains are therefore not the breaker's: a try whose endpoint is ejected
+    or unhealthy when it ends counts for nothing, and failures from a single endpoint do not
+    open a cluster that has others.
+
     allow() -> a ticket, or None when the request must be refused (open, or half_open with
     half_open_max_requests trials already in flight).  Every ticket goes back through
-    record(ticket, ok) with ok True, False, or None for "no verdict" (the try never ran).
-    on_transition(old, new) is called after the lock is released, once per transition."""
+    record(ticket, ok, source, sources) with ok True, False, or None for "no verdict" (the try
+    never ran, or the outlier detector explains it); source is the endpoint tried and sources
+    how many the cluster had to pick from.  on_transition(old, new) is called after the lock
+    is released, once per transition."""
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
     NORMAL, TRIAL = "normal", "trial"
 
     def __init__(self, failure_threshold, open_timeout_s, half_open_max_requests,
-                 clock=monotonic, on_transition=None):
+                 clock=monotonic, on_transition=None, failure_percent=DEFAULT_CB_FAILURE_PERCENT,
+                 window_s=DEFAULT_CB_WINDOW_S):
         self.failure_threshold = failure_threshold
         self.open_timeout_s = open_timeout_s
         self.half_open_max_requests = half_open_max_requests
+        self.failure_percent = failure_percent
+        self._slot_s = window_s / CB_WINDOW_SLOTS
         self._clock = clock
         self._on_transition = on_transition
-        self._lock = threading.Lock()   # guards state, _failures, _open_until, _trials
+        self._lock = threading.Lock()   # guards state, _slots, _open_until, _trials
         self.state = self.CLOSED
-        self._failures = 0
+        # The window in CB_WINDOW_SLOTS slots, oldest first: [slot number, tries, failures,
+        # {source: failures}].  A slot is made on the first try in it; old ones fall off.
+        self._slots = collections.deque()
         self._open_until = 0.0
         self._trials = 0
 
@@ -5250,7 +5286,7 @@ class CircuitBreaker:
             self._announce(changed)
         return ticket
 
-    def record(self, ticket, ok):
+    def record(self, ticket, ok, source=None, sources=1):
         if ticket is None:
             return
         with self._lock:
@@ -5260,21 +5296,43 @@ class CircuitBreaker:
                 if self.state == self.HALF_OPEN and ok is not None:
                     if ok:
                         changed = self._move(self.CLOSED)
-                        self._failures = 0
+                        self._slots.clear()
                     else:
                         changed = self._open()
             elif self.state == self.CLOSED and ok is not None:
-                if ok:
-                    self._failures = 0
-                else:
-                    self._failures += 1
-                    if self._failures >= self.failure_threshold:
+                slot = self._slot()
+                slot[1] += 1
+                if not ok:
+                    slot[2] += 1
+                    slot[3][source] = slot[3].get(source, 0) + 1
+                    if self._is_failing(sources):
                         changed = self._open()
         if changed is not None:
             self._announce(changed)
 
+    def _slot(self):
+        number = int(self._clock() // self._slot_s)
+        slots = self._slots
+        while slots and slots[0][0] <= number - CB_WINDOW_SLOTS:
+            slots.popleft()
+        if not slots or slots[-1][0] != number:
+            slots.append([number, 0, 0, {}])
+        return slots[-1]
+
+    def _is_failing(self, sources):
+        tries = failures = 0
+        failed_sources = set()
+        for _, slot_tries, slot_failures, by_source in self._slots:
+            tries += slot_tries
+            failures += slot_failures
+            failed_sources.update(by_source)
+        return failures >= self.failure_threshold and \
+            failures * 100.0 >= self.failure_percent * tries and \
+            len(failed_sources) >= min(2, sources)
+
     def _open(self):
         self._open_until = self._clock() + self.open_timeout_s
+        self._slots.clear()
         return self._move(self.OPEN)
 
     def _move(self, new):

@@ -22,12 +22,12 @@ from conftest import FakeClock, base_config, free_port, metric, request, respond
 def test_breaker_full_cycle_closed_open_half_open_closed_and_back_to_open():
     clock, moves = FakeClock(), []
     b = CircuitBreaker(3, 30.0, 1, clock, on_transition=lambda old, new: moves.append(new))
+    for _ in range(3):
+        b.record(b.allow(), True)
     for _ in range(2):
         b.record(b.allow(), False)
-    b.record(b.allow(), True)                      # a success resets the count
-    for _ in range(3):
-        assert b.allow() == "normal"
-        b.record("normal", False)
+    assert b.state == "closed"                     # 2 failures: under failure_threshold
+    b.record(b.allow(), False)                     # 3 of 6 tries: 50%, the threshold
     assert b.state == "open" and moves == ["open"]
     assert b.allow() is None
     clock.now += 29.9
@@ -84,6 +84,36 @@ def test_breaker_half_open_admits_exactly_max_trials_among_64_threads():
         t.join()
     assert tickets.count("trial") == 3 and tickets.count(None) == 61
     assert moves == ["open", "half_open"]
+
+
+@pytest.mark.parametrize("tries,sources,opens", [
+    (["a-", "a-", "a-", "a-", "a-"], 1, True),       # one endpoint, all failing: the service
+    (["a-", "a-", "a-", "a-", "a-"], 3, False),      # one of three failing: outlier detection's
+    (["a-", "b-", "a-", "a-", "a-"], 3, True),       # two of three: the service
+    (["a+"] * 6 + ["a-", "b-", "a-", "b-", "a-"], 3, False),   # 5 of 11: under 50%
+    (["a+"] * 5 + ["a-", "b-", "a-", "b-", "a-"], 3, True),    # 5 of 10: 50%
+    (["a-", "b-", "a-", "b-"], 3, False),            # 4 failures: under failure_threshold
+    (["a-", "a?", "b-", "a?", "a-", "b-", "b-"], 3, True),     # "?": explained, not counted
+])
+def test_breaker_opens_on_a_failure_rate_from_more_than_one_endpoint(tries, sources, opens):
+    b = CircuitBreaker(5, 30.0, 1, FakeClock())
+    for t in tries:
+        ok = {"+": True, "-": False, "?": None}[t[1]]
+        b.record(b.allow(), ok, t[0], sources)
+    assert (b.state == "open") is opens
+
+
+def test_breaker_window_forgets_old_failures():
+    clock = FakeClock()
+    b = CircuitBreaker(3, 30.0, 1, clock, window_s=10.0)
+    b.record(b.allow(), False)
+    b.record(b.allow(), False)
+    clock.now += 10.0                              # both fall out of the window
+    b.record(b.allow(), False)
+    b.record(b.allow(), False)
+    assert b.state == "closed"
+    b.record(b.allow(), False)
+    assert b.state == "open"
 
 
 def test_breaker_counts_failures_from_64_threads_without_losing_one():
@@ -359,6 +389,56 @@ def test_default_policy_is_istios_two_retries_on_503(ambassador, upstream_factor
 
 
 # ------------------------------------------------------------------------------ breaker, limits
+
+def test_one_dead_endpoint_of_three_does_not_open_the_breaker(ambassador, upstream_factory):
+    """The endpoint dies with every client's request in flight on it, and they all fail at
+    once: a burst of resets from one endpoint.  The outlier detector ejects it; the breaker
+    (which opened on 5 failures in a row before) stays closed, and no caller sees circuit-open
+    while two healthy endpoints remain."""
+    dead, release = threading.Event(), threading.Event()
+
+    def dying(req, sock):
+        if dead.is_set():
+            release.wait(5)                      # hold them all, then reset them together
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return "close"
+        respond(sock, 200, b"x")
+    ups = [upstream_factory(dying)] + [upstream_factory() for _ in range(2)]
+    config = base_config([u.address for u in ups])
+    config["listeners"]["app"]["retry"] = {"retry_on": ["connect-failure", "reset"]}
+    amb = ambassador(config)
+    stop = threading.Event()
+    errors = []
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
+        for _ in range(3000):                    # bounded; stopped sooner below
+            if stop.is_set():
+                break
+            conn.request("GET", "/")
+            r = conn.getresponse()
+            r.read()
+            if r.getheader("x-ambassador-error"):
+                errors.append(r.getheader("x-ambassador-error"))
+        conn.close()
+    clients = [threading.Thread(target=client) for _ in range(12)]
+    for t in clients:
+        t.start()
+    wait_for(lambda: ups[0].count() > 20, 10, "traffic on the first endpoint")
+    held = ups[0].count()
+    dead.set()
+    wait_for(lambda: ups[0].count() >= held + 5, 10, "requests held on the dying endpoint")
+    release.set()
+    wait_for(lambda: metric(amb, "ambassador_outlier_ejections_total", cluster="svc"), 10,
+             "the dead endpoint ejected")
+    served = sum(u.count() for u in ups[1:])
+    wait_for(lambda: sum(u.count() for u in ups[1:]) > served + 200, 20, "traffic after it")
+    stop.set()
+    for t in clients:
+        t.join(30)
+    assert "circuit-open" not in errors, errors
+    assert metric(amb, "ambassador_circuit_breaker_state", cluster="svc") == 0
+
 
 def test_circuit_breaker_opens_answers_fast_and_recovers(ambassador, upstream_factory, tmp_path):
     healthy = threading.Event()
