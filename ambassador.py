@@ -187,7 +187,6 @@ DEFAULT_CB_LIMIT = 1024
 DEFAULT_CB_FAILURE_THRESHOLD = 5
 DEFAULT_CB_OPEN_TIMEOUT_S = 30.0
 DEFAULT_CB_HALF_OPEN_MAX_REQUESTS = 1
-DEFAULT_CB_FAILURE_PERCENT = 50.0
 DEFAULT_CB_WINDOW_S = 10.0
 CB_WINDOW_SLOTS = 10                   # the breaker's window moves on in tenths
 # Endpoints: discovery, health checks and outlier detection follow Envoy's defaults.
@@ -237,6 +236,13 @@ SWEEP_S = 0.05               # how often the sweeper looks for stuck workers; an
 SWEEP_BUSY_S = 0.005         # worker is busy (so that a slow upstream soon gets its threads)
 DEADLINE_SCAN_S = 0.25       # how often it closes parked connections past their deadline
 DISCARD_BODY_MAX_BYTES = 64 << 20             # of a body the upstream answered before its end
+# The admin and probe ports (and the demo's services): the probe port may face the network, so
+# what one connection can hold is small and the connections at once are few.
+ADMIN_MAX_CONNECTIONS = 32                    # at once; past it: 503 and closed, no thread
+ADMIN_MAX_HEAD_BYTES = 8192                   # past it: 431
+ADMIN_HEAD_TIMEOUT_S = 5.0
+ADMIN_DISCARD_BODY_BYTES = 65536              # a body the route does not use: read and dropped
+DEMO_MAX_BODY_BYTES = 1 << 20
 ACCESS_LOG_MAX_QUEUE = 65536                  # entries waiting for the writer; past it, counted drops
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5, 5.0, 10.0)
@@ -517,11 +523,11 @@ class CircuitBreakerConfig(NamedTuple):
     max_pending_requests: int = DEFAULT_CB_LIMIT
     max_requests: int = DEFAULT_CB_LIMIT
     max_retries: Optional[int] = None      # None: the retry budget governs (Envoy's rule)
-    failure_threshold: int = DEFAULT_CB_FAILURE_THRESHOLD     # failed tries in the window, at least
+    failure_threshold: int = DEFAULT_CB_FAILURE_THRESHOLD
     open_timeout: float = DEFAULT_CB_OPEN_TIMEOUT_S
     half_open_max_requests: int = DEFAULT_CB_HALF_OPEN_MAX_REQUESTS
-    failure_percent: float = DEFAULT_CB_FAILURE_PERCENT       # of the window's tries, at least
-    window: float = DEFAULT_CB_WINDOW_S
+    failure_percent: Optional[float] = None     # None: failures in a row; set: a rate
+    window: float = DEFAULT_CB_WINDOW_S         # over which failure_percent is measured
 
 
 class DownstreamTlsConfig(NamedTuple):
@@ -1040,7 +1046,7 @@ _CIRCUIT_BREAKER_KEYS = {
     "failure_threshold": (_kind_int(1), DEFAULT_CB_FAILURE_THRESHOLD),
     "open_timeout": (_kind_timeout, DEFAULT_CB_OPEN_TIMEOUT_S),
     "half_open_max_requests": (_kind_int(1), DEFAULT_CB_HALF_OPEN_MAX_REQUESTS),
-    "failure_percent": (_kind_number(1, 100), DEFAULT_CB_FAILURE_PERCENT),
+    "failure_percent": (_kind_number(1, 100), None),
     "window": (_kind_interval, DEFAULT_CB_WINDOW_S)}
 # Sub-tables, each checked with its own keys: table key -> (keys, record).
 _TLS_COMMON = {"min_version": (_kind_one_of("1.2", "1.3"), "1.2"),
@@ -5221,12 +5227,13 @@ class RetryBudget:
 
 
 class CircuitBreaker:
-    """The failure-rate breaker of one cluster: it means "the service is failing", not "one
-    endpoint is" (the OutlierDetector's job).  Thread-safe: one lock, every decision and state
+    """The breaker of one cluster: it means "the service is failing", not "one endpoint is"
+    (that is the OutlierDetector's job).  Thread-safe: one lock, every decision and state
     change under it, so 64 concurrent callers see one transition each time.
 
-        closed --(over the last `window`: >= failure_threshold failed tries, >= failure_percent
-          ^       of all tries, from two endpoints or more when the cluster has two)--> open
+        closed --(failure_threshold failed tries in a row, from two endpoints or more when
+          ^       the cluster has two; or, with failure_percent set, a failure rate over
+          |       `window`)--> open
           |                                                        |
           |                                           (open_timeout passed, next caller)
           |                                                        v
@@ -5234,37 +5241,39 @@ class CircuitBreaker:
                                                                    |
             open <--(a trial fails: a new open_timeout)------------+
 
-    Why a rate with a minimum volume (Hystrix's and resilience4j's rule) and not a count of
-    failures in a row: when one endpoint of three dies, the tries in flight on it fail together,
-    and five of them used to open the breaker for the whole cluster though the outlier
-    detector had already ejected that endpoint and two healthy ones remained.  Failures the
-    outlier detector explains are therefore not the breaker's: a try whose endpoint is ejected
-    or unhealthy when it ends counts for nothing, and failures from a single endpoint do not
-    open a cluster that has others.
+    Failures the outlier detector explains are not the breaker's.  When one endpoint of three
+    dies, the tries in flight on it fail together; five of them used to open the breaker for
+    the whole cluster, though that endpoint was ejected at once and two healthy ones remained.
+    So a try whose endpoint is ejected or unhealthy when it ends counts for nothing (the caller,
+    Cluster.record_try, says so with ok None), and a run of failures from a single endpoint
+    never opens a cluster that has others.  With failure_percent set, the rule is Hystrix's and
+    resilience4j's instead: over the last `window`, at least failure_threshold failed tries
+    that are at least failure_percent of all tries (from two endpoints or more, likewise).
 
     allow() -> a ticket, or None when the request must be refused (open, or half_open with
     half_open_max_requests trials already in flight).  Every ticket goes back through
-    record(ticket, ok, source, sources) with ok True, False, or None for "no verdict" (the try
-    never ran, or the outlier detector explains it); source is the endpoint tried and sources
-    how many the cluster had to pick from.  on_transition(old, new) is called after the lock
-    is released, once per transition."""
+    record(ticket, ok, source, sources) with ok True, False, or None for "no verdict"; source
+    is the endpoint tried and sources how many the cluster had to pick from.
+    on_transition(old, new) is called after the lock is released, once per transition."""
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
     NORMAL, TRIAL = "normal", "trial"
 
     def __init__(self, failure_threshold, open_timeout_s, half_open_max_requests,
-                 clock=monotonic, on_transition=None, failure_percent=DEFAULT_CB_FAILURE_PERCENT,
+                 clock=monotonic, on_transition=None, failure_percent=None,
                  window_s=DEFAULT_CB_WINDOW_S):
         self.failure_threshold = failure_threshold
         self.open_timeout_s = open_timeout_s
         self.half_open_max_requests = half_open_max_requests
-        self.failure_percent = failure_percent
+        self.failure_percent = failure_percent        # None: failures in a row
         self._slot_s = window_s / CB_WINDOW_SLOTS
         self._clock = clock
         self._on_transition = on_transition
-        self._lock = threading.Lock()   # guards state, _slots, _open_until, _trials
+        self._lock = threading.Lock()   # guards state, the counts below, _open_until, _trials
         self.state = self.CLOSED
-        # The window in CB_WINDOW_SLOTS slots, oldest first: [slot number, tries, failures,
-        # {source: failures}].  A slot is made on the first try in it; old ones fall off.
+        self._failures = 0              # in a row (failure_percent None)
+        self._sources = set()           # the endpoints of that run
+        # With failure_percent: the window in CB_WINDOW_SLOTS slots, oldest first, each
+        # [slot number, tries, failures, {source: failures}]; old ones fall off.
         self._slots = collections.deque()
         self._open_until = 0.0
         self._trials = 0
@@ -5294,19 +5303,27 @@ class CircuitBreaker:
             if ticket == self.TRIAL:
                 self._trials -= 1
                 if self.state == self.HALF_OPEN and ok is not None:
-                    if ok:
-                        changed = self._move(self.CLOSED)
-                        self._slots.clear()
-                    else:
-                        changed = self._open()
+                    changed = self._move(self.CLOSED) if ok else self._open()
+                    self._forget()
             elif self.state == self.CLOSED and ok is not None:
-                slot = self._slot()
-                slot[1] += 1
-                if not ok:
-                    slot[2] += 1
-                    slot[3][source] = slot[3].get(source, 0) + 1
-                    if self._is_failing(sources):
-                        changed = self._open()
+                if self.failure_percent is None:
+                    if ok:
+                        if self._failures:
+                            self._forget()
+                    else:
+                        self._failures += 1
+                        self._sources.add(source)
+                        if self._failures >= self.failure_threshold and \
+                                len(self._sources) >= min(2, sources):
+                            changed = self._open()
+                else:
+                    slot = self._slot()
+                    slot[1] += 1
+                    if not ok:
+                        slot[2] += 1
+                        slot[3][source] = slot[3].get(source, 0) + 1
+                        if self._is_failing(sources):
+                            changed = self._open()
         if changed is not None:
             self._announce(changed)
 
@@ -5330,9 +5347,14 @@ class CircuitBreaker:
             failures * 100.0 >= self.failure_percent * tries and \
             len(failed_sources) >= min(2, sources)
 
+    def _forget(self):
+        self._failures = 0
+        self._sources = set()
+        self._slots.clear()
+
     def _open(self):
         self._open_until = self._clock() + self.open_timeout_s
-        self._slots.clear()
+        self._forget()
         return self._move(self.OPEN)
 
     def _move(self, new):
@@ -6456,51 +6478,103 @@ class Telemetry:
 # ==================================================================================================
 
 class SmallHTTPServer(socketserver.TCPServer):
-    """A tiny HTTP server for the admin port and the demo services: one request per connection,
-    a body by Content-Length, answered by route(method, path, body, headers) -> (status, type,
-    bytes), headers a dict with lower-case names.
+    """A tiny HTTP server for the admin and probe ports and the demo services: one request per
+    connection, answered by route(method, path, body, headers) -> (status, type, bytes),
+    headers a dict with lower-case names.
 
-    Not http.server: off the data path either way, and its email-based parsing costs some 6 MB of
-    imports, a quarter of Ambassador's idle memory.  Thread-safe if route() is."""
+    Bounded, because the probe port may face the network: at most ADMIN_MAX_CONNECTIONS
+    connections at once (each a thread; past it a 503 is written and the socket closed on the
+    accepting thread), a head of ADMIN_MAX_HEAD_BYTES within ADMIN_HEAD_TIMEOUT_S, and a body
+    kept only up to max_body_bytes (0 for admin and probes: read up to ADMIN_DISCARD_BODY_BYTES
+    and dropped, 413 past it).  A malformed head gets 400 (431 when too large), never a silent
+    close.  Not http.server: its email-based parsing costs some 6 MB of imports, a quarter of
+    Ambassador's idle memory.  Thread-safe if route() is."""
     allow_reuse_address = True
+    # socketserver's 5 would leave a burst of kubelet and Prometheus connections (or a flood)
+    # waiting for SYN-ACK retries, seconds apart, instead of an answer or a fast 503.
+    request_queue_size = 128
 
-    def __init__(self, address, route, name, inherited=None):
+    def __init__(self, address, route, name, inherited=None, max_body_bytes=0):
         self.route, self.name = route, name
+        self.max_body_bytes = max_body_bytes
+        self._slots = threading.BoundedSemaphore(ADMIN_MAX_CONNECTIONS)
         init_tcp_server(self, address, inherited)
 
     def process_request(self, sock, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                sock.setblocking(False)
+                sock.send(self._reply(503, "text/plain", b"busy: too many connections\n"))
+            except OSError:
+                pass
+            self.shutdown_request(sock)
+            return
         threading.Thread(target=self._serve, args=(sock,), daemon=True,
                          name="%s:%s" % (self.name, client_address[1])).start()
 
+    @staticmethod
+    def _reply(status, content_type, payload, head_only=False):
+        return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
+            b"Connection: close\r\n\r\n%s" % (status, reason_phrase(status),
+                                               content_type.encode(), len(payload),
+                                               b"" if head_only else payload)
+
     def _serve(self, sock):
         try:
-            reader = SocketReader(sock)
-            head = reader.read_head(65536, monotonic() + 10)
-            if not head:
-                return
-            lines = head.split(b"\r\n")
-            method, target = (lines[0].split(b" ") + [b"", b""])[:2]
-            length = 0
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower().decode("latin-1")
-                headers[name] = value.strip().decode("latin-1")
-                if name == "content-length":
-                    length = min(int(value), 1 << 20)
-            body = b"".join(iter_length(reader, length))
-            status, content_type, payload = self.route(
-                method.decode("latin-1"), target.decode("latin-1").split("?", 1)[0], body,
-                headers)
-            sock.settimeout(10)
-            sock.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%s" % (
-                             status, reason_phrase(status), content_type.encode(), len(payload),
-                             b"" if method == b"HEAD" else payload))
-        except (OSError, EOFError, ValueError, HeadTooLarge):
+            sock.settimeout(ADMIN_HEAD_TIMEOUT_S)
+            try:
+                reply = self._answer(sock)
+            except HeadTooLarge:
+                reply = self._reply(431, "text/plain", b"request head too large\n")
+            except BadRequest as e:
+                reply = self._reply(e.status, "text/plain", (e.detail + "\n").encode())
+            if reply:
+                sock.settimeout(ADMIN_HEAD_TIMEOUT_S)
+                sock.sendall(reply)
+        except (OSError, EOFError, ValueError):
             pass
         finally:
             self.shutdown_request(sock)
+            self._slots.release()
+
+    def _answer(self, sock):
+        reader = SocketReader(sock)
+        head = reader.read_head(ADMIN_MAX_HEAD_BYTES, monotonic() + ADMIN_HEAD_TIMEOUT_S)
+        if not head:
+            return None
+        if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+            raise BadRequest("bare CR or LF in the request head")
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[0]:
+            raise BadRequest("malformed request line")
+        method, target = parts[0], parts[1]
+        length = 0
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or not _TOKEN_CHARS.issuperset(name):
+                raise BadRequest("malformed header field")
+            name = name.lower().decode("latin-1")
+            value = value.strip(b" \t")
+            headers[name] = value.decode("latin-1")
+            if name == "content-length":
+                if not value.isdigit() or len(value) > 18:
+                    raise BadRequest("invalid Content-Length")
+                length = int(value)
+            elif name == "transfer-encoding":
+                raise BadRequest("a body must come with Content-Length here", status=411)
+        if length > max(self.max_body_bytes, ADMIN_DISCARD_BODY_BYTES):
+            return self._reply(413, "text/plain", b"request body too large\n")
+        if length <= self.max_body_bytes:
+            body = b"".join(iter_length(reader, length))
+        else:                                   # not needed: read (so the close is clean), drop
+            for _ in iter_length(reader, length):
+                pass
+            body = b""
+        status, content_type, payload = self.route(
+            method.decode("latin-1"), target.decode("latin-1").split("?", 1)[0], body, headers)
+        return self._reply(status, content_type, payload, head_only=method == b"HEAD")
 
 
 class Admin:
@@ -7174,7 +7248,8 @@ def start_demo(config):
     """Start the demo services on loopback and point every cluster at one -> the new Config."""
     services = {}
     for kind in ("payment", "inventory"):
-        server = SmallHTTPServer(("127.0.0.1", 0), DemoService(kind).route, "demo-" + kind)
+        server = SmallHTTPServer(("127.0.0.1", 0), DemoService(kind).route, "demo-" + kind,
+                                 max_body_bytes=DEMO_MAX_BODY_BYTES)
         threading.Thread(target=server.serve_forever, name="demo:%s" % kind, daemon=True).start()
         services[kind] = ("127.0.0.1", server.server_address[1])
     clusters = {name: c._replace(endpoints=(EndpointConfig(

@@ -2,6 +2,7 @@
 and on the probe listener, and a drain that lets the app keep calling after SIGTERM."""
 
 import http.client
+import re
 import signal
 import socket
 import threading
@@ -10,7 +11,7 @@ import time
 import pytest
 
 import ambassador as amb
-from conftest import base_config, free_port, request, respond
+from conftest import base_config, free_port, raw, request, respond, wait_for
 
 
 def get(port, path, method="GET"):
@@ -39,6 +40,60 @@ def test_the_probe_listener_serves_probes_and_metrics_and_nothing_else(ambassado
     assert a.proc.poll() is None                       # nothing there can stop it
     for path in ("/live", "/started"):
         assert a.admin(path)[0] == 200                 # the admin port has them too
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"GET /ready HTTP/1.1\r\nHost: x\r\nContent-Length: 12x\r\n\r\n", 400),
+    (b"GET /ready HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"GET /ready HTTP/1.1\nHost: x\n\n", 400),                   # bare LFs
+    (b"GET /ready\r\nHost: x\r\n\r\n", 400),                     # no HTTP version
+    (b"GET /ready HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"POST /ready HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n", 413),
+    (b"POST /ready HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+    (b"GET /ready HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 200),
+])
+def test_the_probe_port_answers_a_malformed_head_with_a_4xx(ambassador, upstream, data, status):
+    config = base_config([upstream.address])
+    probe_port = free_port()
+    config["admin"]["probe_listen"] = "127.0.0.1:%d" % probe_port
+    ambassador(config)
+    reply = raw(probe_port, data)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:80]
+
+
+def test_the_probe_port_holds_little_memory_under_200_body_sending_connections(
+        ambassador, upstream):
+    """Each connection announces a large body and sends it slowly: none of it is kept, the
+    connections past the bound get 503 at once, and the probes still answer."""
+    config = base_config([upstream.address])
+    probe_port = free_port()
+    config["admin"]["probe_listen"] = "127.0.0.1:%d" % probe_port
+    a = ambassador(config)
+    before = a.rss_peak_kib()
+    socks, refused = [], 0
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", probe_port), timeout=5)
+            s.sendall(b"POST /ready HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n" +
+                      b"x" * 30000)
+            socks.append(s)
+        for s in socks:                          # those over the bound were answered 503
+            s.settimeout(0.05)
+            try:
+                if s.recv(64).startswith(b"HTTP/1.1 503"):
+                    refused += 1
+            except (socket.timeout, OSError):
+                pass
+        threads = int(re.search(r"Threads:\s+(\d+)", open(
+            "/proc/%d/status" % a.proc.pid).read()).group(1))
+        grown = a.rss_peak_kib() - before
+    finally:
+        for s in socks:
+            s.close()
+    assert refused >= 200 - 32 - 8, refused      # the bound is 32 at once (some may be done)
+    assert threads < 80, threads
+    assert grown < 20 * 1024, grown              # KiB; it was 126 MB for 120 connections
+    wait_for(lambda: get(probe_port, "/ready")[0] == 200, 10, "the probe port answering")
 
 
 def test_live_names_a_thread_that_must_run_and_does_not():

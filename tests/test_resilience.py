@@ -86,17 +86,25 @@ def test_breaker_half_open_admits_exactly_max_trials_among_64_threads():
     assert moves == ["open", "half_open"]
 
 
-@pytest.mark.parametrize("tries,sources,opens", [
-    (["a-", "a-", "a-", "a-", "a-"], 1, True),       # one endpoint, all failing: the service
-    (["a-", "a-", "a-", "a-", "a-"], 3, False),      # one of three failing: outlier detection's
-    (["a-", "b-", "a-", "a-", "a-"], 3, True),       # two of three: the service
-    (["a+"] * 6 + ["a-", "b-", "a-", "b-", "a-"], 3, False),   # 5 of 11: under 50%
-    (["a+"] * 5 + ["a-", "b-", "a-", "b-", "a-"], 3, True),    # 5 of 10: 50%
-    (["a-", "b-", "a-", "b-"], 3, False),            # 4 failures: under failure_threshold
-    (["a-", "a?", "b-", "a?", "a-", "b-", "b-"], 3, True),     # "?": explained, not counted
+@pytest.mark.parametrize("percent,tries,sources,opens", [
+    # failures in a row (the default): "a-" a failure on endpoint a, "+" a success, "?" a
+    # failure the outlier detector explains (ok None)
+    (None, ["a-"] * 5, 1, True),                      # one endpoint, all failing: the service
+    (None, ["a-"] * 5, 3, False),                     # one of three: outlier detection's
+    (None, ["a-", "b-", "a-", "a-", "a-"], 3, True),  # two of three: the service
+    (None, ["a-", "b-", "a+", "a-", "b-", "a-"], 3, False),   # a success ends the run
+    (None, ["a-", "a?", "b-", "a?", "a-", "b-"], 3, False),   # explained: not counted...
+    (None, ["a-", "a?", "b-", "a?", "a-", "b-", "b-"], 3, True),   # ...nor ending the run
+    # failure_percent = 50 over the window
+    (50, ["a-"] * 5, 1, True),
+    (50, ["a-"] * 5, 3, False),
+    (50, ["a+"] * 6 + ["a-", "b-", "a-", "b-", "a-"], 3, False),   # 5 of 11: under 50%
+    (50, ["a+"] * 5 + ["a-", "b-", "a-", "b-", "a-"], 3, True),    # 5 of 10: 50%
+    (50, ["a-", "b-", "a+", "a-", "b-", "a-"], 3, True),  # a success does not reset a rate
+    (50, ["a-", "b-", "a-", "b-"], 3, False),          # 4: under failure_threshold
 ])
-def test_breaker_opens_on_a_failure_rate_from_more_than_one_endpoint(tries, sources, opens):
-    b = CircuitBreaker(5, 30.0, 1, FakeClock())
+def test_breaker_opens_for_the_service_not_for_one_endpoint(percent, tries, sources, opens):
+    b = CircuitBreaker(5, 30.0, 1, FakeClock(), failure_percent=percent)
     for t in tries:
         ok = {"+": True, "-": False, "?": None}[t[1]]
         b.record(b.allow(), ok, t[0], sources)
@@ -105,7 +113,7 @@ def test_breaker_opens_on_a_failure_rate_from_more_than_one_endpoint(tries, sour
 
 def test_breaker_window_forgets_old_failures():
     clock = FakeClock()
-    b = CircuitBreaker(3, 30.0, 1, clock, window_s=10.0)
+    b = CircuitBreaker(3, 30.0, 1, clock, failure_percent=50, window_s=10.0)
     b.record(b.allow(), False)
     b.record(b.allow(), False)
     clock.now += 10.0                              # both fall out of the window
