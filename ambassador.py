@@ -104,6 +104,18 @@ Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
 #    The only section that asks "which Python".  Every shim is tagged compat(<version>).
 # ==================================================================================================
 
+import signal
+
+# The signals a supervisor sends (systemd, the kubelet, an operator): when this file runs as a
+# program they are blocked from here on, before anything else, so that one that comes while the
+# file compiles a second time (run_script's re-exec keeps the mask) or the config loads waits
+# instead of killing the process; main() takes them over and acts on what came meanwhile.
+CONTROL_SIGNALS = tuple(getattr(signal, name) for name in
+                        ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                        if hasattr(signal, name))
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):   # POSIX only
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+
 import argparse
 import bisect
 import collections
@@ -116,7 +128,6 @@ import os
 import random
 import re
 import select
-import signal
 import socket
 import socketserver
 import struct
@@ -7448,7 +7459,59 @@ def raise_open_files_limit(config, log):
                     OPEN_FILES_RESERVE)
 
 
+class EarlySignals:
+    """Control signals that come before the process can act on them (config loading, binding):
+    remembered, then replayed by take_over() once the real handlers are in place -- a SIGTERM
+    drains, a SIGHUP reloads and a SIGUSR2 upgrades once the process serves.  Before this
+    class, a SIGHUP in the first 0.3 s of a start killed the process."""
+
+    def __init__(self):
+        self.pending = []
+
+    def install(self):
+        for signum in CONTROL_SIGNALS:
+            signal.signal(signum, self._remember)
+        if hasattr(signal, "pthread_sigmask"):      # blocked since the first instruction
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+        return self
+
+    def _remember(self, signum, frame):
+        self.pending.append(signum)
+
+    def take_over(self, app):
+        """The running process's handlers, then what came before them, in order."""
+        handlers = {}
+
+        def stop(signum, frame):
+            if app.draining.is_set() and signum == signal.SIGINT:
+                os._exit(1)      # a second Ctrl-C: the person wants out now
+            app.request_stop(signal.Signals(signum).name)
+
+        def when_serving(target, *args):
+            def run():
+                app.started.wait()
+                target(*args)
+            return run
+        for name in ("SIGTERM", "SIGINT"):
+            handlers[name] = stop
+        # A reload or an upgrade takes a while: not inside the handler.
+        handlers["SIGHUP"] = lambda signum, frame: threading.Thread(
+            target=when_serving(app.reload, "SIGHUP"), name="reload", daemon=True).start()
+        handlers["SIGUSR2"] = lambda signum, frame: threading.Thread(
+            target=when_serving(app.upgrade), name="upgrade", daemon=True).start()
+        # Read at the signal, not at start: a reload may turn the access log on or off.
+        handlers["SIGUSR1"] = lambda signum, frame: \
+            app.telemetry.access_log is not None and app.telemetry.access_log.request_reopen()
+        for name, handler in handlers.items():
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), handler)
+        pending, self.pending = self.pending, []
+        for signum in pending:
+            handlers[signal.Signals(signum).name](signum, None)
+
+
 def main(argv=None):
+    early = EarlySignals().install()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
         print("ambassador %s (Python %s)" % (__version__, sys.version.split()[0]))
@@ -7495,22 +7558,7 @@ def main(argv=None):
             sys.stderr.write("ambassador: config error: %s\n" % problem)
         return 2
     release_freed_memory()
-
-    def on_signal(signum, frame):
-        if app.draining.is_set() and signum == signal.SIGINT:
-            os._exit(1)      # a second Ctrl-C: the person wants out now
-        app.request_stop(signal.Signals(signum).name)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if hasattr(signal, "SIGUSR2"):
-        signal.signal(signal.SIGUSR2, lambda signum, frame: threading.Thread(
-            target=app.upgrade, name="upgrade", daemon=True).start())
-    if hasattr(signal, "SIGHUP"):       # a reload takes a while: not inside the handler
-        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-            target=app.reload, args=("SIGHUP",), name="reload", daemon=True).start())
-    if hasattr(signal, "SIGUSR1") and app.telemetry.access_log is not None:
-        signal.signal(signal.SIGUSR1, lambda signum, frame:
-                      app.telemetry.access_log.request_reopen())
+    early.take_over(app)
     try:
         return app.serve()
     except Exception:
