@@ -270,6 +270,9 @@ _BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
 # RFC 9110 5.5: a field value holds no control byte but HTAB.  The same for a chunk-size line,
 # a trailer, and a request head with its CRLFs made HTABs: no bare CR or LF either.
 _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+# What an app may ask of a route's fault table with header_control (section 9): the only
+# x-ambassador-* request headers read; every other one from the app is dropped.
+_FAULT_HEADERS = frozenset([b"x-ambassador-fault-delay", b"x-ambassador-fault-abort"])
 
 
 # ==================================================================================================
@@ -1560,7 +1563,8 @@ class Request:
                  "expect_continue", "keep_alive", "request_id", "forwarded_for", "replay_safe",
                  "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
                  "bytes_out", "response_started", "endpoint", "span", "trace_headers",
-                 "client_cert", "conn", "drain_cut", "client_address", "route", "cluster")
+                 "client_cert", "conn", "drain_cut", "client_address", "route", "cluster",
+                 "fault_asked")
 
     def __init__(self):
         self.method = b"-"
@@ -1585,6 +1589,7 @@ class Request:
         self.client_address = b"-"        # the app's ip:port, for %DOWNSTREAM_REMOTE_ADDRESS%
         self.route = None                 # the Route that matched (None: refused before)
         self.cluster = None               # the Cluster chosen for it
+        self.fault_asked = None           # ((x-ambassador-fault-* name, value), ...) it sent
 
 
 def parse_request(head, req, client_ip):
@@ -1661,6 +1666,13 @@ def parse_request(head, req, client_ip):
             replay_safe = True
         elif lname == b"x-forwarded-client-cert":
             continue                   # only Ambassador vouches for a client certificate
+        elif lname[:13] == b"x-ambassador-":
+            # Ambassador's own control headers never pass from the app: the upstream would see
+            # two attempt counts, or a mirror mark on a real request.  A fault request is kept
+            # aside for a route whose fault table has header_control.
+            if lname in _FAULT_HEADERS:
+                req.fault_asked = (req.fault_asked or ()) + ((lname, value),)
+            continue
         headers.append((lname, name, value))
 
     if transfer_encoding is not None:
@@ -3146,18 +3158,13 @@ class FaultInjector:
         """-> (delay in seconds or None, abort status or None) for req."""
         c = self.config
         delay = abort = None
-        if c.header_control:
-            kept = []
-            for h in req.headers:
-                if h[0] == b"x-ambassador-fault-delay":
-                    if h[2].isdigit():
-                        delay = min(int(h[2]), DAY_S * 1000) / 1000.0
-                elif h[0] == b"x-ambassador-fault-abort":
-                    if h[2].isdigit() and 200 <= int(h[2]) <= 599:
-                        abort = int(h[2])
-                else:
-                    kept.append(h)
-            req.headers = kept             # Ambassador's own: they never go upstream
+        if c.header_control and req.fault_asked:    # parse_request kept them aside
+            for name, value in req.fault_asked:
+                if name == b"x-ambassador-fault-delay":
+                    if value.isdigit():
+                        delay = min(int(value), DAY_S * 1000) / 1000.0
+                elif value.isdigit() and 200 <= int(value) <= 599:
+                    abort = int(value)
         if delay is None and c.delay_percent and self._rng() * 100.0 < c.delay_percent:
             delay = c.delay
         if abort is None and c.abort_percent and self._rng() * 100.0 < c.abort_percent:

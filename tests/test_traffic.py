@@ -41,17 +41,25 @@ def test_fractional_percentages_are_honoured():
     assert 60 <= aborts <= 140                                    # 0.5% of 20,000 = 100
 
 
-@pytest.mark.parametrize("header_control, headers, expected, left", [
-    (True, [("x-ambassador-fault-delay", "250"), ("x-keep", "1")], (0.25, None), ["x-keep"]),
-    (True, [("x-ambassador-fault-abort", "418")], (None, 418), []),
-    (True, [("x-ambassador-fault-abort", "99")], (None, None), []),
-    (False, [("x-ambassador-fault-abort", "418")], (None, None), ["x-ambassador-fault-abort"]),
+def parsed(headers):
+    r = amb.Request()
+    head = "GET / HTTP/1.1\r\nHost: x" + "".join("\r\n%s: %s" % h for h in headers)
+    amb.parse_request(head.encode(), r, b"127.0.0.1")
+    return r
+
+
+@pytest.mark.parametrize("header_control, headers, expected", [
+    (True, [("x-ambassador-fault-delay", "250"), ("x-keep", "1")], (0.25, None)),
+    (True, [("x-ambassador-fault-abort", "418")], (None, 418)),
+    (True, [("x-ambassador-fault-abort", "99")], (None, None)),
+    (False, [("x-ambassador-fault-abort", "418")], (None, None)),
 ])
-def test_header_control_is_off_by_default_and_consumes_its_headers(header_control, headers,
-                                                                  expected, left):
-    r = bare_request(headers)
+def test_header_control_is_off_by_default_and_its_headers_never_go_upstream(
+        header_control, headers, expected):
+    r = parsed(headers + [("X-Ambassador-Mirror", "1"), ("x-ambassador-attempt-count", "7"),
+                          ("x-ambassador-attempt", "7"), ("X-Ambassador-Error", "x")])
     assert fault(header_control=header_control).decide(r) == expected
-    assert [h[1].decode() for h in r.headers] == left
+    assert [h[0] for h in r.headers] == [b"x-keep"] * (("x-keep", "1") in headers)
 
 
 def test_the_token_bucket_is_exact_under_64_threads():
@@ -163,6 +171,22 @@ def test_header_control_lets_a_test_ask_for_a_fault(ambassador, upstream):
     assert request(a.port())[0] == 200
     assert upstream.count() == 2
     assert all(r.header("x-ambassador-fault-delay") is None for r in upstream.requests)
+
+
+def test_the_apps_control_headers_never_reach_the_upstream(ambassador, upstream):
+    """header_control off: x-ambassador-fault-* and x-ambassador-mirror from the app are
+    dropped (they used to go upstream), and the upstream sees one attempt count: Ambassador's."""
+    a = ambassador([upstream.address])
+    sent = {"x-ambassador-fault-abort": "502", "x-ambassador-fault-delay": "100",
+            "x-ambassador-mirror": "1", "x-ambassador-attempt-count": "9",
+            "x-ambassador-attempt": "9", "x-other": "kept"}
+    assert request(a.port(), headers=sent)[0] == 200
+    got = upstream.requests[0]
+    assert got.all("x-ambassador-attempt-count") == ["1"]
+    assert got.all("x-ambassador-attempt") == ["1"]
+    for name in ("x-ambassador-fault-abort", "x-ambassador-fault-delay", "x-ambassador-mirror"):
+        assert got.header(name) is None, name
+    assert got.header("x-other") == "kept"
 
 
 def test_the_rate_limit_holds_under_64_threads_with_retry_after(ambassador, upstream):
