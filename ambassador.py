@@ -2134,7 +2134,7 @@ class Listener:
     """A listener's live state: config, routes, and the counters behind the connection limit,
     the active-requests gauge and the drain.  Thread-safe."""
 
-    def __init__(self, config, clusters, telemetry, draining, rng=random.random):
+    def __init__(self, config, clusters, telemetry, draining, rng=random.random, previous=None):
         self.config = config
         self.name = config.name
         self.cluster = clusters[config.cluster]     # the default: what no route matches
@@ -2145,7 +2145,12 @@ class Listener:
         self.retry_budget = RetryBudget(config.retry.budget_percent,
                                         config.retry.min_retries_per_second)
         self._fault = FaultInjector(config.fault, rng) if config.fault else None
-        self._rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        # (route name or index, or None for the listener's; its table) -> RateLimiter.  A
+        # reload keeps the buckets whose tables did not change, tokens and all: refilled ones
+        # let a burst through on every reload (714 admitted against a bound of 520).
+        self._kept_limiters = previous._limiters if previous is not None else {}
+        self._limiters = {}
+        self._rate_limiter = self._limiter(None, config.rate_limit)
         self._mirror = Mirror(config.mirror, clusters[config.mirror.cluster], self, rng) \
             if config.mirror else None
         self.routes = [self._route(r, clusters, rng) for r in config.routes]
@@ -2168,25 +2173,36 @@ class Listener:
         return Route(
             rc, clusters, self.config.timeout, policy, budget, rng,
             fault=FaultInjector(rc.fault, rng) if rc.fault else self._fault,
-            rate_limiter=RateLimiter(rc.rate_limit) if rc.rate_limit else self._rate_limiter,
+            rate_limiter=self._limiter(rc.name or rc.index, rc.rate_limit) if rc.rate_limit
+            else self._rate_limiter,
             mirror=Mirror(rc.mirror, clusters[rc.mirror.cluster], self, rng) if rc.mirror
             else self._mirror)
+
+    def _limiter(self, where, config):
+        if config is None:
+            return None
+        key = (where, config)
+        limiter = self._limiters.get(key) or self._kept_limiters.get(key) or RateLimiter(config)
+        self._limiters[key] = limiter
+        return limiter
 
     def apply(self, config, clusters, rng=random.random):
         """A reload changed this listener (or a cluster it sends to): the requests that start
         from now on -- on every connection, open ones too -- see the new routes, policy,
         faults and limits; requests in flight keep the route they started with.  The retry
         budget carries over while the [retry] table is the same."""
-        fresh = Listener(config, clusters, self.telemetry, self.draining, rng)
+        fresh = Listener(config, clusters, self.telemetry, self.draining, rng, previous=self)
         if config.retry == self.config.retry:
             fresh.retry_budget = self.retry_budget
             fresh.routes = [fresh._route(r, clusters, rng) for r in config.routes]
             fresh.default_route = fresh._route(
                 RouteConfig(index=-1, clusters=(WeightedCluster(config.cluster),)), clusters, rng)
         (self.config, self.cluster, self.retry_policy, self.retry_budget, self._fault,
-         self._rate_limiter, self._mirror, self.routes, self.default_route) = (
+         self._rate_limiter, self._limiters, self._mirror, self.routes, self.default_route) = (
             fresh.config, fresh.cluster, fresh.retry_policy, fresh.retry_budget, fresh._fault,
-            fresh._rate_limiter, fresh._mirror, fresh.routes, fresh.default_route)
+            fresh._rate_limiter, fresh._limiters, fresh._mirror, fresh.routes,
+            fresh.default_route)
+        self._kept_limiters = {}
 
     def select_route(self, req):
         """The first route whose match holds, else the default route."""

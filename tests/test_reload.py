@@ -463,3 +463,26 @@ def test_a_reload_storm_under_load_gives_back_every_connection_slot(ambassador, 
     wait_for(balanced, 10, "slots in use == upstream sockets open")
     for _ in range(20):                         # and the cluster still serves
         assert request(port)[0] == 200
+
+
+def test_a_reload_keeps_the_tokens_of_rate_limits_that_did_not_change(ambassador, upstream):
+    config = base_config([upstream.address])
+    config["listeners"]["app"]["rate_limit"] = {"requests_per_second": 0.01, "burst": 3}
+    config["listeners"]["app"]["routes"] = [
+        {"match": {"path_prefix": "/r"}, "cluster": "svc",
+         "rate_limit": {"requests_per_second": 0.01, "burst": 2}},
+        {"match": {"path_prefix": "/"}, "cluster": "svc"}]
+    amb = ambassador(config)
+    assert [request(amb.port(), path="/")[0] for _ in range(4)] == [200, 200, 200, 429]
+    assert [request(amb.port(), path="/r")[0] for _ in range(3)] == [200, 200, 429]
+    config = json.loads(json.dumps(amb.config))
+    config["listeners"]["app"]["timeout"] = "7s"             # the listener changes, not its limits
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    assert request(amb.port(), path="/")[0] == 429            # no burst handed out again
+    assert request(amb.port(), path="/r")[0] == 429
+    config["listeners"]["app"]["rate_limit"]["burst"] = 4     # a changed table: a new bucket
+    rewrite(amb, config)
+    assert reload(amb)[0] == 200
+    assert request(amb.port(), path="/")[0] == 200
+    assert request(amb.port(), path="/r")[0] == 429
