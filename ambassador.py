@@ -188,7 +188,6 @@ DEFAULT_BUDGET_PERCENT = 20.0
 DEFAULT_MIN_RETRIES_PER_SECOND = 10
 DEFAULT_RETRY_BUFFER_BYTES = 65536             # a request body up to this is kept to be sent again
 DEFAULT_MIRROR_MAX_IN_FLIGHT = 64
-MIRROR_WORKERS = 8                             # threads sending one mirror's copies, at most
 MIRROR_WORKER_IDLE_S = 10.0                    # a mirror thread with nothing to send ends
 RETRY_BUDGET_WINDOW_S = 10                     # Linkerd's ttl: the budget looks at the last 10 s
 RETRY_ON_CONDITIONS = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-4xx",
@@ -3265,9 +3264,12 @@ class Mirror:
     when it is held (up to the retry buffer_limit) -- goes to another cluster with
     x-ambassador-mirror: 1; its response is read and dropped.  The app's request never waits:
     offer() only queues.  At most max_in_flight copies are queued or on their way (more are
-    dropped and counted); up to MIRROR_WORKERS threads send them, started on demand and ended
-    when idle.  A copy is one try: the mirror cluster's breaker and limits apply, and it is
-    never retried.  Thread-safe: one lock (with its condition) guards the queue and counts."""
+    dropped and counted), and as many threads send them, started on demand and ended when
+    idle: a slow shadow gets max_in_flight copies at once, not a fixed few.  A copy is one
+    try with one deadline (the route's timeout) for all of it, the shadow's response body
+    included, so a shadow that trickles cannot hold a thread.  The mirror cluster's breaker
+    and limits apply, and it is never retried.  Thread-safe: one lock (with its condition)
+    guards the queue and counts."""
 
     def __init__(self, config, cluster, listener, rng=random.random):
         self.config, self.cluster, self.listener = config, cluster, listener
@@ -3285,7 +3287,7 @@ class Mirror:
             return
         telemetry = self.listener.telemetry
         if body.rest is not None:                  # streamed, not held: cannot be copied
-            telemetry.mirrored(self.listener, "dropped")
+            telemetry.mirrored(self.listener, "body_too_large")
             return
         copy = Request()
         copy.method, copy.target, copy.host = req.method, req.target, req.host
@@ -3305,7 +3307,7 @@ class Mirror:
                 self._queue.append(item)
                 if self._idle:
                     self._ready.notify()
-                elif self._workers < min(MIRROR_WORKERS, c.max_in_flight):
+                elif self._workers < c.max_in_flight:
                     self._workers += 1
                     start = True
         if item is None:
@@ -3343,10 +3345,10 @@ class Mirror:
             listener.telemetry.rejected(cluster, "overflow_requests")
             return "failed"
         try:
-            timeout = copy.route.timeout
+            deadline = copy.start + copy.route.timeout
             try:
                 result = attempt(listener, cluster, self._policy, copy, body,
-                                 copy.start + timeout, None, None)
+                                 deadline, None, None)
             except ProxyError:                   # no healthy endpoint, the deadline passed
                 return "failed"
             if isinstance(result.error, CircuitOpen):
@@ -3356,12 +3358,15 @@ class Mirror:
                 return "failed"
             try:
                 if resp.has_body:
-                    conn.reader.settimeout(timeout)
-                    source = iter_length(conn.reader, resp.length) if resp.length is not None \
-                        else iter_chunked(conn.reader) if resp.chunked else \
-                        iter_until_close(conn.reader)
+                    reader = conn.reader
+                    reader.settimeout(max(0.001, deadline - monotonic()))
+                    source = iter_length(reader, resp.length) if resp.length is not None \
+                        else iter_chunked(reader) if resp.chunked else iter_until_close(reader)
                     for _ in source:
-                        pass
+                        remaining = deadline - monotonic()
+                        if remaining <= 0:
+                            raise socket.timeout("the copy's deadline passed")
+                        reader.settimeout(remaining)
             except (OSError, EOFError, FramingError):
                 conn.close()
                 return "failed"
@@ -6255,8 +6260,8 @@ class Telemetry:
             ("listener", "route", "kind")))
         self.mirrors = m.add(Counter(
             "ambassador_mirror_requests_total",
-            "Mirrored copies: sent (a response came back), dropped (past max_in_flight, or a "
-            "body too large to hold), failed.", ("listener", "result")))
+            "Mirrored copies: sent (a response came back), dropped (past max_in_flight), "
+            "body_too_large (a body streamed, not held), failed.", ("listener", "result")))
         self.upstream_requests = m.add(Counter(
             "ambassador_upstream_requests_total",
             "Tries per endpoint by response status code (0: no response).",
@@ -6347,7 +6352,7 @@ class Telemetry:
                     for kind in ("delay", "abort"):
                         self.faults.touch((l.name, route.label, kind))
                 if route.mirror is not None:
-                    for result in ("sent", "dropped", "failed"):
+                    for result in ("sent", "dropped", "body_too_large", "failed"):
                         self.mirrors.touch((l.name, result))
         for name in sorted(clusters):
             for result in TRY_OUTCOMES:

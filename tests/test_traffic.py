@@ -292,7 +292,62 @@ def test_mirror_percent_and_bodies_too_large_to_hold(ambassador, upstream_factor
         assert request(a.port(), "POST", "/big", body=b"x" * 4096)[0] == 200
     time.sleep(0.2)
     assert shadow.count() == before                 # streamed, not held: not mirrored
-    assert metric(a, "ambassador_mirror_requests_total", result="dropped") > dropped
+    assert 0 < metric(a, "ambassador_mirror_requests_total", result="body_too_large") <= 20
+    assert metric(a, "ambassador_mirror_requests_total", result="dropped") == dropped
+
+
+def test_a_slow_shadow_gets_max_in_flight_copies_at_once(ambassador, upstream_factory):
+    """Copies in flight reach max_in_flight, not 8 sender threads: 24 at once on a shadow that
+    holds each until 24 have arrived (it used to stop at 8, the rest dropped)."""
+    gate = threading.Event()
+    arrived = []
+
+    def slow(req, sock):
+        arrived.append(1)
+        if len(arrived) >= 24:
+            gate.set()
+        gate.wait(10)
+        respond(sock, 200, b"ok")
+    up, shadow = upstream_factory(), upstream_factory(slow)
+    a = ambassador(shadow_config(up, shadow, max_in_flight=24))
+    for _ in range(24):
+        assert request(a.port())[0] == 200
+    wait_for(gate.is_set, 10, "24 copies at the shadow at once")
+    wait_for(lambda: metric(a, "ambassador_mirror_requests_total", result="sent") == 24, 10,
+             "24 copies sent")
+    assert metric(a, "ambassador_mirror_requests_total", result="dropped") == 0
+
+
+def test_a_trickling_shadow_cannot_hold_a_mirror_thread_past_the_timeout(ambassador,
+                                                                        upstream_factory):
+    """The shadow answers at once but sends its body a byte at a time: the copy's one deadline
+    (the route timeout, 1 s) covers the body too, so copies keep flowing."""
+    stop = threading.Event()
+
+    def trickle(req, sock):
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):
+            if stop.wait(0.1):
+                break
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                break
+        return "close"
+    up, shadow = upstream_factory(), upstream_factory(trickle)
+    config = shadow_config(up, shadow, max_in_flight=2)
+    config["listeners"]["app"]["timeout"] = "1s"
+    a = ambassador(config)
+    try:
+        for _ in range(2):
+            assert request(a.port())[0] == 200
+        wait_for(lambda: metric(a, "ambassador_mirror_requests_total", result="failed") == 2,
+                 10, "both copies failed at their deadline")
+        assert request(a.port())[0] == 200             # a thread is free again
+        wait_for(lambda: shadow.count() == 3, 10, "the third copy sent")
+        assert metric(a, "ambassador_mirror_requests_total", result="dropped") == 0
+    finally:
+        stop.set()
 
 
 def test_100_per_second_burst_100_under_500_per_second_for_10_s_admits_1100():
