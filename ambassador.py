@@ -6949,14 +6949,18 @@ class Ambassador:
         drain_timeout.  Then cut what is still in flight."""
         began = monotonic()
         limit = began + self.config.shutdown.drain_timeout
-        # After an upgrade the new process takes the app's calls: no reason to wait for them.
-        earliest = began + (0.0 if self.upgraded else self.config.shutdown.min_drain)
+        earliest = began + self.config.shutdown.min_drain
         while monotonic() < limit:
             quiet = [l.quiet_since() for l in self.listeners]
             now = monotonic()
-            if now >= earliest and all(q is not None for q in quiet) and \
-                    now - max(quiet + [0.0]) >= DRAIN_QUIET_S:
-                return
+            if all(q is not None for q in quiet) and now - max(quiet + [0.0]) >= DRAIN_QUIET_S:
+                if now >= earliest:
+                    return
+                # After an upgrade the new process accepts: what this one still owes is its
+                # open keep-alive connections, which the app may reuse at any moment (each
+                # next response says Connection: close).  Once the app closed them all, done.
+                if self.upgraded and not any(l.connections for l in self.listeners):
+                    return
             time.sleep(0.05)
         self.log.warning("drain_timeout passed with %d request(s) active: cutting them",
                          sum(l.active_requests for l in self.listeners))

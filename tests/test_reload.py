@@ -486,3 +486,36 @@ def test_a_reload_keeps_the_tokens_of_rate_limits_that_did_not_change(ambassador
     assert reload(amb)[0] == 200
     assert request(amb.port(), path="/")[0] == 200
     assert request(amb.port(), path="/r")[0] == 429
+
+
+def test_after_an_upgrade_an_idle_keep_alive_connection_is_served_until_min_drain(
+        tmp_path, upstream):
+    """The app holds a keep-alive connection to the old process and reuses it 2.5 s after the
+    upgrade (it used to be closed within about 2 s): answered, with Connection: close, so the
+    app's next request goes to the new process."""
+    config = base_config([upstream.address])
+    config["shutdown"]["min_drain"] = "4s"
+    amb = Copy(tmp_path, config)
+    child = None
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", amb.port(), timeout=10)
+        conn.request("GET", "/before")
+        assert conn.getresponse().read()
+        amb.proc.send_signal(signal.SIGUSR2)
+        found = wait_for(lambda: re.search(r"upgrade: PID (\d+) serves", amb.stderr()), 30,
+                         "the new process serving")
+        child = int(found.group(1))
+        upgraded = time.monotonic()
+        wait_for(lambda: time.monotonic() - upgraded >= 2.5, 5, "2.5 s of idle")
+        assert amb.proc.poll() is None                   # still owes the idle connection
+        conn.request("GET", "/after")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("connection") == "close"
+        r.read()
+        conn.close()
+        assert amb.proc.wait(10) == 0                    # its last connection gone: it leaves
+        assert request(amb.port())[0] == 200             # the new one serves
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGTERM)
+        amb.proc.kill()
