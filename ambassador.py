@@ -120,6 +120,7 @@ import argparse
 import bisect
 import collections
 import difflib
+import errno
 import http
 import json
 import logging
@@ -218,7 +219,7 @@ SPAN_BATCH_SIZE = 512
 SPAN_EXPORT_INTERVAL_S = 1.0
 SPAN_QUEUE_SIZE = 2048
 SPAN_EXPORT_TIMEOUT_S = 5.0
-EXPORT_WARNING_INTERVAL_S = 60.0               # a failing collector: one warning a minute
+WARNING_INTERVAL_S = 60.0                      # a warning that repeats: once a minute, counted
 
 MAX_HEADER_COUNT = 100                        # past it: 431
 MAX_CHUNK_LINE_BYTES = 4096                   # chunk size line with extensions; past it: 400
@@ -1777,6 +1778,18 @@ _KNOWN_RESPONSE_FIELDS = _RESPONSE_FRAMING | frozenset([
     b"x-powered-by"])
 
 
+def parse_status_line(line):
+    """b"HTTP/1.1 200 OK" (a head's first line, or the whole head) -> 200; None unless it is
+    HTTP/1.0 or 1.1 with a three-digit status in 100-599.  The one place a status line is read:
+    responses, health checks, the span exporter's collector."""
+    parts = line.split(b"\r\n", 1)[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 \
+            or not parts[1].isdigit():
+        return None
+    status = int(parts[1])
+    return status if 100 <= status <= 599 else None
+
+
 def parse_response(head, method):
     """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted.
 
@@ -1791,12 +1804,11 @@ def parse_response(head, method):
     if head.find(b"\x00") >= 0:
         raise UpstreamProtocolError("NUL in the response head")
     lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 \
-            or not parts[1].isdigit() or not 100 <= int(parts[1]) <= 599:
+    status = parse_status_line(lines[0])
+    if status is None:
         raise UpstreamProtocolError("malformed status line %r" % lines[0][:80])
     resp = Response()
-    resp.status = status = int(parts[1])
+    resp.status = status
     resp.head = lines[0]
     resp.request_id = None
     resp.has_body = has_body = not (method == b"HEAD" or status in (204, 304) or status < 200)
@@ -1837,7 +1849,7 @@ def parse_response(head, method):
         tokens = frozenset(t.strip(b" \t") for t in connection.split(b","))
     else:
         tokens = (connection.strip(b" \t"),)       # one token, as nearly always
-    resp.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in tokens
+    resp.keep_alive = lines[0][7] == 49 and b"close" not in tokens     # HTTP/1.1: "1"
     resp.chunked = False
     resp.codings = b""
     if codings is not None:
@@ -2280,6 +2292,24 @@ _OVERFLOW_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plai
                    b"\r\n%s" % (len(_OVERFLOW_BODY), _OVERFLOW_BODY))
 
 
+# accept() errors that mean "out of a resource", not "that connection went away": the listening
+# socket stays readable, and without a pause the accepting thread spins at 100% of a core.
+_ACCEPT_RESOURCE_ERRORS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+ACCEPT_BACKOFF_S = 0.1
+
+
+def accept_or_back_off(server, on_error):
+    """socketserver's get_request for our servers: accept(), or on a resource error call
+    on_error(error), sleep ACCEPT_BACKOFF_S and raise (socketserver then drops the attempt)."""
+    try:
+        return server.socket.accept()
+    except OSError as e:
+        if e.errno in _ACCEPT_RESOURCE_ERRORS:
+            on_error(e)
+            time.sleep(ACCEPT_BACKOFF_S)
+        raise
+
+
 def init_tcp_server(server, address, inherited=None):
     """socketserver.TCPServer.__init__ for address (IPv6 when it says so), or over inherited:
     a socket already listening there (an address a reload hands on, or a live upgrade's
@@ -2312,6 +2342,10 @@ class ListenerServer(socketserver.TCPServer):
         self.dispatcher = Dispatcher(listener)
         self.relay = RelayLoop(listener) if listener.config.protocol == "tcp" and HAS_EPOLL \
             else None
+
+    def get_request(self):
+        return accept_or_back_off(self, lambda e: self.listener.telemetry.accept_failed(
+            self.listener.name, e))
 
     def process_request(self, sock, client_address):
         listener = self.listener
@@ -4019,9 +4053,10 @@ class TcpSession:
             self.termination = "drain"
         self.listener.telemetry.tcp_closed(self.listener, self)
         if self.reason and self.termination not in ("client_fin", "upstream_fin"):
-            self.listener.telemetry.log.warning("%s: tcp connection from %s closed: %s (%s)",
-                                                self.listener.name, self.client_address[0],
-                                                self.termination, self.reason)
+            self.listener.telemetry.warnings.warning(
+                ("tcp", self.listener.name, self.termination),
+                "%s: tcp connection from %s closed: %s (%s)", self.listener.name,
+                self.client_address[0], self.termination, self.reason)
 
     def _start(self):
         listener = self.listener
@@ -4136,6 +4171,7 @@ class TcpSession:
         # GSSENCRequest get "N" here, and it goes on in plaintext (libpq's sslmode=prefer).
         pg_intercept = self.cluster.tls is not None and \
             self.cluster.tls.config.starttls == "postgres"
+        pg_auth = pg_intercept           # the server's first message, until it has passed
         sides = {"down": [down, bytearray(), False, False], "up": [up, bytearray(), False, False]}
         # per side: socket, bytes waiting to be written to it, EOF read from it, FIN sent to it
         other = {"down": "up", "up": "down"}
@@ -4153,10 +4189,24 @@ class TcpSession:
                 if eof and not sides[other[side]][1] and not sides[other[side]][3]:
                     # EOF from `side` and everything before it delivered: pass the FIN on
                     peer = sides[other[side]]
-                    try:
-                        peer[0].shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
+                    if ssl_types and isinstance(peer[0], ssl_types):
+                        taken = close_notify(peer[0], want)
+                        if taken is None:
+                            self._reset(other[side], sock, "TLS close_notify failed")
+                            return
+                        if taken:
+                            if other[side] == "up":
+                                self.bytes_down += len(taken)
+                            else:
+                                self.bytes_up += len(taken)
+                            telemetry.tcp_bytes(name, "to_downstream" if other[side] == "up"
+                                                else "to_upstream", len(taken))
+                            out += taken
+                    else:
+                        try:
+                            peer[0].shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
                     peer[3] = True
                     first_fin = first_fin or ("client_fin" if side == "down" else "upstream_fin")
                     half_closed_at = half_closed_at or monotonic()
@@ -4209,6 +4259,9 @@ class TcpSession:
                         else:
                             if side == "down" and pg_intercept:
                                 data = self._intercept_pg(data, entry)
+                            elif side == "up" and pg_auth:
+                                data = self._intercept_pg_auth(data)
+                                pg_auth = self._pg_up_pending is not None
                             if side == "down":
                                 self.bytes_up += len(data)
                             else:
@@ -4367,11 +4420,79 @@ class TcpSession:
         self._pg_pending = None
         return buf
 
+    _pg_up_pending = b""     # the server's first message while it is not complete
+
+    def _intercept_pg_auth(self, data):
+        """The server's first message.  Over TLS, PostgreSQL >= 14 offers SCRAM-SHA-256-PLUS
+        (channel binding) in its AuthenticationSASL; the app talks plaintext to Ambassador, and
+        libpq refuses a PLUS offer on a plaintext connection ("server offered
+        SCRAM-SHA-256-PLUS authentication over a non-SSL connection").  The offer is dropped
+        from the list, so the app answers plain SCRAM-SHA-256, whose exchange never shows the
+        password.  Anything else passes unchanged, and the interception ends."""
+        buf = self._pg_up_pending + data
+        if len(buf) < 5:
+            self._pg_up_pending = buf
+            return b""
+        length = struct.unpack("!i", buf[1:5])[0]
+        if buf[:1] != b"R" or not 8 <= length <= 8192:
+            self._pg_up_pending = None
+            return buf
+        if len(buf) < 1 + length:
+            self._pg_up_pending = buf
+            return b""
+        self._pg_up_pending = None
+        return rewrite_pg_sasl_offer(buf[:1 + length]) + buf[1 + length:]
+
     def _reset(self, side, peer_sock, error):
         """`side` reset (or failed): the other side gets a reset too."""
         self.termination = "client_reset" if side == "down" else "upstream_reset"
         self.reason = "%s" % (error or type(error).__name__)
         reset_socket(peer_sock)
+
+
+def close_notify(sock, want):
+    """A FIN passed on to a TLS peer: its close_notify, the socket still reading (TLS 1.2 and
+    1.3 allow the half-close).  Not SSLSocket.shutdown(), which drops the TLS layer without a
+    word, so that the rest of the stream would reach the reader as raw TLS records.
+
+    OpenSSL reads the peer's records while it sends close_notify (SSL_shutdown, twice in
+    unwrap()) and fails on application data it finds: what is readable is taken first and
+    returned, for the caller to deliver.  -> those bytes (b"" if none), or None when TLS failed
+    (the data in flight is lost: the caller resets).  `want`: the ssl want-read/write errors."""
+    taken = bytearray()
+    try:
+        while True:                            # a few records at most: what already came
+            data = sock.recv(IO_CHUNK_BYTES)
+            if not data:
+                break
+            taken += data
+    except want:
+        pass
+    except OSError:
+        return bytes(taken)                    # the peer is gone: nothing to tell it
+    try:
+        sock.unwrap()                          # complete only if the peer's came already
+    except want:
+        pass                                   # ours is sent; the peer's comes later
+    except ValueError:                         # compat: an SSLSocket already unwrapped
+        pass
+    except OSError as e:
+        if "APPLICATION_DATA_AFTER_CLOSE_NOTIFY" in str(e):
+            return None
+    return bytes(taken)
+
+
+def rewrite_pg_sasl_offer(message):
+    """A PostgreSQL Authentication message (R) -> the same, with SCRAM-SHA-256-PLUS left out
+    of an AuthenticationSASL (code 10) mechanism list when another mechanism remains."""
+    if len(message) < 9 or struct.unpack("!i", message[5:9])[0] != 10:
+        return message
+    names = [m for m in message[9:].split(b"\0") if m]
+    kept = [m for m in names if m != b"SCRAM-SHA-256-PLUS"]
+    if not kept or kept == names:
+        return message
+    body = struct.pack("!i", 10) + b"".join(m + b"\0" for m in kept) + b"\0"
+    return b"R" + struct.pack("!i", len(body) + 4) + body
 
 
 def drive_blocking(pump):
@@ -4807,6 +4928,7 @@ class Endpoint:
         self.failures_total = 0
         self.consecutive_failures = 0
         self.health = "unchecked"
+        self.health_reason = None                     # why the last check failed, if it did
         self._in_a_row = 0                            # checks agreeing with each other
         self.ejected = False
         self.ejected_until = None                     # wall-clock seconds, for /clusters
@@ -4835,9 +4957,11 @@ class Endpoint:
                 self.consecutive_failures += 1
             return self.consecutive_failures
 
-    def record_check(self, ok, healthy_threshold, unhealthy_threshold):
-        """One health-check result -> the new health if it changed, else None."""
+    def record_check(self, ok, healthy_threshold, unhealthy_threshold, reason=None):
+        """One health-check result (with why it failed) -> the new health if it changed,
+        else None."""
         with self._lock:
+            self.health_reason = None if ok else reason
             old = self.health
             if old == "unchecked":
                 self.health = "healthy" if ok else "unhealthy"
@@ -4877,6 +5001,7 @@ class Endpoint:
         with self._lock:
             return {"address": self.label.decode(), "hostname": self.host_header.decode(),
                     "weight": self.weight, "health": self.health,
+                    "health_reason": self.health_reason,
                     "ejected_until": self.ejected_until, "ejections": self.ejections,
                     "active_requests": self.active_requests,
                     "consecutive_failures": self.consecutive_failures,
@@ -5100,8 +5225,10 @@ class Cluster:
                 failures.append((host, e))
                 self._count_dns("failure")
                 if self.telemetry is not None and self.config.discovery == "strict_dns":
-                    self.telemetry.log.warning("cluster %s: cannot resolve %s: %s",
-                                               self.name, host, e)
+                    self.telemetry.warnings.warning(("dns", self.name, host),
+                                                    "cluster %s: cannot resolve %s: %s "
+                                                    "(keeping its last addresses)",
+                                                    self.name, host, e)
                 with self._lock:
                     addresses = self._last_good.get(entry, [])
             for address in addresses:
@@ -5541,55 +5668,92 @@ class HealthChecker:
     def _run(self, endpoint, gone):
         c = self.config
         while not (gone.is_set() or self._stop.is_set()):
-            ok = self.check(endpoint)
-            changed = endpoint.record_check(ok, c.healthy_threshold, c.unhealthy_threshold)
+            ok, reason = self.check(endpoint)
+            changed = endpoint.record_check(ok, c.healthy_threshold, c.unhealthy_threshold,
+                                            reason)
             with self._lock:
                 if self._first_round is not None:
                     self._first_round.discard(endpoint)
             if self.telemetry is not None:
-                self.telemetry.health_checked(self.cluster, endpoint, ok, changed)
+                self.telemetry.health_checked(self.cluster, endpoint, ok, changed, reason)
             if self._stop.wait(c.interval * (0.9 + 0.2 * self._rng.random())):
                 return
 
     def check(self, endpoint):
+        """One check -> (passed, why it failed or None).  A protocol answer means the server
+        is alive, whatever it says: a check never logs in, so a pg_hba.conf that admits only
+        the app's user, or a Redis with requirepass, is not marked dead, and the server's log
+        gets no line per probe."""
         c = self.config
         try:
             sock = socket.create_connection(endpoint.address, c.timeout)
-        except OSError:
-            return False
+        except socket.timeout:
+            return False, "connect: timed out after %gs" % c.timeout
+        except OSError as e:
+            return False, "connect: %s" % (e.strerror or e)
         try:
             tls = self.cluster.tls
             sock.settimeout(c.timeout)
+            if c.type == "postgres":
+                return self._check_postgres(sock, tls, endpoint)
             if tls is not None:
-                if tls.config.starttls == "postgres":
-                    postgres_starttls(sock, endpoint.label.decode())
                 sock = client_handshake(sock, tls, endpoint)
             if c.type == "tcp":
-                return True
-            if c.type == "redis":                # PING -> +PONG
+                return True, None
+            if c.type == "redis":                # PING -> +PONG, or an error reply
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return SocketReader(sock).read_line(512) == b"+PONG"
-            if c.type == "postgres":             # a StartupMessage: an R (authentication) is up
-                body = struct.pack("!i", 196608) + b"user\0ambassador\0database\0postgres\0\0"
-                sock.sendall(struct.pack("!i", len(body) + 4) + body)
-                reply = sock.recv(1)
-                try:
-                    sock.sendall(b"X\0\0\0\x04")  # Terminate, politely
-                except OSError:
-                    pass
-                return reply == b"R"
+                line = SocketReader(sock).read_line(512)
+                if line[:1] == b"+" or (line[:1] == b"-" and not line.startswith(b"-LOADING")):
+                    return True, None            # -NOAUTH, -ERR: alive, not ours to log in
+                return False, "redis answered %r" % line[:64].decode("latin-1")
             deadline = monotonic() + c.timeout
             sock.settimeout(c.timeout)
             sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ambassador-health-check"
                          b"\r\nConnection: close\r\n\r\n" % (c.path.encode(), endpoint.host_header))
             head = SocketReader(sock).read_head(65536, deadline)
-            parts = head.split(b"\r\n", 1)[0].split(b" ")
-            return len(parts) >= 2 and parts[1].isdigit() and \
-                int(parts[1]) in c.expected_statuses
-        except (OSError, EOFError, HeadTooLarge, TlsError, FramingError):
-            return False
+            if not head:
+                return False, "connection closed before a response"
+            status = parse_status_line(head)
+            if status in c.expected_statuses:
+                return True, None
+            return False, "HTTP %d" % status if status else "not an HTTP response"
+        except socket.timeout:
+            return False, "no answer within %gs" % c.timeout
+        except (OSError, EOFError, HeadTooLarge, FramingError) as e:
+            return False, "%s" % (getattr(e, "strerror", None) or e or type(e).__name__)
+        except TlsError as e:
+            return False, "%s" % e
         finally:
             sock.close()
+
+    @staticmethod
+    def _check_postgres(sock, tls, endpoint):
+        """PostgreSQL's SSLRequest, answered S or N by a server that is up.  After an S the
+        handshake is completed (verified when the cluster has TLS) and the connection closed
+        before any startup message: PostgreSQL logs nothing for a client that leaves there
+        (ProcessStartupPacket's "no data at all" case), where a refused login logs a FATAL."""
+        sock.sendall(PG_SSL_REQUEST)
+        reply = sock.recv(1)
+        if reply == b"N":
+            if tls is not None:
+                return False, "PostgreSQL refused TLS (SSLRequest answered N)"
+            return True, None
+        if reply != b"S":
+            return False, "not a PostgreSQL answer to SSLRequest: %r" % reply
+        if tls is not None:
+            sock = client_handshake(sock, tls, endpoint)
+        else:
+            import ssl   # a plain cluster's server offers TLS: finish it, unverified, to leave
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            sock = context.wrap_socket(sock)
+        try:               # close_notify both ways: a bare close after TLS 1.3's session
+            sock.unwrap()  # tickets is a reset, which PostgreSQL logs
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()   # the TLS socket owns the descriptor now, not check()'s
+        return True, None
 
 
 # ==================================================================================================
@@ -5743,6 +5907,13 @@ def process_samples():
     return rss, (int(fields[11]) + int(fields[12])) / ticks, btime + int(fields[19]) / ticks
 
 
+def _process_sample(index):
+    """One of process_samples() as a gauge's samples; none when /proc cannot be read (out of
+    file descriptors: /metrics must still answer)."""
+    samples = process_samples()
+    return [] if samples is None else [((), samples[index])]
+
+
 _json_string = json.encoder.encode_basestring_ascii
 _JSON_LINE = ('{"ts":"%s","listener":%s,"method":%s,"path":%s,"status":%d,"duration_ms":%r,'
               '"upstream":%s,"attempts":%d,"bytes_in":%d,"bytes_out":%d,"request_id":%s,'
@@ -5758,6 +5929,37 @@ def _log_text(text):
     if _UNSAFE_LOG_CHARS.search(text) is None:
         return text
     return _UNSAFE_LOG_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
+
+class WarningLimiter:
+    """Warnings that can repeat (a refused tcp connection, a name that does not resolve, a
+    collector that is down, out of file descriptors): at most one line per key every
+    WARNING_INTERVAL_S, the next one saying how many were held back.  Metrics count every
+    event; the log says that it happens, without flooding (1,981 lines in 0.4 s under a
+    connection flood before).  Thread-safe: one lock guards _last."""
+
+    def __init__(self, log, clock=monotonic):
+        self._log, self._clock = log, clock
+        self._lock = threading.Lock()   # guards _last
+        self._last = {}                 # key -> [when logged, held back since]
+
+    def warning(self, key, fmt, *args):
+        now = self._clock()
+        with self._lock:
+            seen = self._last.get(key)
+            if seen is not None and now - seen[0] < WARNING_INTERVAL_S:
+                seen[1] += 1
+                return False
+            held = seen[1] if seen is not None else 0
+            self._last[key] = [now, 0]
+            if len(self._last) > 4096:          # keys come from the network at worst
+                self._last = {k: v for k, v in self._last.items()
+                              if now - v[0] < WARNING_INTERVAL_S}
+        if held:
+            fmt += " (%d more like it in the last %ds)"
+            args += (held, int(WARNING_INTERVAL_S))
+        self._log.warning(fmt, *args)
+        return True
 
 
 class AccessLog:
@@ -6068,8 +6270,7 @@ class SpanExporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
-        self._warned_at = None           # monotonic time of the last warning (exporter thread)
-        self._unwarned = 0               # failures since then, named in the next warning
+        self._warnings = WarningLimiter(logging.getLogger("ambassador"))
         self._resource = {"attributes": _otlp_attributes([("service.name",
                                                            config.service_name)])}
 
@@ -6122,16 +6323,9 @@ class SpanExporter:
             self._on_dropped("rejected", len(batch))
 
     def _warn(self, message):
-        """A warning at most every EXPORT_WARNING_INTERVAL_S: a collector that is down would
-        otherwise write a line a second; the metrics count every batch."""
-        now = monotonic()
-        if self._warned_at is not None and now - self._warned_at < EXPORT_WARNING_INTERVAL_S:
-            self._unwarned += 1
-            return
-        if self._unwarned:
-            message += " (and %d more failures since the last warning)" % self._unwarned
-        self._warned_at, self._unwarned = now, 0
-        logging.getLogger("ambassador").warning("%s", message)
+        """A collector that is down would otherwise write a line a second; the metrics count
+        every batch."""
+        self._warnings.warning("export", "%s", message)
 
     def _post(self, body):
         sock = socket.create_connection((self._host, self._port), SPAN_EXPORT_TIMEOUT_S)
@@ -6147,8 +6341,7 @@ class SpanExporter:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
             reader = SocketReader(sock)
             line = reader.read_head(65536, monotonic() + SPAN_EXPORT_TIMEOUT_S)
-            parts = line.split(b"\r\n", 1)[0].split(b" ")
-            status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            status = parse_status_line(line) or 0
             reply = reader.buf
             if not reply and not 200 <= status < 300:
                 try:                    # the start of the collector's reason, for the log
@@ -6226,6 +6419,12 @@ class Telemetry:
         self.internal_errors = m.add(Counter(
             "ambassador_internal_errors_total", "Bugs: unexpected exceptions, each logged.",
             ("where",)))
+        self.accept_errors = m.add(Counter(
+            "ambassador_accept_errors_total",
+            "Connections not accepted for want of a resource (emfile: the process's open files "
+            "limit; enfile: the system's), by listener (admin and probe too).",
+            ("listener", "reason")))
+        self.warnings = WarningLimiter(self.log)
         self.attempts = m.add(Counter(
             "ambassador_upstream_attempts_total", "Tries sent to the cluster, by outcome.",
             ("cluster", "result")))
@@ -6380,7 +6579,7 @@ class Telemetry:
                 ("process_resident_memory_bytes", Gauge, "Resident memory size in bytes."),
                 ("process_cpu_seconds_total", Gauge, "User and system CPU time in seconds."),
                 ("process_start_time_seconds", Gauge, "Start time since the epoch, seconds."))):
-            family = kind(name, help_text, (), lambda i=index: [((), process_samples()[i])])
+            family = kind(name, help_text, (), lambda i=index: _process_sample(i))
             if name.endswith("_total"):
                 family.kind = "counter"
             m.add(family)
@@ -6452,12 +6651,17 @@ class Telemetry:
                          cluster.name, endpoint.label.decode(), duration_s,
                          endpoint.consecutive_failures)
 
-    def health_checked(self, cluster, endpoint, ok, changed):
+    def health_checked(self, cluster, endpoint, ok, changed, reason=None):
+        """Every check is counted; only a change of health is logged: unhealthy as a warning
+        with the failing check's reason, healthy (the first time too) as info."""
         self.health_checks.inc((cluster.name, endpoint.label.decode(),
                                 "success" if ok else "failure"))
-        if changed:
-            self.log.warning("cluster %s: endpoint %s is %s", cluster.name,
-                             endpoint.label.decode(), changed)
+        if changed == "unhealthy":
+            self.log.warning("cluster %s: endpoint %s is unhealthy: %s", cluster.name,
+                             endpoint.label.decode(), reason or "check failed")
+        elif changed:
+            self.log.info("cluster %s: endpoint %s is %s", cluster.name,
+                          endpoint.label.decode(), changed)
 
     def tcp_bytes(self, listener_name, direction, n):
         self.tcp_byte_counts.inc((listener_name, direction), n)
@@ -6492,6 +6696,14 @@ class Telemetry:
     def breaker_transition(self, cluster_name, old, new):
         self.transitions.inc((cluster_name, new))
         self.log.warning("circuit breaker of cluster %s: %s -> %s", cluster_name, old, new)
+
+    def accept_failed(self, listener_name, error):
+        """accept() failed for want of descriptors: counted; logged once per minute."""
+        reason = errno.errorcode.get(error.errno, "error").lower()
+        self.accept_errors.inc((listener_name, reason))
+        self.warnings.warning(("accept", listener_name),
+                              "%s: cannot accept connections: %s (%s); backing off",
+                              listener_name, error.strerror or error, reason)
 
     def internal_error(self, where):
         """A bug: log the traceback once per place, count every time."""
@@ -6533,11 +6745,41 @@ class SmallHTTPServer(socketserver.TCPServer):
     # waiting for SYN-ACK retries, seconds apart, instead of an answer or a fast 503.
     request_queue_size = 128
 
-    def __init__(self, address, route, name, inherited=None, max_body_bytes=0):
+    def __init__(self, address, route, name, inherited=None, max_body_bytes=0,
+                 on_accept_error=None):
         self.route, self.name = route, name
         self.max_body_bytes = max_body_bytes
+        self.on_accept_error = on_accept_error or (lambda error: None)
         self._slots = threading.BoundedSemaphore(ADMIN_MAX_CONNECTIONS)
+        # One descriptor held in reserve: when the process runs out (a flood, a leak), it is
+        # given up to accept one admin connection, so that /metrics and /live still answer
+        # and say what is wrong; taken back when that connection closes.
+        self._spare_lock = threading.Lock()   # guards _spare
+        self._spare = None
+        self._take_spare()
         init_tcp_server(self, address, inherited)
+
+    def _take_spare(self):
+        with self._spare_lock:
+            if self._spare is None:
+                try:
+                    self._spare = os.open(os.devnull, os.O_RDONLY)
+                except OSError:
+                    pass
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as e:
+            if e.errno not in _ACCEPT_RESOURCE_ERRORS:
+                raise
+            with self._spare_lock:
+                spare, self._spare = self._spare, None
+            if spare is None:
+                return accept_or_back_off(self, self.on_accept_error)
+            self.on_accept_error(e)
+            os.close(spare)
+            return accept_or_back_off(self, self.on_accept_error)
 
     def process_request(self, sock, client_address):
         if not self._slots.acquire(blocking=False):
@@ -6575,6 +6817,15 @@ class SmallHTTPServer(socketserver.TCPServer):
         finally:
             self.shutdown_request(sock)
             self._slots.release()
+            if self._spare is None:
+                self._take_spare()
+
+    def server_close(self):
+        socketserver.TCPServer.server_close(self)
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            os.close(spare)
 
     def _answer(self, sock):
         reader = SocketReader(sock)
@@ -6787,7 +7038,9 @@ class Ambassador:
                 if address is None:
                     continue
                 try:
-                    server = SmallHTTPServer(address, route, name, self._inherit(name, address))
+                    server = SmallHTTPServer(
+                        address, route, name, self._inherit(name, address),
+                        on_accept_error=lambda e, name=name: self.telemetry.accept_failed(name, e))
                 except OSError as e:
                     raise StartupError("admin: cannot listen on %s (%s): %s" % (
                         format_address(address), key, e.strerror or e))

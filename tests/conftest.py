@@ -284,7 +284,7 @@ def upstream(upstream_factory):
 class AmbassadorProcess:
     """ambassador.py as a real process, configured by a dict rendered to TOML."""
 
-    def __init__(self, tmp_path, config, args=()):
+    def __init__(self, tmp_path, config, args=(), preexec_fn=None):
         self.tmp_path = tmp_path
         self.config = config
         self.config_path = str(tmp_path / "ambassador.toml")
@@ -299,7 +299,8 @@ class AmbassadorProcess:
         env = dict(os.environ, AMBASSADOR_REEXEC="1")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(ambassador_command("-c", self.config_path, *args),
-                                         stdout=out, stderr=err, cwd=ROOT, env=env)
+                                         stdout=out, stderr=err, cwd=ROOT, env=env,
+                                         preexec_fn=preexec_fn)
 
     def port(self, listener="app"):
         configured = int(str(self.config["listeners"][listener]["listen"]).rsplit(":", 1)[-1])
@@ -385,10 +386,10 @@ def ambassador(tmp_path, request):
     """start(config_or_endpoints, **listener_keys) -> a ready AmbassadorProcess."""
     started = []
 
-    def start(config, args=(), ready=True, **listener):
+    def start(config, args=(), ready=True, preexec_fn=None, **listener):
         if not isinstance(config, dict):
             config = base_config(config, **listener)
-        p = AmbassadorProcess(tmp_path, config, args)
+        p = AmbassadorProcess(tmp_path, config, args, preexec_fn)
         started.append(p)
         return p.wait_ready() if ready else p
     yield start
@@ -618,7 +619,11 @@ class PostgresServer:
     """PostgreSQL on a free loopback port that accepts only TLS (pg_hba.conf: hostssl), run as
     the postgres user in a temporary cluster; stopped with pg_ctl."""
 
-    def __init__(self, tmp, pki):
+    PASSWORD = "s3cret-app"
+
+    def __init__(self, tmp, pki, scram=False):
+        """scram: as production sets it up -- TCP admits only the user `app`, by SCRAM password
+        (PostgreSQL >= 14 then offers SCRAM-SHA-256-PLUS over TLS); trust otherwise."""
         if os.geteuid() != 0:
             pytest.skip("PostgreSQL is started as the postgres user: the tests need root")
         initdb, self.pg_ctl = need("initdb"), need("pg_ctl")
@@ -638,11 +643,21 @@ class PostgresServer:
             f.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
                     "fsync = off\nshared_buffers = 16MB\n")
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
-            f.write("hostssl all all 127.0.0.1/32 trust\n")
+            f.write("local all postgres trust\nhostssl all app 127.0.0.1/32 scram-sha-256\n"
+                    if scram else "hostssl all all 127.0.0.1/32 trust\n")
         subprocess.check_call(["chown", "-R", "postgres:", self.root])
-        self.run([self.pg_ctl, "-D", self.data, "-l", os.path.join(self.root, "log"), "-w",
+        self.log = os.path.join(self.root, "log")
+        self.run([self.pg_ctl, "-D", self.data, "-l", self.log, "-w",
                   "-t", "60", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
                   % (self.port, self.root), "start"])
+        if scram:
+            self.run([need("psql"), "-h", self.root, "-p", str(self.port), "-U", "postgres",
+                      "-d", "postgres", "-c", "create role app login password '%s'"
+                      % self.PASSWORD])
+
+    def log_text(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
 
     def run(self, args):
         subprocess.check_call(["runuser", "-u", "postgres", "--"] + args,
@@ -659,5 +674,12 @@ class PostgresServer:
 @pytest.fixture(scope="module")
 def postgres_server(tmp_path_factory, pki):
     pg = PostgresServer(tmp_path_factory.mktemp("postgres"), pki)
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_scram(tmp_path_factory, pki):
+    pg = PostgresServer(tmp_path_factory.mktemp("postgres-scram"), pki, scram=True)
     yield pg
     pg.stop()

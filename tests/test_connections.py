@@ -15,7 +15,7 @@ import pytest
 
 import ambassador
 from ambassador import Dispatcher, DownstreamConnection
-from conftest import ambassador_command, base_config, read_response, request, wait_for
+from conftest import ambassador_command, base_config, metric, read_response, request, wait_for
 from test_tls import callee_config, client_context, tls_get
 
 
@@ -255,3 +255,35 @@ def test_a_failed_handshake_leaves_the_epoll_before_the_next_connection_takes_it
         server.close()
         for c in clients:
             c.close()
+
+
+def test_out_of_file_descriptors_backs_off_logs_once_and_the_admin_port_answers(
+        ambassador, upstream):
+    """With the open files limit reached by idle app connections, accept() fails: it used to
+    spin at 99% of a core with no log line, the admin port went silent and /metrics raised."""
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    a = ambassador([upstream.address], preexec_fn=low_limit)
+    assert request(a.port())[0] == 200
+    socks = []
+    try:
+        for _ in range(80):                       # past the limit: the kernel queues the rest
+            socks.append(socket.create_connection(("127.0.0.1", a.port()), timeout=5))
+        wait_for(lambda: "cannot accept connections" in a.stderr(), 10, "the warning")
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu_s():
+            with open("/proc/%d/stat" % a.proc.pid) as f:
+                fields = f.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+        before, started = cpu_s(), time.monotonic()
+        wait_for(lambda: time.monotonic() - started >= 1.0, 5, "a second out of descriptors")
+        assert cpu_s() - before < 0.5               # backing off, not spinning
+        status, text = a.admin("/metrics")
+        assert status == 200 and "ambassador_accept_errors_total" in text
+        assert metric(a, "ambassador_accept_errors_total", listener="app", reason="emfile") > 0
+        assert a.stderr().count("app: cannot accept connections") == 1   # once a minute
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: request(a.port())[0] == 200, 10, "serving again")

@@ -4,6 +4,7 @@ either order, resets, bytes after an SSLRequest's S)."""
 
 import hashlib
 import json
+import os
 import signal
 import socket
 import ssl
@@ -114,6 +115,51 @@ def test_psql_with_sslmode_prefer_reaches_a_tls_only_postgres(ambassador, pki, p
     assert direct.returncode != 0                    # plaintext to it is impossible
 
 
+@pytest.mark.parametrize("sslmode", ["prefer", "disable"])
+def test_psql_with_a_scram_password_through_starttls(ambassador, pki, postgres_scram, sslmode):
+    """As production sets PostgreSQL up: SCRAM passwords, pg_hba.conf admitting only the app's
+    user.  Over TLS the server offers SCRAM-SHA-256-PLUS, which libpq refuses on the app's
+    plaintext connection; Ambassador drops that offer.  The health check logs nothing."""
+    config = tcp_config(["127.0.0.1:%d" % postgres_scram.port])
+    config["clusters"]["svc"]["tls"] = {"ca": pki.ca_pem, "starttls": "postgres"}
+    config["clusters"]["svc"]["health_check"] = {"type": "postgres", "interval": "200ms"}
+    a = ambassador(config)
+    env = dict(os.environ, PGPASSWORD=postgres_scram.PASSWORD, PGCONNECT_TIMEOUT="10")
+    out = subprocess.run([need("psql"), "host=127.0.0.1 port=%d user=app dbname=postgres "
+                          "sslmode=%s" % (a.port(), sslmode), "-Atc",
+                          "select current_user, ssl from pg_stat_ssl "
+                          "where pid = pg_backend_pid()"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode().strip() == "app|t"
+    wrong = subprocess.run([need("psql"), "host=127.0.0.1 port=%d user=app dbname=postgres "
+                            "sslmode=disable" % a.port(), "-Atc", "select 1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
+                           env=dict(env, PGPASSWORD="wrong"))
+    assert wrong.returncode != 0 and b"password authentication failed" in wrong.stderr
+    wait_for(lambda: metric(a, "ambassador_health_checks_total", result="success") >= 5, 10,
+             "five passing checks")
+    endpoint, = json.loads(a.admin("/clusters")[1])["clusters"]["svc"]["endpoints"]
+    assert endpoint["health"] == "healthy"
+    log = postgres_scram.log_text()
+    assert 'user "ambassador"' not in log and "no pg_hba.conf entry" not in log, log[-2000:]
+    assert "could not accept SSL connection" not in log, log[-2000:]
+    assert "could not receive data from client" not in log, log[-2000:]
+    assert "incomplete startup packet" not in log, log[-2000:]
+
+
+@pytest.mark.parametrize("message,expected", [
+    (b"R\0\0\0\x2a\0\0\0\x0aSCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0",
+     b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"),
+    (b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0", None),          # nothing to drop
+    (b"R\0\0\0\x1c\0\0\0\x0aSCRAM-SHA-256-PLUS\0\0", None),     # the only one: kept
+    (b"R\0\0\0\x08\0\0\0\x00", None),                            # AuthenticationOk
+    (b"R\0\0\0\x0c\0\0\0\x05abcd", None),                        # MD5
+])
+def test_the_sasl_offer_loses_only_its_plus_mechanism(message, expected):
+    assert amb.rewrite_pg_sasl_offer(message) == (expected or message)
+
+
 def test_an_open_psql_session_finishes_during_a_drain(ambassador, pki, postgres_server):
     config = tcp_config(["127.0.0.1:%d" % postgres_server.port])
     config["clusters"]["svc"]["tls"] = {"ca": pki.ca_pem, "starttls": "postgres"}
@@ -155,6 +201,60 @@ def test_redis_over_tls_with_a_client_certificate(ambassador, pki, tmp_path):
         assert b"PONG" not in out.stdout              # refused without a client certificate
     finally:
         redis.stop()
+
+
+def test_a_half_close_towards_a_tls_upstream_gets_the_answer_in_clear(ambassador, pki,
+                                                                     tmp_path):
+    """The app sends a command and half-closes (nc -N): the FIN reaches Redis as TLS's
+    close_notify, and Redis's answer comes back decrypted (it used to arrive as raw TLS
+    records: SSLSocket.shutdown() drops the TLS layer)."""
+    redis = RedisServer(tmp_path, pki)
+    try:
+        config = tcp_config(["127.0.0.1:%d" % redis.port])
+        config["clusters"]["svc"]["tls"] = {"ca": pki.ca_pem, "cert": pki.client[0],
+                                            "key": pki.client[1]}
+        a = ambassador(config)
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", a.port()), timeout=10) as c:
+                c.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nv1\r\n"
+                          b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+                c.shutdown(socket.SHUT_WR)
+                assert read_all(c) == b"+OK\r\n$2\r\nv1\r\n"
+    finally:
+        redis.stop()
+
+
+def test_a_half_close_on_a_tls_listener_keeps_the_rest_of_the_stream_in_tls(ambassador, pki,
+                                                                            scripted):
+    """The plain upstream greets and half-closes; the TLS client gets the greeting and a
+    close_notify, then sends its data: the upstream receives it in clear (the TLS layer used
+    to be dropped at the FIN, so the client's next records reached the upstream raw)."""
+    def greet_then_read(sock, server):
+        sock.sendall(b"hello")
+        sock.shutdown(socket.SHUT_WR)
+        server.seen.append(read_all(sock))
+    up = scripted(greet_then_read)
+    config = tcp_config([up.address])
+    config["listeners"]["app"]["tls"] = {"cert": pki.server[0], "key": pki.server[1]}
+    a = ambassador(config)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca_pem)
+    payload = b"after the half-close " * 5000
+    with socket.create_connection(("127.0.0.1", a.port()), timeout=10) as plain:
+        with ctx.wrap_socket(plain, server_hostname="localhost") as c:
+            greeting = b""
+            while True:
+                try:
+                    data = c.recv(65536)
+                except ssl.SSLZeroReturnError:
+                    break
+                if not data:
+                    break
+                greeting += data
+            assert greeting == b"hello"
+            c.sendall(payload)
+    wait_for(lambda: up.seen, 10, "the upstream read to its EOF")
+    assert hashlib.sha256(up.seen[0]).hexdigest() == hashlib.sha256(payload).hexdigest()
 
 
 def test_failover_when_the_first_endpoint_refuses(ambassador, redis_server, tmp_path):
