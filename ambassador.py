@@ -1164,7 +1164,12 @@ def parse_config(raw, path="<config>"):
             v.unknown(key, key, list(_TOP_KEYS))
     admin = AdminConfig(**v.table("admin", raw.get("admin", {}), _ADMIN_KEYS))
     log = LogConfig(**v.table("log", raw.get("log", {}), _LOG_KEYS))
-    shutdown = ShutdownConfig(**v.table("shutdown", raw.get("shutdown", {}), _SHUTDOWN_KEYS))
+    raw_shutdown = raw.get("shutdown", {})
+    shutdown = ShutdownConfig(**v.table("shutdown", raw_shutdown, _SHUTDOWN_KEYS))
+    if not (isinstance(raw_shutdown, dict) and "min_drain" in raw_shutdown):
+        # Unwritten, the default follows drain_timeout down: a config of drain_timeout = "1s"
+        # alone, valid before min_drain existed, must not be refused over a key it never had.
+        shutdown = shutdown._replace(min_drain=min(DEFAULT_MIN_DRAIN_S, shutdown.drain_timeout))
     tracing = None
     if "tracing" in raw:
         values = v.table("tracing", raw["tracing"], _TRACING_KEYS)
@@ -4010,9 +4015,10 @@ class TcpSession:
         self.finish()
 
     def begin(self):
-        """Begin: -> the pump generator, or None (the termination set) when there is none."""
-        if self.listener.draining.is_set():   # a tcp listener stops accepting at drain:
-            return None                       # as if never accepted, no log line, no count
+        """Begin: -> the pump generator, or None (the termination set) when there is none.
+        During a drain too: the app that connects to its database right after SIGTERM is
+        served, as an http listener serves it, for as long as the listener accepts
+        (min_drain at least); the drain then waits for the session, up to drain_timeout."""
         self.listener.begin_request(self, self)
         self.begun = True
         try:

@@ -342,3 +342,20 @@ def test_the_docstring_contents_name_every_section_banner():
     contents = ambassador.__doc__.split("Contents", 1)[1]
     listed = sorted(set(int(n) for n in _re.findall(r"(?:^|\s)(\d+) [A-Z]", contents)))
     assert listed == list(range(1, len(banners) + 1))
+
+
+@pytest.mark.parametrize("shutdown, min_drain, problem", [
+    ('drain_timeout = "1s"', 1.0, None),          # valid before min_drain: still valid
+    ('drain_timeout = "0s"', 0.0, None),
+    ('drain_timeout = "30s"', 5.0, None),
+    ('drain_timeout = "1s"\nmin_drain = "2s"', None, "shutdown.min_drain: must be <="),
+    ('drain_timeout = "10s"\nmin_drain = "2s"', 2.0, None),
+])
+def test_min_drain_follows_a_short_drain_timeout_unless_written(shutdown, min_drain, problem):
+    import ambassador
+    if problem is None:
+        assert parse(top="[shutdown]\n%s\n" % shutdown).shutdown.min_drain == min_drain
+    else:
+        with pytest.raises(ambassador.ConfigError) as e:
+            parse(top="[shutdown]\n%s\n" % shutdown)
+        assert [p for p in e.value.problems if p.startswith(problem)], e.value.problems
