@@ -679,6 +679,9 @@ class OutlierDetectionConfig(NamedTuple):
 class ClusterConfig(NamedTuple):
     name: str
     endpoints: Tuple[EndpointConfig, ...]
+    # Envoy's priority 1 (HAProxy's and nginx's `backup`): used only while no endpoint of
+    # `endpoints` is available -- a replica that must not take half the primary's connections.
+    backup_endpoints: Tuple[EndpointConfig, ...] = ()
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
     discovery: str = "static"
     dns_refresh: float = DEFAULT_DNS_REFRESH_S
@@ -816,6 +819,12 @@ def _kind_endpoints(value):
             raise ValueError("endpoint port must be 1-65535, got %s" % show(item))
         endpoints.append(EndpointConfig((host, port), weight))
     return tuple(endpoints)
+
+
+def _kind_backup_endpoints(value):
+    if value == []:
+        return ()
+    return _kind_endpoints(value)
 
 
 def _kind_url(value):
@@ -1023,6 +1032,7 @@ _LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
                   "header_timeout": (_kind_timeout, DEFAULT_HEADER_TIMEOUT_S),
                   "max_header_bytes": (_kind_int(1024, 1048576), DEFAULT_MAX_HEADER_BYTES)}
 _CLUSTER_KEYS = {"endpoints": (_kind_endpoints, REQUIRED),
+                 "backup_endpoints": (_kind_backup_endpoints, ()),
                  "connect_timeout": (_kind_timeout, DEFAULT_CONNECT_TIMEOUT_S),
                  "discovery": (_kind_one_of("static", "strict_dns"), "static"),
                  "dns_refresh": (_kind_interval, DEFAULT_DNS_REFRESH_S),
@@ -1189,6 +1199,11 @@ def parse_config(raw, path="<config>"):
         if (values.get("lb_policy") == "ring_hash") != (values.get("hash_on") is not None):
             v.problem("clusters.%s.hash_on" % name, "goes with lb_policy = \"ring_hash\", and "
                       "ring_hash needs it (\"header:x-user-id\", \"cookie:session\", ...)")
+        both = {e.address for e in values.get("endpoints", ())} & \
+            {e.address for e in values.get("backup_endpoints", ())}
+        if both:
+            v.problem("clusters.%s.backup_endpoints" % name, "%s also in endpoints: an "
+                      "endpoint is a primary or a backup" % format_address(sorted(both)[0]))
         if "endpoints" in values:
             clusters[name] = ClusterConfig(name=name, **values)
 
@@ -4922,11 +4937,13 @@ class Endpoint:
     Ejection, decided by the OutlierDetector from live traffic, is separate: an endpoint is
     picked only when it is not unhealthy and not ejected."""
 
-    def __init__(self, address, host_header, weight, connect_timeout, limits, tls=None):
+    def __init__(self, address, host_header, weight, connect_timeout, limits, tls=None,
+                 backup=False):
         self.address = address                       # (ip, port) connected to
         self.label = format_address(address).encode()
         self.host_header = host_header                # "name:port" as configured, for Host
         self.weight = weight
+        self.backup = backup                          # of backup_endpoints: priority 1
         self.pool = ConnectionPool(self, connect_timeout, limits, tls)
         self._lock = threading.Lock()   # guards the fields below
         self.active_requests = 0
@@ -5006,7 +5023,7 @@ class Endpoint:
     def snapshot(self):
         with self._lock:
             return {"address": self.label.decode(), "hostname": self.host_header.decode(),
-                    "weight": self.weight, "health": self.health,
+                    "weight": self.weight, "backup": self.backup, "health": self.health,
                     "health_reason": self.health_reason,
                     "ejected_until": self.ejected_until, "ejections": self.ejections,
                     "active_requests": self.active_requests,
@@ -5156,7 +5173,8 @@ class Cluster:
         self._rng = rng
         self._lock = threading.Lock()    # guards _last_good (endpoints is copy-on-write)
         self._last_good = {}             # configured entry -> its last resolved addresses
-        self.endpoints = []
+        self.endpoints = []              # every endpoint, primaries first
+        self.tiers = ([], [])            # (primaries, backups): subsets of endpoints
         self.outlier_detector = OutlierDetector(self, config.outlier_detection, telemetry, clock)
         self.health_checker = HealthChecker(self, config.health_check, telemetry, rng) \
             if config.health_check else None
@@ -5165,7 +5183,11 @@ class Cluster:
         """An available endpoint (not unhealthy, not ejected) by the lb_policy; another than
         `avoid` (the one that just failed) when there is one.  NoHealthyUpstream if none.
         With ring_hash, req's hash key (hash_on) picks it when the request has one."""
-        available = [e for e in self.endpoints if e.is_available()]
+        primaries, backups = self.tiers
+        available = [e for e in primaries if e.is_available()]
+        if backups and (not available or (avoid is not None and available == [avoid])):
+            # No primary left (or only the one that just failed): the backups, while so.
+            available = [e for e in backups if e.is_available()] or available
         if self.config.hash_on is not None and req is not None and available:
             key = self.hash_key(req)
             if key is not None:
@@ -5216,7 +5238,8 @@ class Cluster:
         the names that failed."""
         entries = []
         failures = []
-        for entry in self.config.endpoints:
+        backups = frozenset(self.config.backup_endpoints)
+        for entry in self.config.endpoints + self.config.backup_endpoints:
             host, port = entry.address
             try:
                 addresses = self._resolver(host, port)
@@ -5238,7 +5261,8 @@ class Cluster:
                 with self._lock:
                     addresses = self._last_good.get(entry, [])
             for address in addresses:
-                entries.append((address, format_address(entry.address).encode(), entry.weight))
+                entries.append((address, format_address(entry.address).encode(), entry.weight,
+                                entry in backups))
         self._install(entries)
         return failures
 
@@ -5248,16 +5272,16 @@ class Cluster:
         the limits' counts stay while [circuit_breaker] is the same."""
         if self.config.circuit_breaker == old.config.circuit_breaker:
             self.limits, self.breaker = old.limits, old.breaker
-        self.endpoints = old.endpoints
+        self.endpoints, self.tiers = old.endpoints, old.tiers
 
     def _install(self, entries):
         old = {(e.address, e.host_header): e for e in self.endpoints}
         new = []
-        for address, host_header, weight in entries:
+        for address, host_header, weight, backup in entries:
             e = old.pop((address, host_header), None)
             if e is None:
                 e = Endpoint(address, host_header, weight, self.config.connect_timeout,
-                             self.limits, self.tls)
+                             self.limits, self.tls, backup)
             elif (e.pool.limits, e.pool.tls, e.pool.connect_timeout) != \
                     (self.limits, self.tls, self.config.connect_timeout):
                 stale, e.pool = e.pool, ConnectionPool(e, self.config.connect_timeout,
@@ -5266,8 +5290,10 @@ class Cluster:
                 e.weight = weight
             else:
                 e.weight = weight
+            e.backup = backup
             if e not in new:
                 new.append(e)
+        self.tiers = ([e for e in new if not e.backup], [e for e in new if e.backup])
         self.endpoints = new
         for gone in old.values():
             gone.retire()

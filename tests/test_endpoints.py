@@ -385,3 +385,65 @@ def test_no_request_is_lost_when_an_endpoint_leaves_dns(fake_dns, upstream_facto
         release.set()
         app.request_stop("test")
         serving.join(10)
+
+
+def test_backup_endpoints_serve_only_while_no_primary_is_available(ambassador, upstream_factory):
+    """HAProxy's `backup`, Envoy's priority 1: the replica takes nothing while the primary is
+    healthy, everything while it is not, and the primary gets the traffic back when it
+    recovers."""
+    primary_state, backup_state = {}, {}
+    primary = upstream_factory(health_aware(primary_state))
+    backup = upstream_factory(health_aware(backup_state))
+    config = base_config([primary.address])
+    config["clusters"]["svc"]["backup_endpoints"] = [backup.address]
+    config["clusters"]["svc"]["health_check"] = {"interval": "100ms", "timeout": "1s",
+                                                 "unhealthy_threshold": 1,
+                                                 "healthy_threshold": 1}
+    amb = ambassador(config)
+    work = lambda u: len([r for r in u.requests if r.target != "/health"])
+    for _ in range(10):
+        assert request(amb.port())[0] == 200
+    assert work(primary) == 10 and work(backup) == 0
+    endpoints = json.loads(amb.admin("/clusters")[1])["clusters"]["svc"]["endpoints"]
+    assert [(e["address"], e["backup"]) for e in endpoints] == [
+        (primary.address, False), (backup.address, True)]
+    primary_state["healthy"] = False
+    wait_for(lambda: json.loads(amb.admin("/clusters")[1])["clusters"]["svc"]["endpoints"][0]
+             ["health"] == "unhealthy", 5, "the primary unhealthy")
+    for _ in range(10):
+        assert request(amb.port())[0] == 200
+    assert work(primary) == 10 and work(backup) == 10
+    primary_state["healthy"] = True
+    wait_for(lambda: json.loads(amb.admin("/clusters")[1])["clusters"]["svc"]["endpoints"][0]
+             ["health"] == "healthy", 5, "the primary back")
+    for _ in range(10):
+        assert request(amb.port())[0] == 200
+    assert work(primary) == 20 and work(backup) == 10
+
+
+def test_a_tcp_connect_failure_on_the_only_primary_goes_to_a_backup(ambassador, upstream):
+    dead = "127.0.0.1:%d" % free_port()
+    config = base_config([dead])
+    config["listeners"]["app"]["protocol"] = "tcp"
+    config["clusters"]["svc"]["backup_endpoints"] = [upstream.address]
+    amb = ambassador(config)
+    for _ in range(3):
+        assert request(amb.port())[0] == 200          # HTTP bytes through the tcp listener
+    assert upstream.count() == 3
+
+
+@pytest.mark.parametrize("backups, problem", [
+    (["127.0.0.1:1"], "also in endpoints"),
+    ("x", "expected a non-empty array"),
+    ([], None),
+])
+def test_backup_endpoints_are_checked(backups, problem):
+    raw = {"listeners": {"a": {"listen": 0, "cluster": "c"}},
+           "clusters": {"c": {"endpoints": ["127.0.0.1:1"], "backup_endpoints": backups}}}
+    if problem is None:
+        assert A.parse_config(raw).clusters["c"].backup_endpoints == ()
+        return
+    with pytest.raises(A.ConfigError) as e:
+        A.parse_config(raw)
+    assert any(p.startswith("clusters.c.backup_endpoints: ") and problem in p
+               for p in e.value.problems), e.value.problems
