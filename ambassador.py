@@ -1921,6 +1921,37 @@ def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=Non
 #    with endpoints (SNI, SAN matching) and PostgreSQL's SSLRequest; peer identities.
 # ==================================================================================================
 
+class TlsMaterialError(ValueError):
+    """A tls table's file that does not load: `key` names the table's key (cert, key, ca)."""
+
+    def __init__(self, key, reason):
+        ValueError.__init__(self, "%s: %s" % (key, reason))
+        self.key, self.reason = key, reason
+
+
+def tls_problem(section, name, error):
+    """A TLS load failure as a config problem line with its exact key path."""
+    if isinstance(error, TlsMaterialError):
+        return "%s.%s.tls.%s: %s" % (section, name, error.key, error.reason)
+    return "%s.%s.tls: cannot load: %s" % (section, name, error)
+
+
+def check_tls_material(config):
+    """--check: every tls table's files loaded as a start or reload would, no network.
+    ConfigError listing each one that fails, with its key path."""
+    problems = []
+    owners = [("listeners", l.name, "downstream", l.tls) for l in config.listeners] + \
+        [("clusters", c.name, "upstream", c.tls) for c in config.clusters.values()]
+    for section, name, side, tls in owners:
+        if tls is not None:
+            try:
+                TlsContextSource(tls, side, name)
+            except (OSError, ValueError) as e:
+                problems.append(tls_problem(section, name, e))
+    if problems:
+        raise ConfigError(problems)
+
+
 class TlsContextSource:
     """An ssl.SSLContext built from one `tls` table's files (a listener's: server side, or a
     cluster's: client side), rebuilt when a file changes.  Used by Listeners and Clusters.
@@ -1958,9 +1989,9 @@ class TlsContextSource:
         ssl, c = self.ssl, self.config
         if self.side == "downstream":
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(c.cert, c.key)
+            self._load_pair(ctx)
             if c.ca:
-                ctx.load_verify_locations(c.ca)
+                self._load_ca(ctx)
                 ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else \
                     ssl.CERT_OPTIONAL
         else:
@@ -1969,11 +2000,11 @@ class TlsContextSource:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             elif c.ca:
-                ctx.load_verify_locations(c.ca)
+                self._load_ca(ctx)
             else:
                 ctx.load_default_certs()
             if c.cert:
-                ctx.load_cert_chain(c.cert, c.key)
+                self._load_pair(ctx)
         if hasattr(ssl, "TLSVersion"):
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if c.min_version == "1.3" \
                 else ssl.TLSVersion.TLSv1_2
@@ -1982,6 +2013,32 @@ class TlsContextSource:
             if c.min_version == "1.3":
                 ctx.options |= ssl.OP_NO_TLSv1_2
         return ctx
+
+    def _load_pair(self, ctx):
+        """cert and key into ctx, or TlsMaterialError naming which of the two is wrong and why,
+        with its file: OpenSSL's own words name neither."""
+        c, errors = self.config, (OSError, ValueError, self.ssl.SSLError)
+        try:
+            ctx.load_cert_chain(c.cert, c.key)
+            return
+        except errors as e:
+            text = "%s" % e
+        if "KEY_VALUES_MISMATCH" in text.upper() or "key values mismatch" in text.lower():
+            raise TlsMaterialError("key", "%s does not match the certificate in %s"
+                                   % (c.key, c.cert))
+        try:
+            self.ssl.SSLContext(self.ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(c.cert)
+        except errors as e:
+            raise TlsMaterialError("cert", "%s is not a PEM certificate (%s)" % (c.cert, e))
+        raise TlsMaterialError("key", "%s is not a PEM private key, or is encrypted (%s)"
+                               % (c.key, text))
+
+    def _load_ca(self, ctx):
+        try:
+            ctx.load_verify_locations(self.config.ca)
+        except (OSError, ValueError, self.ssl.SSLError) as e:
+            raise TlsMaterialError("ca", "%s is not a file of PEM CA certificates (%s)"
+                                   % (self.config.ca, e))
 
     def _own_uri(self):
         """The first URI SAN of our own certificate (for x-forwarded-client-cert By=)."""
@@ -7041,7 +7098,7 @@ class Ambassador:
             try:
                 owner.tls = TlsContextSource(config, side, name, t.tls_reloaded)
             except (OSError, ValueError) as e:
-                raise ConfigError(["%s.%s.tls: cannot load: %s" % (section, name, e)])
+                raise ConfigError([tls_problem(section, name, e)])
             t.tls_sources.append(owner.tls)
 
     def bind(self):
@@ -7382,7 +7439,7 @@ class Ambassador:
         try:
             return TlsContextSource(config, side, name, self.telemetry.tls_reloaded)
         except (OSError, ValueError) as e:
-            raise ConfigError(["%s.%s.tls: cannot load: %s" % (section, name, e)])
+            raise ConfigError([tls_problem(section, name, e)])
 
     def _apply(self, config, staged):
         """Put a staged config in place.  Nothing here may fail."""
@@ -7845,6 +7902,12 @@ def main(argv=None):
             sys.stderr.write("ambassador: config error: %s\n" % problem)
         return 2
     if args.check:
+        try:
+            check_tls_material(config)          # as a start or reload loads it; no network
+        except ConfigError as e:
+            for problem in e.problems:
+                sys.stderr.write("ambassador: config error: %s\n" % problem)
+            return 2
         for l in config.listeners:
             n = len(config.clusters[l.cluster].endpoints)
             print("%s %s -> cluster %s (%d endpoint%s)" % (

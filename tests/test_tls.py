@@ -6,13 +6,16 @@ import re
 import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import SPIFFE, base_config, metric, raw, request, respond, wait_for
+import ambassador as amb
+from conftest import (SPIFFE, ambassador_command, base_config, metric, raw, request, respond,
+                      toml_dump, wait_for)
 
 
 def echo_headers(req, sock):
@@ -245,3 +248,45 @@ def test_health_checks_use_the_clusters_tls(ambassador, upstream_factory, pki):
     assert good.requests[0].target == "/health"
     assert good.requests[0].header("User-Agent") == "ambassador-health-check"
     assert foreign.count() == 0
+
+
+@pytest.mark.parametrize("broken, key_path, words", [
+    ("mismatch", "listeners.app.tls.key", "does not match the certificate in"),
+    ("ca_not_pem", "listeners.app.tls.ca", "is not a file of PEM CA certificates"),
+    ("cert_not_pem", "listeners.app.tls.cert", "is not a PEM certificate"),
+    ("key_not_pem", "listeners.app.tls.key", "is not a PEM private key"),
+    ("cluster_ca", "clusters.svc.tls.ca", "is not a file of PEM CA certificates"),
+])
+def test_check_loads_tls_material_and_names_the_key(pki, tmp_path, broken, key_path, words):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a PEM file\n")
+    tls = {"cert": pki.server[0], "key": pki.server[1], "ca": pki.ca_pem}
+    config = base_config(["127.0.0.1:1"])
+    if broken == "mismatch":
+        tls["key"] = pki.client[1]
+    elif broken == "ca_not_pem":
+        tls["ca"] = str(junk)
+    elif broken == "cert_not_pem":
+        tls["cert"] = str(junk)
+    elif broken == "key_not_pem":
+        tls["key"] = str(junk)
+    else:
+        config["clusters"]["svc"]["tls"] = {"ca": str(junk)}
+    config["listeners"]["app"]["tls"] = tls
+    parsed = amb.parse_config(amb.parse_toml(toml_dump(config)))
+    with pytest.raises(amb.ConfigError) as e:
+        amb.check_tls_material(parsed)
+    problem, = e.value.problems
+    assert problem.startswith(key_path + ": ") and words in problem, problem
+
+
+def test_check_exits_2_on_a_key_that_does_not_match_its_certificate(pki, tmp_path):
+    config = base_config(["127.0.0.1:1"])
+    config["listeners"]["app"]["tls"] = {"cert": pki.server[0], "key": pki.client[1]}
+    path = tmp_path / "a.toml"
+    path.write_text(toml_dump(config))
+    p = subprocess.run(ambassador_command("-c", str(path), "--check"), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=30)
+    assert p.returncode == 2
+    assert p.stderr.decode().startswith("ambassador: config error: listeners.app.tls.key: %s "
+                                        "does not match" % pki.client[1]), p.stderr
