@@ -463,6 +463,9 @@ def parse_address(value, default_host=DEFAULT_LISTEN_HOST):
                                  % show(value))
         if not sep or not host or not port.isdigit():
             raise ValueError("expected \"host:port\", got %s" % show(value))
+        if any(c.isspace() or c in "/?#@" for c in host):
+            raise ValueError("expected \"host:port\" with no space or URL characters in the "
+                             "host, got %s" % show(value))
         port = int(port)
     else:
         raise ValueError("expected \"host:port\" or a port number, got %s" % show(value))
@@ -1294,6 +1297,8 @@ def _parse_routes(v, where, raw, clusters):
         at = "%s[%d]" % (where, i)
         values = v.table(at, table, _ROUTE_KEYS, tables=_ROUTE_TABLES)
         single, weighted = values.pop("cluster", None), values.get("clusters", ())
+        if "clusters" in table and not weighted and single is None:
+            continue                  # clusters was refused with its own reason: no second one
         if (single is None) == (not weighted):
             v.problem(at, "needs exactly one of cluster = \"name\" or clusters = [...]")
             continue

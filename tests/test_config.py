@@ -359,3 +359,23 @@ def test_min_drain_follows_a_short_drain_timeout_unless_written(shutdown, min_dr
         with pytest.raises(ambassador.ConfigError) as e:
             parse(top="[shutdown]\n%s\n" % shutdown)
         assert [p for p in e.value.problems if p.startswith(problem)], e.value.problems
+
+
+@pytest.mark.parametrize("listen", ['"127.0.0.1 :9000"', '" 127.0.0.1:9000"',
+                                    '"local host:9000"', '"127.0.0.1/x:9000"'])
+def test_a_listen_address_with_a_stray_space_is_refused(listen):
+    import ambassador
+    with pytest.raises(ambassador.ConfigError) as e:
+        ambassador.parse_config(ambassador.parse_toml(
+            '[listeners.a]\nlisten = %s\ncluster = "c"\n[clusters.c]\nendpoints = ["x:1"]\n'
+            % listen))
+    assert e.value.problems[0].startswith("listeners.a.listen: expected \"host:port\" with no "
+                                          "space"), e.value.problems
+
+
+def test_zero_weights_give_one_error_not_two():
+    import ambassador
+    with pytest.raises(ambassador.ConfigError) as e:
+        parse('[[listeners.app.routes]]\nclusters = [{ cluster = "svc", weight = 0 }]')
+    assert e.value.problems == ["listeners.app.routes[0].clusters: the weights add up to 0: no "
+                                "cluster would get a request"]
