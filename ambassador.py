@@ -219,6 +219,9 @@ SPAN_BATCH_SIZE = 512
 SPAN_EXPORT_INTERVAL_S = 1.0
 SPAN_QUEUE_SIZE = 2048
 SPAN_EXPORT_TIMEOUT_S = 5.0
+# Where internal_error() may be called from: their series start at 0.
+INTERNAL_ERROR_PLACES = ("downstream connection", "tcp session", "mirror", "dns refresh",
+                         "telemetry")
 WARNING_INTERVAL_S = 60.0                      # a warning that repeats: once a minute, counted
 
 MAX_HEADER_COUNT = 100                        # past it: 431
@@ -2189,7 +2192,7 @@ def client_identity(sock, tls, listener):
     allowed = tls.config.allowed_sans
     forbidden = bool(allowed) and not any(san in sans for san in allowed)
     if forbidden:
-        listener.telemetry.tls_error("downstream", listener.name, "san_not_allowed")
+        listener.telemetry.tls_refused("downstream", listener.name, "san_not_allowed")
     uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
     cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
     who = 'URI=%s' % uris[0] if uris else 'Subject="CN=%s"' % (cn[0] if cn else "")
@@ -2877,8 +2880,14 @@ class DownstreamConnection:
         self.close()
 
     def refuse(self, error):
-        """Answer a request whose head could not be read, and account it like any other."""
+        """Answer a request whose head could not be read, and account it like any other: with
+        its method and path when its request line had come (a 408 for a slow head)."""
         req = Request()
+        line, crlf, _ = self.reader.buf.partition(b"\r\n")
+        parts = line.split(b" ")
+        if crlf and len(parts) == 3 and _TOKEN_CHARS.issuperset(parts[0]) and \
+                _BAD_TARGET_BYTES.search(parts[1]) is None:
+            req.method, req.target = parts[0][:32], parts[1][:2048]
         now = monotonic()
         req.start = self.reader.started or now
         req.wall_start = time.time() - (now - req.start)
@@ -3345,12 +3354,12 @@ class RateLimiter:
         self.config = config
         self.bucket = TokenBucket(config.requests_per_second, config.burst, clock)
 
-    def admit(self, listener, cluster):
+    def admit(self, listener, route, cluster):
         """Take a token, or raise RateLimited with Retry-After (seconds, rounded up)."""
         admitted, left, wait = self.bucket.try_take()
         if admitted:
             return
-        listener.telemetry.rejected(cluster, RateLimited.reason)
+        listener.telemetry.rate_limited(listener, route, cluster)
         retry_after = max(1, int(math.ceil(wait)))
         raise RateLimited("local rate limit of %g requests/s reached" %
                           self.config.requests_per_second, self.config.status, [
@@ -3507,7 +3516,7 @@ def forward(listener, route, req, downstream):
     if route.fault is not None:                  # as the request arrives, before any try
         route.fault.apply(listener, route, req, deadline)
     if route.rate_limiter is not None:
-        route.rate_limiter.admit(listener, cluster)
+        route.rate_limiter.admit(listener, route, cluster)
     route.rewrite(req, cluster)
     policy = route.retry_policy
     body = RequestBody(req, downstream, policy.config.buffer_limit)
@@ -6595,6 +6604,14 @@ class Telemetry:
         self.tls_errors = m.add(Counter(
             "ambassador_tls_handshake_errors_total", "Failed TLS handshakes and refusals.",
             ("side", "name", "reason")))
+        self.tls_refusals = m.add(Counter(
+            "ambassador_tls_peers_refused_total",
+            "TLS peers refused after a completed handshake: a certificate allowed_sans does "
+            "not admit.", ("side", "name", "reason")))
+        self.rate_limits = m.add(Counter(
+            "ambassador_rate_limited_total",
+            "Requests refused by a local rate limit, by listener and route.",
+            ("listener", "route")))
         self.reloads = m.add(Counter(
             "ambassador_config_reloads_total", "Reloads of the config file, by result.",
             ("result",)))
@@ -6659,6 +6676,16 @@ class Telemetry:
             for reason in ("circuit_open", "overflow_connections", "overflow_pending",
                            "overflow_requests", "overflow_retries", "rate_limit"):
                 self.rejections.touch((name, reason))
+        for l in listeners:
+            for route in l.routes + [l.default_route]:
+                if route.rate_limiter is not None:
+                    self.rate_limits.touch((l.name, route.label))
+            if l.tls is not None or l.config.tls is not None:
+                self.tls_refusals.touch(("downstream", l.name, "san_not_allowed"))
+        for name in [l.name for l in listeners] + ["admin", "probe"]:
+            self.accept_errors.touch((name, "emfile"))
+        for where in INTERNAL_ERROR_PLACES:
+            self.internal_errors.touch((where,))
         self.log_dropped.touch()
         self.log_errors.touch()
         self.spans_exported.touch()
@@ -6686,6 +6713,12 @@ class Telemetry:
             exporter.start()
             self.log.info("tracing: spans of service %s go to %s", config.service_name,
                           config.otlp_endpoint)
+
+    def tls_refused(self, side, name, reason):
+        """A handshake that succeeded, then a peer refused by policy (allowed_sans)."""
+        self.tls_refusals.inc((side, name, reason))
+        # Counted as a handshake error before 0.2.0: kept for one release (changelog).
+        self.tls_error(side, name, reason)
 
     def tls_error(self, side, name, reason):
         self.tls_errors.inc((side, name, reason))
@@ -6784,6 +6817,11 @@ class Telemetry:
     def budget_exhausted(self, cluster):
         self.budget.inc((cluster.name,))
 
+    def rate_limited(self, listener, route, cluster):
+        self.rate_limits.inc((listener.name, route.label))
+        # Before 0.2.0 only by cluster, as a rejection: kept for one release (changelog).
+        self.rejected(cluster, RateLimited.reason)
+
     def rejected(self, cluster, reason):
         self.rejections.inc((cluster.name, reason))
 
@@ -6800,7 +6838,8 @@ class Telemetry:
                               listener_name, error.strerror or error, reason)
 
     def internal_error(self, where):
-        """A bug: log the traceback once per place, count every time."""
+        """A bug: log the traceback once per place (one of INTERNAL_ERROR_PLACES, whose series
+        exist from the start so that an alert sees the first), count every time."""
         if not self.internal_errors.value((where,)):
             self.log.exception("internal error in %s", where)
         self.internal_errors.inc((where,))
@@ -7063,9 +7102,11 @@ class Ambassador:
     keep serving until no request was active for DRAIN_QUIET_S or drain_timeout passes; then
     every socket closes and the access log is flushed.  request_stop() is thread-safe."""
 
-    def __init__(self, config, inherited=None):
+    def __init__(self, config, inherited=None, version=1):
         self.config = config
-        self.version = 1                  # of the config serving: +1 per applied reload
+        # Of the config serving: 1 at start, +1 per applied reload; a live upgrade's child
+        # goes on from its parent's (it read the file anew: one more).
+        self.version = version
         self.inherited = inherited or {}  # name -> (address, socket) from an upgrade's parent
         self._reload_lock = threading.Lock()   # one reload at a time
         self.log = logging.getLogger("ambassador")
@@ -7074,6 +7115,7 @@ class Ambassador:
         self.clusters = {}
         self.listeners = []
         self.telemetry = t = Telemetry(self.listeners, self.clusters, self.draining)
+        t.reload_state[2] = version
         for name, c in config.clusters.items():
             self.clusters[name] = Cluster(
                 c, telemetry=t, on_breaker_transition=lambda old, new, name=name:
@@ -7231,7 +7273,8 @@ class Ambassador:
                 spec.append("%s|%d|%s|%d" % (name, fd, host, port))
             ready_r, ready_w = os.pipe()
             env = dict(os.environ, AMBASSADOR_INHERIT=",".join(spec),
-                       AMBASSADOR_READY_FD=str(ready_w))
+                       AMBASSADOR_READY_FD=str(ready_w),
+                       AMBASSADOR_CONFIG_VERSION=str(self.version))
             env.pop("AMBASSADOR_REEXEC", None)
             command = [sys.executable] + interpreter_options() + \
                 [os.path.abspath(__file__)] + sys.argv[1:]
@@ -7932,7 +7975,8 @@ def main(argv=None):
     if args.demo:
         config = start_demo(config)
     raise_open_files_limit(config, log)
-    app = Ambassador(config, inherited_sockets())
+    version = os.environ.pop("AMBASSADOR_CONFIG_VERSION", "0")
+    app = Ambassador(config, inherited_sockets(), int(version) + 1 if version.isdigit() else 1)
     try:
         app.bind()
     except StartupError as e:

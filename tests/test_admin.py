@@ -276,7 +276,9 @@ def test_every_answer_ambassador_gives_is_logged_and_counted(ambassador, upstrea
     assert sorted(mine) == [(408, "request-timeout"), (414, "bad-request"),
                             (431, "bad-request"), (503, "overflow")], lines
     assert all(l["bytes_out"] > 0 for l in lines)
-    assert [l["duration_ms"] for l in lines if l["status"] == 408][0] >= 250
+    slow = [l for l in lines if l["status"] == 408][0]
+    assert slow["duration_ms"] >= 250
+    assert (slow["method"], slow["path"]) == ("GET", "/")     # the head had begun: it says so
     for code in ("408", "414", "431", "503"):
         assert metric(amb, "ambassador_requests_total", listener="app", cluster="svc",
                       code=code) == 1
@@ -329,3 +331,19 @@ def test_the_json_access_log_line_is_exactly_what_json_dumps_gives(values):
     assert list(parsed) == list(ambassador.AccessLog.FIELDS)
     assert parsed["method"] == values[2].decode("latin-1")
     assert parsed["path"] == values[3].decode("latin-1")
+
+
+def test_counters_an_alert_watches_exist_at_zero_from_the_start(ambassador, upstream):
+    """increase() cannot see a counter's first event when the series only appears with it."""
+    config = base_config([upstream.address])
+    config["listeners"]["app"]["rate_limit"] = {"requests_per_second": 0.01, "burst": 1}
+    amb = ambassador(config)
+    for where in ("downstream connection", "tcp session", "mirror", "dns refresh", "telemetry"):
+        assert metric(amb, "ambassador_internal_errors_total", where=where) == 0, where
+    for name in ("app", "admin", "probe"):
+        assert metric(amb, "ambassador_accept_errors_total", listener=name,
+                      reason="emfile") == 0, name
+    assert metric(amb, "ambassador_rate_limited_total", listener="app", route="default") == 0
+    assert metric(amb, "ambassador_config_reloads_total", result="failure") == 0
+    assert [request(amb.port())[0] for _ in range(2)] == [200, 429]
+    assert metric(amb, "ambassador_rate_limited_total", listener="app", route="default") == 1

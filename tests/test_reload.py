@@ -515,6 +515,10 @@ def test_after_an_upgrade_an_idle_keep_alive_connection_is_served_until_min_drai
         conn.close()
         assert amb.proc.wait(10) == 0                    # its last connection gone: it leaves
         assert request(amb.port())[0] == 200             # the new one serves
+        admin = int(re.findall(r" admin on \S+:(\d+)$", amb.stderr(), re.M)[-1])
+        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+        conn.request("GET", "/config")
+        assert json.loads(conn.getresponse().read())["version"] == 2   # not 1 again
     finally:
         if child is not None:
             os.kill(child, signal.SIGTERM)

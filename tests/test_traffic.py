@@ -87,10 +87,10 @@ def test_retry_after_is_the_wait_for_a_token_rounded_up():
     limiter = amb.RateLimiter(amb.RateLimitConfig(0.4, 1, 429), clock)
 
     class L:
-        telemetry = type("T", (), {"rejected": lambda self, c, r: None})()
-    limiter.admit(L, None)
+        telemetry = type("T", (), {"rate_limited": lambda self, l, r, c: None})()
+    limiter.admit(L, None, None)
     with pytest.raises(amb.RateLimited) as e:
-        limiter.admit(L, None)
+        limiter.admit(L, None, None)
     headers = {k: v for k, _, v in e.value.headers}
     assert headers == {b"retry-after": b"3", b"x-ratelimit-limit": b"1",
                        b"x-ratelimit-remaining": b"0"}                # 1 / 0.4 = 2.5 s -> 3
