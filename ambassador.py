@@ -171,6 +171,7 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 # TCP listeners: no byte either way for an hour is a dead peer far more often than a query;
 # "0s" turns it off for connections that are silent on purpose.
 DEFAULT_TCP_IDLE_TIMEOUT_S = 3600.0
+DEFAULT_TCP_HANDSHAKE_TIMEOUT_S = 10.0        # a tcp listener's TLS handshake, waited in the epoll
 DEFAULT_TCP_CONNECT_ATTEMPTS = 3
 DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S = 60.0
 TCP_BUFFER_BYTES = 131072                     # per direction: at most 256 KiB held a connection
@@ -651,6 +652,7 @@ class ListenerConfig(NamedTuple):
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     routes: Tuple[RouteConfig, ...] = ()             # in order: the first that matches wins
     # protocol = "tcp" only:
+    handshake_timeout: float = DEFAULT_TCP_HANDSHAKE_TIMEOUT_S   # with [tls]: the client's
     connect_attempts: int = DEFAULT_TCP_CONNECT_ATTEMPTS
     half_closed_timeout: float = DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S
     max_connection_duration: float = 0.0             # 0: no limit
@@ -1029,6 +1031,7 @@ _LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
                   "cluster": (_kind_string, REQUIRED),
                   "protocol": (_kind_one_of("http", "tcp"), "http"),
                   "connect_attempts": (_kind_int(1, 100), DEFAULT_TCP_CONNECT_ATTEMPTS),
+                  "handshake_timeout": (_kind_timeout, DEFAULT_TCP_HANDSHAKE_TIMEOUT_S),
                   "half_closed_timeout": (_kind_interval, DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S),
                   "max_connection_duration": (_kind_idle, 0.0),
                   "timeout": (_kind_timeout, DEFAULT_TIMEOUT_S),
@@ -1274,7 +1277,8 @@ def _check_traffic(v, where, values, clusters):
 
 _HTTP_ONLY_KEYS = ("retry", "timeout", "header_timeout", "max_header_bytes", "host_rewrite",
                    "routes", "fault", "rate_limit", "mirror")
-_TCP_ONLY_KEYS = ("connect_attempts", "half_closed_timeout", "max_connection_duration")
+_TCP_ONLY_KEYS = ("connect_attempts", "half_closed_timeout", "max_connection_duration",
+                  "handshake_timeout")
 
 
 def _check_protocol(v, where, raw, raw_routes, values):
@@ -2544,6 +2548,9 @@ class Dispatcher:
         self._sweeper = threading.Thread(target=self._sweep, args=(stop,), name=name, daemon=True)
         self._sweeper.start()
         return self._sweeper
+
+    def has_epoll(self):
+        return self._epoll is not None
 
     def adopt(self, conn):
         """A connection just accepted: it waits here for its first byte (or handshake)."""
@@ -4068,6 +4075,17 @@ class TcpSession:
         self.dispatcher, self.relay = dispatcher, relay
         self.deadline = math.inf          # parked only until a worker takes its first turn
         self.wait_writable = True         # which is at once: a new socket is writable
+        # A TLS listener's handshake is carried on in worker turns, waiting in the epoll in
+        # between like an http listener's, within handshake_timeout: a stalled client holds
+        # no thread (400 stalled handshakes used to hold 400 threads).
+        self.handshaking = listener.tls is not None and dispatcher is not None and \
+            dispatcher.has_epoll()
+        if self.handshaking:
+            sock.settimeout(0.0)
+            self.sock = listener.tls.context.wrap_socket(sock, server_side=True,
+                                                         do_handshake_on_connect=False)
+            self.deadline = monotonic() + listener.config.handshake_timeout
+            self.wait_writable = False
         self.begun = False                # registered with the listener (not refused at drain)
         self.finished = False
         self.client_address = client_address
@@ -4082,7 +4100,15 @@ class TcpSession:
         self.drain_cut = False
 
     def turn(self):
-        """The first and only worker turn: handshake and connect, then hand the pump over."""
+        """A worker's turn: a step of the TLS handshake (parked again while it waits), then
+        the connect attempts, and the pump goes to the RelayLoop."""
+        if self.handshaking:
+            wait = self._handshake_step()
+            if wait is None:
+                return self._end_unbegun("tls_error")
+            if wait:
+                self.dispatcher.park(self, writable=wait == "write")
+                return
         self.dispatcher.release(self)
         pump = self.begin()
         if pump is not None:
@@ -4119,7 +4145,36 @@ class TcpSession:
         self.termination = self.termination or "upstream_reset"
 
     def expire(self):
+        if self.handshaking:
+            self.listener.telemetry.tls_error("downstream", self.listener.name, "timeout")
+            self.reason = "TLS handshake not done within handshake_timeout"
+            self.dispatcher.release(self)
+            return self._end_unbegun("tls_error")
         self.close()
+
+    def _end_unbegun(self, termination):
+        """A session that ends in its handshake is still one connection: logged and counted
+        with its termination, as a session that began."""
+        self.termination = termination
+        self.listener.begin_request(self, self)
+        self.begun = True
+        self.finish()
+
+    def _handshake_step(self):
+        """-> "read" or "write" while the handshake waits, "" when done, None if it failed."""
+        try:
+            self.sock.do_handshake()
+            self.handshaking = False
+            return ""
+        except (OSError, ValueError) as e:
+            want = _SSL_WANT.get(type(e).__name__)
+            if want:
+                return want
+            error = e
+        self.dispatcher.release(self)        # out of the epoll before the number is reused
+        self.fd = -1
+        handshake_failed(self.sock, self.listener, error)
+        return None
 
     def close(self):
         """The listener closed with the session still waiting for its first turn."""
@@ -4153,15 +4208,16 @@ class TcpSession:
     def _start(self):
         listener = self.listener
         if listener.tls is not None:                 # the callee's side of two Ambassadors
-            try:
-                self.sock.settimeout(listener.config.header_timeout)
-                self.sock = listener.tls.context.wrap_socket(self.sock, server_side=True,
-                                                             do_handshake_on_connect=False)
-                self.sock.do_handshake()
-            except (OSError, ValueError) as e:
-                handshake_failed(self.sock, listener, e)
-                self.termination = "tls_error"
-                return None
+            if not hasattr(self.sock, "do_handshake"):   # without an epoll: in this thread
+                try:
+                    self.sock.settimeout(listener.config.handshake_timeout)
+                    self.sock = listener.tls.context.wrap_socket(
+                        self.sock, server_side=True, do_handshake_on_connect=False)
+                    self.sock.do_handshake()
+                except (OSError, ValueError) as e:
+                    handshake_failed(self.sock, listener, e)
+                    self.termination = "tls_error"
+                    return None
             if client_identity(self.sock, listener.tls, listener)[1]:
                 self.termination, self.reason = "tls_error", "client certificate not allowed"
                 return None

@@ -651,3 +651,32 @@ def test_a_thousand_redis_connections_half_idle_hold_a_bounded_number_of_threads
         for s in socks:
             s.close()
     wait_for(lambda: metric(a, "ambassador_tcp_connections_active") == 0, 20, "all closed")
+
+
+def test_stalled_tls_handshakes_hold_no_thread_and_end_at_handshake_timeout(ambassador, pki,
+                                                                          scripted):
+    up = scripted(lambda sock, server: read_all(sock))
+    config = tcp_config([up.address], handshake_timeout="1500ms")
+    config["listeners"]["app"]["tls"] = {"cert": pki.server[0], "key": pki.server[1]}
+    a = ambassador(config)
+    stalled = []
+    try:
+        for _ in range(300):                   # connected, and never a ClientHello
+            stalled.append(socket.create_connection(("127.0.0.1", a.port()), timeout=10))
+        wait_for(lambda: metric(a, "ambassador_downstream_connections", listener="app") == 300,
+                 10, "300 connections accepted")
+        with open("/proc/%d/status" % a.proc.pid) as f:
+            threads = int([l for l in f if l.startswith("Threads:")][0].split()[1])
+        assert threads < 60, threads           # one each used to be 300+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(pki.ca_pem)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", a.port()), timeout=10),
+                             server_hostname="localhost") as c:
+            c.sendall(b"served meanwhile")     # a client that does shake hands is served
+        wait_for(lambda: metric(a, "ambassador_tls_handshake_errors_total",
+                                reason="timeout") == 300, 10, "300 handshake timeouts")
+        assert all(s.recv(10) == b"" for s in stalled)
+        assert metric(a, "ambassador_tcp_connections_total", termination="tls_error") == 300
+    finally:
+        for s in stalled:
+            s.close()
