@@ -142,7 +142,7 @@ try:
 except ImportError:  # compat(3.10): no tomllib; the appendix parser reads the TOML configs use
     tomllib = None
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"                   # the changelog's 0.2.0, not yet released
 __all__ = ["Ambassador", "Config", "load_config", "parse_config", "toml_loads", "main"]
 
 monotonic = time.monotonic
@@ -7868,12 +7868,47 @@ def parse_args(argv):
     p.add_argument("--demo", action="store_true",
                    help="run the config (default: ambassador.toml beside this file) in front of "
                         "two demo services started on loopback")
+    p.add_argument("--wait-started", metavar="SECONDS", type=float,
+                   help="a start gate (systemd ExecStartPost, a Kubernetes postStart hook): "
+                        "wait until the Ambassador running this config answers /started on its "
+                        "admin port; exit 0, or 1 if it does not within SECONDS")
     p.add_argument("--debug", action="store_true", help="debug logging, tracebacks")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     args = p.parse_args(argv)
     if not (args.config or args.demo or args.version):
         p.error("-c FILE is required (or --demo to try it out)")
+    if args.wait_started is not None and not args.config:
+        p.error("--wait-started needs -c FILE: the admin address is read from it")
     return args
+
+
+def wait_started(address, timeout_s):
+    """--wait-started: poll GET /started at the admin address the config names until it
+    answers 200 -> 0; -> 1 (with why on stderr) when timeout_s passes first.  A start gate that
+    exits 0 whatever happened holds nothing back."""
+    host, port = address
+    if port == 0:
+        sys.stderr.write("ambassador: --wait-started: admin.listen is port 0; give it a port\n")
+        return 2
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    deadline = monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0) as sock:
+                sock.sendall(b"GET /started HTTP/1.0\r\nHost: ambassador\r\n\r\n")
+                status = parse_status_line(SocketReader(sock).read_head(
+                    ADMIN_MAX_HEAD_BYTES, monotonic() + 1.0))
+            if status == 200:
+                return 0
+            last = "HTTP %s" % status
+        except (OSError, EOFError, HeadTooLarge) as e:
+            last = "%s" % (getattr(e, "strerror", None) or e)
+        if monotonic() >= deadline:
+            sys.stderr.write("ambassador: not started within %gs: GET http://%s/started: %s\n"
+                             % (timeout_s, format_address((host, port)), last))
+            return 1
+        time.sleep(0.1)
 
 
 def inherited_sockets():
@@ -8005,6 +8040,8 @@ def main(argv=None):
         for problem in e.problems:
             sys.stderr.write("ambassador: config error: %s\n" % problem)
         return 2
+    if args.wait_started is not None:
+        return wait_started(config.admin.listen, args.wait_started)
     if args.check:
         try:
             check_tls_material(config)          # as a start or reload loads it; no network

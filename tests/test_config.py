@@ -379,3 +379,21 @@ def test_zero_weights_give_one_error_not_two():
         parse('[[listeners.app.routes]]\nclusters = [{ cluster = "svc", weight = 0 }]')
     assert e.value.problems == ["listeners.app.routes[0].clusters: the weights add up to 0: no "
                                 "cluster would get a request"]
+
+
+def readme_toml_blocks():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return _re.findall(r"```toml\n(.*?)```", f.read(), _re.S)
+
+
+@pytest.mark.parametrize("block", readme_toml_blocks(), ids=lambda b: b.splitlines()[0][:40])
+def test_every_readme_toml_block_is_a_whole_config_or_says_it_is_a_fragment(block):
+    import ambassador
+    raw = ambassador.parse_toml(block)                  # every block is valid TOML
+    if block.startswith("# fragment"):
+        return
+    try:
+        ambassador.parse_config(raw)
+    except ambassador.ConfigError as e:                 # files named for the reader's machine
+        others = [p for p in e.problems if "no such file" not in p]
+        assert not others, others

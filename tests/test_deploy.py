@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 import ambassador as amb
-from conftest import ROOT
+from conftest import ROOT, ambassador_command, free_port
 
 DEPLOY = os.path.join(ROOT, "deploy")
 MANIFESTS = ("sidecar.yaml", "sidecar-classic.yaml")
@@ -98,3 +98,32 @@ def test_the_readme_names_the_dockerfiles_base_image_and_it_runs_as_non_root():
     image = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
     assert "`%s`" % image in read(ROOT, "README.md")
     assert re.search(r"^USER \d+", dockerfile, re.M)
+
+
+def test_the_start_gates_use_wait_started_and_fail_when_nothing_started(tmp_path):
+    """The unit's ExecStartPost and the classic manifest's postStart exit non-zero when
+    /started never answers (they used to exit 0 either way), and read the admin port from
+    the config instead of hard-coding it."""
+    unit = read(DEPLOY, "systemd", "ambassador.service")
+    classic = read(DEPLOY, "kubernetes", "sidecar-classic.yaml")
+    assert re.search(r"^ExecStartPost=.*ambassador\.py -c \S+ --wait-started \d+$", unit, re.M)
+    assert "--kill-whom=main -s USR2" in unit
+    assert "\"--wait-started\"" in classic and "urllib" not in classic
+    port = free_port()
+    config = tmp_path / "a.toml"
+    config.write_text('[admin]\nlisten = "127.0.0.1:%d"\n[listeners.a]\nlisten = 0\n'
+                      'cluster = "c"\n[clusters.c]\nendpoints = ["127.0.0.1:1"]\n' % port)
+    gate = subprocess.run(ambassador_command("-c", str(config), "--wait-started", "0.5"),
+                          stderr=subprocess.PIPE, timeout=30)
+    assert gate.returncode == 1
+    assert b"not started within 0.5s: GET http://127.0.0.1:%d/started" % port in gate.stderr
+    env = dict(os.environ, AMBASSADOR_REEXEC="1")
+    proc = subprocess.Popen(ambassador_command("-c", str(config)), stderr=subprocess.DEVNULL,
+                            env=env)
+    try:
+        gate = subprocess.run(ambassador_command("-c", str(config), "--wait-started", "20"),
+                              timeout=30)
+        assert gate.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()
