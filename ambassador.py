@@ -277,6 +277,10 @@ _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 # What an app may ask of a route's fault table with header_control (section 9): the only
 # x-ambassador-* request headers read; every other one from the app is dropped.
 _FAULT_HEADERS = frozenset([b"x-ambassador-fault-delay", b"x-ambassador-fault-abort"])
+# Every x-ambassador-* header Ambassador sends or reads: from the app, each is dropped.
+_CONTROL_HEADERS = _FAULT_HEADERS | frozenset([
+    b"x-ambassador-attempt-count", b"x-ambassador-attempt", b"x-ambassador-attempts",
+    b"x-ambassador-mirror", b"x-ambassador-error"])
 
 
 # ==================================================================================================
@@ -1698,10 +1702,11 @@ def parse_request(head, req, client_ip):
             replay_safe = True
         elif lname == b"x-forwarded-client-cert":
             continue                   # only Ambassador vouches for a client certificate
-        elif lname[:13] == b"x-ambassador-":
+        elif lname in _CONTROL_HEADERS:
             # Ambassador's own control headers never pass from the app: the upstream would see
             # two attempt counts, or a mirror mark on a real request.  A fault request is kept
-            # aside for a route whose fault table has header_control.
+            # aside for a route whose fault table has header_control.  (A set lookup, not a
+            # prefix test: a bytes object keeps its hash, and this runs for every header.)
             if lname in _FAULT_HEADERS:
                 req.fault_asked = (req.fault_asked or ()) + ((lname, value),)
             continue
