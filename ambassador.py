@@ -1021,116 +1021,112 @@ def _kind_path(value):
     return value
 
 
-# Each table's keys: name -> (kind, default); REQUIRED marks keys without a default.
+# The schema: each table's keys, name -> kind (the validator of its value).  A key's name and
+# default are declared once, in its record above (a field without a default is required); its
+# meaning, in the README's reference table, which a test holds to the records' defaults.  A
+# listener key that one protocol alone uses says which (for_protocol): the other refuses it.
 REQUIRED = object()
-_ADMIN_KEYS = {"listen": (_kind_listen, AdminConfig().listen),
-               "probe_listen": (_kind_listen, None),
-               "pid_file": (_kind_string, None)}
-_LOG_KEYS = {"access": (_kind_log_target, "-"),
-             "format": (_kind_one_of("json", "text"), "json"),
-             "level": (_kind_one_of("debug", "info", "warning", "error"), "info")}
-_SHUTDOWN_KEYS = {"drain_timeout": (_kind_delay, DEFAULT_DRAIN_TIMEOUT_S),
-                  "min_drain": (_kind_delay, DEFAULT_MIN_DRAIN_S)}
-_LISTENER_KEYS = {"listen": (_kind_listen, REQUIRED),
-                  "cluster": (_kind_string, REQUIRED),
-                  "protocol": (_kind_one_of("http", "tcp"), "http"),
-                  "connect_attempts": (_kind_int(1, 100), DEFAULT_TCP_CONNECT_ATTEMPTS),
-                  "handshake_timeout": (_kind_timeout, DEFAULT_TCP_HANDSHAKE_TIMEOUT_S),
-                  "half_closed_timeout": (_kind_interval, DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S),
-                  "max_connection_duration": (_kind_idle, 0.0),
-                  "timeout": (_kind_timeout, DEFAULT_TIMEOUT_S),
-                  "host_rewrite": (_kind_bool, True),
-                  "max_connections": (_kind_int(1), DEFAULT_MAX_CONNECTIONS),
-                  "idle_timeout": (_kind_idle, DEFAULT_IDLE_TIMEOUT_S),
-                  "header_timeout": (_kind_timeout, DEFAULT_HEADER_TIMEOUT_S),
-                  "max_header_bytes": (_kind_int(1024, 1048576), DEFAULT_MAX_HEADER_BYTES)}
-_CLUSTER_KEYS = {"endpoints": (_kind_endpoints, REQUIRED),
-                 "backup_endpoints": (_kind_backup_endpoints, ()),
-                 "connect_timeout": (_kind_timeout, DEFAULT_CONNECT_TIMEOUT_S),
-                 "discovery": (_kind_one_of("static", "strict_dns"), "static"),
-                 "dns_refresh": (_kind_interval, DEFAULT_DNS_REFRESH_S),
-                 "lb_policy": (_kind_one_of("round_robin", "least_request", "random",
-                                            "ring_hash"), "round_robin"),
-                 "hash_on": (_kind_hash_on, None)}
+
+
+def for_protocol(protocol, kind):
+    """kind, for a listener key that only protocol ("http" or "tcp") uses."""
+    def check(value):
+        return kind(value)
+    check.protocol = protocol
+    return check
+
+
+_ADMIN_KEYS = {"listen": _kind_listen, "probe_listen": _kind_listen, "pid_file": _kind_string}
+_LOG_KEYS = {"access": _kind_log_target, "format": _kind_one_of("json", "text"),
+             "level": _kind_one_of("debug", "info", "warning", "error")}
+_SHUTDOWN_KEYS = {"drain_timeout": _kind_delay, "min_drain": _kind_delay}
+_LISTENER_KEYS = {
+    "listen": _kind_listen, "cluster": _kind_string, "protocol": _kind_one_of("http", "tcp"),
+    "max_connections": _kind_int(1), "idle_timeout": _kind_idle,
+    "timeout": for_protocol("http", _kind_timeout),
+    "host_rewrite": for_protocol("http", _kind_bool),
+    "header_timeout": for_protocol("http", _kind_timeout),
+    "max_header_bytes": for_protocol("http", _kind_int(1024, 1048576)),
+    "connect_attempts": for_protocol("tcp", _kind_int(1, 100)),
+    "handshake_timeout": for_protocol("tcp", _kind_timeout),
+    "half_closed_timeout": for_protocol("tcp", _kind_interval),
+    "max_connection_duration": for_protocol("tcp", _kind_idle)}
+_CLUSTER_KEYS = {"endpoints": _kind_endpoints, "backup_endpoints": _kind_backup_endpoints,
+                 "connect_timeout": _kind_timeout,
+                 "discovery": _kind_one_of("static", "strict_dns"),
+                 "dns_refresh": _kind_interval,
+                 "lb_policy": _kind_one_of("round_robin", "least_request", "random", "ring_hash"),
+                 "hash_on": _kind_hash_on}
 _HEALTH_CHECK_KEYS = {
-    "type": (_kind_one_of("http", "tcp", "redis", "postgres"), "http"),
-    "path": (_kind_path, DEFAULT_HC_PATH),
-    "interval": (_kind_interval, DEFAULT_HC_INTERVAL_S),
-    "timeout": (_kind_timeout, DEFAULT_HC_TIMEOUT_S),
-    "unhealthy_threshold": (_kind_int(1), DEFAULT_HC_UNHEALTHY_THRESHOLD),
-    "healthy_threshold": (_kind_int(1), DEFAULT_HC_HEALTHY_THRESHOLD),
-    "expected_statuses": (_kind_status_codes, tuple(range(200, 300)))}
+    "type": _kind_one_of("http", "tcp", "redis", "postgres"), "path": _kind_path,
+    "interval": _kind_interval, "timeout": _kind_timeout,
+    "unhealthy_threshold": _kind_int(1), "healthy_threshold": _kind_int(1),
+    "expected_statuses": _kind_status_codes}
 _OUTLIER_DETECTION_KEYS = {
-    "consecutive_5xx": (_kind_int(1), DEFAULT_OD_CONSECUTIVE_5XX),
-    "interval": (_kind_interval, DEFAULT_OD_INTERVAL_S),
-    "base_ejection_time": (_kind_interval, DEFAULT_OD_BASE_EJECTION_S),
-    "max_ejection_time": (_kind_interval, DEFAULT_OD_MAX_EJECTION_S),
-    "max_ejection_percent": (_kind_number(0, 100), DEFAULT_OD_MAX_EJECTION_PERCENT)}
-_RETRY_KEYS = {"attempts": (_kind_int(0), DEFAULT_RETRY_ATTEMPTS),
-               "per_try_timeout": (_kind_timeout, None),
-               "retry_on": (_kind_retry_on, DEFAULT_RETRY_ON),
-               "retriable_status_codes": (_kind_status_codes, DEFAULT_RETRIABLE_STATUS_CODES),
-               "backoff_base": (_kind_delay, DEFAULT_BACKOFF_BASE_S),
-               "backoff_max": (_kind_delay, DEFAULT_BACKOFF_MAX_S),
-               "budget_percent": (_kind_number(0, 100), DEFAULT_BUDGET_PERCENT),
-               "min_retries_per_second": (_kind_int(0), DEFAULT_MIN_RETRIES_PER_SECOND),
-               "buffer_limit": (_kind_int(0, 16 << 20), DEFAULT_RETRY_BUFFER_BYTES)}
+    "consecutive_5xx": _kind_int(1), "interval": _kind_interval,
+    "base_ejection_time": _kind_interval, "max_ejection_time": _kind_interval,
+    "max_ejection_percent": _kind_number(0, 100)}
+_RETRY_KEYS = {"attempts": _kind_int(0), "per_try_timeout": _kind_timeout,
+               "retry_on": _kind_retry_on, "retriable_status_codes": _kind_status_codes,
+               "backoff_base": _kind_delay, "backoff_max": _kind_delay,
+               "budget_percent": _kind_number(0, 100), "min_retries_per_second": _kind_int(0),
+               "buffer_limit": _kind_int(0, 16 << 20)}
 _CIRCUIT_BREAKER_KEYS = {
-    "max_connections": (_kind_int(1), DEFAULT_CB_LIMIT),
-    "max_pending_requests": (_kind_int(1), DEFAULT_CB_LIMIT),
-    "max_requests": (_kind_int(1), DEFAULT_CB_LIMIT),
-    "max_retries": (_kind_int(0), None),
-    "failure_threshold": (_kind_int(1), DEFAULT_CB_FAILURE_THRESHOLD),
-    "open_timeout": (_kind_timeout, DEFAULT_CB_OPEN_TIMEOUT_S),
-    "half_open_max_requests": (_kind_int(1), DEFAULT_CB_HALF_OPEN_MAX_REQUESTS),
-    "failure_percent": (_kind_number(1, 100), None),
-    "window": (_kind_interval, DEFAULT_CB_WINDOW_S)}
-# Sub-tables, each checked with its own keys: table key -> (keys, record).
-_TLS_COMMON = {"min_version": (_kind_one_of("1.2", "1.3"), "1.2"),
-               "reload_interval": (_kind_interval, DEFAULT_TLS_RELOAD_INTERVAL_S)}
-_DOWNSTREAM_TLS_KEYS = dict(_TLS_COMMON, **{
-    "cert": (_kind_file, REQUIRED), "key": (_kind_file, REQUIRED), "ca": (_kind_file, None),
-    "require_client_cert": (_kind_bool, False), "allowed_sans": (_kind_strings, ())})
-_UPSTREAM_TLS_KEYS = dict(_TLS_COMMON, **{
-    "ca": (_kind_file, None), "cert": (_kind_file, None), "key": (_kind_file, None),
-    "server_name": (_kind_string, None), "verify": (_kind_bool, True),
-    "match_san": (_kind_strings, ()), "starttls": (_kind_one_of("postgres"), None)})
-_FAULT_KEYS = {"delay": (_kind_delay, 0.0), "delay_percent": (_kind_number(0, 100), 0.0),
-               "abort_status": (_kind_int(200, 599), 503),
-               "abort_percent": (_kind_number(0, 100), 0.0),
-               "header_control": (_kind_bool, False)}
-_RATE_LIMIT_KEYS = {"requests_per_second": (_kind_number(0.001, 1e9), REQUIRED),
-                    "burst": (_kind_int(1), REQUIRED), "status": (_kind_int(400, 599), 429)}
-_MIRROR_KEYS = {"cluster": (_kind_string, REQUIRED), "percent": (_kind_number(0, 100), 100.0),
-                "max_in_flight": (_kind_int(1, 65536), DEFAULT_MIRROR_MAX_IN_FLIGHT)}
+    "max_connections": _kind_int(1), "max_pending_requests": _kind_int(1),
+    "max_requests": _kind_int(1), "max_retries": _kind_int(0),
+    "failure_threshold": _kind_int(1), "open_timeout": _kind_timeout,
+    "half_open_max_requests": _kind_int(1), "failure_percent": _kind_number(1, 100),
+    "window": _kind_interval}
+_TLS_COMMON = {"min_version": _kind_one_of("1.2", "1.3"), "reload_interval": _kind_interval}
+_DOWNSTREAM_TLS_KEYS = dict(_TLS_COMMON, cert=_kind_file, key=_kind_file, ca=_kind_file,
+                            require_client_cert=_kind_bool, allowed_sans=_kind_strings)
+_UPSTREAM_TLS_KEYS = dict(_TLS_COMMON, ca=_kind_file, cert=_kind_file, key=_kind_file,
+                          server_name=_kind_string, verify=_kind_bool, match_san=_kind_strings,
+                          starttls=_kind_one_of("postgres"))
+_FAULT_KEYS = {"delay": _kind_delay, "delay_percent": _kind_number(0, 100),
+               "abort_status": _kind_int(200, 599), "abort_percent": _kind_number(0, 100),
+               "header_control": _kind_bool}
+_RATE_LIMIT_KEYS = {"requests_per_second": _kind_number(0.001, 1e9), "burst": _kind_int(1),
+                    "status": _kind_int(400, 599)}
+_MIRROR_KEYS = {"cluster": _kind_string, "percent": _kind_number(0, 100),
+                "max_in_flight": _kind_int(1, 65536)}
+# Sub-tables, each checked with its own keys: table key -> (keys, record[, protocol]).
 _TRAFFIC_TABLES = {"fault": (_FAULT_KEYS, FaultConfig),
                    "rate_limit": (_RATE_LIMIT_KEYS, RateLimitConfig),
                    "mirror": (_MIRROR_KEYS, MirrorConfig)}
-_LISTENER_TABLES = dict(_TRAFFIC_TABLES, **{
-    "retry": (_RETRY_KEYS, RetryConfig), "tls": (_DOWNSTREAM_TLS_KEYS, DownstreamTlsConfig)})
+_LISTENER_TABLES = {"tls": (_DOWNSTREAM_TLS_KEYS, DownstreamTlsConfig),
+                    "retry": (_RETRY_KEYS, RetryConfig, "http"),
+                    "fault": (_FAULT_KEYS, FaultConfig, "http"),
+                    "rate_limit": (_RATE_LIMIT_KEYS, RateLimitConfig, "http"),
+                    "mirror": (_MIRROR_KEYS, MirrorConfig, "http")}
 _CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig),
                    "health_check": (_HEALTH_CHECK_KEYS, HealthCheckConfig),
                    "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig),
                    "tls": (_UPSTREAM_TLS_KEYS, UpstreamTlsConfig)}
-_MATCH_KEYS = {"path_exact": (_kind_route_path, None), "path_prefix": (_kind_route_path, None),
-               "path_regex": (_kind_regex, None), "methods": (_kind_methods, ()),
-               "headers": (_kind_match_headers, ()), "query": (_kind_query, ()),
-               "authority": (_kind_authority, None)}
-_HEADER_RULE_KEYS = {"set": (_kind_header_map, ()), "add": (_kind_header_map, ()),
-                     "remove": (_kind_header_names, ())}
-_ROUTE_KEYS = {"name": (_kind_string, None), "cluster": (_kind_string, None),
-               "clusters": (_kind_weighted_clusters, ()), "timeout": (_kind_timeout, None),
-               "prefix_rewrite": (_kind_route_path, None),
-               "retry_other_cluster": (_kind_bool, False)}
+_MATCH_KEYS = {"path_exact": _kind_route_path, "path_prefix": _kind_route_path,
+               "path_regex": _kind_regex, "methods": _kind_methods,
+               "headers": _kind_match_headers, "query": _kind_query,
+               "authority": _kind_authority}
+_HEADER_RULE_KEYS = {"set": _kind_header_map, "add": _kind_header_map,
+                     "remove": _kind_header_names}
+_ROUTE_KEYS = {"name": _kind_string, "cluster": _kind_string,
+               "clusters": _kind_weighted_clusters, "timeout": _kind_timeout,
+               "prefix_rewrite": _kind_route_path, "retry_other_cluster": _kind_bool}
 _ROUTE_TABLES = dict(_TRAFFIC_TABLES, **{
     "match": (_MATCH_KEYS, RouteMatch), "retry": (_RETRY_KEYS, RetryConfig),
     "request_headers": (_HEADER_RULE_KEYS, HeaderRules),
     "response_headers": (_HEADER_RULE_KEYS, HeaderRules)})
-_TRACING_KEYS = {"otlp_endpoint": (_kind_url, REQUIRED),
-                 "service_name": (_kind_string, "ambassador"),
-                 "sample_ratio": (_kind_number(0, 1), 1.0),
-                 "headers": (_kind_headers, ())}
+_TRACING_KEYS = {"otlp_endpoint": _kind_url, "service_name": _kind_string,
+                 "sample_ratio": _kind_number(0, 1), "headers": _kind_headers}
 _TOP_KEYS = ("admin", "log", "shutdown", "tracing", "listeners", "clusters")
+
+
+def default_of(record, key):
+    """A key's default: its record's, REQUIRED for a field without one, None for a key that
+    is no field (converted into one, as a route's `cluster` into `clusters`)."""
+    if key in record._field_defaults:
+        return record._field_defaults[key]
+    return REQUIRED if key in record._fields else None
 
 
 class _Validator:
@@ -1142,9 +1138,10 @@ class _Validator:
     def problem(self, path, reason):
         self.problems.append("%s: %s" % (path, reason))
 
-    def table(self, path, raw, keys, tables=None):
-        """raw (a dict) checked against keys -> {key: value}, defaults filled in.  tables maps
-        sub-table keys to (keys, record): each becomes a record, defaults filled in too."""
+    def table(self, path, raw, record, keys, tables=None):
+        """raw (a dict) checked against keys -> {key: value}, the record's defaults filled in
+        (a key that is no field of the record, as a route's `cluster`, defaults to None).
+        tables maps sub-table keys to (keys, record): each becomes a record too."""
         values = {}
         tables = tables or {}
         if not isinstance(raw, dict):
@@ -1153,13 +1150,15 @@ class _Validator:
         for key in raw:
             if key not in keys and key not in tables:
                 self.unknown("%s.%s" % (path, key), key, list(keys) + list(tables))
-        for key, (sub_keys, record) in tables.items():
+        for key, spec in tables.items():
             if key in raw:
-                sub = self.table("%s.%s" % (path, key), raw[key], sub_keys)
-                if all(k in sub for k, (_, d) in sub_keys.items() if d is REQUIRED):
-                    values[key] = record(**sub)
-        for key, (kind, default) in keys.items():
+                sub_keys, sub_record = spec[:2]
+                sub = self.table("%s.%s" % (path, key), raw[key], sub_record, sub_keys)
+                if all(k in sub for k in sub_keys if default_of(sub_record, k) is REQUIRED):
+                    values[key] = sub_record(**sub)
+        for key, kind in keys.items():
             if key not in raw:
+                default = default_of(record, key)
                 if default is REQUIRED:
                     self.problem("%s.%s" % (path, key), "required key is missing")
                 else:
@@ -1185,17 +1184,17 @@ def parse_config(raw, path="<config>"):
     for key in raw:
         if key not in _TOP_KEYS:
             v.unknown(key, key, list(_TOP_KEYS))
-    admin = AdminConfig(**v.table("admin", raw.get("admin", {}), _ADMIN_KEYS))
-    log = LogConfig(**v.table("log", raw.get("log", {}), _LOG_KEYS))
+    admin = AdminConfig(**v.table("admin", raw.get("admin", {}), AdminConfig, _ADMIN_KEYS))
+    log = LogConfig(**v.table("log", raw.get("log", {}), LogConfig, _LOG_KEYS))
     raw_shutdown = raw.get("shutdown", {})
-    shutdown = ShutdownConfig(**v.table("shutdown", raw_shutdown, _SHUTDOWN_KEYS))
+    shutdown = ShutdownConfig(**v.table("shutdown", raw_shutdown, ShutdownConfig, _SHUTDOWN_KEYS))
     if not (isinstance(raw_shutdown, dict) and "min_drain" in raw_shutdown):
         # Unwritten, the default follows drain_timeout down: a config of drain_timeout = "1s"
         # alone, valid before min_drain existed, must not be refused over a key it never had.
         shutdown = shutdown._replace(min_drain=min(DEFAULT_MIN_DRAIN_S, shutdown.drain_timeout))
     tracing = None
     if "tracing" in raw:
-        values = v.table("tracing", raw["tracing"], _TRACING_KEYS)
+        values = v.table("tracing", raw["tracing"], TracingConfig, _TRACING_KEYS)
         if "otlp_endpoint" in values:
             tracing = TracingConfig(**values)
 
@@ -1205,7 +1204,8 @@ def parse_config(raw, path="<config>"):
         v.problem("clusters", "expected a table of clusters, got %s" % show(raw_clusters))
         raw_clusters = {}
     for name, table in raw_clusters.items():
-        values = v.table("clusters.%s" % name, table, _CLUSTER_KEYS, _CLUSTER_TABLES)
+        values = v.table("clusters.%s" % name, table, ClusterConfig, _CLUSTER_KEYS,
+                         _CLUSTER_TABLES)
         tls = values.get("tls")
         if tls and (tls.cert is None) != (tls.key is None):
             v.problem("clusters.%s.tls" % name, "cert and key go together")
@@ -1241,7 +1241,7 @@ def parse_config(raw, path="<config>"):
         if isinstance(table, dict) and "routes" in table:
             table = dict(table)
             raw_routes = table.pop("routes")
-        values = v.table(where, table, _LISTENER_KEYS, _LISTENER_TABLES)
+        values = v.table(where, table, ListenerConfig, _LISTENER_KEYS, _LISTENER_TABLES)
         values["routes"] = _parse_routes(v, where + ".routes", raw_routes, raw_clusters)
         _check_traffic(v, where, values, raw_clusters)
         _check_protocol(v, where, table if isinstance(table, dict) else {}, raw_routes, values)
@@ -1279,16 +1279,18 @@ def _check_traffic(v, where, values, clusters):
             json.dumps(mirror.cluster), ", ".join(sorted(clusters)) or "none"))
 
 
-_HTTP_ONLY_KEYS = ("retry", "timeout", "header_timeout", "max_header_bytes", "host_rewrite",
-                   "routes", "fault", "rate_limit", "mirror")
-_TCP_ONLY_KEYS = ("connect_attempts", "half_closed_timeout", "max_connection_duration",
-                  "handshake_timeout")
+def protocol_only_keys(protocol):
+    """The listener keys and tables (routes too, for http) that only `protocol` uses."""
+    keys = [k for k, kind in _LISTENER_KEYS.items() if getattr(kind, "protocol", None) ==
+            protocol]
+    keys += [k for k, spec in _LISTENER_TABLES.items() if spec[2:] == (protocol,)]
+    return keys + (["routes"] if protocol == "http" else [])
 
 
 def _check_protocol(v, where, raw, raw_routes, values):
     """Keys that mean nothing for the listener's protocol are errors, not silently unused."""
     tcp = values.get("protocol") == "tcp"
-    for key in _HTTP_ONLY_KEYS if tcp else _TCP_ONLY_KEYS:
+    for key in protocol_only_keys("http" if tcp else "tcp"):
         if key in raw or (key == "routes" and raw_routes):
             v.problem("%s.%s" % (where, key), "not used by a%s listener (protocol = %s)"
                       % (" tcp" if tcp else "n http", json.dumps(values.get("protocol"))))
@@ -1306,7 +1308,7 @@ def _parse_routes(v, where, raw, clusters):
     routes = []
     for i, table in enumerate(raw):
         at = "%s[%d]" % (where, i)
-        values = v.table(at, table, _ROUTE_KEYS, tables=_ROUTE_TABLES)
+        values = v.table(at, table, RouteConfig, _ROUTE_KEYS, tables=_ROUTE_TABLES)
         single, weighted = values.pop("cluster", None), values.get("clusters", ())
         if "clusters" in table and not weighted and single is None:
             continue                  # clusters was refused with its own reason: no second one
