@@ -26,6 +26,39 @@ sys.path.insert(0, ROOT)
 PYTHON_FLAGS = os.environ.get("AMBASSADOR_PYTHON_FLAGS", "").split()
 
 
+# ------------------------------------------------------------------------------ the two layers
+# The pyramid: most tests run in process (parsers, codecs, state machines, policies), fast; the
+# black-box layer starts ambassador.py and real servers.  A test is black-box when it uses one
+# of these fixtures or says so (@pytest.mark.blackbox); `python3 tests/run.py -m "not
+# blackbox"` runs the in-process layer alone, in seconds, and there a test that starts a
+# process fails, so that the layer stays what its name says.
+PROCESS_FIXTURES = frozenset(["ambassador", "upstream", "upstream_factory", "redis_server",
+                              "postgres_server", "postgres_scram", "pki", "scripted",
+                              "collector", "fake_dns"])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "blackbox: starts ambassador.py or another process, or "
+                            "serves on sockets; -m 'not blackbox' runs the in-process layer")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.blackbox)
+
+
+@pytest.fixture(autouse=True)
+def _in_process_starts_no_process(request, monkeypatch):
+    if request.node.get_closest_marker("blackbox") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an in-process test started a process: mark it "
+                             "@pytest.mark.blackbox (%r)" % (args[:1],))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
 def ambassador_command(*args):
     """The command line that starts ambassador.py with args."""
     return [sys.executable] + PYTHON_FLAGS + [AMBASSADOR] + list(args)

@@ -195,6 +195,7 @@ def test_quitquitquit_stops_gracefully(ambassador, upstream, tmp_path):
     assert len(log.read_text().splitlines()) == 51                # no line lost
 
 
+@pytest.mark.blackbox
 def test_demo_runs_two_services_and_prints_what_to_try(tmp_path):
     ports = [free_port() for _ in range(3)]
     config = tmp_path / "demo.toml"

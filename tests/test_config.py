@@ -40,6 +40,7 @@ def good(extra="", port=None, listen=None, cluster='"payment"',
                    "cluster": cluster, "extra": extra, "endpoints": endpoints}
 
 
+@pytest.mark.blackbox
 def test_check_validates_without_binding_or_dns(tmp_path):
     with socket.socket() as busy:                   # a port in use proves nothing is bound
         busy.bind(("127.0.0.1", 0))
@@ -50,12 +51,14 @@ def test_check_validates_without_binding_or_dns(tmp_path):
     assert out == "payment 127.0.0.1:%d -> cluster payment (2 endpoints)\n" % port
 
 
+@pytest.mark.blackbox
 def test_shipped_config_checks(tmp_path):
     code, out, err = run(["-c", os.path.join(ROOT, "ambassador.toml"), "--check"])
     assert code == 0, err
     assert "payment 127.0.0.1:9000 -> cluster payment (1 endpoint)" in out
 
 
+@pytest.mark.blackbox
 def test_version():
     code, out, _ = run(["--version"])
     assert code == 0 and out.startswith("ambassador ")
@@ -95,13 +98,25 @@ BAD = [
 
 
 @pytest.mark.parametrize("override,message", BAD)
-def test_bad_listener_values_exit_2_with_key_path(tmp_path, override, message):
+def test_bad_listener_values_are_refused_with_their_key_path(override, message):
+    """The table, in process: what --check prints is these problems, one per line."""
+    import ambassador
+    with pytest.raises(ambassador.ConfigError) as e:
+        ambassador.parse_config(ambassador.parse_toml(good(**override)), "a.toml")
+    assert any(p.startswith(message) for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.blackbox
+def test_a_bad_value_exits_2_with_its_key_path(tmp_path):
+    """The table's wiring, once: --check prints each problem and exits 2."""
+    override, message = BAD[0]
     code, out, err = run(["-c", write(tmp_path, good(**override)), "--check"])
     assert code == 2
     assert "ambassador: config error: " + message in err, err
     assert out == ""
 
 
+@pytest.mark.blackbox
 def test_every_problem_is_reported_one_per_line(tmp_path):
     text = good('timeout = "soon"\nidle_timeout = -1') + \
         '\n[clusters.other]\nendpoints = []\nconect_timeout = "1s"\n[tracing]\nsample_ratio = 1.0\n'
@@ -117,6 +132,7 @@ def test_every_problem_is_reported_one_per_line(tmp_path):
     assert any("tracing.otlp_endpoint: required key is missing" in l for l in lines)
 
 
+@pytest.mark.blackbox
 def test_two_listeners_on_one_port(tmp_path):
     port = free_port()
     text = good(port=port) + '\n[listeners.other]\nlisten = "0.0.0.0:%d"\ncluster = "payment"\n' % port
@@ -126,12 +142,14 @@ def test_two_listeners_on_one_port(tmp_path):
         in err
 
 
+@pytest.mark.blackbox
 def test_missing_file(tmp_path):
     path = str(tmp_path / "missing.toml")
     code, _, err = run(["-c", path])
     assert code == 2 and err == "ambassador: config error: %s: no such file\n" % path
 
 
+@pytest.mark.blackbox
 def test_toml_syntax_error_names_line_and_column(tmp_path):
     path = write(tmp_path, '[admin]\nlisten = "127.0.0.1:1"\n[listeners.a\n')
     code, _, err = run(["-c", path, "--check"])
@@ -139,11 +157,13 @@ def test_toml_syntax_error_names_line_and_column(tmp_path):
     assert err.startswith("ambassador: config error: %s:3:" % path), err
 
 
+@pytest.mark.blackbox
 def test_no_listeners(tmp_path):
     code, _, err = run(["-c", write(tmp_path, '[clusters.a]\nendpoints = ["a:1"]\n'), "--check"])
     assert code == 2 and "listeners: expected at least one [listeners.<name>] table" in err
 
 
+@pytest.mark.blackbox
 def test_port_in_use_at_start_exits_1_naming_the_listener(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -155,6 +175,7 @@ def test_port_in_use_at_start_exits_1_naming_the_listener(tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.blackbox
 def test_circuit_breaker_values_are_checked(tmp_path):
     text = good() + '\n[clusters.payment.circuit_breaker]\nfailure_threshold = 0\n' \
                     'open_timeout = "0s"\nmax_requets = 5\n'
@@ -167,6 +188,7 @@ def test_circuit_breaker_values_are_checked(tmp_path):
            '"max_requests"?)' in err
 
 
+@pytest.mark.blackbox
 def test_example_configs_pass_check():
     for name in sorted(os.listdir(os.path.join(ROOT, "tests", "configs"))):
         code, out, err = run(["-c", os.path.join(ROOT, "tests", "configs", name), "--check"])
@@ -174,6 +196,7 @@ def test_example_configs_pass_check():
     assert "payment-v2 127.0.0.1:19000 -> cluster payment (3 endpoints)" in out
 
 
+@pytest.mark.blackbox
 def test_static_name_that_does_not_resolve_exits_1(tmp_path):
     code, _, err = run(["-c", write(tmp_path, good(endpoints='"no-such-host.invalid:80"'))])
     assert code == 1
@@ -236,6 +259,7 @@ def test_durations_at_their_bounds_are_accepted(listener, cluster, top):
     parse(listener, cluster, top)
 
 
+@pytest.mark.blackbox
 def test_a_huge_duration_fails_check_with_exit_2(tmp_path):
     code, out, err = run(["-c", write(tmp_path, good('timeout = "9300000000s"')), "--check"])
     assert code == 2
@@ -246,6 +270,7 @@ def test_a_huge_duration_fails_check_with_exit_2(tmp_path):
     ("/nonexistent-dir/access.log", "no such directory"),
     ("/", "is a directory"),
 ])
+@pytest.mark.blackbox
 def test_check_reports_an_access_log_that_cannot_be_opened(tmp_path, path, why):
     code, out, err = run(["-c", write(tmp_path, good() + '\n[log]\naccess = "%s"\n' % path),
                           "--check"])

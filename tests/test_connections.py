@@ -177,6 +177,7 @@ def start_with_open_files(tmp_path, soft, hard, max_connections):
     return [int(x) for x in limit], err.read_text()
 
 
+@pytest.mark.blackbox
 @pytest.mark.parametrize("hard,max_connections,warned", [(4096, 1000, False),
                                                          (1024, 1000, True)])
 def test_the_open_files_limit_is_raised_to_the_hard_one_at_start(tmp_path, hard,

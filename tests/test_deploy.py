@@ -75,6 +75,7 @@ def test_every_metric_an_alert_names_exists(ambassador, upstream):
     assert named - families == set()
 
 
+@pytest.mark.blackbox
 def test_promtool_accepts_the_rules():
     out = subprocess.run([tool("promtool"), "check", "rules",
                           os.path.join(DEPLOY, "prometheus", "alerts.yml")],
@@ -82,6 +83,7 @@ def test_promtool_accepts_the_rules():
     assert out.returncode == 0, out.stdout.decode()
 
 
+@pytest.mark.blackbox
 def test_systemd_accepts_the_unit():
     unit = os.path.join(DEPLOY, "systemd", "ambassador.service")
     out = subprocess.run([tool("systemd-analyze"), "verify", unit], stdout=subprocess.PIPE,
@@ -100,6 +102,7 @@ def test_the_readme_names_the_dockerfiles_base_image_and_it_runs_as_non_root():
     assert re.search(r"^USER \d+", dockerfile, re.M)
 
 
+@pytest.mark.blackbox
 def test_the_start_gates_use_wait_started_and_fail_when_nothing_started(tmp_path):
     """The unit's ExecStartPost and the classic manifest's postStart exit non-zero when
     /started never answers (they used to exit 0 either way), and read the admin port from

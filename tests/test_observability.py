@@ -376,6 +376,7 @@ def test_access_log_carries_trace_ids_and_sigusr1_reopens_without_losing_a_line(
     assert all(spans[e["span_id"]] == e["trace_id"] for e in entries)
 
 
+@pytest.mark.blackbox
 def test_an_unwritable_access_log_is_a_config_error(tmp_path):
     config = tmp_path / "a.toml"
     config.write_text('[log]\naccess = "%s/no/such/dir/access.log"\n[listeners.a]\nlisten = %d\n'

@@ -244,6 +244,7 @@ print(" ".join(picks))
 """
 
 
+@pytest.mark.blackbox
 def test_the_ring_is_the_same_in_every_process():
     # ambassador.py alone in the child: the test command may have installed pytest where only
     # this process finds it (tests/run.py, .venvs/).
@@ -353,6 +354,7 @@ def test_sticky_sessions_end_to_end(ambassador, upstream_factory):
     assert sorted(anonymous.values()) == [3, 3, 3]
 
 
+@pytest.mark.blackbox
 def test_check_prints_each_listeners_routes_in_order(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text(ROUTES)

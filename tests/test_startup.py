@@ -34,6 +34,7 @@ def shadow_dir(path, marker):
     (["-S"], ["--version"]),
     (["-E"], ["--version"]),
 ])
+@pytest.mark.blackbox
 def test_modules_in_the_working_directory_never_replace_the_standard_library(tmp_path, flags,
                                                                              args):
     marker = str(tmp_path / "imported.txt")
@@ -49,6 +50,7 @@ def test_modules_in_the_working_directory_never_replace_the_standard_library(tmp
     assert not os.path.exists(marker), open(marker).read()
 
 
+@pytest.mark.blackbox
 def test_pythonpath_is_not_added_by_the_reexec_when_the_user_ignored_the_environment(tmp_path):
     marker = str(tmp_path / "imported.txt")
     env = dict(os.environ, PYTHONPATH=shadow_dir(str(tmp_path / "pp"), marker))
@@ -59,6 +61,7 @@ def test_pythonpath_is_not_added_by_the_reexec_when_the_user_ignored_the_environ
     assert not os.path.exists(marker)
 
 
+@pytest.mark.blackbox
 def test_the_reexec_keeps_every_interpreter_flag(tmp_path):
     config = base_config(["127.0.0.1:9"])
     path = tmp_path / "a.toml"
