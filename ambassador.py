@@ -44,7 +44,7 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
 
-Who waits where, and which thread owns a connection (the connection core, section 8):
+Who waits where, and which thread owns a connection (the connection core, sections 9 and 10):
 
     accept thread         one per listener: accept(), count against max_connections (past
     (listener:NAME)       it: a 503 written at once), register the connection in the epoll
@@ -85,18 +85,19 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       9 Request stack: routes, faults, rate limit, mirror,
-     2 Constants and defaults            forward (retries, breaker, limits), relay
-     3 Errors and outcomes            10 TCP relay: connect, pump, RelayLoop, timeouts
-     4 Foundations                    11 Upstream: endpoints, pool, balancers, DNS, Cluster
-     5 Configuration                  12 Resilience: retries, budget, breaker, limits,
-     6 HTTP/1.1 wire format              outlier detection, health checks
-     7 TLS                            13 Telemetry: metrics, access log, tracing
-     8 Downstream: listeners, where   14 Admin and probes
-       connections wait (Dispatcher)  15 Process: Ambassador, reload, upgrade,
-                                         drain, demo, main()
-                                      16 Appendix: TOML parser for Python < 3.11
-                                      17 Appendix: linear-time regular expressions
+     1 Imports and compatibility       12 Request stack: forward, retries, admission,
+     2 Constants and defaults             breaker, try, the response relayed (splice)
+     3 Errors and outcomes             13 TCP relay: connect, pump, RelayLoop, timeouts
+     4 Foundations                     14 Upstream: endpoints, pool, balancers, DNS, Cluster
+     5 Configuration: records, kinds   15 Resilience: retries, budget, breaker, limits,
+     6 Configuration: schema, loading     outlier detection, health checks
+     7 HTTP/1.1 wire format            16 Telemetry: metrics, access log
+     8 TLS                             17 Telemetry: tracing, the Telemetry sink
+     9 Downstream: listeners, where    18 Admin and probes
+       connections wait (Dispatcher)   19 Process: Ambassador, reload, upgrade, drain, main()
+    10 Downstream connections          20 The demo
+    11 Routing and traffic policy      21 Appendix: TOML parser for Python < 3.11
+                                       22 Appendix: linear-time regular expressions
 """
 
 # ==================================================================================================
@@ -274,7 +275,7 @@ _BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
 # RFC 9110 5.5: a field value holds no control byte but HTAB.  The same for a chunk-size line,
 # a trailer, and a request head with its CRLFs made HTABs: no bare CR or LF either.
 _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-# What an app may ask of a route's fault table with header_control (section 9): the only
+# What an app may ask of a route's fault table with header_control (section 11): the only
 # x-ambassador-* request headers read; every other one from the app is dropped.
 _FAULT_HEADERS = frozenset([b"x-ambassador-fault-delay", b"x-ambassador-fault-abort"])
 # Every x-ambassador-* header Ambassador sends or reads: from the app, each is dropped.
@@ -508,9 +509,9 @@ def show(value):
 
 
 # ==================================================================================================
-# 5. Configuration
-#    TOML -> validated, immutable records.  Every problem is reported with its dotted key path;
-#    keys of features that have not landed yet are refused as "not supported yet".
+# 5. Configuration: records and value kinds
+#    What a config is: immutable records, one per TOML table, each field a key with its default,
+#    and the kinds that turn a TOML value into a field's value or say why they cannot.
 # ==================================================================================================
 
 class AdminConfig(NamedTuple):
@@ -930,7 +931,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 17) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 22) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -1020,6 +1021,12 @@ def _kind_path(value):
         raise ValueError("expected a path like \"/health\", got %s" % show(value))
     return value
 
+
+# ==================================================================================================
+# 6. Configuration: the schema, validation and loading
+#    Which keys each table takes, checked with every problem reported by its dotted key path;
+#    the file read, parsed (tomllib or the appendix parser) and shown again as /config.
+# ==================================================================================================
 
 # The schema: each table's keys, name -> kind (the validator of its value).  A key's name and
 # default are declared once, in its record above (a field without a default is required); its
@@ -1399,7 +1406,7 @@ def config_as_json(config):
 
 
 # ==================================================================================================
-# 6. HTTP/1.1 wire format
+# 7. HTTP/1.1 wire format
 #    Bytes in, records out: the buffered reader, request and response heads, body framing,
 #    and the replies Ambassador writes itself.  Pure functions of bytes and one socket; no policy.
 # ==================================================================================================
@@ -1935,7 +1942,7 @@ def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=Non
 
 
 # ==================================================================================================
-# 7. TLS
+# 8. TLS
 #    Context sources built from a tls table and rotated when its files change; handshakes
 #    with endpoints (SNI, SAN matching) and PostgreSQL's SSLRequest; peer identities.
 # ==================================================================================================
@@ -2231,10 +2238,10 @@ def handshake_failed(sock, listener, error):
 
 
 # ==================================================================================================
-# 8. Downstream: listeners, how connections wait and reach threads, per-connection serving
+# 9. Downstream: listeners, and where connections wait
 #    One bound socket and accept thread per listener, at most max_connections connections (past
 #    it a fast 503, or a close for tcp); the Dispatcher where they wait between requests and the
-#    workers that serve them; keep-alive, TLS termination, head limits and timeouts, errors.
+#    workers that serve them.
 # ==================================================================================================
 
 class Listener:
@@ -2713,6 +2720,12 @@ class Dispatcher:
             self._epoll.close()
 
 
+# ==================================================================================================
+# 10. Downstream connections: an app connection's requests
+#    Worker turns on one app connection: the TLS handshake, heads read without waiting, head
+#    limits and timeouts, keep-alive, error replies; each request handed to the request stack.
+# ==================================================================================================
+
 class DownstreamConnection:
     """One connection from the app: its requests one after another (keep-alive), each through
     parse_request() and forward(), each ending in telemetry.
@@ -2987,10 +3000,9 @@ class DownstreamConnection:
 
 
 # ==================================================================================================
-# 9. Request stack
-#    route -> deadline -> fault -> rate limit -> rewrites -> mirror -> retry loop (policy,
-#    budget, backoff) -> admission (limits, breaker) -> balance -> try -> pool, then the
-#    response streamed back.  Any failure before the response started is a short reply.
+# 11. Routing and traffic policy
+#    What applies to a request before it is sent: its body as the stack sees it, header rules,
+#    the route that matches, faults, the rate limit and the mirror.
 # ==================================================================================================
 
 class RequestBody:
@@ -3202,7 +3214,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 17), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 22), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -3514,6 +3526,13 @@ class Mirror:
         finally:
             cluster.limits.end("requests")
 
+
+# ==================================================================================================
+# 12. Request stack
+#    route -> deadline -> fault -> rate limit -> rewrites -> mirror -> retry loop (policy,
+#    budget, backoff) -> admission (limits, breaker) -> balance -> try -> pool, then the
+#    response streamed back (spliced when large).  A failure before the response began is a reply.
+# ==================================================================================================
 
 def forward(listener, route, req, downstream):
     """Send one request to the route's cluster and stream the response back to the app.
@@ -4002,7 +4021,7 @@ def relay_response(req, resp, conn, downstream, listener):
 
 
 # ==================================================================================================
-# 10. TCP relay
+# 13. TCP relay
 #    A tcp listener's connections: connect (connect_attempts tries over the balancer, breaker and
 #    limits; TLS from the first byte, or PostgreSQL's SSLRequest first), then one thread pumps
 #    bytes both ways with bounded buffers, passing on half-closes and resets, until both sides
@@ -4792,7 +4811,7 @@ class RelayLoop:
 
 
 # ==================================================================================================
-# 11. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
+# 14. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS), chosen by a
 #    balancer, each with a pool of keep-alive connections (TLS when the cluster has it) that
 #    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
@@ -5469,7 +5488,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 12. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 15. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -5923,10 +5942,10 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 13. Telemetry: Metrics, AccessLog, Tracer, SpanExporter
-#    What happened, for people, Prometheus and trace collectors.  Nothing here may raise into the
-#    data path or block it: counters take one short lock; log lines and spans are written by
-#    background threads from bounded queues.
+# 16. Telemetry: metrics and the access log
+#    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
+#    it: counters take one short lock; log lines are written by a background thread from a bounded
+#    queue, and repeated warnings are held to one a minute.
 # ==================================================================================================
 
 def _escape_label(value):
@@ -6267,6 +6286,12 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
                             b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
                             b"x-b3-flags"])
 
+
+# ==================================================================================================
+# 17. Telemetry: tracing, and the one sink the data path calls
+#    W3C and B3 trace context in, spans out to an OTLP collector from a bounded queue; then
+#    Telemetry, which every layer of the data path calls and which never raises into it.
+# ==================================================================================================
 
 def _is_hex_id(value, length):
     return len(value) == length and _LOWER_HEX.issuperset(value) and value.strip(b"0") != b""
@@ -6919,9 +6944,9 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 14. Admin
-#     GET / /metrics /ready /clusters /config, POST /quitquitquit.  Off the hot path, so it is a
-#     plain http.server; it binds 127.0.0.1 unless configured otherwise.
+# 18. Admin
+#    GET / /metrics /ready /clusters /config, POST /reload /quitquitquit, and the probe port.
+#    A small bounded server of its own (not http.server); it binds 127.0.0.1 unless configured.
 # ==================================================================================================
 
 class SmallHTTPServer(socketserver.TCPServer):
@@ -7141,9 +7166,8 @@ class Admin:
 
 
 # ==================================================================================================
-# 15. Process: Ambassador, reload, upgrade, demo, main()
-#     Wiring, start, reload by difference, live upgrade, drain, signals, the command line, and
-#     the demo a newcomer runs first.
+# 19. Process: Ambassador, reload, upgrade, main()
+#    Wiring, start, reload by difference, live upgrade, drain, signals and the command line.
 # ==================================================================================================
 
 class _Staged:
@@ -7679,107 +7703,6 @@ class Ambassador:
                              for name, c in sorted(self.clusters.items())}}
 
 
-DEMO_CONFIG = """\
-[admin]
-listen = "127.0.0.1:9901"
-
-[listeners.payment]
-listen = 9000
-cluster = "payment"
-timeout = "5s"
-
-[listeners.payment.retry]
-attempts = 3
-retry_on = ["5xx", "reset", "connect-failure"]
-
-[listeners.inventory]
-listen = 9001
-cluster = "inventory"
-timeout = "3s"
-
-[clusters.payment]
-endpoints = ["payment-service:80"]
-
-[clusters.inventory]
-endpoints = ["inventory-service:8080"]
-"""
-
-
-class DemoService:
-    """The demo's stand-in for a remote service: `inventory` always answers; `payment`'s
-    gateway is busy on the first try of every charge (503, "try again") and answers 500 to
-    everything on /outage; its GET shows how many charges reached it.  So the demo shows the
-    same thing every time: a plain POST comes back 503 having reached payment once, the same
-    POST with an Idempotency-Key succeeds on a retry, and an outage opens the breaker."""
-
-    def __init__(self, kind):
-        self.kind = kind
-        self._lock = threading.Lock()     # guards _charges
-        self._charges = 0
-
-    def route(self, method, path, body, headers):
-        if method == "GET" and self.kind == "inventory":
-            return self.answer(200, {"service": "inventory", "items": [
-                {"sku": "A-100", "name": "widget", "in_stock": 12},
-                {"sku": "B-200", "name": "gadget", "in_stock": 0}]})
-        if method == "GET":
-            with self._lock:
-                charges = self._charges
-            return self.answer(200, {"service": self.kind, "status": "up",
-                                     "charges_received": charges})
-        if path == "/outage":
-            return self.answer(500, {"service": self.kind, "error": "down for good"})
-        with self._lock:
-            self._charges += 1
-        if self.kind == "payment" and headers.get("x-ambassador-attempt-count", "1") == "1":
-            return self.answer(503, {"service": "payment", "error": "gateway busy, try again"})
-        return self.answer(200, {"service": self.kind, "status": "charged"})
-
-    @staticmethod
-    def answer(status, value):
-        return status, "application/json", (json.dumps(value) + "\n").encode()
-
-
-def start_demo(config):
-    """Start the demo services on loopback and point every cluster at one -> the new Config."""
-    services = {}
-    for kind in ("payment", "inventory"):
-        server = SmallHTTPServer(("127.0.0.1", 0), DemoService(kind).route, "demo-" + kind,
-                                 max_body_bytes=DEMO_MAX_BODY_BYTES)
-        threading.Thread(target=server.serve_forever, name="demo:%s" % kind, daemon=True).start()
-        services[kind] = ("127.0.0.1", server.server_address[1])
-    clusters = {name: c._replace(endpoints=(EndpointConfig(
-        services["payment" if name == "payment" else "inventory"]),), discovery="static",
-        health_check=None) for name, c in config.clusters.items()}
-    config = config._replace(clusters=clusters)
-    print("Ambassador %s demo: the config's listeners, in front of two demo services on loopback."
-          % __version__)
-    print("Try, in another terminal:")
-    for l in config.listeners:
-        url = "http://%s" % format_address(("127.0.0.1" if l.listen[0] in ("0.0.0.0", "::")
-                                            else l.listen[0], l.listen[1]))
-        if l.cluster == "payment":
-            print("  curl -si -X POST %s/charge -d '{\"amount\": 42}'\n"
-                  "      # payment is busy on every first try: 503 comes back, and the POST was"
-                  " not sent twice\n  curl -s %s/\n"
-                  "      # payment counts the charges that reached it: one per POST" % (url, url))
-            print("  curl -si -X POST %s/charge -H 'Idempotency-Key: order-42' "
-                  "-d '{\"amount\": 42}'\n"
-                  "      # safe to send again: a retry absorbs the failure, 200 with "
-                  "x-ambassador-attempt-count: 2" % url)
-            print("  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%%{http_code} ' "
-                  "-X POST %s/outage; done; echo\n"
-                  "      # an outage: after 5 failures in a row the circuit opens, calls get a fast"
-                  " 503 circuit-open for 30 s" % url)
-        else:
-            print("  curl -si %s/items   # %s: always answers" % (url, l.cluster))
-    print("  curl -s http://%s/metrics | grep '^ambassador_requests_total'"
-          % format_address(config.admin.listen))
-    print("Ctrl-C to stop.")
-    sys.stdout.flush()
-    return config
-
-
 def release_freed_memory():
     """Hand back to the OS the heap that compiling this file used.  CPython compiles a script
     from source on every run, and glibc keeps the freed pages: measured, 8 MB of a 27 MB idle
@@ -8096,7 +8019,114 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 16. Appendix: the TOML parser for Python < 3.11
+# 20. The demo: two stand-in services and what to try
+#    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
+#    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
+# ==================================================================================================
+
+DEMO_CONFIG = """\
+[admin]
+listen = "127.0.0.1:9901"
+
+[listeners.payment]
+listen = 9000
+cluster = "payment"
+timeout = "5s"
+
+[listeners.payment.retry]
+attempts = 3
+retry_on = ["5xx", "reset", "connect-failure"]
+
+[listeners.inventory]
+listen = 9001
+cluster = "inventory"
+timeout = "3s"
+
+[clusters.payment]
+endpoints = ["payment-service:80"]
+
+[clusters.inventory]
+endpoints = ["inventory-service:8080"]
+"""
+
+
+class DemoService:
+    """The demo's stand-in for a remote service: `inventory` always answers; `payment`'s
+    gateway is busy on the first try of every charge (503, "try again") and answers 500 to
+    everything on /outage; its GET shows how many charges reached it.  So the demo shows the
+    same thing every time: a plain POST comes back 503 having reached payment once, the same
+    POST with an Idempotency-Key succeeds on a retry, and an outage opens the breaker."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self._lock = threading.Lock()     # guards _charges
+        self._charges = 0
+
+    def route(self, method, path, body, headers):
+        if method == "GET" and self.kind == "inventory":
+            return self.answer(200, {"service": "inventory", "items": [
+                {"sku": "A-100", "name": "widget", "in_stock": 12},
+                {"sku": "B-200", "name": "gadget", "in_stock": 0}]})
+        if method == "GET":
+            with self._lock:
+                charges = self._charges
+            return self.answer(200, {"service": self.kind, "status": "up",
+                                     "charges_received": charges})
+        if path == "/outage":
+            return self.answer(500, {"service": self.kind, "error": "down for good"})
+        with self._lock:
+            self._charges += 1
+        if self.kind == "payment" and headers.get("x-ambassador-attempt-count", "1") == "1":
+            return self.answer(503, {"service": "payment", "error": "gateway busy, try again"})
+        return self.answer(200, {"service": self.kind, "status": "charged"})
+
+    @staticmethod
+    def answer(status, value):
+        return status, "application/json", (json.dumps(value) + "\n").encode()
+
+
+def start_demo(config):
+    """Start the demo services on loopback and point every cluster at one -> the new Config."""
+    services = {}
+    for kind in ("payment", "inventory"):
+        server = SmallHTTPServer(("127.0.0.1", 0), DemoService(kind).route, "demo-" + kind,
+                                 max_body_bytes=DEMO_MAX_BODY_BYTES)
+        threading.Thread(target=server.serve_forever, name="demo:%s" % kind, daemon=True).start()
+        services[kind] = ("127.0.0.1", server.server_address[1])
+    clusters = {name: c._replace(endpoints=(EndpointConfig(
+        services["payment" if name == "payment" else "inventory"]),), discovery="static",
+        health_check=None) for name, c in config.clusters.items()}
+    config = config._replace(clusters=clusters)
+    print("Ambassador %s demo: the config's listeners, in front of two demo services on loopback."
+          % __version__)
+    print("Try, in another terminal:")
+    for l in config.listeners:
+        url = "http://%s" % format_address(("127.0.0.1" if l.listen[0] in ("0.0.0.0", "::")
+                                            else l.listen[0], l.listen[1]))
+        if l.cluster == "payment":
+            print("  curl -si -X POST %s/charge -d '{\"amount\": 42}'\n"
+                  "      # payment is busy on every first try: 503 comes back, and the POST was"
+                  " not sent twice\n  curl -s %s/\n"
+                  "      # payment counts the charges that reached it: one per POST" % (url, url))
+            print("  curl -si -X POST %s/charge -H 'Idempotency-Key: order-42' "
+                  "-d '{\"amount\": 42}'\n"
+                  "      # safe to send again: a retry absorbs the failure, 200 with "
+                  "x-ambassador-attempt-count: 2" % url)
+            print("  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%%{http_code} ' "
+                  "-X POST %s/outage; done; echo\n"
+                  "      # an outage: after 5 failures in a row the circuit opens, calls get a fast"
+                  " 503 circuit-open for 30 s" % url)
+        else:
+            print("  curl -si %s/items   # %s: always answers" % (url, l.cluster))
+    print("  curl -s http://%s/metrics | grep '^ambassador_requests_total'"
+          % format_address(config.admin.listen))
+    print("Ctrl-C to stop.")
+    sys.stdout.flush()
+    return config
+
+
+# ==================================================================================================
+# 21. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -8440,7 +8470,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 17. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 22. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
