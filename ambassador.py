@@ -172,6 +172,7 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 # TCP listeners: no byte either way for an hour is a dead peer far more often than a query;
 # "0s" turns it off for connections that are silent on purpose.
 DEFAULT_TCP_IDLE_TIMEOUT_S = 3600.0
+DEFAULT_UPGRADE_IDLE_TIMEOUT_S = 3600.0         # an upgraded (WebSocket) tunnel with no byte
 DEFAULT_TCP_HANDSHAKE_TIMEOUT_S = 10.0        # a tcp listener's TLS handshake, waited in the epoll
 DEFAULT_TCP_CONNECT_ATTEMPTS = 3
 DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S = 60.0
@@ -251,6 +252,7 @@ WORKER_IDLE_S = 10.0         # a worker with nothing to do this long ends (save 
 SWEEP_S = 0.05               # how often the sweeper looks for stuck workers; and while every
 SWEEP_BUSY_S = 0.005         # worker is busy (so that a slow upstream soon gets its threads)
 DEADLINE_SCAN_S = 0.25       # how often it closes parked connections past their deadline
+RELAY_IDLE_WAIT_S = 5.0      # a RelayLoop with nothing to relay: how long it sleeps at most
 DISCARD_BODY_MAX_BYTES = 64 << 20             # of a body the upstream answered before its end
 # The admin and probe ports (and the demo's services): the probe port may face the network, so
 # what one connection can hold is small and the connections at once are few.
@@ -419,6 +421,12 @@ class RateLimited(ProxyError):
     def __init__(self, detail, status, headers):
         ProxyError.__init__(self, detail, status)
         self.headers = headers
+
+
+class UpgradeFailed(ProxyError):
+    """An upgrade that cannot be carried: a body on the upgrade request (its bytes and the
+    tunnel's would mix)."""
+    status, tag = 502, "upgrade-failed"
 
 
 class DrainCut(ProxyError):
@@ -642,6 +650,13 @@ class RouteConfig(NamedTuple):
     mirror: Optional[MirrorConfig] = None         # None: the listener's
 
 
+class UpgradeConfig(NamedTuple):
+    """[listeners.X.upgrade]: which HTTP upgrades become a byte tunnel, like a tcp session."""
+    protocols: Tuple[str, ...] = ("websocket",)         # [] turns upgrades off; never h2c
+    idle_timeout: float = DEFAULT_UPGRADE_IDLE_TIMEOUT_S  # no byte either way this long: closed
+    max_duration: float = 0.0                            # 0: no limit
+
+
 class ListenerConfig(NamedTuple):
     name: str
     listen: Tuple[str, int]
@@ -656,6 +671,7 @@ class ListenerConfig(NamedTuple):
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     routes: Tuple[RouteConfig, ...] = ()             # in order: the first that matches wins
+    upgrade: UpgradeConfig = UpgradeConfig()
     # protocol = "tcp" only:
     handshake_timeout: float = DEFAULT_TCP_HANDSHAKE_TIMEOUT_S   # with [tls]: the client's
     connect_attempts: int = DEFAULT_TCP_CONNECT_ATTEMPTS
@@ -838,6 +854,19 @@ def _kind_backup_endpoints(value):
     if value == []:
         return ()
     return _kind_endpoints(value)
+
+
+def _kind_upgrade_protocols(value):
+    if not isinstance(value, list) or not all(
+            isinstance(v, str) and v and _TOKEN_CHARS.issuperset(v.encode("latin-1", "replace"))
+            for v in value):
+        raise ValueError("expected an array of protocol names like [\"websocket\"], got %s"
+                         % show(value))
+    protocols = tuple(v.lower() for v in value)
+    if "h2c" in protocols:
+        raise ValueError("h2c is never tunnelled: an upgraded h2c connection would get past "
+                         "the routes (h2c smuggling)")
+    return protocols
 
 
 def _kind_url(value):
@@ -1090,6 +1119,8 @@ _DOWNSTREAM_TLS_KEYS = dict(_TLS_COMMON, cert=_kind_file, key=_kind_file, ca=_ki
 _UPSTREAM_TLS_KEYS = dict(_TLS_COMMON, ca=_kind_file, cert=_kind_file, key=_kind_file,
                           server_name=_kind_string, verify=_kind_bool, match_san=_kind_strings,
                           starttls=_kind_one_of("postgres"))
+_UPGRADE_KEYS = {"protocols": _kind_upgrade_protocols, "idle_timeout": _kind_interval,
+                 "max_duration": _kind_idle}
 _FAULT_KEYS = {"delay": _kind_delay, "delay_percent": _kind_number(0, 100),
                "abort_status": _kind_int(200, 599), "abort_percent": _kind_number(0, 100),
                "header_control": _kind_bool}
@@ -1105,7 +1136,8 @@ _LISTENER_TABLES = {"tls": (_DOWNSTREAM_TLS_KEYS, DownstreamTlsConfig),
                     "retry": (_RETRY_KEYS, RetryConfig, "http"),
                     "fault": (_FAULT_KEYS, FaultConfig, "http"),
                     "rate_limit": (_RATE_LIMIT_KEYS, RateLimitConfig, "http"),
-                    "mirror": (_MIRROR_KEYS, MirrorConfig, "http")}
+                    "mirror": (_MIRROR_KEYS, MirrorConfig, "http"),
+                    "upgrade": (_UPGRADE_KEYS, UpgradeConfig, "http")}
 _CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig),
                    "health_check": (_HEALTH_CHECK_KEYS, HealthCheckConfig),
                    "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig),
@@ -1609,7 +1641,7 @@ class Request:
                  "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
                  "bytes_out", "response_started", "endpoint", "span", "trace_headers",
                  "client_cert", "conn", "drain_cut", "client_address", "route", "cluster",
-                 "fault_asked")
+                 "fault_asked", "upgrade")
 
     def __init__(self):
         self.method = b"-"
@@ -1635,6 +1667,7 @@ class Request:
         self.route = None                 # the Route that matched (None: refused before)
         self.cluster = None               # the Cluster chosen for it
         self.fault_asked = None           # ((x-ambassador-fault-* name, value), ...) it sent
+        self.upgrade = None               # the Upgrade it asks for (with Connection: upgrade)
 
 
 def parse_request(head, req, client_ip):
@@ -1672,7 +1705,7 @@ def parse_request(head, req, client_ip):
     headers = []
     content_length = transfer_encoding = host = forwarded_for = None
     connection = b""
-    expect = None
+    expect = upgrade = None
     replay_safe = method in IDEMPOTENT_METHODS
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -1699,6 +1732,9 @@ def parse_request(head, req, client_ip):
             connection = connection + b"," + value.lower() if connection else value.lower()
         elif lname == b"expect":
             expect = value.lower()
+            continue
+        elif lname == b"upgrade":
+            upgrade = value
             continue
         elif lname == b"x-forwarded-for":
             forwarded_for = forwarded_for + b", " + value if forwarded_for else value
@@ -1759,6 +1795,8 @@ def parse_request(head, req, client_ip):
         req.keep_alive = b"close" not in tokens
     else:
         req.keep_alive = b"keep-alive" in tokens
+    if upgrade and b"upgrade" in tokens and version == b"HTTP/1.1":
+        req.upgrade = upgrade             # the listener decides whether it is carried
     if tokens:  # RFC 9110 7.6.1: headers that Connection names are hop-by-hop too
         named = frozenset(tokens)
         headers = [h for h in headers if h[0] not in named and h[0] not in HOP_BY_HOP]
@@ -2443,8 +2481,11 @@ class ListenerServer(socketserver.TCPServer):
         self.keep_socket = False          # handed on to another server: never close it
         init_tcp_server(self, listener.config.listen, inherited)
         self.dispatcher = Dispatcher(listener)
-        self.relay = RelayLoop(listener) if listener.config.protocol == "tcp" and HAS_EPOLL \
+        # A tcp listener's sessions relay there; an http listener's upgraded (WebSocket) tunnels.
+        self.relay = RelayLoop(listener) if HAS_EPOLL and (
+            listener.config.protocol == "tcp" or listener.config.upgrade.protocols) \
             else None
+        self.dispatcher.relay = self.relay
 
     def get_request(self):
         return accept_or_back_off(self, lambda e: self.listener.telemetry.accept_failed(
@@ -2547,6 +2588,7 @@ class Dispatcher:
 
     def __init__(self, listener):
         self.listener = listener
+        self.relay = None                 # the listener's RelayLoop, for upgraded tunnels
         self._epoll = select.epoll() if HAS_EPOLL else None
         self._lock = threading.Lock()     # guards everything below
         self._parked = {}                 # fd -> DownstreamConnection registered and waiting
@@ -2750,6 +2792,7 @@ class DownstreamConnection:
         self.forbidden = False            # a client certificate outside allowed_sans
         self.handshaking = False          # a TLS handshake begun and not finished
         self.served = 0                   # requests answered on it
+        self.tunnel = None                # an UpgradedTunnel that took it over (after a 101)
         self.closed = False
         self.wait_writable = False        # park()ed for room to write, not for input
         self.send_timeout = listener.config.idle_timeout
@@ -2791,7 +2834,10 @@ class DownstreamConnection:
                 return self.close()
             if head is None:
                 return self.wait()
-            if not self.handle(head):
+            kept = self.handle(head)
+            if kept is TUNNELLED:
+                return self.hand_over()
+            if not kept:
                 return self.close()
             self.served += 1
             if not self.reader.buf and self.listener.tls is None:
@@ -2879,6 +2925,25 @@ class DownstreamConnection:
         finally:
             self.close()
 
+    def hand_over(self):
+        """An upgraded request's 101 went out: this connection is the tunnel's now.  Out of
+        the Dispatcher, into the listener's RelayLoop (or relayed in this thread without
+        epoll); the tunnel closes it and accounts the request when it ends."""
+        tunnel = self.tunnel
+        self.dispatcher.release(self)
+        pump = tunnel.pump(self.sock, tunnel.conn.sock, to_up=self.reader.buf,
+                           to_down=tunnel.conn.reader.buf)
+        self.reader.buf = tunnel.conn.reader.buf = b""
+        relay = self.dispatcher.relay
+        if relay is not None:
+            relay.add(tunnel, pump)
+            return
+        try:
+            drive_blocking(pump)
+        except Exception:
+            tunnel.failed()
+        tunnel.finish()
+
     def _handshake_step(self):
         """Carry the TLS handshake on without waiting.  -> "read" or "write" (what it waits
         for), "" when done, None when it failed (the connection is closed)."""
@@ -2948,10 +3013,13 @@ class DownstreamConnection:
             req.error = req.error or "downstream-disconnect"
             listener.telemetry.debug("%s: downstream: %s", listener.name, e)
         finally:
-            if req.drain_cut:
-                req.error, keep = DrainCut.tag, False
-            if listener.end_request(req):
-                listener.telemetry.record_request(listener, req, monotonic() - req.start)
+            if keep is TUNNELLED:            # accounted by the tunnel when it ends
+                pass
+            else:
+                if req.drain_cut:
+                    req.error, keep = DrainCut.tag, False
+                if listener.end_request(req):
+                    listener.telemetry.record_request(listener, req, monotonic() - req.start)
         return keep
 
     def reply_error(self, req, error):
@@ -3545,6 +3613,8 @@ def forward(listener, route, req, downstream):
     Returns whether the downstream connection may carry another request.  Raises ProxyError
     while no response byte was sent; after that, failures close the downstream connection."""
     deadline = req.start + route.timeout
+    if req.upgrade is not None and not carries_upgrade(listener, req):
+        req.upgrade = None                    # Upgrade dropped: it goes on as plain HTTP
     cluster = req.cluster = route.pick_cluster()
     if route.fault is not None:                  # as the request arrives, before any try
         route.fault.apply(listener, route, req, deadline)
@@ -3554,7 +3624,7 @@ def forward(listener, route, req, downstream):
     policy = route.retry_policy
     body = RequestBody(req, downstream, policy.config.buffer_limit)
     body.prepare()
-    if route.mirror is not None:                 # a copy, queued: never waited for
+    if route.mirror is not None and req.upgrade is None:   # a copy, queued: never waited for
         route.mirror.offer(req, body, route)
     route.retry_budget.record_request()
     admission = Admission(listener, route, req, cluster)
@@ -3569,6 +3639,8 @@ def forward(listener, route, req, downstream):
             on_budget_exhausted=lambda: listener.telemetry.budget_exhausted(admission.cluster))
         if result.response is None:
             raise result.error
+        if result.response.status == 101:
+            return start_tunnel(listener, req, result.response, result.conn, downstream)
         keep = relay_response(req, result.response, result.conn, downstream, listener)
         if not body.is_complete():          # answered before the whole body was sent
             keep = body.discard_rest() and keep
@@ -3578,6 +3650,45 @@ def forward(listener, route, req, downstream):
         raise
     finally:
         admission.release()
+
+
+TUNNELLED = object()        # forward()'s answer for a request that became a tunnel (a 101)
+
+
+def carries_upgrade(listener, req):
+    """Whether req's Upgrade becomes a tunnel: its protocol enabled in [upgrade] protocols.
+    h2c never (an upgraded h2c connection would get past the routes: h2c smuggling).  Another
+    protocol is dropped and the request goes on as HTTP/1.1 (RFC 9110 lets a server ignore
+    it).  A carried upgrade is sent once its bytes may have reached an upstream, never again;
+    with a body it is refused (UpgradeFailed): those bytes and the tunnel's would mix."""
+    name = req.upgrade.split(b",", 1)[0].split(b"/", 1)[0].strip().lower()
+    if name == b"h2c" or name.decode("latin-1") not in listener.config.upgrade.protocols:
+        return False
+    if req.chunked or req.content_length:
+        raise UpgradeFailed("an upgrade request with a body cannot become a tunnel")
+    req.replay_safe = False
+    return True
+
+
+def start_tunnel(listener, req, resp, conn, downstream):
+    """The upstream switched protocols: relay its 101 and hand both connections to an
+    UpgradedTunnel (section 13).  The request's span ends here; its log line and metrics come
+    when the tunnel closes.  -> TUNNELLED."""
+    parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+    if resp.lines:
+        parts += (b"\r\n".join(resp.lines), b"\r\n")   # Sec-WebSocket-Accept among them
+    if resp.request_id is None:
+        parts += (b"X-Request-Id: ", req.request_id, b"\r\n")
+    parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade, b"\r\n\r\n")
+    req.status = 101
+    req.response_started = True
+    downstream.send(b"".join(parts))
+    telemetry = listener.telemetry
+    if telemetry.tracer is not None and req.span is not None:
+        telemetry.tracer.finish(req, listener)
+        req.span = None
+    downstream.tunnel = UpgradedTunnel(listener, req, downstream, conn)
+    return TUNNELLED
 
 
 def retry_loop(policy, budget, deadline, try_, admit_retry, is_safe, on_backoff=None,
@@ -4324,14 +4435,19 @@ class TcpSession:
             raise ConnectFailure("connect to %s: %s" % (label, e))
         return sock
 
-    def pump(self, down, up):
+    @property
+    def timeouts(self):
+        """What bounds the relay: idle_timeout, half_closed_timeout, max_connection_duration."""
+        return self.listener.config
+
+    def pump(self, down, up, to_up=b"", to_down=b""):
         """A generator that relays until both directions have ended: it yields ({fd: poll
         events wanted}, deadline) and is sent the [(fd, events)] that came (see RelayLoop,
         drive_blocking); the sockets are never waited on inside.  Each direction holds at most
         TCP_BUFFER_BYTES: a slow reader slows its writer, memory does not grow.  A FIN is
         passed on with shutdown(SHUT_WR) once what came before it was delivered, and the other
         direction keeps flowing (half_closed_timeout); a reset is passed on as a reset."""
-        c = self.listener.config
+        c = self.timeouts
         telemetry, name = self.listener.telemetry, self.listener.name
         ssl_types = (self.cluster.tls.ssl.SSLSocket,) if self.cluster.tls is not None else ()
         if self.listener.tls is not None:
@@ -4346,7 +4462,8 @@ class TcpSession:
         pg_intercept = self.cluster.tls is not None and \
             self.cluster.tls.config.starttls == "postgres"
         pg_auth = pg_intercept           # the server's first message, until it has passed
-        sides = {"down": [down, bytearray(), False, False], "up": [up, bytearray(), False, False]}
+        sides = {"down": [down, bytearray(to_down), False, False],
+                 "up": [up, bytearray(to_up), False, False]}
         # per side: socket, bytes waiting to be written to it, EOF read from it, FIN sent to it
         other = {"down": "up", "up": "down"}
         down.setblocking(False)
@@ -4624,6 +4741,54 @@ class TcpSession:
         reset_socket(peer_sock)
 
 
+class TunnelTimeouts(NamedTuple):
+    """An upgraded tunnel's bounds, as pump() reads a tcp listener's."""
+    idle_timeout: float
+    max_connection_duration: float
+    half_closed_timeout: float = DEFAULT_TCP_HALF_CLOSED_TIMEOUT_S
+
+
+class UpgradedTunnel(TcpSession):
+    """An HTTP request that switched protocols (WebSocket): after its 101, the app's connection
+    and the upstream's relay bytes as a tcp session's do -- the same pump (half-close and reset
+    passed on, bounded buffers) in the listener's RelayLoop -- within [upgrade] idle_timeout and
+    max_duration, cut by a drain like a request.  When it ends it closes both connections and
+    accounts the request: one access-log line (status 101, bytes each way, duration, the
+    termination in `error` unless a side ended with a FIN) and ambassador_upgrades_total."""
+
+    def __init__(self, listener, req, downstream, conn):
+        self.listener, self.req, self.downstream, self.conn = listener, req, downstream, conn
+        self.sock = downstream.sock
+        self.cluster = req.cluster
+        upgrade = listener.config.upgrade
+        self.timeouts = TunnelTimeouts(upgrade.idle_timeout, upgrade.max_duration)
+        self.termination = self.reason = None
+        self.bytes_up = self.bytes_down = 0
+        self.finished = False
+        listener.telemetry.upgraded(listener, None)
+
+    timeouts = None                   # an instance attribute here, not TcpSession's property
+
+    @property
+    def drain_cut(self):              # the drain cuts the request, which this is
+        return self.req.drain_cut
+
+    def finish(self):
+        if self.finished:
+            return
+        self.finished = True
+        self.conn.close()                       # its max_connections slot comes back
+        self.downstream.close()
+        req, listener = self.req, self.listener
+        termination = "drain" if req.drain_cut else (self.termination or "upstream_reset")
+        req.bytes_in, req.bytes_out = self.bytes_up, self.bytes_down
+        if termination not in ("client_fin", "upstream_fin"):
+            req.error = termination
+        listener.telemetry.upgraded(listener, termination)
+        if listener.end_request(req):
+            listener.telemetry.record_request(listener, req, monotonic() - req.start)
+
+
 def close_notify(sock, want):
     """A FIN passed on to a TLS peer: its close_notify, the socket still reading (TLS 1.2 and
     1.3 allow the half-close).  Not SSLSocket.shutdown(), which drops the TLS layer without a
@@ -4731,7 +4896,10 @@ class RelayLoop:
         now = next_scan = monotonic()
         soon = []                         # sessions whose pump asked to run again at once
         while not stop.is_set():
-            timeout = 0 if soon else max(0.0, min(DEADLINE_SCAN_S, next_scan - now))
+            # With nothing to relay, it sleeps until add() or close() writes to the wake pipe
+            # (an http listener that carries no WebSocket costs no wake-ups).
+            timeout = 0 if soon else max(0.0, min(DEADLINE_SCAN_S, next_scan - now)) \
+                if self._pumps else RELAY_IDLE_WAIT_S
             try:
                 events = self._epoll.poll(timeout)
             except (OSError, ValueError):     # closed: the listener stopped
@@ -4740,7 +4908,10 @@ class RelayLoop:
             ready = {}
             for fd, ev in events:
                 if fd == self._wake_r:
-                    os.read(self._wake_r, 4096)
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:           # closed: the listener stopped
+                        return
                     with self._lock:
                         incoming, self._incoming = self._incoming, []
                     for session, pump in incoming:
@@ -4805,6 +4976,10 @@ class RelayLoop:
         session.finish()
 
     def close(self):
+        try:
+            os.write(self._wake_w, b"x")       # wake the loop, which then finds the epoll gone
+        except OSError:
+            pass
         os.close(self._wake_w)
         os.close(self._wake_r)
         self._epoll.close()
@@ -4851,6 +5026,7 @@ class UpstreamConnection:
                   # x-ambassador-attempt: the name before 0.2.0, kept for one release.
                   b"\r\nx-ambassador-attempt-count: %d\r\nx-ambassador-attempt: %d\r\n"
                   % (req.attempts, req.attempts), req.trace_headers, req.client_cert,
+                  b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade if req.upgrade else b"",
                   body.framing(), b"\r\n", body.held_bytes())
         data = b"".join(parts)
         sock = self.sock
@@ -4914,6 +5090,8 @@ class UpstreamConnection:
             resp = parse_response(head, req.method)
             while 100 <= resp.status < 200:   # 1xx: interim; Ambassador answered Expect itself
                 if resp.status == 101:
+                    if req.upgrade:               # the tunnel: the caller takes it from here
+                        break
                     raise UpstreamProtocolError("101 Switching Protocols was not asked for")
                 head = self.reader.read_head(65536, deadline)
                 if not head:
@@ -6696,6 +6874,14 @@ class Telemetry:
             "ambassador_tls_peers_refused_total",
             "TLS peers refused after a completed handshake: a certificate allowed_sans does "
             "not admit.", ("side", "name", "reason")))
+        self.upgrades = m.add(Counter(
+            "ambassador_upgrades_total",
+            "Upgraded requests (WebSocket) whose tunnel ended, by termination (as tcp's).",
+            ("listener", "termination")))
+        self._tunnels = collections.Counter()   # listener name -> tunnels open (their lock:)
+        self._tunnels_lock = threading.Lock()
+        m.add(Gauge("ambassador_upgrades_active", "Upgraded requests (WebSocket) tunnelling now.",
+                    ("listener",), lambda: self._tunnel_counts(listeners)))
         self.rate_limits = m.add(Counter(
             "ambassador_rate_limited_total",
             "Requests refused by a local rate limit, by listener and route.",
@@ -6770,6 +6956,10 @@ class Telemetry:
                     self.rate_limits.touch((l.name, route.label))
             if l.tls is not None or l.config.tls is not None:
                 self.tls_refusals.touch(("downstream", l.name, "san_not_allowed"))
+        for l in listeners:
+            if l.config.protocol == "http" and l.config.upgrade.protocols:
+                for termination in ("client_fin", "upstream_fin"):
+                    self.upgrades.touch((l.name, termination))
         for name in [l.name for l in listeners] + ["admin", "probe"]:
             self.accept_errors.touch((name, "emfile"))
         for where in INTERNAL_ERROR_PLACES:
@@ -6904,6 +7094,18 @@ class Telemetry:
 
     def budget_exhausted(self, cluster):
         self.budget.inc((cluster.name,))
+
+    def upgraded(self, listener, termination):
+        """A tunnel began (termination None) or ended."""
+        with self._tunnels_lock:
+            self._tunnels[listener.name] += -1 if termination else 1
+        if termination:
+            self.upgrades.inc((listener.name, termination))
+
+    def _tunnel_counts(self, listeners):
+        with self._tunnels_lock:
+            return [((l.name,), self._tunnels[l.name]) for l in listeners
+                    if l.config.protocol == "http"]
 
     def rate_limited(self, listener, route, cluster):
         self.rate_limits.inc((listener.name, route.label))

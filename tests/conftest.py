@@ -34,7 +34,7 @@ PYTHON_FLAGS = os.environ.get("AMBASSADOR_PYTHON_FLAGS", "").split()
 # process fails, so that the layer stays what its name says.
 PROCESS_FIXTURES = frozenset(["ambassador", "upstream", "upstream_factory", "redis_server",
                               "postgres_server", "postgres_scram", "pki", "scripted",
-                              "collector", "fake_dns"])
+                              "collector", "fake_dns", "node_echo"])
 
 
 def pytest_configure(config):

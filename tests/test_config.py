@@ -305,6 +305,7 @@ REFERENCE = {                      # README heading -> (key table, record it fil
     "[listeners.<name>.fault]": ("_FAULT_KEYS", "FaultConfig"),
     "[listeners.<name>.rate_limit]": ("_RATE_LIMIT_KEYS", "RateLimitConfig"),
     "[listeners.<name>.mirror]": ("_MIRROR_KEYS", "MirrorConfig"),
+    "[listeners.<name>.upgrade]": ("_UPGRADE_KEYS", "UpgradeConfig"),
 }
 
 
