@@ -2931,9 +2931,20 @@ class DownstreamConnection:
         epoll); the tunnel closes it and accounts the request when it ends."""
         tunnel = self.tunnel
         self.dispatcher.release(self)
-        pump = tunnel.pump(self.sock, tunnel.conn.sock, to_up=self.reader.buf,
-                           to_down=tunnel.conn.reader.buf)
+        up, to_up, to_down = tunnel.conn.sock, self.reader.buf, tunnel.conn.reader.buf
         self.reader.buf = tunnel.conn.reader.buf = b""
+        if HAS_SPLICE and self.listener.tls is None and tunnel.cluster.tls is None:
+            try:               # what came with the heads, if anything (a few bytes): now
+                for sock, data in ((up, to_up), (self.sock, to_down)):
+                    if data:
+                        sock.settimeout(self.listener.config.timeout)
+                        sock.sendall(data)
+                pump = tunnel.splice_pump(self.sock, up)   # plain both ways: in the kernel
+            except OSError as e:
+                tunnel._reset("down", up, e)
+                return tunnel.finish()
+        else:
+            pump = tunnel.pump(self.sock, up, to_up=to_up, to_down=to_down)
         relay = self.dispatcher.relay
         if relay is not None:
             relay.add(tunnel, pump)
@@ -4594,7 +4605,7 @@ class TcpSession:
         Python.  The same rules: each pipe holds at most TCP_BUFFER_BYTES, FINs and resets are
         passed on, and the same timeouts apply."""
         import fcntl
-        c = self.listener.config
+        c = self.timeouts
         telemetry, name = self.listener.telemetry, self.listener.name
         socks = {"down": down, "up": up}
         other = {"down": "up", "up": "down"}

@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1204,6 +1205,78 @@ def c1_path(tmp, up_port, procs, args, load):
     sys.stdout.flush()
 
 
+WS_ECHO = r"""
+const WebSocket = require('ws'), http = require('http');
+const server = http.createServer((q, r) => { r.writeHead(200); r.end('ok'); });
+const wss = new WebSocket.Server({server, maxPayload: 64 * 1024 * 1024});
+wss.on('connection', (ws) => ws.on('message', (d, b) => ws.send(d, {binary: b})));
+server.listen(0, '127.0.0.1', () => console.log('ready ' + server.address().port));
+"""
+
+
+def ws_connect(port):
+    """A WebSocket client's socket after the handshake (stdlib; masks with a zero key, which
+    RFC 6455 allows and which keeps the client's cost out of the figures)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+                 b"\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head[:100]
+    return sock
+
+
+def ws_echo(sock, payload):
+    n = len(payload)
+    head = b"\x82" + (bytes([0x80 | n]) if n < 126 else b"\xfe" + struct.pack("!H", n)
+                      if n < 65536 else b"\xff" + struct.pack("!Q", n))
+    sock.sendall(head + b"\0\0\0\0" + payload)
+    want = 2 + (0 if n < 126 else 2 if n < 65536 else 8) + n
+    got = 0
+    while got < want:
+        got += len(sock.recv(min(1 << 20, want - got)))
+
+
+def websocket_numbers(tmp, procs, args):
+    """One WebSocket tunnel against a direct connection to node-ws, alternated: throughput of
+    1 MiB echoes, and p50 of 64-byte echoes."""
+    script = os.path.join(tmp, "ws_echo.js")
+    with open(script, "w") as f:
+        f.write(WS_ECHO)
+    node = subprocess.Popen(pinned(1, ["node", script]), stdout=subprocess.PIPE,
+                            env=dict(os.environ, NODE_PATH="/usr/share/nodejs"))
+    procs.append(node)
+    echo_port = int(node.stdout.readline().split()[1])
+    amb_port, amb_pid = start_ambassador(tmp, echo_port, procs, args.python)
+    print("| %d rounds, alternated | 1 MiB echoes MB/s | 64 B echo p50 µs |" % args.rounds)
+    print("|---|---|---|")
+    results = {"direct": ([], []), "ambassador": ([], [])}
+    big, small = os.urandom(1 << 20), os.urandom(64)
+    for _ in range(args.rounds):
+        for name, port in (("direct", echo_port), ("ambassador", amb_port)):
+            sock = ws_connect(port)
+            started, n = time.monotonic(), 0
+            while time.monotonic() - started < args.duration / 2.0 and n < 2000:
+                ws_echo(sock, big)
+                n += 1
+            results[name][0].append(n / (time.monotonic() - started))
+            times = []
+            for _ in range(2000):
+                t = time.perf_counter()
+                ws_echo(sock, small)
+                times.append(time.perf_counter() - t)
+            results[name][1].append(sorted(times)[len(times) // 2] * 1e6)
+            sock.close()
+    for name, (mbs, p50) in results.items():
+        print("| %s | %.0f | %.0f |" % (name, statistics.median(mbs), statistics.median(p50)))
+    ratio = statistics.median(results["ambassador"][0]) / statistics.median(results["direct"][0])
+    added = statistics.median(results["ambassador"][1]) - statistics.median(results["direct"][1])
+    print("tunnel throughput / direct: %.2fx; added p50 of a 64 B echo: %.0f µs" % (ratio, added))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=int, default=5, help="seconds per load (default 5)")
@@ -1240,6 +1313,8 @@ def main():
                         "(perf), for this file and --baseline")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
+    p.add_argument("--websocket-only", action="store_true",
+                   help="only one WebSocket tunnel against a direct connection (node-ws)")
     args = p.parse_args()
     ACCESS_LOG[0] = not args.no_access_log
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1274,6 +1349,9 @@ def main():
             return
         if args.tcp_many:
             tcp_many(tmp, procs, args)
+            return
+        if args.websocket_only:
+            websocket_numbers(tmp, procs, args)
             return
         if args.connections_only:
             connection_core(tmp, up_port, procs, args, load)
