@@ -237,6 +237,7 @@ RING_MAX_POINTS = 131072                      # ...within this many in all
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
+MAX_RESPONSE_HEAD_BYTES = 65536               # an upstream's (or collector's) response head
 SPLICE_BODY_MIN_BYTES = 65536                 # a response body past this, plain both ways: spliced
 SPLICE_PIPE_BYTES = 1 << 20                   # a splicing worker thread's pipe (kernel memory)
 UPGRADE_READY_TIMEOUT_S = 30.0 # a live upgrade's new process must serve within this
@@ -387,8 +388,11 @@ class CircuitOpen(ProxyError):
 
 
 class Overflow(ProxyError):
-    """A resource limit was reached; `reason` names it (overflow_requests, ...)."""
+    """A resource limit was reached; `reason` names it, one of REASONS (the limit's name)."""
     status, tag = 503, "overflow"
+    CONNECTIONS, PENDING = "overflow_connections", "overflow_pending"
+    REQUESTS, RETRIES = "overflow_requests", "overflow_retries"
+    REASONS = (CONNECTIONS, PENDING, REQUESTS, RETRIES)
 
 
 class FaultAbort(ProxyError):
@@ -435,7 +439,9 @@ class DrainCut(ProxyError):
 
 
 class DownstreamGone(Exception):
-    """The app closed or reset its connection, or stopped reading: normal life, not an error."""
+    """The app closed or reset its connection, or stopped reading: normal life, not an error.
+    The request's log line says `tag`."""
+    tag = "downstream-disconnect"
 
 
 # ==================================================================================================
@@ -2267,7 +2273,7 @@ def handshake_failed(sock, listener, error):
         deadline = monotonic() + 0.25
         while monotonic() < deadline:
             sock.settimeout(max(0.01, deadline - monotonic()))
-            if not sock.recv(65536):
+            if not sock.recv(IO_CHUNK_BYTES):
                 break
     except (OSError, ValueError):
         pass
@@ -3018,10 +3024,10 @@ class DownstreamConnection:
         except ProxyError as e:
             keep = self.reply_error(req, e)
         except DownstreamGone as e:
-            req.error = req.error or "downstream-disconnect"
+            req.error = req.error or DownstreamGone.tag
             listener.telemetry.debug("%s: %s", listener.name, e)
         except (OSError, EOFError) as e:   # the app's socket failed while we wrote to it
-            req.error = req.error or "downstream-disconnect"
+            req.error = req.error or DownstreamGone.tag
             listener.telemetry.debug("%s: downstream: %s", listener.name, e)
         finally:
             if keep is TUNNELLED:            # accounted by the tunnel when it ends
@@ -3572,7 +3578,7 @@ class Mirror:
         cluster, listener = self.cluster, self.listener
         copy.start = monotonic()
         if not cluster.limits.try_begin("requests"):
-            listener.telemetry.rejected(cluster, "overflow_requests")
+            listener.telemetry.rejected(cluster, Overflow.REQUESTS)
             return "failed"
         try:
             deadline = copy.start + copy.route.timeout
@@ -3582,7 +3588,7 @@ class Mirror:
             except ProxyError:                   # no healthy endpoint, the deadline passed
                 return "failed"
             if isinstance(result.error, CircuitOpen):
-                listener.telemetry.rejected(cluster, "circuit_open")
+                listener.telemetry.rejected(cluster, CircuitOpen.reason)
             resp, conn = result.response, result.conn
             if resp is None:
                 return "failed"
@@ -3753,9 +3759,9 @@ class Admission:
         self.holds_retry = False
         if not cluster.limits.try_begin("requests"):
             self.cluster = None
-            listener.telemetry.rejected(cluster, "overflow_requests")
+            listener.telemetry.rejected(cluster, Overflow.REQUESTS)
             raise Overflow("max_requests of cluster %s reached" % cluster.name,
-                           reason="overflow_requests")
+                           reason=Overflow.REQUESTS)
 
     def admit_retry(self, previous):
         """Whether a retry fits the limits (of another cluster, when the route says so)."""
@@ -3763,13 +3769,13 @@ class Admission:
         following = route.pick_cluster(avoid=cluster) if route.retry_other_cluster else cluster
         if following is not cluster:
             if not following.limits.try_begin("requests"):
-                telemetry.rejected(following, "overflow_requests")
+                telemetry.rejected(following, Overflow.REQUESTS)
                 return False
             self.release()
             self.cluster = cluster = following
         if not self.holds_retry:
             if not cluster.limits.try_begin("retries"):
-                telemetry.rejected(cluster, "overflow_retries")
+                telemetry.rejected(cluster, Overflow.RETRIES)
                 return False
             self.holds_retry = True
         return True
@@ -3815,8 +3821,8 @@ def attempt(listener, cluster, policy, req, body, deadline, previous, on_retry):
     ticket = cluster.breaker.allow()
     if ticket is None:
         if previous is not None:
-            listener.telemetry.rejected(cluster, "circuit_open")
-        return TryResult("circuit_open", refused=True, error=CircuitOpen(
+            listener.telemetry.rejected(cluster, CircuitOpen.reason)
+        return TryResult(CircuitOpen.reason, refused=True, error=CircuitOpen(
             "circuit breaker of cluster %s is open" % cluster.name))
     if previous is not None:
         on_retry(previous)
@@ -4019,8 +4025,8 @@ def splice_body(req, resp, conn, downstream, length, listener):
         req.bytes_out += e.written
         if e.reading:                     # the upstream's side
             conn.close()
-            req.error = "upstream-timeout" if isinstance(e.error, socket.timeout) \
-                else "upstream-reset"
+            req.error = UpstreamTimeout.tag if isinstance(e.error, socket.timeout) \
+                else UpstreamReset.tag
             listener.telemetry.debug("%s: response body cut short: %s", listener.name, e.error)
             return False
         if e.read < length:
@@ -4128,7 +4134,7 @@ def relay_response(req, resp, conn, downstream, listener):
             send(chunk(data) if rechunk else data)
     except (EOFError, FramingError, OSError) as e:
         conn.close()
-        req.error = "upstream-timeout" if isinstance(e, socket.timeout) else "upstream-reset"
+        req.error = UpstreamTimeout.tag if isinstance(e, socket.timeout) else UpstreamReset.tag
         listener.telemetry.debug("%s: response body cut short: %s", listener.name, e)
         return False
     except DownstreamGone:
@@ -4394,13 +4400,13 @@ class TcpSession:
                 return None
             ticket = cluster.breaker.allow()
             if ticket is None:
-                telemetry.rejected(cluster, "circuit_open")
-                self.termination = "circuit_open"
+                telemetry.rejected(cluster, CircuitOpen.reason)
+                self.termination = CircuitOpen.reason
                 self.reason = "circuit breaker of cluster %s is open" % cluster.name
                 return None
             if not cluster.limits.try_begin("connections"):
                 cluster.breaker.record(ticket, None)
-                telemetry.rejected(cluster, "overflow_connections")
+                telemetry.rejected(cluster, Overflow.CONNECTIONS)
                 self.termination = "overflow"
                 self.reason = "max_connections of cluster %s reached" % cluster.name
                 return None
@@ -5071,7 +5077,7 @@ class UpstreamConnection:
                     early = True
             blocking(True)
             try:
-                head = self.reader.read_head(65536, deadline)
+                head = self.reader.read_head(MAX_RESPONSE_HEAD_BYTES, deadline)
             finally:
                 blocking(False)
             if not head:
@@ -5093,7 +5099,8 @@ class UpstreamConnection:
             raise UpstreamReset("%s" % (e or type(e).__name__))
         except HeadTooLarge:
             self.close()
-            raise UpstreamProtocolError("response head larger than 64 KiB")
+            raise UpstreamProtocolError("response head larger than %d KiB"
+                                        % (MAX_RESPONSE_HEAD_BYTES >> 10))
         except BaseException:
             self.close()
             raise
@@ -5104,7 +5111,7 @@ class UpstreamConnection:
                     if req.upgrade:               # the tunnel: the caller takes it from here
                         break
                     raise UpstreamProtocolError("101 Switching Protocols was not asked for")
-                head = self.reader.read_head(65536, deadline)
+                head = self.reader.read_head(MAX_RESPONSE_HEAD_BYTES, deadline)
                 if not head:
                     raise UpstreamReset("connection closed after an interim response")
                 resp = parse_response(head, req.method)
@@ -5195,10 +5202,10 @@ class ConnectionPool:
         """A new connection, within the cluster's max_pending_requests and max_connections."""
         limits = self.limits
         if not limits.try_begin("pending"):
-            raise Overflow("max_pending_requests reached", reason="overflow_pending")
+            raise Overflow("max_pending_requests reached", reason=Overflow.PENDING)
         try:
             if not limits.try_begin("connections"):
-                raise Overflow("max_connections reached", reason="overflow_connections")
+                raise Overflow("max_connections reached", reason=Overflow.CONNECTIONS)
             try:
                 sock = self._connect(deadline)
             except BaseException:
@@ -6084,7 +6091,7 @@ class HealthChecker:
             sock.settimeout(c.timeout)
             sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ambassador-health-check"
                          b"\r\nConnection: close\r\n\r\n" % (c.path.encode(), endpoint.host_header))
-            head = SocketReader(sock).read_head(65536, deadline)
+            head = SocketReader(sock).read_head(MAX_RESPONSE_HEAD_BYTES, deadline)
             if not head:
                 return False, "connection closed before a response"
             status = parse_status_line(head)
@@ -6720,7 +6727,7 @@ class SpanExporter:
             head += ["%s: %s" % h for h in self.config.headers]
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
             reader = SocketReader(sock)
-            line = reader.read_head(65536, monotonic() + SPAN_EXPORT_TIMEOUT_S)
+            line = reader.read_head(MAX_RESPONSE_HEAD_BYTES, monotonic() + SPAN_EXPORT_TIMEOUT_S)
             status = parse_status_line(line) or 0
             reply = reader.buf
             if not reply and not 200 <= status < 300:
@@ -6958,8 +6965,7 @@ class Telemetry:
                 self.dns.touch((name, result))
             for state in (CircuitBreaker.CLOSED, CircuitBreaker.OPEN, CircuitBreaker.HALF_OPEN):
                 self.transitions.touch((name, state))
-            for reason in ("circuit_open", "overflow_connections", "overflow_pending",
-                           "overflow_requests", "overflow_retries", "rate_limit"):
+            for reason in (CircuitOpen.reason,) + Overflow.REASONS + (RateLimited.reason,):
                 self.rejections.touch((name, reason))
         for l in listeners:
             for route in l.routes + [l.default_route]:
