@@ -3838,6 +3838,27 @@ def attempt(listener, cluster, policy, req, body, deadline, previous, on_retry):
         cluster.record_try(ticket, endpoint, verdict)
 
 
+def upstream_head(req, body, endpoint, config):
+    """The head of one try, as the upstream gets it (with the held body, when there is one):
+    the app's method, path and end-to-end headers; Host (the endpoint's name, unless
+    host_rewrite is off), X-Forwarded-For/-Proto, X-Request-Id, the attempt count, trace context
+    and the client certificate's identity; an upgrade's Connection and Upgrade; the framing."""
+    host = endpoint.host_header if config.host_rewrite or req.host is None else req.host
+    parts = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    for _, name, value in req.headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (b"X-Forwarded-For: ", req.forwarded_for,
+              b"\r\nX-Forwarded-Proto: https\r\n" if config.tls else
+              b"\r\nX-Forwarded-Proto: http\r\n",
+              b"X-Request-Id: ", req.request_id,
+              # x-ambassador-attempt: the name before 0.2.0, kept for one release.
+              b"\r\nx-ambassador-attempt-count: %d\r\nx-ambassador-attempt: %d\r\n"
+              % (req.attempts, req.attempts), req.trace_headers, req.client_cert,
+              b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade if req.upgrade else b"",
+              body.framing(), b"\r\n", body.held_bytes())
+    return b"".join(parts)
+
+
 def try_once(listener, cluster, policy, req, body, endpoint, deadline):
     """One try on one endpoint -> TryResult: ok or 5xx with the response and its connection
     (body unread), or a failed try's result with the ProxyError to answer it with.  The
@@ -3857,8 +3878,9 @@ def try_once(listener, cluster, policy, req, body, endpoint, deadline):
             try:
                 conn = req.conn = endpoint.pool.acquire(deadline, fresh_only)
                 try_deadline = min(deadline, monotonic() + per_try) if per_try else deadline
-                resp = conn.exchange(req, body, listener.config, try_deadline,
-                                     req.route.timeout)
+                resp = conn.exchange(upstream_head(req, body, endpoint, listener.config),
+                                     body, try_deadline, req.route.timeout, req.method,
+                                     req.upgrade is not None)
             except StaleConnection as e:
                 # A reused connection the upstream had closed: like Go's http.Transport, send
                 # once more on a fresh one if nothing was written, or if sending twice is safe.
@@ -3893,7 +3915,7 @@ def try_once(listener, cluster, policy, req, body, endpoint, deadline):
                                      endpoint.label.decode(), error)
             return TryResult(error.result, error=error, endpoint=endpoint)
     finally:
-        cluster.outlier_detector.record(endpoint, verdict)
+        cluster.outlier_detector.observe(endpoint, verdict, endpoint.end_request(verdict))
         if verdict is not None:
             listener.telemetry.upstream_duration(cluster, monotonic() - started)
 
@@ -4343,7 +4365,7 @@ class TcpSession:
         if self.conn is not None:
             close_quietly(self.conn.sock)
             self.cluster.limits.end("connections")
-            self.cluster.outlier_detector.record(self.endpoint, True)
+            self.endpoint.end_request(None)       # its verdict came with the connect
         if self.begun and listener.end_request(self):
             self.record()
         listener.close_connection()
@@ -4416,7 +4438,7 @@ class TcpSession:
                 sock = self._open(endpoint)
             except ConnectFailure as e:
                 cluster.limits.end("connections")
-                cluster.outlier_detector.record(endpoint, False)
+                cluster.outlier_detector.observe(endpoint, False, endpoint.end_request(False))
                 cluster.record_try(ticket, endpoint, False)
                 telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
                 if isinstance(e, TlsError):
@@ -4424,6 +4446,7 @@ class TcpSession:
                 self.termination = "tls_error" if isinstance(e, TlsError) else e.result
                 self.reason, last = str(e), endpoint
                 continue
+            endpoint.record_verdict(True)             # active until the session ends
             cluster.record_try(ticket, endpoint, True)
             telemetry.upstream_attempt(cluster, endpoint, "ok", 0)
             self.endpoint = endpoint
@@ -5026,26 +5049,14 @@ class UpstreamConnection:
         self.reused = False
         self.closed = False
 
-    def exchange(self, req, body, config, deadline, timeout_s):
-        """Send the request (head, then body) and read the response head -> Response.
+    def exchange(self, data, body, deadline, timeout_s, method, upgrade=False):
+        """Send a request -- data, its head (and the held body), built by the request stack;
+        then body's rest -- and read the response head -> Response.  Transport only: what the
+        request says is the caller's.  A 101 is returned when the request asked to upgrade.
 
         Raises StaleConnection when a reused connection fails before any response byte,
         ConnectFailure/UpstreamReset/UpstreamTimeout/UpstreamProtocolError otherwise."""
         endpoint = self.pool.endpoint
-        host = endpoint.host_header if config.host_rewrite or req.host is None else req.host
-        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-        for _, name, value in req.headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"X-Forwarded-For: ", req.forwarded_for,
-                  b"\r\nX-Forwarded-Proto: https\r\n" if config.tls else
-                  b"\r\nX-Forwarded-Proto: http\r\n",
-                  b"X-Request-Id: ", req.request_id,
-                  # x-ambassador-attempt: the name before 0.2.0, kept for one release.
-                  b"\r\nx-ambassador-attempt-count: %d\r\nx-ambassador-attempt: %d\r\n"
-                  % (req.attempts, req.attempts), req.trace_headers, req.client_cert,
-                  b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade if req.upgrade else b"",
-                  body.framing(), b"\r\n", body.held_bytes())
-        data = b"".join(parts)
         sock = self.sock
         plain = self.reader.poller is not None
         try:
@@ -5105,16 +5116,16 @@ class UpstreamConnection:
             self.close()
             raise
         try:
-            resp = parse_response(head, req.method)
+            resp = parse_response(head, method)
             while 100 <= resp.status < 200:   # 1xx: interim; Ambassador answered Expect itself
                 if resp.status == 101:
-                    if req.upgrade:               # the tunnel: the caller takes it from here
+                    if upgrade:                   # the tunnel: the caller takes it from here
                         break
                     raise UpstreamProtocolError("101 Switching Protocols was not asked for")
                 head = self.reader.read_head(MAX_RESPONSE_HEAD_BYTES, deadline)
                 if not head:
                     raise UpstreamReset("connection closed after an interim response")
-                resp = parse_response(head, req.method)
+                resp = parse_response(head, method)
         except (socket.timeout, EOFError, OSError, HeadTooLarge) as e:
             self.close()
             raise UpstreamReset("after an interim response: %s" % (e or type(e).__name__))
@@ -5317,17 +5328,26 @@ class Endpoint:
             self.requests_total += 1
 
     def end_request(self, ok):
-        """Account one try (ok None: it never ran); -> consecutive failures so far."""
+        """One try (or tcp session) ends, with its verdict (None: none, it never ran);
+        -> consecutive failures so far, for the OutlierDetector to observe."""
         with self._lock:
             self.active_requests -= 1
-            if ok is None:
-                pass
-            elif ok:
-                self.consecutive_failures = 0
-            else:
-                self.failures_total += 1
-                self.consecutive_failures += 1
-            return self.consecutive_failures
+            return self._verdict(ok)
+
+    def record_verdict(self, ok):
+        """A verdict while the request goes on (a tcp session's connect)."""
+        with self._lock:
+            return self._verdict(ok)
+
+    def _verdict(self, ok):
+        if ok is None:
+            pass
+        elif ok:
+            self.consecutive_failures = 0
+        else:
+            self.failures_total += 1
+            self.consecutive_failures += 1
+        return self.consecutive_failures
 
     def record_check(self, ok, healthy_threshold, unhealthy_threshold, reason=None):
         """One health-check result (with why it failed) -> the new health if it changed,
@@ -5963,9 +5983,10 @@ class OutlierDetector:
         self._clock = clock
         self._lock = threading.Lock()   # serialises ejection decisions
 
-    def record(self, endpoint, ok):
-        """One try's end on endpoint: ok True, False, or None if it never ran."""
-        failures = endpoint.end_request(ok)
+    def observe(self, endpoint, ok, failures):
+        """A try's end on endpoint, accounted by the endpoint (Endpoint.end_request): ok True,
+        False, or None if it never ran, and its consecutive failures so far.  The detector
+        only decides ejections; it closes no books."""
         if ok is False and failures >= self.config.consecutive_5xx and not endpoint.ejected:
             self._try_eject(endpoint)
 

@@ -91,7 +91,7 @@ def detector(n, percent, clock, consecutive=2, base=30.0, maximum=300.0):
 def fail(d, e, times):
     for _ in range(times):
         e.begin_request()
-        d.record(e, False)
+        d.observe(e, False, e.end_request(False))
 
 
 def test_consecutive_failures_eject_and_a_success_resets_the_count():
@@ -100,7 +100,7 @@ def test_consecutive_failures_eject_and_a_success_resets_the_count():
     e = cluster.endpoints[0]
     fail(d, e, 2)
     e.begin_request()
-    d.record(e, True)
+    d.observe(e, True, e.end_request(True))
     fail(d, e, 2)
     assert not e.ejected
     fail(d, e, 1)
