@@ -7410,6 +7410,17 @@ class Admin:
 #    Wiring, start, reload by difference, live upgrade, drain, signals and the command line.
 # ==================================================================================================
 
+def cut_and_wait(listeners):
+    """drain_timeout passed: cut what is still in flight on listeners (each thread then answers
+    its request 503 drain-timeout, or ends its tunnel) and give them DRAIN_CUT_GRACE_S to do so
+    and account it.  The end of a process's drain and of a removed listener's alike."""
+    for listener in listeners:
+        listener.cut_in_flight()
+    grace = monotonic() + DRAIN_CUT_GRACE_S
+    while monotonic() < grace and any(l.active_requests for l in listeners):
+        time.sleep(0.02)
+
+
 class _Staged:
     """What a reload built and bound before anything changed (see Ambassador._stage)."""
 
@@ -7681,11 +7692,7 @@ class Ambassador:
             time.sleep(0.05)
         self.log.warning("drain_timeout passed with %d request(s) active: cutting them",
                          sum(l.active_requests for l in self.listeners))
-        for listener in self.listeners:
-            listener.cut_in_flight()
-        grace = monotonic() + DRAIN_CUT_GRACE_S
-        while monotonic() < grace and any(l.active_requests for l in self.listeners):
-            time.sleep(0.02)
+        cut_and_wait(self.listeners)
         for listener in self.listeners:         # threads that did not end in time
             for req in listener.abandon_in_flight():
                 if isinstance(req, TcpSession):
@@ -7913,10 +7920,7 @@ class Ambassador:
             limit = monotonic() + self.config.shutdown.drain_timeout
             while listener.active_requests and monotonic() < limit:
                 time.sleep(0.05)
-            listener.cut_in_flight()
-            grace = monotonic() + DRAIN_CUT_GRACE_S
-            while listener.active_requests and monotonic() < grace:
-                time.sleep(0.02)
+            cut_and_wait([listener])
             server.keep_socket = True
             server.server_close()
             if listener.name not in [l.name for l in self.listeners]:
