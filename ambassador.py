@@ -3672,6 +3672,17 @@ def forward(listener, route, req, downstream):
 TUNNELLED = object()        # forward()'s answer for a request that became a tunnel (a 101)
 
 
+class UnlimitedBudget:
+    """A retry budget that always has one: a tcp listener's connect attempts, which
+    connect_attempts bounds (RetryBudget's interface)."""
+
+    def try_spend(self):
+        return True
+
+
+UNLIMITED_BUDGET = UnlimitedBudget()
+
+
 def carries_upgrade(listener, req):
     """Whether req's Upgrade becomes a tunnel: its protocol enabled in [upgrade] protocols.
     h2c never (an upgraded h2c connection would get past the routes: h2c smuggling).  Another
@@ -4407,51 +4418,62 @@ class TcpSession:
 
     def connect(self):
         """A connected (and TLS, if the cluster says so) upstream socket, or None with the
-        termination set.  Up to connect_attempts tries, each to another endpoint when there
-        is one, with the retry defaults' backoff between them: safe, as no byte left yet."""
+        termination set.  The request stack's retry layer makes the tries (retry_loop, its
+        backoff and its blocked sleep): up to connect_attempts, each to another endpoint when
+        there is one, only connect failures retried -- safe, as no byte left yet."""
+        policy = RetryPolicy(RetryConfig(attempts=self.listener.config.connect_attempts - 1,
+                                         retry_on=("connect-failure",)))
+        try:
+            result = retry_loop(policy, UNLIMITED_BUDGET, math.inf, self._connect_once,
+                                admit_retry=lambda previous: True, is_safe=lambda: False)
+        except ProxyError as e:                    # the first try refused
+            result = TryResult(None, error=e)
+        if result.error is not None:
+            e = result.error
+            self.termination = "tls_error" if isinstance(e, TlsError) else \
+                e.result or {NoHealthyUpstream: "no_healthy_upstream",
+                             Overflow: "overflow"}.get(type(e), e.reason)
+            self.reason = str(e)
+            return None
+        self.endpoint = result.endpoint
+        return result.conn
+
+    def _connect_once(self, previous):
+        """One connect attempt, admitted as a request's try is: an endpoint (not the previous
+        try's when there is another), the breaker's ticket, a max_connections slot.
+        -> TryResult (conn: the socket), refused when no attempt was made."""
         cluster, telemetry = self.cluster, self.listener.telemetry
-        last = None
-        for attempt in range(self.listener.config.connect_attempts):
-            if attempt:
-                time.sleep(min(DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_BASE_S * attempt * attempt)
-                           * (0.5 + 0.5 * random.random()))
-            try:
-                endpoint = cluster.pick_endpoint(avoid=last)
-            except NoHealthyUpstream as e:
-                self.termination, self.reason = "no_healthy_upstream", str(e)
-                return None
-            ticket = cluster.breaker.allow()
-            if ticket is None:
-                telemetry.rejected(cluster, CircuitOpen.reason)
-                self.termination = CircuitOpen.reason
-                self.reason = "circuit breaker of cluster %s is open" % cluster.name
-                return None
-            if not cluster.limits.try_begin("connections"):
-                cluster.breaker.record(ticket, None)
-                telemetry.rejected(cluster, Overflow.CONNECTIONS)
-                self.termination = "overflow"
-                self.reason = "max_connections of cluster %s reached" % cluster.name
-                return None
-            self.attempts += 1
-            endpoint.begin_request()
-            try:
-                sock = self._open(endpoint)
-            except ConnectFailure as e:
-                cluster.limits.end("connections")
-                cluster.outlier_detector.observe(endpoint, False, endpoint.end_request(False))
-                cluster.record_try(ticket, endpoint, False)
-                telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
-                if isinstance(e, TlsError):
-                    telemetry.tls_error("upstream", cluster.name, e.reason)
-                self.termination = "tls_error" if isinstance(e, TlsError) else e.result
-                self.reason, last = str(e), endpoint
-                continue
-            endpoint.record_verdict(True)             # active until the session ends
-            cluster.record_try(ticket, endpoint, True)
-            telemetry.upstream_attempt(cluster, endpoint, "ok", 0)
-            self.endpoint = endpoint
-            return sock
-        return None
+        try:
+            endpoint = cluster.pick_endpoint(avoid=previous.endpoint if previous else None)
+        except NoHealthyUpstream as e:
+            return TryResult("no_healthy_upstream", error=e, refused=True)
+        ticket = cluster.breaker.allow()
+        if ticket is None:
+            telemetry.rejected(cluster, CircuitOpen.reason)
+            return TryResult(CircuitOpen.reason, refused=True, error=CircuitOpen(
+                "circuit breaker of cluster %s is open" % cluster.name))
+        if not cluster.limits.try_begin("connections"):
+            cluster.breaker.record(ticket, None)
+            telemetry.rejected(cluster, Overflow.CONNECTIONS)
+            return TryResult("overflow", refused=True, error=Overflow(
+                "max_connections of cluster %s reached" % cluster.name,
+                reason=Overflow.CONNECTIONS))
+        self.attempts += 1
+        endpoint.begin_request()
+        try:
+            sock = self._open(endpoint)
+        except ConnectFailure as e:
+            cluster.limits.end("connections")
+            cluster.outlier_detector.observe(endpoint, False, endpoint.end_request(False))
+            cluster.record_try(ticket, endpoint, False)
+            telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
+            if isinstance(e, TlsError):
+                telemetry.tls_error("upstream", cluster.name, e.reason)
+            return TryResult(e.result, error=e, endpoint=endpoint)
+        endpoint.record_verdict(True)             # active until the session ends
+        cluster.record_try(ticket, endpoint, True)
+        telemetry.upstream_attempt(cluster, endpoint, "ok", 0)
+        return TryResult("ok", conn=sock, endpoint=endpoint)
 
     def _open(self, endpoint):
         timeout = self.cluster.config.connect_timeout
