@@ -7279,9 +7279,9 @@ class SmallHTTPServer(socketserver.TCPServer):
     @staticmethod
     def _reply(status, content_type, payload, head_only=False):
         return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
-            b"Connection: close\r\n\r\n%s" % (status, reason_phrase(status),
-                                               content_type.encode(), len(payload),
-                                               b"" if head_only else payload)
+            b"Connection: close\r\n\r\n%s" % (
+                status, reason_phrase(status), content_type.encode(), len(payload),
+                b"" if head_only else payload)
 
     def _serve(self, sock):
         try:
@@ -7492,6 +7492,7 @@ class Ambassador:
         self._background_stop = threading.Event()   # ends DNS, health and outlier threads
         self._cluster_stops = {}          # Cluster -> the Event that ends its threads
         self.upgraded = False             # a live upgrade's child serves: drain at once
+        self.reloader = Reloader(self)
 
     def load_tls(self):
         """Every tls table's context, before anything is bound; ConfigError if one fails."""
@@ -7567,12 +7568,12 @@ class Ambassador:
         """Serve until request_stop(), drain, close.  Returns the exit code."""
         self._serving = True
         for cluster in self.clusters.values():
-            cluster.start(self._stop_of(cluster))
+            cluster.start(self.stop_event_of(cluster))
         for source in self.telemetry.tls_sources:
             threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
                              name="tls-reload:%s" % source.name).start()
         for server in self.servers:
-            self._serve_server(server)
+            self.serve_server(server)
         for server in (self.admin, self.probe):
             if server is not None:
                 thread = threading.Thread(target=server.serve_forever, name=server.name,
@@ -7737,7 +7738,7 @@ class Ambassador:
             cluster.close_idle()
         self.telemetry.close()
 
-    def _stop_of(self, cluster):
+    def stop_event_of(self, cluster):
         """The event that ends one cluster's background threads: at close, or when a reload
         replaces or removes the cluster."""
         event = threading.Event()
@@ -7746,20 +7747,61 @@ class Ambassador:
             event.set()
         return event
 
-    # ---- reload ---------------------------------------------------------------------------
+    # ---- reload (the Reloader does it) ------------------------------------------------------
+
+    def reload(self, why):
+        """Re-read the config file and apply what changed, or nothing.  -> (success, the
+        version serving, [errors with their key paths]).  See Reloader."""
+        return self.reloader.reload(why)
+
+    def serve_server(self, server):
+        name = "listener:%s" % server.listener.name
+        thread = threading.Thread(target=server.serve_forever, name=name, daemon=True,
+                                  kwargs={"poll_interval": 0.2})
+        thread.start()
+        server.thread = thread
+        self._vital.append(thread)
+        if server.dispatcher is not None:
+            server.vital = [server.dispatcher.start(self._background_stop)]
+        if server.relay is not None:
+            server.vital.append(server.relay.start(self._background_stop))
+        self._vital += server.vital
+        self.log.info("listener %s on %s -> cluster %s", server.listener.name,
+                      format_address(server.server_address[:2]), server.listener.cluster.name)
+
+    def clusters_snapshot(self):
+        # connections_in_use: the max_connections slots taken, which must equal the upstream
+        # sockets open (a pool a reload replaced gives each back as its connection closes).
+        return {"clusters": {name: {"endpoints": [e.snapshot() for e in c.endpoints],
+                                    "connections_in_use": c.limits.used("connections"),
+                                    "requests_in_use": c.limits.used("requests")}
+                             for name, c in sorted(self.clusters.items())}}
+
+
+class Reloader:
+    """SIGHUP and POST /reload: re-read the config file and apply what changed, or nothing at
+    all.  Everything is checked first -- the file as --check does, every certificate and key,
+    every new listen address bound -- then applied by difference (see "Changing the config" in
+    the README); listeners and clusters that go are drained and retired.  Serialised by the
+    process's reload lock; it works on the Ambassador it was given (app), whose servers,
+    listeners and clusters it changes."""
+
+    def __init__(self, app):
+        self.app = app
 
     def reload(self, why):
         """Re-read the config file and apply what changed, or nothing at all.  Everything is
         checked first -- the file as --check does, every certificate and key, every new listen
         address bound -- then applied by difference (see "Changing the config" in the README).
         Serialised.  -> (success, the version serving, [errors with their key paths])."""
-        with self._reload_lock:
-            self.log.info("reload (%s): reading %s", why, self.config.path)
+        app = self.app
+        with app._reload_lock:
+            app.log.info("reload (%s): reading %s", why, app.config.path)
             staged = None
             try:
-                if self.draining.is_set():
+                if app.draining.is_set():
                     raise StartupError("draining: the process is stopping")
-                config = load_config(self.config.path)
+                config = load_config(app.config.path)
                 staged = self._stage(config)
             except ConfigError as e:
                 errors = e.problems
@@ -7767,29 +7809,30 @@ class Ambassador:
                 errors = [str(e)]
             else:
                 self._apply(config, staged)
-                self.version += 1
-                self.telemetry.reloaded(True, self.version)
-                self.log.info("reload (%s): version %d serving", why, self.version)
-                return True, self.version, []
+                app.version += 1
+                app.telemetry.reloaded(True, app.version)
+                app.log.info("reload (%s): version %d serving", why, app.version)
+                return True, app.version, []
             for problem in errors:
-                self.log.error("reload (%s) refused, version %d keeps serving: %s",
-                               why, self.version, problem)
-            self.telemetry.reloaded(False, self.version)
-            return False, self.version, errors
+                app.log.error("reload (%s) refused, version %d keeps serving: %s",
+                              why, app.version, problem)
+            app.telemetry.reloaded(False, app.version)
+            return False, app.version, errors
 
     def _stage(self, config):
         """Build and bind, touching nothing that serves: -> what _apply() puts in place.
         ConfigError or StartupError, with everything staged closed again, otherwise."""
-        old = self.config
+        app = self.app
+        old = app.config
         for key in ("listen", "probe_listen"):
             if getattr(config.admin, key) != getattr(old.admin, key):
                 raise ConfigError(["admin.%s: cannot change on reload (the admin port answers "
                                    "it); restart, or upgrade with SIGUSR2" % key])
         staged = _Staged()
         try:
-            t = self.telemetry
+            t = app.telemetry
             for name, c in config.clusters.items():
-                current = self.clusters.get(name)
+                current = app.clusters.get(name)
                 if current is not None and current.config == c:
                     staged.clusters[name] = current
                     continue
@@ -7806,8 +7849,8 @@ class Ambassador:
                     raise ConfigError(["clusters.%s.endpoints: cannot resolve %s: %s" % (
                         name, host, getattr(error, "strerror", None) or error)])
                 staged.clusters[name] = cluster
-            by_address = {s.listener.config.listen: s for s in self.servers}
-            current = {l.name: l for l in self.listeners}
+            by_address = {s.listener.config.listen: s for s in app.servers}
+            current = {l.name: l for l in app.listeners}
             for lc in config.listeners:
                 listener = current.get(lc.name)
                 tls = None
@@ -7819,7 +7862,7 @@ class Ambassador:
                 if same_socket:
                     staged.changed[lc.name] = (lc, tls)
                     continue
-                fresh = Listener(lc, staged.clusters, t, self.draining)
+                fresh = Listener(lc, staged.clusters, t, app.draining)
                 fresh.tls = tls if lc.tls is not None else None
                 taken = by_address.get(lc.listen)
                 try:
@@ -7840,63 +7883,65 @@ class Ambassador:
         return staged
 
     def _tls_source(self, config, side, section, name):
+        app = self.app
         try:
-            return TlsContextSource(config, side, name, self.telemetry.tls_reloaded)
+            return TlsContextSource(config, side, name, app.telemetry.tls_reloaded)
         except (OSError, ValueError) as e:
             raise ConfigError([tls_problem(section, name, e)])
 
     def _apply(self, config, staged):
         """Put a staged config in place.  Nothing here may fail."""
-        old_config, old_clusters = self.config, dict(self.clusters)
-        self.telemetry.tls_sources.extend(staged.tls)
+        app = self.app
+        old_config, old_clusters = app.config, dict(app.clusters)
+        app.telemetry.tls_sources.extend(staged.tls)
         for source in staged.tls:
-            threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
+            threading.Thread(target=source.run, args=(app._background_stop,), daemon=True,
                              name="tls-reload:%s" % source.name).start()
         # Clusters: the dict is the one every listener and gauge reads; swapped entry by entry.
         for name, cluster in staged.clusters.items():
             if old_clusters.get(name) is not cluster:
-                self.clusters[name] = cluster
-                cluster.start(self._stop_of(cluster))
+                app.clusters[name] = cluster
+                cluster.start(app.stop_event_of(cluster))
         for name, cluster in old_clusters.items():
             if staged.clusters.get(name) is not cluster:
-                self._cluster_stops.pop(cluster, threading.Event()).set()
+                app._cluster_stops.pop(cluster, threading.Event()).set()
                 if name not in staged.clusters:
-                    del self.clusters[name]
+                    del app.clusters[name]
                     threading.Thread(target=self._retire_cluster, args=(cluster,), daemon=True,
                                      name="retire:%s" % name).start()
         # Listeners: changed in place, new ones started, removed or moved ones drained.
         replaced = {c for name, c in old_clusters.items() if staged.clusters.get(name) is not c}
         keep = {}
-        for listener in self.listeners:
+        for listener in app.listeners:
             change = staged.changed.get(listener.name)
             if change is None:
                 continue
             lc, tls = change
             if lc != listener.config or replaced & set(listener.clusters()):
-                listener.apply(lc, self.clusters)
+                listener.apply(lc, app.clusters)
             if lc.tls is None:
                 listener.tls = None
             elif tls is not None:
                 listener.tls = tls
             keep[listener.name] = listener
-        for server in self.servers:
+        for server in app.servers:
             if server.listener.name not in keep:
                 self._retire_server(server, handed=server in staged.handed)
-        self.servers = [s for s in self.servers if s.listener.name in keep] + staged.servers
-        listeners = {s.listener.name: s.listener for s in self.servers}
-        self.listeners[:] = [listeners[lc.name] for lc in config.listeners]
+        app.servers = [s for s in app.servers if s.listener.name in keep] + staged.servers
+        listeners = {s.listener.name: s.listener for s in app.servers}
+        app.listeners[:] = [listeners[lc.name] for lc in config.listeners]
         for server in staged.servers:
-            self._serve_server(server)
+            app.serve_server(server)
         # What the process does besides: log, tracing, shutdown.
-        t = self.telemetry
+        t = app.telemetry
         if config.log != old_config.log:
             old_log = t.access_log
             t.access_log = None
             t.open_access_log(config.log)
             if t.access_log is not None:
-                self._vital.append(t.access_log.thread)
+                app._vital.append(t.access_log.thread)
             if old_log is not None:
-                self._vital = [v for v in self._vital if v is not old_log.thread]
+                app._vital = [v for v in app._vital if v is not old_log.thread]
                 old_log.close()
         if config.tracing != old_config.tracing:
             old_tracer = t.tracer
@@ -7904,34 +7949,20 @@ class Ambassador:
             t.open_tracing(config.tracing)
             if old_tracer is not None:
                 old_tracer.exporter.close()
-        t.register(self.listeners, self.clusters)
-        self.config = config
-
-    def _serve_server(self, server):
-        name = "listener:%s" % server.listener.name
-        thread = threading.Thread(target=server.serve_forever, name=name, daemon=True,
-                                  kwargs={"poll_interval": 0.2})
-        thread.start()
-        server.thread = thread
-        self._vital.append(thread)
-        if server.dispatcher is not None:
-            server.vital = [server.dispatcher.start(self._background_stop)]
-        if server.relay is not None:
-            server.vital.append(server.relay.start(self._background_stop))
-        self._vital += server.vital
-        self.log.info("listener %s on %s -> cluster %s", server.listener.name,
-                      format_address(server.server_address[:2]), server.listener.cluster.name)
+        t.register(app.listeners, app.clusters)
+        app.config = config
 
     def _retire_server(self, server, handed):
         """A listener removed, or moved to another address: stop accepting now (its socket,
         if re-purposed, already serves the new listener), let what is in flight finish within
         drain_timeout, then close the rest.  Its metric series go with it once drained."""
+        app = self.app
         listener = server.listener
         server.keep_socket = handed
         dead = [getattr(server, "thread", None)] + getattr(server, "vital", [])
-        self._vital = [v for v in self._vital if v not in dead]
-        self.log.info("listener %s on %s: stops accepting, drains", listener.name,
-                      format_address(server.server_address[:2]))
+        app._vital = [v for v in app._vital if v not in dead]
+        app.log.info("listener %s on %s: stops accepting, drains", listener.name,
+                     format_address(server.server_address[:2]))
 
         def drain():
             server.shutdown()
@@ -7939,34 +7970,27 @@ class Ambassador:
                 socketserver.TCPServer.server_close(server)
             if server.dispatcher is not None:
                 server.dispatcher.close_parked()
-            limit = monotonic() + self.config.shutdown.drain_timeout
+            limit = monotonic() + app.config.shutdown.drain_timeout
             while listener.active_requests and monotonic() < limit:
                 time.sleep(0.05)
             cut_and_wait([listener])
             server.keep_socket = True
             server.server_close()
-            if listener.name not in [l.name for l in self.listeners]:
-                self.telemetry.forget("listener", listener.name)
+            if listener.name not in [l.name for l in app.listeners]:
+                app.telemetry.forget("listener", listener.name)
         threading.Thread(target=drain, daemon=True, name="retire:%s" % listener.name).start()
 
     def _retire_cluster(self, cluster):
         """A cluster removed: no listener sends to it any more; requests in flight finish,
         then its idle connections close and its series leave /metrics."""
-        limit = monotonic() + self.config.shutdown.drain_timeout
+        app = self.app
+        limit = monotonic() + app.config.shutdown.drain_timeout
         while cluster.limits.used("requests") and monotonic() < limit:
             time.sleep(0.05)
         for endpoint in cluster.endpoints:
             endpoint.pool.drain()
-        if cluster.name not in self.clusters:
-            self.telemetry.forget("cluster", cluster.name)
-
-    def clusters_snapshot(self):
-        # connections_in_use: the max_connections slots taken, which must equal the upstream
-        # sockets open (a pool a reload replaced gives each back as its connection closes).
-        return {"clusters": {name: {"endpoints": [e.snapshot() for e in c.endpoints],
-                                    "connections_in_use": c.limits.used("connections"),
-                                    "requests_in_use": c.limits.used("requests")}
-                             for name, c in sorted(self.clusters.items())}}
+        if cluster.name not in app.clusters:
+            app.telemetry.forget("cluster", cluster.name)
 
 
 def release_freed_memory():
