@@ -85,19 +85,20 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       12 Request stack: forward, retries, admission,
-     2 Constants and defaults             breaker, try, the response relayed (splice)
-     3 Errors and outcomes             13 TCP relay: connect, pump, RelayLoop, timeouts
-     4 Foundations                     14 Upstream: endpoints, pool, balancers, DNS, Cluster
-     5 Configuration: records, kinds   15 Resilience: retries, budget, breaker, limits,
-     6 Configuration: schema, loading     outlier detection, health checks
-     7 HTTP/1.1 wire format            16 Telemetry: metrics, access log
-     8 TLS                             17 Telemetry: tracing, the Telemetry sink
-     9 Downstream: listeners, where    18 Admin and probes
-       connections wait (Dispatcher)   19 Process: Ambassador, reload, upgrade, drain, main()
-    10 Downstream connections          20 The demo
-    11 Routing and traffic policy      21 Appendix: TOML parser for Python < 3.11
-                                       22 Appendix: linear-time regular expressions
+     1 Imports and compatibility       13 TCP relay: connect, pump, timeouts
+     2 Constants and defaults          14 Tunnels (WebSocket), the RelayLoop
+     3 Errors and outcomes             15 Upstream: endpoints, pool, balancers, DNS, Cluster
+     4 Foundations                     16 Resilience: retries, budget, breaker, limits,
+     5 Configuration: records, kinds      outlier detection, health checks
+     6 Configuration: schema, loading  17 Telemetry: metrics, access log
+     7 HTTP/1.1 wire format            18 Telemetry: tracing, the Telemetry sink
+     8 TLS                             19 Admin and probes
+     9 Downstream: listeners, where    20 Process: bind, serve, drain, live upgrade
+       connections wait (Dispatcher)   21 Reload by difference (Reloader)
+    10 Downstream connections          22 The command line: main(), signals, re-exec
+    11 Routing and traffic policy      23 The demo
+    12 Request stack: forward,         24 Appendix: TOML parser for Python < 3.11
+       retries, admission, try, relay  25 Appendix: linear-time regular expressions
 """
 
 # ==================================================================================================
@@ -966,7 +967,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 22) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 25) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -3299,7 +3300,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 22), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 25), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -3700,7 +3701,7 @@ def carries_upgrade(listener, req):
 
 def start_tunnel(listener, req, resp, conn, downstream):
     """The upstream switched protocols: relay its 101 and hand both connections to an
-    UpgradedTunnel (section 13).  The request's span ends here; its log line and metrics come
+    UpgradedTunnel (section 14).  The request's span ends here; its log line and metrics come
     when the tunnel closes.  -> TUNNELLED."""
     parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
     if resp.lines:
@@ -4803,6 +4804,12 @@ class TcpSession:
         reset_socket(peer_sock)
 
 
+# ==================================================================================================
+# 14. Tunnels and the RelayLoop
+#    An upgraded request's tunnel (a tcp session by another door), TLS's close_notify for a
+#    half-close, PostgreSQL's auth offer, and the loop where every relay of a listener runs.
+# ==================================================================================================
+
 class TunnelTimeouts(NamedTuple):
     """An upgraded tunnel's bounds, as pump() reads a tcp listener's."""
     idle_timeout: float
@@ -5048,7 +5055,7 @@ class RelayLoop:
 
 
 # ==================================================================================================
-# 14. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
+# 15. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS), chosen by a
 #    balancer, each with a pool of keep-alive connections (TLS when the cluster has it) that
 #    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
@@ -5726,7 +5733,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 15. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 16. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -6181,7 +6188,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 16. Telemetry: metrics and the access log
+# 17. Telemetry: metrics and the access log
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
 #    queue, and repeated warnings are held to one a minute.
@@ -6527,7 +6534,7 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
 
 
 # ==================================================================================================
-# 17. Telemetry: tracing, and the one sink the data path calls
+# 18. Telemetry: tracing, and the one sink the data path calls
 #    W3C and B3 trace context in, spans out to an OTLP collector from a bounded queue; then
 #    Telemetry, which every layer of the data path calls and which never raises into it.
 # ==================================================================================================
@@ -7206,7 +7213,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 18. Admin
+# 19. Admin
 #    GET / /metrics /ready /clusters /config, POST /reload /quitquitquit, and the probe port.
 #    A small bounded server of its own (not http.server); it binds 127.0.0.1 unless configured.
 # ==================================================================================================
@@ -7428,7 +7435,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 19. Process: Ambassador, reload, upgrade, main()
+# 20. Process: Ambassador: bind, serve, drain, live upgrade
 #    Wiring, start, reload by difference, live upgrade, drain, signals and the command line.
 # ==================================================================================================
 
@@ -7778,6 +7785,12 @@ class Ambassador:
                              for name, c in sorted(self.clusters.items())}}
 
 
+# ==================================================================================================
+# 21. Reload by difference: the Reloader
+#    SIGHUP and POST /reload: stage everything (parse, load TLS, bind new addresses), then
+#    apply by difference, or nothing; listeners and clusters that go are drained and retired.
+# ==================================================================================================
+
 class Reloader:
     """SIGHUP and POST /reload: re-read the config file and apply what changed, or nothing at
     all.  Everything is checked first -- the file as --check does, every certificate and key,
@@ -7992,6 +8005,12 @@ class Reloader:
         if cluster.name not in app.clusters:
             app.telemetry.forget("cluster", cluster.name)
 
+
+# ==================================================================================================
+# 22. The command line: main(), the re-exec, signals, start gates
+#    What runs when the file is a program: arguments, --check and --wait-started, the re-exec
+#    that frees the compile's memory, signals held from the first instruction, inherited sockets.
+# ==================================================================================================
 
 def release_freed_memory():
     """Hand back to the OS the heap that compiling this file used.  CPython compiles a script
@@ -8309,7 +8328,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 20. The demo: two stand-in services and what to try
+# 23. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -8416,7 +8435,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 21. Appendix: the TOML parser for Python < 3.11
+# 24. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -8760,7 +8779,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 22. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 25. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
