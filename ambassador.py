@@ -1224,7 +1224,7 @@ class _Validator:
                                             if near else ""))
 
 
-def parse_config(raw, path="<config>"):
+def parse_config(raw, path="<config>"):   # long: the tables in the file's order, one by one
     """A parsed TOML document -> Config; raises ConfigError listing every problem."""
     v = _Validator()
     for key in raw:
@@ -1677,7 +1677,7 @@ class Request:
         self.upgrade = None               # the Upgrade it asks for (with Connection: upgrade)
 
 
-def parse_request(head, req, client_ip):
+def parse_request(head, req, client_ip):   # long: one pass per head, on every request
     """Fill req from a request head, or raise BadRequest (400, 405, 501, 505, 431).
 
     Strict where leniency lets two parsers disagree (RFC 9112 11.2, request smuggling): a bare CR
@@ -1881,7 +1881,7 @@ def parse_status_line(line):
     return status if 100 <= status <= 599 else None
 
 
-def parse_response(head, method):
+def parse_response(head, method):   # long: one pass per head, on every response
     """An upstream response head -> Response; UpstreamProtocolError if it cannot be trusted.
 
     keep_alive is false whenever the framing leaves doubt about where the next response starts
@@ -4087,7 +4087,7 @@ class StaleConnection(Exception):
         self.nothing_written = nothing_written
 
 
-def relay_response(req, resp, conn, downstream, listener):
+def relay_response(req, resp, conn, downstream, listener):   # long: the hot path, one call
     """Write the response head and stream its body to the app.  Returns downstream keep-alive."""
     to_http11 = req.version == b"HTTP/1.1"
     if resp.codings and resp.has_body and not to_http11:
@@ -4255,7 +4255,19 @@ class TcpSession:
     Who runs it: the listener's Dispatcher gives its first turn() to a worker at once (the
     TLS handshake and the connect attempts block, as the request path does); the pump then
     goes to the listener's RelayLoop, where it holds no thread.  Without epoll the session
-    keeps a thread of its own (serve_blocking)."""
+    keeps a thread of its own (serve_blocking).
+
+    Each direction (app -> upstream, upstream -> app), in pump() and splice_pump() alike:
+
+        flowing --(EOF read from its source)--> source done --(every byte before the EOF
+           |                                                   delivered)--> FIN passed on:
+           |                                                   shutdown(SHUT_WR), or TLS's
+           |                                                   close_notify (close_notify())
+           +--(a reset or error on either socket)--> reset passed on: the session ends
+
+    The session ends when both directions have passed their FIN (termination client_fin or
+    upstream_fin, whichever came first), or at idle_timeout, half_closed_timeout (counted from
+    the first FIN) or max_connection_duration (next_deadline), or when a drain cuts it."""
 
     def __init__(self, listener, sock, client_address, dispatcher=None, relay=None):
         self.listener, self.sock = listener, sock
@@ -4509,7 +4521,9 @@ class TcpSession:
         drive_blocking); the sockets are never waited on inside.  Each direction holds at most
         TCP_BUFFER_BYTES: a slow reader slows its writer, memory does not grow.  A FIN is
         passed on with shutdown(SHUT_WR) once what came before it was delivered, and the other
-        direction keeps flowing (half_closed_timeout); a reset is passed on as a reset."""
+        direction keeps flowing (half_closed_timeout); a reset is passed on as a reset: the
+        class docstring draws it.  One generator, not a class per state: the relay loop steps
+        it, and its locals are the state (both directions, buffers, deadlines)."""
         c = self.timeouts
         telemetry, name = self.listener.telemetry, self.listener.name
         ssl_types = (self.cluster.tls.ssl.SSLSocket,) if self.cluster.tls is not None else ()
@@ -5078,7 +5092,7 @@ class UpstreamConnection:
         self.reused = False
         self.closed = False
 
-    def exchange(self, data, body, deadline, timeout_s, method, upgrade=False):
+    def exchange(self, data, body, deadline, timeout_s, method, upgrade=False):   # hot path
         """Send a request -- data, its head (and the held body), built by the request stack;
         then body's rest -- and read the response head -> Response.  Transport only: what the
         request says is the caller's.  A 101 is returned when the request asked to upgrade.
@@ -6821,6 +6835,104 @@ class SpanExporter:
         return out
 
 
+# The counters and histograms Telemetry keeps, one row a family: (attribute, name, help,
+# labels).  Gauges read live state, so they are made in Telemetry._add_gauges.
+COUNTER_FAMILIES = (
+    ("requests", "ambassador_requests_total",
+     "Downstream requests by response status code (0: none) and route (its name or index; "
+     "default: no route matched; -: refused before routing).",
+     ("listener", "cluster", "code", "route")),
+    ("rejected_connections", "ambassador_downstream_connections_rejected_total",
+     "Connections answered 503 because the listener had max_connections open.",
+     ("listener",)),
+    ("log_dropped", "ambassador_access_log_dropped_total",
+     "Access-log lines dropped: queue full.",
+     ()),
+    ("log_errors", "ambassador_access_log_write_errors_total",
+     "Failed writes to the access log.",
+     ()),
+    ("internal_errors", "ambassador_internal_errors_total",
+     "Bugs: unexpected exceptions, each logged.",
+     ("where",)),
+    ("accept_errors", "ambassador_accept_errors_total",
+     "Connections not accepted for want of a resource (emfile: the process's open files limit; "
+     "enfile: the system's), by listener (admin and probe too).",
+     ("listener", "reason")),
+    ("attempts", "ambassador_upstream_attempts_total",
+     "Tries sent to the cluster, by outcome.",
+     ("cluster", "result")),
+    ("retries", "ambassador_retries_total",
+     "Retries made (tries after the first).",
+     ("listener", "cluster")),
+    ("budget", "ambassador_retry_budget_exhausted_total",
+     "Retries refused by the retry budget.",
+     ("cluster",)),
+    ("transitions", "ambassador_circuit_breaker_transitions_total",
+     "Circuit breaker state changes.",
+     ("cluster", "to")),
+    ("rejections", "ambassador_rejected_total",
+     "Requests and retries refused without being sent, by reason.",
+     ("cluster", "reason")),
+    ("tcp_connections", "ambassador_tcp_connections_total",
+     "Closed connections of tcp listeners, by how they ended.",
+     ("listener", "termination")),
+    ("tcp_byte_counts", "ambassador_tcp_bytes_total",
+     "Bytes relayed by tcp listeners.",
+     ("listener", "direction")),
+    ("faults", "ambassador_faults_injected_total",
+     "Faults injected by [fault], by kind.",
+     ("listener", "route", "kind")),
+    ("mirrors", "ambassador_mirror_requests_total",
+     "Mirrored copies: sent (a response came back), dropped (past max_in_flight), body_too_large"
+     " (a body streamed, not held), failed.",
+     ("listener", "result")),
+    ("upstream_requests", "ambassador_upstream_requests_total",
+     "Tries per endpoint by response status code (0: no response).",
+     ("cluster", "endpoint", "code")),
+    ("ejections", "ambassador_outlier_ejections_total",
+     "Ejections by outlier detection.",
+     ("cluster", "endpoint")),
+    ("health_checks", "ambassador_health_checks_total",
+     "Active health checks by result.",
+     ("cluster", "endpoint", "result")),
+    ("dns", "ambassador_dns_resolutions_total",
+     "DNS resolutions of endpoint names by result.",
+     ("cluster", "result")),
+    ("tls_errors", "ambassador_tls_handshake_errors_total",
+     "Failed TLS handshakes and refusals.",
+     ("side", "name", "reason")),
+    ("tls_refusals", "ambassador_tls_peers_refused_total",
+     "TLS peers refused after a completed handshake: a certificate allowed_sans does not admit.",
+     ("side", "name", "reason")),
+    ("upgrades", "ambassador_upgrades_total",
+     "Upgraded requests (WebSocket) whose tunnel ended, by termination (as tcp's).",
+     ("listener", "termination")),
+    ("rate_limits", "ambassador_rate_limited_total",
+     "Requests refused by a local rate limit, by listener and route.",
+     ("listener", "route")),
+    ("reloads", "ambassador_config_reloads_total",
+     "Reloads of the config file, by result.",
+     ("result",)),
+    ("tls_reloads", "ambassador_tls_reloads_total",
+     "Reloads of TLS files by result.",
+     ("path", "result")),
+    ("spans_exported", "ambassador_spans_exported_total",
+     "Spans accepted by the OTLP collector.",
+     ()),
+    ("spans_dropped", "ambassador_spans_dropped_total",
+     "Spans not exported, by reason.",
+     ("reason",)),
+)
+HISTOGRAM_FAMILIES = (
+    ("duration", "ambassador_request_duration_seconds",
+     "Time from a request's head to its last response byte.",
+     ("listener", "cluster")),
+    ("upstream_durations", "ambassador_upstream_duration_seconds",
+     "One try: from taking a connection to the response head (or the failure).",
+     ("cluster",)),
+)
+
+
 class Telemetry:
     """Metrics, the access log and the tracer, as the data path sees them: calls that never
     raise."""
@@ -6830,13 +6942,24 @@ class Telemetry:
         self.metrics = m = Metrics()
         self.access_log = None
         self.tracer = None
-        self.requests = m.add(Counter(
-            "ambassador_requests_total", "Downstream requests by response status code (0: none) "
-            "and route (its name or index; default: no route matched; -: refused before routing).",
-            ("listener", "cluster", "code", "route")))
-        self.duration = m.add(Histogram(
-            "ambassador_request_duration_seconds",
-            "Time from a request's head to its last response byte.", ("listener", "cluster")))
+        for attr, name, help_text, labels in COUNTER_FAMILIES:
+            setattr(self, attr, m.add(Counter(name, help_text, labels)))
+        for attr, name, help_text, labels in HISTOGRAM_FAMILIES:
+            setattr(self, attr, m.add(Histogram(name, help_text, labels)))
+        self.warnings = WarningLimiter(self.log)
+        self._tunnels = collections.Counter()   # listener name -> tunnels open (their lock:)
+        self._tunnels_lock = threading.Lock()
+        for result in ("success", "failure"):
+            self.reloads.touch((result,))
+        self.reload_state = [1, time.time(), 1]  # last successful?, when last applied, version
+        self.tls_sources = []
+        self._add_gauges(listeners, clusters, draining)
+        self._add_process_metrics()
+
+    def _add_gauges(self, listeners, clusters, draining):
+        """The gauges: each reads live state (listeners, clusters, endpoints, the reload state)
+        when /metrics is rendered."""
+        m = self.metrics
         m.add(Gauge("ambassador_active_requests", "Downstream requests in progress.",
                     ("listener",), lambda: [((l.name,), l.active_requests) for l in listeners]))
         m.add(Gauge("ambassador_downstream_connections", "Open connections from the app.",
@@ -6845,63 +6968,14 @@ class Telemetry:
                     "Open connections to the cluster's endpoints, busy and idle.", ("cluster",),
                     lambda: [((c.name,), c.open_connections())
                              for _, c in sorted(clusters.items())]))
-        self.rejected_connections = m.add(Counter(
-            "ambassador_downstream_connections_rejected_total",
-            "Connections answered 503 because the listener had max_connections open.",
-            ("listener",)))
-        self.log_dropped = m.add(Counter(
-            "ambassador_access_log_dropped_total", "Access-log lines dropped: queue full.", ()))
-        self.log_errors = m.add(Counter(
-            "ambassador_access_log_write_errors_total", "Failed writes to the access log.", ()))
-        self.internal_errors = m.add(Counter(
-            "ambassador_internal_errors_total", "Bugs: unexpected exceptions, each logged.",
-            ("where",)))
-        self.accept_errors = m.add(Counter(
-            "ambassador_accept_errors_total",
-            "Connections not accepted for want of a resource (emfile: the process's open files "
-            "limit; enfile: the system's), by listener (admin and probe too).",
-            ("listener", "reason")))
-        self.warnings = WarningLimiter(self.log)
-        self.attempts = m.add(Counter(
-            "ambassador_upstream_attempts_total", "Tries sent to the cluster, by outcome.",
-            ("cluster", "result")))
-        self.retries = m.add(Counter(
-            "ambassador_retries_total", "Retries made (tries after the first).",
-            ("listener", "cluster")))
-        self.budget = m.add(Counter(
-            "ambassador_retry_budget_exhausted_total", "Retries refused by the retry budget.",
-            ("cluster",)))
         states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
         m.add(Gauge("ambassador_circuit_breaker_state",
                     "Circuit breaker state: 0 closed, 1 open, 2 half-open.", ("cluster",),
                     lambda: [((c.name,), states[c.breaker.state])
                              for _, c in sorted(clusters.items())]))
-        self.transitions = m.add(Counter(
-            "ambassador_circuit_breaker_transitions_total", "Circuit breaker state changes.",
-            ("cluster", "to")))
-        self.rejections = m.add(Counter(
-            "ambassador_rejected_total",
-            "Requests and retries refused without being sent, by reason.", ("cluster", "reason")))
         m.add(Gauge("ambassador_tcp_connections_active", "Open connections of tcp listeners.",
                     ("listener",), lambda: [((l.name,), l.active_requests) for l in listeners
                                             if l.config.protocol == "tcp"]))
-        self.tcp_connections = m.add(Counter(
-            "ambassador_tcp_connections_total", "Closed connections of tcp listeners, by how "
-            "they ended.", ("listener", "termination")))
-        self.tcp_byte_counts = m.add(Counter(
-            "ambassador_tcp_bytes_total", "Bytes relayed by tcp listeners.",
-            ("listener", "direction")))
-        self.faults = m.add(Counter(
-            "ambassador_faults_injected_total", "Faults injected by [fault], by kind.",
-            ("listener", "route", "kind")))
-        self.mirrors = m.add(Counter(
-            "ambassador_mirror_requests_total",
-            "Mirrored copies: sent (a response came back), dropped (past max_in_flight), "
-            "body_too_large (a body streamed, not held), failed.", ("listener", "result")))
-        self.upstream_requests = m.add(Counter(
-            "ambassador_upstream_requests_total",
-            "Tries per endpoint by response status code (0: no response).",
-            ("cluster", "endpoint", "code")))
 
         def per_endpoint(value):
             return lambda: [((c.name, e.label.decode()), value(e))
@@ -6922,44 +6996,8 @@ class Telemetry:
             return rows
         m.add(Gauge("ambassador_endpoints", "Endpoints by state (an ejected one counts as such).",
                     ("cluster", "state"), endpoint_states))
-        self.ejections = m.add(Counter(
-            "ambassador_outlier_ejections_total", "Ejections by outlier detection.",
-            ("cluster", "endpoint")))
-        self.health_checks = m.add(Counter(
-            "ambassador_health_checks_total", "Active health checks by result.",
-            ("cluster", "endpoint", "result")))
-        self.dns = m.add(Counter(
-            "ambassador_dns_resolutions_total", "DNS resolutions of endpoint names by result.",
-            ("cluster", "result")))
-        self.upstream_durations = m.add(Histogram(
-            "ambassador_upstream_duration_seconds",
-            "One try: from taking a connection to the response head (or the failure).",
-            ("cluster",)))
-        self.tls_errors = m.add(Counter(
-            "ambassador_tls_handshake_errors_total", "Failed TLS handshakes and refusals.",
-            ("side", "name", "reason")))
-        self.tls_refusals = m.add(Counter(
-            "ambassador_tls_peers_refused_total",
-            "TLS peers refused after a completed handshake: a certificate allowed_sans does "
-            "not admit.", ("side", "name", "reason")))
-        self.upgrades = m.add(Counter(
-            "ambassador_upgrades_total",
-            "Upgraded requests (WebSocket) whose tunnel ended, by termination (as tcp's).",
-            ("listener", "termination")))
-        self._tunnels = collections.Counter()   # listener name -> tunnels open (their lock:)
-        self._tunnels_lock = threading.Lock()
         m.add(Gauge("ambassador_upgrades_active", "Upgraded requests (WebSocket) tunnelling now.",
                     ("listener",), lambda: self._tunnel_counts(listeners)))
-        self.rate_limits = m.add(Counter(
-            "ambassador_rate_limited_total",
-            "Requests refused by a local rate limit, by listener and route.",
-            ("listener", "route")))
-        self.reloads = m.add(Counter(
-            "ambassador_config_reloads_total", "Reloads of the config file, by result.",
-            ("result",)))
-        for result in ("success", "failure"):
-            self.reloads.touch((result,))
-        self.reload_state = [1, time.time(), 1]  # last successful?, when last applied, version
         m.add(Gauge("ambassador_config_last_reload_successful",
                     "1 if the last reload was applied (or none was tried), 0 if refused.", (),
                     lambda: [((), self.reload_state[0])]))
@@ -6969,23 +7007,15 @@ class Telemetry:
         m.add(Gauge("ambassador_config_version",
                     "The config serving: 1 at start, +1 per applied reload.", (),
                     lambda: [((), self.reload_state[2])]))
-        self.tls_reloads = m.add(Counter(
-            "ambassador_tls_reloads_total", "Reloads of TLS files by result.", ("path", "result")))
-        self.tls_sources = []
         m.add(Gauge("ambassador_certificate_expiry_timestamp_seconds",
                     "notAfter of each loaded certificate, Unix seconds.", ("path",),
                     lambda: sorted(((p,), t) for s in self.tls_sources
                                    for p, t in s.expiry().items())))
-        self.spans_exported = m.add(Counter(
-            "ambassador_spans_exported_total", "Spans accepted by the OTLP collector.", ()))
-        self.spans_dropped = m.add(Counter(
-            "ambassador_spans_dropped_total", "Spans not exported, by reason.", ("reason",)))
         m.add(Gauge("ambassador_draining", "1 while shutting down, else 0.", (),
                     lambda: [((), 1 if draining.is_set() else 0)]))
         m.add(Gauge("ambassador_build_info", "Version of Ambassador and of Python running it.",
                     ("version", "python"),
                     lambda: [((__version__, "%d.%d.%d" % sys.version_info[:3]), 1)]))
-        self._add_process_metrics()
 
     def register(self, listeners, clusters):
         """Make every series the config makes relevant exist at zero."""
