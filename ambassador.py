@@ -85,20 +85,21 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       13 TCP relay: connect, pump, timeouts
-     2 Constants and defaults          14 Tunnels (WebSocket), the RelayLoop
-     3 Errors and outcomes             15 Upstream: endpoints, pool, balancers, DNS, Cluster
-     4 Foundations                     16 Resilience: retries, budget, breaker, limits,
-     5 Configuration: records, kinds      outlier detection, health checks
-     6 Configuration: schema, loading  17 Telemetry: metrics, access log
-     7 HTTP/1.1 wire format            18 Telemetry: tracing, the Telemetry sink
-     8 TLS                             19 Admin and probes
-     9 Downstream: listeners, where    20 Process: bind, serve, drain, live upgrade
-       connections wait (Dispatcher)   21 Reload by difference (Reloader)
-    10 Downstream connections          22 The command line: main(), signals, re-exec
-    11 Routing and traffic policy      23 The demo
-    12 Request stack: forward,         24 Appendix: TOML parser for Python < 3.11
-       retries, admission, try, relay  25 Appendix: linear-time regular expressions
+     1 Imports and compatibility       15 Upstream connections and pools
+     2 Constants and defaults          16 Endpoints, balancers, DNS, Cluster
+     3 Errors and outcomes             17 Resilience: retries, budget, breaker, limits,
+     4 Foundations                        outlier detection, health checks
+     5 Configuration: records, kinds   18 Telemetry: metrics, access log
+     6 Configuration: schema, loading  19 Telemetry: tracing
+     7 HTTP/1.1 wire format            20 Telemetry: the sink the data path calls
+     8 TLS                             21 Admin and probes
+     9 Downstream: listeners, where    22 Process: bind, serve, drain, live upgrade
+       connections wait (Dispatcher)   23 Reload by difference (Reloader)
+    10 Downstream connections          24 The command line: main(), signals, re-exec
+    11 Routing and traffic policy      25 The demo
+    12 Request stack                   26 Appendix: TOML parser for Python < 3.11
+    13 TCP relay: connect, pump        27 Appendix: linear-time regular expressions
+    14 Tunnels (WebSocket), RelayLoop
 """
 
 # ==================================================================================================
@@ -967,7 +968,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 25) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 27) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -3300,7 +3301,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 25), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 27), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -5069,10 +5070,9 @@ class RelayLoop:
 
 
 # ==================================================================================================
-# 15. Upstream: connections, pool, Endpoint, balancers, DNS discovery, Cluster
-#    Where requests go: a cluster's endpoints (resolved once or kept by DNS), chosen by a
-#    balancer, each with a pool of keep-alive connections (TLS when the cluster has it) that
-#    are checked for a close before reuse and dropped after UPSTREAM_IDLE_S.
+# 15. Upstream connections and their pools
+#    One keep-alive connection to an endpoint (send a head and a body, read a response head:
+#    transport only), and each endpoint's pool of idle ones, checked for a close before reuse.
 # ==================================================================================================
 
 class UpstreamConnection:
@@ -5324,6 +5324,12 @@ class ConnectionPool:
             self._draining = True
         self.close_idle()
 
+
+# ==================================================================================================
+# 16. Endpoints, balancers, DNS discovery, Cluster
+#    Where requests go: a cluster's endpoints (resolved once or kept by DNS, primaries and
+#    backups), their health and ejection, the balancers that choose among them.
+# ==================================================================================================
 
 class Endpoint:
     """One address of a cluster: its pool, request statistics, active-health state and
@@ -5747,7 +5753,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 16. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 17. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -6202,7 +6208,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 17. Telemetry: metrics and the access log
+# 18. Telemetry: metrics and the access log
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
 #    queue, and repeated warnings are held to one a minute.
@@ -6548,9 +6554,9 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
 
 
 # ==================================================================================================
-# 18. Telemetry: tracing, and the one sink the data path calls
-#    W3C and B3 trace context in, spans out to an OTLP collector from a bounded queue; then
-#    Telemetry, which every layer of the data path calls and which never raises into it.
+# 19. Telemetry: tracing
+#    W3C and B3 trace context in, one span per request, spans out to an OTLP collector from
+#    a bounded queue by a thread of its own.
 # ==================================================================================================
 
 def _is_hex_id(value, length):
@@ -6834,6 +6840,12 @@ class SpanExporter:
             out["status"] = {"code": 2, "message": error or "HTTP %d" % status}
         return out
 
+
+# ==================================================================================================
+# 20. Telemetry: the one sink the data path calls
+#    The metric families, and Telemetry: what every layer of the data path calls to count, log
+#    and trace, and which never raises into it.
+# ==================================================================================================
 
 # The counters and histograms Telemetry keeps, one row a family: (attribute, name, help,
 # labels).  Gauges read live state, so they are made in Telemetry._add_gauges.
@@ -7243,7 +7255,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 19. Admin
+# 21. Admin
 #    GET / /metrics /ready /clusters /config, POST /reload /quitquitquit, and the probe port.
 #    A small bounded server of its own (not http.server); it binds 127.0.0.1 unless configured.
 # ==================================================================================================
@@ -7465,8 +7477,9 @@ class Admin:
 
 
 # ==================================================================================================
-# 20. Process: Ambassador: bind, serve, drain, live upgrade
-#    Wiring, start, reload by difference, live upgrade, drain, signals and the command line.
+# 22. Process: Ambassador: bind, serve, drain, live upgrade
+#    The running sidecar built from a Config: every socket bound or nothing, served until a
+#    stop, drained, closed; a live upgrade hands its sockets to a new process.
 # ==================================================================================================
 
 def cut_and_wait(listeners):
@@ -7816,7 +7829,7 @@ class Ambassador:
 
 
 # ==================================================================================================
-# 21. Reload by difference: the Reloader
+# 23. Reload by difference: the Reloader
 #    SIGHUP and POST /reload: stage everything (parse, load TLS, bind new addresses), then
 #    apply by difference, or nothing; listeners and clusters that go are drained and retired.
 # ==================================================================================================
@@ -8037,7 +8050,7 @@ class Reloader:
 
 
 # ==================================================================================================
-# 22. The command line: main(), the re-exec, signals, start gates
+# 24. The command line: main(), the re-exec, signals, start gates
 #    What runs when the file is a program: arguments, --check and --wait-started, the re-exec
 #    that frees the compile's memory, signals held from the first instruction, inherited sockets.
 # ==================================================================================================
@@ -8358,7 +8371,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 23. The demo: two stand-in services and what to try
+# 25. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -8465,7 +8478,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 24. Appendix: the TOML parser for Python < 3.11
+# 26. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -8809,7 +8822,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 25. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 27. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
