@@ -3585,8 +3585,8 @@ class Mirror:
         try:
             deadline = copy.start + copy.route.timeout
             try:
-                result = attempt(listener, cluster, self._policy, copy, body,
-                                 deadline, None, None)
+                result = attempt(listener.telemetry, cluster, self._policy, copy, body,
+                                 deadline, None, None, listener.config)
             except ProxyError:                   # no healthy endpoint, the deadline passed
                 return "failed"
             if isinstance(result.error, CircuitOpen):
@@ -3650,8 +3650,8 @@ def forward(listener, route, req, downstream):
     try:
         result = retry_loop(
             policy, route.retry_budget, deadline,
-            lambda previous: attempt(listener, admission.cluster, policy, req, body, deadline,
-                                     previous, admission.retrying),
+            lambda previous: attempt(listener.telemetry, admission.cluster, policy, req, body,
+                                     deadline, previous, admission.retrying, listener.config),
             admit_retry=admission.admit_retry,
             is_safe=lambda: req.replay_safe and body.replayable,
             on_backoff=admission.backing_off,
@@ -3819,11 +3819,12 @@ class Admission:
             self.holds_retry = False
 
 
-def attempt(listener, cluster, policy, req, body, deadline, previous, on_retry):
+def attempt(telemetry, cluster, policy, req, body, deadline, previous, on_retry, head_config):
     """Admission to one try and the balance: an endpoint (not the previous try's when there
     is another), the circuit breaker's ticket, the try, and the ticket back with the try's
     verdict -- taken and returned here only.  A retry let in is announced with
-    on_retry(previous).  -> TryResult (refused: no endpoint, or no ticket)."""
+    on_retry(previous).  head_config: the listener's record, for the upstream head (Host,
+    X-Forwarded-Proto).  -> TryResult (refused: no endpoint, or no ticket)."""
     avoid = previous.endpoint if previous is not None else None
     try:
         endpoint = cluster.pick_endpoint(avoid=avoid, req=req)
@@ -3834,14 +3835,15 @@ def attempt(listener, cluster, policy, req, body, deadline, previous, on_retry):
     ticket = cluster.breaker.allow()
     if ticket is None:
         if previous is not None:
-            listener.telemetry.rejected(cluster, CircuitOpen.reason)
+            telemetry.rejected(cluster, CircuitOpen.reason)
         return TryResult(CircuitOpen.reason, refused=True, error=CircuitOpen(
             "circuit breaker of cluster %s is open" % cluster.name))
     if previous is not None:
         on_retry(previous)
     verdict = None                               # for the breaker: None means "not a try"
     try:
-        result = try_once(listener, cluster, policy, req, body, endpoint, deadline)
+        result = try_once(telemetry, cluster, policy, req, body, endpoint, deadline,
+                          head_config)
         verdict = result.result == "ok"
         return result
     except UpstreamTimeout:                      # the deadline passed: a failed try
@@ -3872,7 +3874,7 @@ def upstream_head(req, body, endpoint, config):
     return b"".join(parts)
 
 
-def try_once(listener, cluster, policy, req, body, endpoint, deadline):
+def try_once(telemetry, cluster, policy, req, body, endpoint, deadline, head_config):
     """One try on one endpoint -> TryResult: ok or 5xx with the response and its connection
     (body unread), or a failed try's result with the ProxyError to answer it with.  The
     OutlierDetector observes every try here.
@@ -3891,7 +3893,7 @@ def try_once(listener, cluster, policy, req, body, endpoint, deadline):
             try:
                 conn = req.conn = endpoint.pool.acquire(deadline, fresh_only)
                 try_deadline = min(deadline, monotonic() + per_try) if per_try else deadline
-                resp = conn.exchange(upstream_head(req, body, endpoint, listener.config),
+                resp = conn.exchange(upstream_head(req, body, endpoint, head_config),
                                      body, try_deadline, req.route.timeout, req.method,
                                      req.upgrade is not None)
             except StaleConnection as e:
@@ -3903,34 +3905,34 @@ def try_once(listener, cluster, policy, req, body, endpoint, deadline):
                     if e.nothing_written:          # nothing left Ambassador: not a try
                         req.attempts -= 1
                     else:                          # sent and lost with the connection: a try,
-                        listener.telemetry.upstream_attempt(    # though not a retry (budget)
+                        telemetry.upstream_attempt(    # though not a retry (budget)
                             cluster, endpoint, UpstreamReset.result, 0)
                     continue
                 error = UpstreamReset(e.reason)
             except UpstreamTimeout as e:
                 if monotonic() >= deadline:
                     verdict = False
-                    listener.telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
+                    telemetry.upstream_attempt(cluster, endpoint, e.result, 0)
                     raise
                 error = UpstreamTimeout("no response within per_try_timeout (%gs)" % per_try)
             except TRY_FAILURES as e:
                 error = e
                 if isinstance(e, TlsError):
-                    listener.telemetry.tls_error("upstream", cluster.name, e.reason)
+                    telemetry.tls_error("upstream", cluster.name, e.reason)
             else:
                 result = "5xx" if resp.status >= 500 else "ok"
                 verdict = result == "ok"
-                listener.telemetry.upstream_attempt(cluster, endpoint, result, resp.status)
+                telemetry.upstream_attempt(cluster, endpoint, result, resp.status)
                 return TryResult(result, resp, conn, endpoint=endpoint)
             verdict = False
-            listener.telemetry.upstream_attempt(cluster, endpoint, error.result, 0)
-            listener.telemetry.debug("%s: try %d on %s: %s", listener.name, req.attempts,
-                                     endpoint.label.decode(), error)
+            telemetry.upstream_attempt(cluster, endpoint, error.result, 0)
+            telemetry.debug("cluster %s: try %d on %s: %s", cluster.name, req.attempts,
+                            endpoint.label.decode(), error)
             return TryResult(error.result, error=error, endpoint=endpoint)
     finally:
         cluster.outlier_detector.observe(endpoint, verdict, endpoint.end_request(verdict))
         if verdict is not None:
-            listener.telemetry.upstream_duration(cluster, monotonic() - started)
+            telemetry.upstream_duration(cluster, monotonic() - started)
 
 
 class SplicePipe:
