@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -716,3 +717,92 @@ def postgres_scram(tmp_path_factory, pki):
     pg = PostgresServer(tmp_path_factory.mktemp("postgres-scram"), pki, scram=True)
     yield pg
     pg.stop()
+
+
+# ------------------------------------------------------------------------------ shared helpers
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
+
+
+def parse_exposition(text):
+    """Prometheus text 0.0.4, strictly: -> {family: {"type", "help", "samples": {series: value}}}."""
+    families, current = {}, None
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in families, "family %s twice" % name
+            current = families[name] = {"help": line, "type": None, "samples": {}}
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert current is families.get(name) and not current["samples"], "TYPE after samples"
+            current["type"] = kind
+        else:
+            m = SAMPLE.match(line)
+            assert m, "bad sample line %r" % line
+            name, labels, value = m.group(1), m.group(3) or "", m.group(4)
+            base = re.sub(r"_(bucket|sum|count)$", "", name) if current["type"] == "histogram" \
+                else name
+            assert base in families and families[base] is current, "sample outside its family"
+            parsed = LABEL.findall(labels)
+            assert "".join('%s="%s"%s' % p for p in parsed) == labels, "bad labels %r" % labels
+            series = (name, tuple((k, v) for k, v, _ in parsed))
+            assert series not in current["samples"], "duplicate series %r" % (series,)
+            current["samples"][series] = float(value)
+    for name, f in families.items():
+        assert f["type"] in ("counter", "gauge", "histogram"), name
+        if f["type"] == "counter":
+            assert name.endswith("_total"), name
+        if f["type"] == "histogram":
+            check_histogram(name, f["samples"])
+    return families
+
+
+def check_histogram(name, samples):
+    by_labels = {}
+    for (sample, labels), value in samples.items():
+        key = tuple(l for l in labels if l[0] != "le")
+        by_labels.setdefault(key, []).append((sample, dict(labels).get("le"), value))
+    for key, rows in by_labels.items():
+        buckets = [(float(le), v) for s, le, v in rows if s.endswith("_bucket")]
+        assert buckets[-1][0] == float("inf"), "%s without +Inf" % name
+        assert [b[1] for b in buckets] == sorted(b[1] for b in buckets), "not cumulative"
+        count = [v for s, _, v in rows if s.endswith("_count")]
+        assert count == [buckets[-1][1]] and any(s.endswith("_sum") for s, _, _ in rows)
+
+
+def client_context(pki, cert_key=None, ca=None):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca or pki.ca_pem)
+    if cert_key:
+        ctx.load_cert_chain(*cert_key)
+    return ctx
+
+
+def tls_get(port, ctx, path="/", server_hostname="localhost"):
+    """One HTTPS request -> the raw reply bytes (b"" if the connection was refused or closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
+        with ctx.wrap_socket(plain, server_hostname=server_hostname) as s:
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode())
+            out = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ssl.SSLError:
+                    if out:       # 3.6/3.7 + OpenSSL 3: a close without close_notify
+                        return out
+                    raise
+                if not chunk:
+                    return out
+                out += chunk
+
+
+def callee_config(pki, app, tmp_path=None, **tls):
+    """Ambassador B, beside the callee: terminates mTLS, forwards plain HTTP to the app."""
+    config = base_config([app.address])
+    config["listeners"]["app"]["tls"] = dict({
+        "cert": pki.server[0], "key": pki.server[1], "ca": pki.ca_pem,
+        "require_client_cert": True, "allowed_sans": [SPIFFE + "order"],
+        "reload_interval": "100ms"}, **tls)
+    return config

@@ -10,59 +10,8 @@ import time
 
 import pytest
 
-from conftest import (ROOT, ambassador_command, base_config, free_port, metric, raw, request,
-                      wait_for)
-
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
-
-
-def parse_exposition(text):
-    """Prometheus text 0.0.4, strictly: -> {family: {"type", "help", "samples": {series: value}}}."""
-    families, current = {}, None
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name = line.split(" ")[2]
-            assert name not in families, "family %s twice" % name
-            current = families[name] = {"help": line, "type": None, "samples": {}}
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert current is families.get(name) and not current["samples"], "TYPE after samples"
-            current["type"] = kind
-        else:
-            m = SAMPLE.match(line)
-            assert m, "bad sample line %r" % line
-            name, labels, value = m.group(1), m.group(3) or "", m.group(4)
-            base = re.sub(r"_(bucket|sum|count)$", "", name) if current["type"] == "histogram" \
-                else name
-            assert base in families and families[base] is current, "sample outside its family"
-            parsed = LABEL.findall(labels)
-            assert "".join('%s="%s"%s' % p for p in parsed) == labels, "bad labels %r" % labels
-            series = (name, tuple((k, v) for k, v, _ in parsed))
-            assert series not in current["samples"], "duplicate series %r" % (series,)
-            current["samples"][series] = float(value)
-    for name, f in families.items():
-        assert f["type"] in ("counter", "gauge", "histogram"), name
-        if f["type"] == "counter":
-            assert name.endswith("_total"), name
-        if f["type"] == "histogram":
-            check_histogram(name, f["samples"])
-    return families
-
-
-def check_histogram(name, samples):
-    by_labels = {}
-    for (sample, labels), value in samples.items():
-        key = tuple(l for l in labels if l[0] != "le")
-        by_labels.setdefault(key, []).append((sample, dict(labels).get("le"), value))
-    for key, rows in by_labels.items():
-        buckets = [(float(le), v) for s, le, v in rows if s.endswith("_bucket")]
-        assert buckets[-1][0] == float("inf"), "%s without +Inf" % name
-        assert [b[1] for b in buckets] == sorted(b[1] for b in buckets), "not cumulative"
-        count = [v for s, _, v in rows if s.endswith("_count")]
-        assert count == [buckets[-1][1]] and any(s.endswith("_sum") for s, _, _ in rows)
-
+from conftest import (ROOT, ambassador_command, base_config, free_port, metric,
+                      parse_exposition, raw, request, wait_for)
 
 def test_metrics_exist_from_the_start_and_count_requests(ambassador, upstream):
     amb = ambassador([upstream.address])

@@ -15,8 +15,8 @@ import pytest
 
 import ambassador
 from ambassador import Dispatcher, DownstreamConnection
-from conftest import ambassador_command, base_config, metric, read_response, request, wait_for
-from test_tls import callee_config, client_context, tls_get
+from conftest import (ambassador_command, base_config, callee_config, client_context, metric,
+                      read_response, request, tls_get, wait_for)
 
 
 def threads_of(amb):

@@ -12,8 +12,7 @@ import time
 import pytest
 
 from conftest import (ROOT, Upstream, ambassador_command, base_config, free_port,
-                      request, respond, wait_for)
-from test_admin import parse_exposition
+                      parse_exposition, request, respond, wait_for)
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"

@@ -76,25 +76,16 @@ def test_connect_is_refused(ambassador, upstream):
     assert upstream.count() == 0
 
 
+# The head table is tests/test_wire.py's BAD_REQUESTS, in process; these prove the wiring
+# through a socket -- a reply, never forwarded, the connection closed -- and the limits only
+# the reader applies (max_header_bytes).
 MALFORMED = [
     ("both CL and TE", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
                        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-    ("invalid CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3x\r\n\r\nabc", 400),
-    ("negative CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -3\r\n\r\nabc", 400),
-    ("differing CLs", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
-                      b"Content-Length: 4\r\n\r\nabcd", 400),
-    ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n", 400),
-    ("space before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A : 1\r\n\r\n", 400),
     ("bare LF", b"GET / HTTP/1.1\r\nHost: a\nX-A: 1\r\n\r\n", 400),
-    ("no Host in 1.1", b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n", 400),
-    ("bad request line", b"GET /\r\nHost: a\r\n\r\n", 400),
-    ("unknown coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
     ("HTTP/2 preface version", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
-    ("relative target", b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     ("bad Expect", b"POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\nContent-Length: 1\r\n\r\nx",
      417),
-    ("too many headers", b"GET / HTTP/1.1\r\nHost: a\r\n"
-                         + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n", 431),
     ("head too large", b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 431),
     ("request line too long", b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
 ]

@@ -14,8 +14,8 @@ import time
 import pytest
 
 import ambassador as amb
-from conftest import (SPIFFE, ambassador_command, base_config, metric, raw, request, respond,
-                      toml_dump, wait_for)
+from conftest import (SPIFFE, ambassador_command, base_config, callee_config, client_context,
+                      metric, raw, request, respond, tls_get, toml_dump, wait_for)
 
 
 def echo_headers(req, sock):
@@ -29,42 +29,6 @@ def server_context(cert_key, ca=None, require=False):
         ctx.load_verify_locations(ca)
         ctx.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
     return ctx
-
-
-def client_context(pki, cert_key=None, ca=None):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(ca or pki.ca_pem)
-    if cert_key:
-        ctx.load_cert_chain(*cert_key)
-    return ctx
-
-
-def tls_get(port, ctx, path="/", server_hostname="localhost"):
-    """One HTTPS request -> the raw reply bytes (b"" if the connection was refused or closed)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
-        with ctx.wrap_socket(plain, server_hostname=server_hostname) as s:
-            s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode())
-            out = b""
-            while True:
-                try:
-                    chunk = s.recv(65536)
-                except ssl.SSLError:
-                    if out:       # 3.6/3.7 + OpenSSL 3: a close without close_notify
-                        return out
-                    raise
-                if not chunk:
-                    return out
-                out += chunk
-
-
-def callee_config(pki, app, tmp_path=None, **tls):
-    """Ambassador B, beside the callee: terminates mTLS, forwards plain HTTP to the app."""
-    config = base_config([app.address])
-    config["listeners"]["app"]["tls"] = dict({
-        "cert": pki.server[0], "key": pki.server[1], "ca": pki.ca_pem,
-        "require_client_cert": True, "allowed_sans": [SPIFFE + "order"],
-        "reload_interval": "100ms"}, **tls)
-    return config
 
 
 def caller_config(pki, port_b, **tls):

@@ -57,6 +57,17 @@ BAD_REQUESTS = [
     ("space in the method", b"G T / HTTP/1.1\r\nHost: a", 400),
     ("HTTP/2.0", b"GET / HTTP/2.0\r\nHost: a", 505),
     ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2", 400),
+    ("invalid CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3x", 400),
+    ("negative CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -3", 400),
+    ("differing CLs", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4",
+     400),
+    ("space before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A : 1", 400),
+    ("no Host in 1.1", b"GET / HTTP/1.1\r\nX-A: 1", 400),
+    ("bad request line", b"GET /\r\nHost: a", 400),
+    ("relative target", b"GET foo HTTP/1.1\r\nHost: a", 400),
+    ("bad Expect", b"POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\nContent-Length: 1", 417),
+    ("too many headers", b"GET / HTTP/1.1\r\nHost: a"
+                         + b"".join(b"\r\nX-%d: 1" % i for i in range(120)), 431),
 ]
 
 
