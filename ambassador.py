@@ -4672,7 +4672,8 @@ class TcpSession:
         """pump(), a generator too, for plaintext on both sides, where os.splice exists (Linux,
         3.10+): the kernel moves the bytes through one pipe per direction, never copied into
         Python.  The same rules: each pipe holds at most TCP_BUFFER_BYTES, FINs and resets are
-        passed on, and the same timeouts apply."""
+        passed on, and the same timeouts apply (the class docstring draws them).  Long for the
+        same reason as pump(): one generator whose locals are the state."""
         import fcntl
         c = self.timeouts
         telemetry, name = self.listener.telemetry, self.listener.name
