@@ -148,8 +148,9 @@ class WsClient:
         if self.status == 101:
             accept = base64.b64encode(hashlib.sha1(
                 key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-            assert b"sec-websocket-accept: " + accept in head.lower().replace(
-                accept.lower(), accept), head
+            fields = {k.strip().lower(): v.strip() for k, _, v in
+                      (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+            assert fields[b"sec-websocket-accept"] == accept, head
 
     def _until(self, sep):
         while sep not in self.buf:
