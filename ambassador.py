@@ -3712,7 +3712,11 @@ def start_tunnel(listener, req, resp, conn, downstream):
     parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade, b"\r\n\r\n")
     req.status = 101
     req.response_started = True
-    downstream.send(b"".join(parts))
+    try:
+        downstream.send(b"".join(parts))
+    except DownstreamGone:
+        conn.close()                          # the app left: the upstream's side goes too
+        raise
     telemetry = listener.telemetry
     if telemetry.tracer is not None and req.span is not None:
         telemetry.tracer.finish(req, listener)
