@@ -4564,22 +4564,26 @@ class TcpSession:
                 if eof and not sides[other[side]][1] and not sides[other[side]][3]:
                     # EOF from `side` and everything before it delivered: pass the FIN on
                     peer = sides[other[side]]
-                    if ssl_types and isinstance(peer[0], ssl_types):
+                    if other[side] == "down" and ssl_types and isinstance(peer[0], ssl_types):
+                        # The app of a TLS listener: TLS's half-close, a close_notify, what
+                        # its TLS library waits for (a bare FIN reads as a truncation).
                         taken = close_notify(peer[0], want)
                         if taken is None:
-                            self._reset(other[side], sock, "TLS close_notify failed")
+                            self._reset("down", sock, "TLS close_notify failed")
                             return
                         if taken:
-                            if other[side] == "up":
-                                self.bytes_down += len(taken)
-                            else:
-                                self.bytes_up += len(taken)
-                            telemetry.tcp_bytes(name, "to_downstream" if other[side] == "up"
-                                                else "to_upstream", len(taken))
+                            self.bytes_up += len(taken)
+                            telemetry.tcp_bytes(name, "to_upstream", len(taken))
                             out += taken
                     else:
+                        # An upstream, TLS or not, gets TCP's FIN, below our TLS layer:
+                        # socket.shutdown, not SSLSocket.shutdown(), which would drop that
+                        # layer and hand the rest of the stream to the reader as raw records.
+                        # Not a close_notify: that is data, which a server that already closed
+                        # answers with a reset (PostgreSQL after Terminate), and a Redis
+                        # reading it just after a command closes before its reply.
                         try:
-                            peer[0].shutdown(socket.SHUT_WR)
+                            socket.socket.shutdown(peer[0], socket.SHUT_WR)
                         except OSError:
                             pass
                     peer[3] = True
@@ -4881,9 +4885,10 @@ class UpgradedTunnel(TcpSession):
 
 
 def close_notify(sock, want):
-    """A FIN passed on to a TLS peer: its close_notify, the socket still reading (TLS 1.2 and
-    1.3 allow the half-close).  Not SSLSocket.shutdown(), which drops the TLS layer without a
-    word, so that the rest of the stream would reach the reader as raw TLS records.
+    """A FIN passed on to the app of a TLS listener: TLS's close_notify, the socket still
+    reading (TLS 1.2 and 1.3 allow the half-close).  Not SSLSocket.shutdown(), which drops the
+    TLS layer without a word, so that the rest of the stream would reach the reader as raw
+    TLS records.
 
     OpenSSL reads the peer's records while it sends close_notify (SSL_shutdown, twice in
     unwrap()) and fails on application data it finds: what is readable is taken first and
