@@ -343,12 +343,12 @@ def test_sticky_sessions_end_to_end(ambassador, upstream_factory):
     config["clusters"]["svc"].update({"lb_policy": "ring_hash", "hash_on": "cookie:session"})
     a = ambassador(config)
     homes = {}
-    for who in ("s1", "s2", "s3", "s4", "s5", "s6"):
+    for who in ["s%d" % i for i in range(12)]:     # 12: all on one of 3 has p = 3/3^12
         got = {json.loads(request(a.port(), headers={"Cookie": "session=%s" % who})[2])["upstream"]
-               for _ in range(10)}
+               for _ in range(5)}
         assert len(got) == 1, (who, got)
         homes[who] = got.pop()
-    assert len(set(homes.values())) >= 2
+    assert len(set(homes.values())) >= 2          # (6 sessions all landed on one in ~0.4%)
     anonymous = collections.Counter(json.loads(request(a.port())[2])["upstream"]
                                     for _ in range(9))
     assert sorted(anonymous.values()) == [3, 3, 3]
