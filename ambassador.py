@@ -2008,6 +2008,15 @@ def tls_problem(section, name, error):
     return "%s.%s.tls: cannot load: %s" % (section, name, error)
 
 
+def load_tls_source(tls, side, section, name, on_reload=None):
+    """One tls table's TlsContextSource, as start, reload and --check load it; ConfigError
+    with its key path (tls_problem) if it does not load."""
+    try:
+        return TlsContextSource(tls, side, name, on_reload)
+    except (OSError, ValueError) as e:
+        raise ConfigError([tls_problem(section, name, e)])
+
+
 def check_tls_material(config):
     """--check: every tls table's files loaded as a start or reload would, no network.
     ConfigError listing each one that fails, with its key path."""
@@ -2017,9 +2026,9 @@ def check_tls_material(config):
     for section, name, side, tls in owners:
         if tls is not None:
             try:
-                TlsContextSource(tls, side, name)
-            except (OSError, ValueError) as e:
-                problems.append(tls_problem(section, name, e))
+                load_tls_source(tls, side, section, name)
+            except ConfigError as e:
+                problems += e.problems
     if problems:
         raise ConfigError(problems)
 
@@ -7565,10 +7574,7 @@ class Ambassador:
             config = owner.config.tls
             if config is None:
                 continue
-            try:
-                owner.tls = TlsContextSource(config, side, name, t.tls_reloaded)
-            except (OSError, ValueError) as e:
-                raise ConfigError([tls_problem(section, name, e)])
+            owner.tls = load_tls_source(config, side, section, name, t.tls_reloaded)
             t.tls_sources.append(owner.tls)
 
     def bind(self):
@@ -7951,11 +7957,7 @@ class Reloader:
         return staged
 
     def _tls_source(self, config, side, section, name):
-        app = self.app
-        try:
-            return TlsContextSource(config, side, name, app.telemetry.tls_reloaded)
-        except (OSError, ValueError) as e:
-            raise ConfigError([tls_problem(section, name, e)])
+        return load_tls_source(config, side, section, name, self.app.telemetry.tls_reloaded)
 
     def _apply(self, config, staged):
         """Put a staged config in place.  Nothing here may fail."""
