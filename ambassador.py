@@ -44,7 +44,7 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
 
-Who waits where, and which thread owns a connection (the connection core, sections 9 and 10):
+Who waits where, and which thread owns a connection (the connection core, sections 10 and 11):
 
     accept thread         one per listener: accept(), count against max_connections (past
     (listener:NAME)       it: a 503 written at once), register the connection in the epoll
@@ -85,21 +85,23 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       15 Upstream connections and pools
-     2 Constants and defaults          16 Endpoints, balancers, DNS, Cluster
-     3 Errors and outcomes             17 Resilience: retries, budget, breaker, limits,
+     1 Imports and compatibility       16 Upstream connections and pools
+     2 Constants and defaults          17 Endpoints, balancers, DNS, Cluster
+     3 Errors and outcomes             18 Resilience: retries, budget, breaker, limits,
      4 Foundations                        outlier detection, health checks
-     5 Configuration: records, kinds   18 Telemetry: metrics, access log
-     6 Configuration: schema, loading  19 Telemetry: tracing
-     7 HTTP/1.1 wire format            20 Telemetry: the sink the data path calls
-     8 TLS                             21 Admin and probes
-     9 Downstream: listeners, where    22 Process: bind, serve, drain, live upgrade
-       connections wait (Dispatcher)   23 Reload by difference (Reloader)
-    10 Downstream connections          24 The command line: main(), signals, re-exec
-    11 Routing and traffic policy      25 The demo
-    12 Request stack                   26 Appendix: TOML parser for Python < 3.11
-    13 TCP relay: connect, pump        27 Appendix: linear-time regular expressions
-    14 Tunnels (WebSocket), RelayLoop
+     5 Configuration: records, kinds   19 Telemetry: metrics, access log
+     6 Configuration: schema, loading  20 Telemetry: tracing
+     7 HTTP/1.1 wire format            21 Telemetry: the sink the data path calls
+     8 TLS                             22 Admin and probes
+     9 Certificates: obtained and      23 Process: bind, serve, drain, live upgrade
+       renewed (Vault, ACME)           24 Reload by difference (Reloader)
+    10 Downstream: listeners, where    25 The command line: main(), signals, re-exec
+       connections wait (Dispatcher)   26 The demo
+    11 Downstream connections          27 Appendix: TOML parser for Python < 3.11
+    12 Routing and traffic policy      28 Appendix: linear-time regular expressions
+    13 Request stack                   29 Appendix: certificate crypto (P-256, ECDSA,
+    14 TCP relay: connect, pump           DER, CSR, JWS)
+    15 Tunnels (WebSocket), RelayLoop
 """
 
 # ==================================================================================================
@@ -122,6 +124,7 @@ if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):   # POSIX only
 import argparse
 import bisect
 import collections
+import contextlib
 import difflib
 import errno
 import http
@@ -219,6 +222,15 @@ DEFAULT_OD_MAX_EJECTION_S = 300.0
 DEFAULT_OD_MAX_EJECTION_PERCENT = 10.0
 MAX_ENDPOINT_WEIGHT = 128
 DEFAULT_TLS_RELOAD_INTERVAL_S = 5.0
+# Certificates Ambassador obtains (section 9): renewed when this much of the lifetime is left
+# (Istio's default rotation point, a third), a failure retried with backoff at most
+# CERT_RETRY_MAX_S apart, each call to the CA bounded by CERT_ISSUER_TIMEOUT_S.
+DEFAULT_RENEW_BEFORE = "33%"
+CERT_RENEW_JITTER = 0.1                        # +-10% of the time to the renewal point
+CERT_RETRY_MIN_S = 1.0
+CERT_RETRY_MAX_S = 300.0
+CERT_ISSUER_TIMEOUT_S = 10.0
+CERT_ACME_ORDER_TIMEOUT_S = 90.0               # an order's validations and finalization
 # Tracing: OTLP/HTTP JSON export, batched by one thread.
 SPAN_BATCH_SIZE = 512
 SPAN_EXPORT_INTERVAL_S = 1.0
@@ -280,7 +292,7 @@ _BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
 # RFC 9110 5.5: a field value holds no control byte but HTAB.  The same for a chunk-size line,
 # a trailer, and a request head with its CRLFs made HTABs: no bare CR or LF either.
 _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-# What an app may ask of a route's fault table with header_control (section 11): the only
+# What an app may ask of a route's fault table with header_control (section 12): the only
 # x-ambassador-* request headers read; every other one from the app is dropped.
 _FAULT_HEADERS = frozenset([b"x-ambassador-fault-delay", b"x-ambassador-fault-abort"])
 # Every x-ambassador-* header Ambassador sends or reads: from the app, each is dropped.
@@ -573,13 +585,16 @@ class CircuitBreakerConfig(NamedTuple):
 
 
 class DownstreamTlsConfig(NamedTuple):
-    cert: str
-    key: str
+    cert: Optional[str] = None           # cert and key files, or `certificate`
+    key: Optional[str] = None
     ca: Optional[str] = None             # to verify client certificates
     require_client_cert: bool = False
     allowed_sans: Tuple[str, ...] = ()   # the client certificate must carry one of these
     min_version: str = "1.2"
     reload_interval: float = DEFAULT_TLS_RELOAD_INTERVAL_S
+    certificate: Optional[str] = None    # a [certificates.NAME] Ambassador obtains, not files
+    trust: Optional[str] = None          # that certificate's issuer CA chain, beside (or for) ca
+    crl: Optional[str] = None            # "issuer" (fetched) or a CRL file: revoked peers refused
 
 
 class UpstreamTlsConfig(NamedTuple):
@@ -592,6 +607,48 @@ class UpstreamTlsConfig(NamedTuple):
     match_san: Tuple[str, ...] = ()      # the server certificate must carry one of these
     reload_interval: float = DEFAULT_TLS_RELOAD_INTERVAL_S
     starttls: Optional[str] = None       # "postgres": SSLRequest first, then the handshake
+    certificate: Optional[str] = None    # the client certificate from [certificates.NAME]
+    trust: Optional[str] = None          # verify the server with that certificate's issuer
+    crl: Optional[str] = None            # "issuer" or a CRL file: a revoked server refused
+
+
+class VaultIssuerConfig(NamedTuple):
+    """[certificates.NAME.vault]: OpenBao's or HashiCorp Vault's PKI secrets engine."""
+    address: str                         # https://vault.internal:8200
+    role: str                            # the PKI role that signs (or issues)
+    ca: Optional[str] = None             # the CA of Vault's own listener; None: the system store
+    mount: str = "pki"
+    mode: str = "sign"                   # sign: key made here, CSR sent; issue: Vault makes it
+    auth: str = "token"                  # token | approle | jwt | kubernetes
+    token_file: Optional[str] = None     # auth = "token"
+    role_id_file: Optional[str] = None   # auth = "approle"
+    secret_id_file: Optional[str] = None
+    jwt_file: Optional[str] = None       # auth = "jwt" | "kubernetes": a (service-account) JWT
+    login_role: Optional[str] = None
+    auth_mount: Optional[str] = None     # None: the method's name (approle, jwt, kubernetes)
+
+
+class AcmeIssuerConfig(NamedTuple):
+    """[certificates.NAME.acme]: an ACME server (RFC 8555): step-ca, an internal CA, ..."""
+    directory: str                       # the directory URL
+    ca: Optional[str] = None             # the CA of the ACME server's listener
+    contact: Tuple[str, ...] = ()        # "mailto:ops@example.com"
+    challenge: str = "http-01"           # or "tls-alpn-01"
+    challenge_listen: Optional[Tuple[str, int]] = None   # None: 127.0.0.1:80 (tls-alpn-01: 443)
+    eab_kid: Optional[str] = None        # External Account Binding, when the CA asks for it
+    eab_hmac_key_file: Optional[str] = None
+
+
+class CertificateConfig(NamedTuple):
+    """[certificates.NAME]: one certificate Ambassador obtains and keeps fresh (section 9)."""
+    name: str
+    issuer: str                          # "vault" or "acme": which sub-table says how
+    common_name: Optional[str] = None
+    sans: Tuple[str, ...] = ()           # DNS names, IPs, URIs (spiffe://...)
+    renew_before: str = DEFAULT_RENEW_BEFORE   # "33%" of the lifetime, or a duration left
+    state_dir: Optional[str] = None      # keeps cert and key (0600) across restarts
+    vault: Optional[VaultIssuerConfig] = None
+    acme: Optional[AcmeIssuerConfig] = None
 
 
 class HeaderRules(NamedTuple):
@@ -745,6 +802,7 @@ class Config(NamedTuple):
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     tracing: Optional[TracingConfig] = None
+    certificates: dict = {}              # name -> CertificateConfig (never mutated)
 
 
 class SubKeyError(ValueError):
@@ -968,7 +1026,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 27) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 28) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -1053,6 +1111,32 @@ def _kind_strings(value):
     return tuple(value)
 
 
+def _kind_renew_before(value):
+    """"33%" of a certificate's lifetime, or a duration left ("12h"): kept as written."""
+    if isinstance(value, str) and value.endswith("%"):
+        number = value[:-1]
+        if number.replace(".", "", 1).isdigit() and 0 < float(number) < 100:
+            return value
+        raise ValueError("expected a share of the lifetime like \"33%%\", or a duration like "
+                         "\"12h\", got %s" % show(value))
+    _kind_interval(value)
+    return value
+
+
+def _kind_sans(value):
+    """Subject alternative names: DNS names, IP addresses, URIs (spiffe://...)."""
+    names = _kind_strings(value)
+    for name in names:
+        if any(c in name for c in " \r\n\t,"):
+            raise ValueError("a name with a space or comma: %s" % show(name))
+    return names
+
+
+def _kind_contact(value):
+    """ACME contact: one "mailto:..." or an array of them."""
+    return _kind_strings([value] if isinstance(value, str) else value)
+
+
 def _kind_path(value):
     if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
         raise ValueError("expected a path like \"/health\", got %s" % show(value))
@@ -1121,12 +1205,27 @@ _CIRCUIT_BREAKER_KEYS = {
     "failure_threshold": _kind_int(1), "open_timeout": _kind_timeout,
     "half_open_max_requests": _kind_int(1), "failure_percent": _kind_number(1, 100),
     "window": _kind_interval}
-_TLS_COMMON = {"min_version": _kind_one_of("1.2", "1.3"), "reload_interval": _kind_interval}
+_TLS_COMMON = {"min_version": _kind_one_of("1.2", "1.3"), "reload_interval": _kind_interval,
+               "certificate": _kind_string, "trust": _kind_string, "crl": _kind_string}
 _DOWNSTREAM_TLS_KEYS = dict(_TLS_COMMON, cert=_kind_file, key=_kind_file, ca=_kind_file,
                             require_client_cert=_kind_bool, allowed_sans=_kind_strings)
 _UPSTREAM_TLS_KEYS = dict(_TLS_COMMON, ca=_kind_file, cert=_kind_file, key=_kind_file,
                           server_name=_kind_string, verify=_kind_bool, match_san=_kind_strings,
                           starttls=_kind_one_of("postgres"))
+_VAULT_KEYS = {"address": _kind_url, "role": _kind_string, "ca": _kind_file,
+               "mount": _kind_string, "mode": _kind_one_of("sign", "issue"),
+               "auth": _kind_one_of("token", "approle", "jwt", "kubernetes"),
+               "token_file": _kind_file, "role_id_file": _kind_file, "secret_id_file": _kind_file,
+               "jwt_file": _kind_file, "login_role": _kind_string, "auth_mount": _kind_string}
+_ACME_KEYS = {"directory": _kind_url, "ca": _kind_file, "contact": _kind_contact,
+              "challenge": _kind_one_of("http-01", "tls-alpn-01"),
+              "challenge_listen": _kind_listen, "eab_kid": _kind_string,
+              "eab_hmac_key_file": _kind_file}
+_CERTIFICATE_KEYS = {"issuer": _kind_one_of("vault", "acme"), "common_name": _kind_string,
+                     "sans": _kind_sans, "renew_before": _kind_renew_before,
+                     "state_dir": _kind_string}
+_CERTIFICATE_TABLES = {"vault": (_VAULT_KEYS, VaultIssuerConfig),
+                       "acme": (_ACME_KEYS, AcmeIssuerConfig)}
 _UPGRADE_KEYS = {"protocols": _kind_upgrade_protocols, "idle_timeout": _kind_interval,
                  "max_duration": _kind_idle}
 _FAULT_KEYS = {"delay": _kind_delay, "delay_percent": _kind_number(0, 100),
@@ -1165,7 +1264,7 @@ _ROUTE_TABLES = dict(_TRAFFIC_TABLES, **{
     "response_headers": (_HEADER_RULE_KEYS, HeaderRules)})
 _TRACING_KEYS = {"otlp_endpoint": _kind_url, "service_name": _kind_string,
                  "sample_ratio": _kind_number(0, 1), "headers": _kind_headers}
-_TOP_KEYS = ("admin", "log", "shutdown", "tracing", "listeners", "clusters")
+_TOP_KEYS = ("admin", "log", "shutdown", "tracing", "certificates", "listeners", "clusters")
 
 
 def default_of(record, key):
@@ -1245,6 +1344,7 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
         if "otlp_endpoint" in values:
             tracing = TracingConfig(**values)
 
+    certificates = _parse_certificates(v, raw.get("certificates", {}))
     clusters = {}
     raw_clusters = raw.get("clusters", {})
     if not isinstance(raw_clusters, dict):
@@ -1256,6 +1356,7 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
         tls = values.get("tls")
         if tls and (tls.cert is None) != (tls.key is None):
             v.problem("clusters.%s.tls" % name, "cert and key go together")
+        _check_tls_refs(v, "clusters.%s.tls" % name, tls, certificates)
         if (values.get("lb_policy") == "ring_hash") != (values.get("hash_on") is not None):
             v.problem("clusters.%s.hash_on" % name, "goes with lb_policy = \"ring_hash\", and "
                       "ring_hash needs it (\"header:x-user-id\", \"cookie:session\", ...)")
@@ -1280,6 +1381,13 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
             v.problem("admin.probe_listen", "port %d is already used by admin.listen"
                       % admin.probe_listen[1])
         ports[admin.probe_listen[1]] = "admin.probe_listen"
+    for name, c in certificates.items():
+        if c.acme is not None:
+            port = acme_challenge_address(c.acme)[1]
+            if port in ports:
+                v.problem("certificates.%s.acme.challenge_listen" % name,
+                          "port %d is already used by %s" % (port, ports[port]))
+            ports[port] = "certificates.%s.acme.challenge_listen" % name
     if shutdown.min_drain > shutdown.drain_timeout:
         v.problem("shutdown.min_drain", "must be <= drain_timeout (%gs)" % shutdown.drain_timeout)
     for name, table in raw_listeners.items():
@@ -1293,8 +1401,10 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
         _check_traffic(v, where, values, raw_clusters)
         _check_protocol(v, where, table if isinstance(table, dict) else {}, raw_routes, values)
         tls = values.get("tls")
-        if tls and (tls.require_client_cert or tls.allowed_sans) and not tls.ca:
-            v.problem(where + ".tls.ca", "required to verify client certificates")
+        if tls and (tls.require_client_cert or tls.allowed_sans or tls.crl) and \
+                not (tls.ca or tls.trust):
+            v.problem(where + ".tls.ca", "required to verify client certificates (or trust)")
+        _check_tls_refs(v, where + ".tls", tls, certificates)
         retry = values.get("retry")
         if retry and retry.backoff_max < retry.backoff_base:
             v.problem(where + ".retry.backoff_max", "must be >= backoff_base")
@@ -1312,6 +1422,7 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
     if v.problems:
         raise ConfigError(v.problems)
     return Config(path=path, listeners=tuple(listeners), clusters=clusters, admin=admin, log=log,
+                  certificates=certificates,
                   shutdown=shutdown, tracing=tracing)
 
 
@@ -1332,6 +1443,77 @@ def protocol_only_keys(protocol):
             protocol]
     keys += [k for k, spec in _LISTENER_TABLES.items() if spec[2:] == (protocol,)]
     return keys + (["routes"] if protocol == "http" else [])
+
+
+def _parse_certificates(v, raw):
+    """[certificates.NAME] tables -> {name: CertificateConfig}, each checked whole: its issuer's
+    table present, the auth it names with the files that auth needs, names ACME can validate."""
+    out = {}
+    if not isinstance(raw, dict):
+        v.problem("certificates", "expected a table of certificates, got %s" % show(raw))
+        return out
+    for name, table in raw.items():
+        where = "certificates.%s" % name
+        values = v.table(where, table, CertificateConfig, _CERTIFICATE_KEYS, _CERTIFICATE_TABLES)
+        issuer = values.get("issuer")
+        if issuer and values.get(issuer) is None and isinstance(table, dict) \
+                and issuer not in table:
+            v.problem("%s.%s" % (where, issuer), "required by issuer = \"%s\"" % issuer)
+        for other in ("vault", "acme"):
+            if other != issuer and isinstance(table, dict) and other in table:
+                v.problem("%s.%s" % (where, other), "issuer is %s: this table is not used"
+                          % json.dumps(issuer))
+        if not values.get("common_name") and not values.get("sans"):
+            v.problem(where + ".sans", "a certificate needs names: sans, or common_name")
+        vault, acme = values.get("vault"), values.get("acme")
+        if vault is not None:
+            needs = {"token": ("token_file",), "approle": ("role_id_file", "secret_id_file"),
+                     "jwt": ("jwt_file", "login_role"),
+                     "kubernetes": ("jwt_file", "login_role")}[vault.auth]
+            for key in needs:
+                if getattr(vault, key) is None:
+                    v.problem("%s.vault.%s" % (where, key), "required by auth = \"%s\""
+                              % vault.auth)
+        if acme is not None:
+            uris = [n for n in values.get("sans", ()) if san_kind(n) == "URI"]
+            if uris:
+                v.problem(where + ".sans", "ACME validates DNS names and IP addresses only, "
+                          "not %s: use issuer = \"vault\" for SPIFFE IDs" % uris[0])
+            if (acme.eab_kid is None) != (acme.eab_hmac_key_file is None):
+                v.problem(where + ".acme.eab_kid", "eab_kid and eab_hmac_key_file go together")
+        if issuer and (vault if issuer == "vault" else acme) is not None \
+                and (values.get("common_name") or values.get("sans")):
+            out[name] = CertificateConfig(name=name, **values)
+    return out
+
+
+def _check_tls_refs(v, where, tls, certificates):
+    """A tls table's certificate, trust and crl: names of [certificates] tables, and the pair
+    of files or the certificate, not both."""
+    if tls is None:
+        return
+    for key in ("certificate", "trust"):
+        ref = getattr(tls, key)
+        if ref is not None and ref not in certificates:
+            v.problem("%s.%s" % (where, key), "no certificate named %s ([certificates.%s]; "
+                      "certificates: %s)" % (json.dumps(ref), ref,
+                                             ", ".join(sorted(certificates)) or "none"))
+    if tls.certificate is not None and (tls.cert or tls.key):
+        v.problem(where + ".certificate", "either certificate or cert and key, not both")
+    if isinstance(tls, DownstreamTlsConfig) and tls.certificate is None:
+        for key in ("cert", "key"):
+            if getattr(tls, key) is None:
+                v.problem("%s.%s" % (where, key), "required key is missing: a listener's TLS "
+                          "needs cert and key files, or certificate = \"<a [certificates] "
+                          "table's name>\"")
+    if tls.crl == "issuer":
+        ref = tls.trust or tls.certificate
+        if ref is None or (ref in certificates and certificates[ref].issuer != "vault"):
+            v.problem(where + ".crl", "\"issuer\" fetches the CRL of the Vault/OpenBao issuer "
+                      "that trust (or certificate) names; give a CRL file instead")
+    elif tls.crl is not None and not os.path.isfile(tls.crl):
+        v.problem(where + ".crl", "expected \"issuer\" or a CRL file; no such file: %s"
+                  % tls.crl)
 
 
 def _check_protocol(v, where, raw, raw_routes, values):
@@ -2008,11 +2190,12 @@ def tls_problem(section, name, error):
     return "%s.%s.tls: cannot load: %s" % (section, name, error)
 
 
-def load_tls_source(tls, side, section, name, on_reload=None):
+def load_tls_source(tls, side, section, name, on_reload=None, certificates=None):
     """One tls table's TlsContextSource, as start, reload and --check load it; ConfigError
-    with its key path (tls_problem) if it does not load."""
+    with its key path (tls_problem) if it does not load.  certificates: name ->
+    ManagedCertificate, for the tables that name one (--check: none, no material yet)."""
     try:
-        return TlsContextSource(tls, side, name, on_reload)
+        return TlsContextSource(tls, side, name, on_reload, certificates)
     except (OSError, ValueError) as e:
         raise ConfigError([tls_problem(section, name, e)])
 
@@ -2043,18 +2226,33 @@ class TlsContextSource:
     does not match its certificate).  `context` is replaced whole: new connections use the new
     one, open connections finish on the old.  Thread-safe.
 
+    A table may name a [certificates] table instead of files (certificate, trust; section 9):
+    its ManagedCertificate calls rebuild() with each new certificate.  crl = "issuer" fetches
+    that issuer's CRL each reload_interval; a CRL file is watched like the others.  Until a
+    named certificate or CRL first arrives, `missing` says so (/ready) and handshakes fail.
+
     ssl is imported here, not at the top: it costs ~5 MB of memory that a sidecar without TLS
     should not pay."""
 
-    def __init__(self, config, side, name, on_reload=None):
+    def __init__(self, config, side, name, on_reload=None, certificates=None):
         import ssl
         self.ssl = ssl
         self.config, self.side, self.name = config, side, name
         self._on_reload = on_reload              # (path, "ok" | "error") -> None
         self.paths = [p for p in (config.cert, config.key, config.ca) if p]
+        if config.crl and config.crl != "issuer":
+            self.paths.append(config.crl)
+        certificates = certificates or {}
+        self.certificate = certificates.get(config.certificate)   # ManagedCertificates, or None
+        self.trust = certificates.get(config.trust)
+        self.crl_text = None                     # crl = "issuer": the one loaded
+        self.missing = []                        # what a named source has not yet given
+        self._build_lock = threading.Lock()      # one rebuild at a time (renewer, check())
         self._stamps = self._stat()
         self.context = self._build()
         self.own_uri = self._own_uri()
+        for managed in {self.certificate, self.trust} - {None}:
+            managed.subscribe(self)
 
     def _stat(self):
         stamps = {}
@@ -2068,11 +2266,12 @@ class TlsContextSource:
 
     def _build(self):
         ssl, c = self.ssl, self.config
+        missing = []
         if self.side == "downstream":
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._load_pair(ctx)
-            if c.ca:
-                self._load_ca(ctx)
+            self._load_pair(ctx, missing)
+            if c.ca or c.trust:
+                self._load_ca(ctx, missing)
                 ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else \
                     ssl.CERT_OPTIONAL
         else:
@@ -2080,12 +2279,15 @@ class TlsContextSource:
             if not c.verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            elif c.ca:
-                self._load_ca(ctx)
+            elif c.ca or c.trust:
+                self._load_ca(ctx, missing)
             else:
                 ctx.load_default_certs()
-            if c.cert:
-                self._load_pair(ctx)
+            if c.cert or c.certificate:
+                self._load_pair(ctx, missing)
+        if c.crl:
+            self._load_crl(ctx, missing)
+        self.missing = missing
         if hasattr(ssl, "TLSVersion"):
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if c.min_version == "1.3" \
                 else ssl.TLSVersion.TLSv1_2
@@ -2095,10 +2297,19 @@ class TlsContextSource:
                 ctx.options |= ssl.OP_NO_TLSv1_2
         return ctx
 
-    def _load_pair(self, ctx):
+    def _load_pair(self, ctx, missing):
         """cert and key into ctx, or TlsMaterialError naming which of the two is wrong and why,
-        with its file: OpenSSL's own words name neither."""
+        with its file: OpenSSL's own words name neither.  A named certificate: its material,
+        checked when it was taken (section 9)."""
         c, errors = self.config, (OSError, ValueError, self.ssl.SSLError)
+        if c.certificate is not None:
+            material = self.certificate.material if self.certificate else None
+            if material is None:
+                missing.append("certificate %s not yet obtained" % c.certificate)
+                return
+            with pem_files(material.cert_pem, material.key_pem) as (cert, key):
+                ctx.load_cert_chain(cert, key)
+            return
         try:
             ctx.load_cert_chain(c.cert, c.key)
             return
@@ -2114,17 +2325,62 @@ class TlsContextSource:
         raise TlsMaterialError("key", "%s is not a PEM private key, or is encrypted (%s)"
                                % (c.key, text))
 
-    def _load_ca(self, ctx):
+    def _load_ca(self, ctx, missing):
+        if self.config.trust is not None:
+            material = self.trust.material if self.trust else None
+            if material is None:
+                missing.append("trust %s not yet obtained" % self.config.trust)
+            else:
+                ctx.load_verify_locations(cadata=material.ca_pem)
+                ctx.verify_flags |= VERIFY_PARTIAL_CHAIN     # an ACME chain has no root
+        if not self.config.ca:
+            return
         try:
             ctx.load_verify_locations(self.config.ca)
         except (OSError, ValueError, self.ssl.SSLError) as e:
             raise TlsMaterialError("ca", "%s is not a file of PEM CA certificates (%s)"
                                    % (self.config.ca, e))
 
+    def _load_crl(self, ctx, missing):
+        """Revocation checked on every handshake (the peer's certificate, the leaf).  Without
+        a CRL yet every peer fails: revoked ones must not slip in while it is fetched."""
+        ctx.verify_flags |= self.ssl.VERIFY_CRL_CHECK_LEAF
+        if self.config.crl != "issuer":
+            try:
+                ctx.load_verify_locations(self.config.crl)
+            except (OSError, ValueError, self.ssl.SSLError) as e:
+                raise TlsMaterialError("crl", "%s is not a PEM CRL file (%s)"
+                                       % (self.config.crl, e))
+            return
+        if self.crl_text is None:
+            missing.append("crl of %s not yet fetched" % (self.config.trust or
+                                                          self.config.certificate))
+            return
+        with pem_files(self.crl_text) as (path,):
+            ctx.load_verify_locations(path)
+
+    def rebuild(self, why):
+        """New material from a named certificate or CRL: a new context, or (if it does not
+        load) one logged error and the previous context stays."""
+        with self._build_lock:
+            try:
+                self.context = self._build()
+            except (OSError, ValueError, self.ssl.SSLError) as e:
+                logging.getLogger("ambassador").error(
+                    "%s %s: new TLS material (%s) refused, keeping the previous: %s",
+                    self.side, self.name, why, e)
+                return False
+            self.own_uri = self._own_uri()
+        return True
+
     def _own_uri(self):
         """The first URI SAN of our own certificate (for x-forwarded-client-cert By=)."""
         if self.side != "downstream":
             return None
+        if self.certificate is not None:
+            material = self.certificate.material
+            uris = [n for n in (material.sans if material else ()) if san_kind(n) == "URI"]
+            return uris[0] if uris else None
         info = self.certificate_info(self.config.cert)
         uris = [v for k, v in (info or {}).get("subjectAltName", ()) if k == "URI"]
         return uris[0] if uris else None
@@ -2147,14 +2403,22 @@ class TlsContextSource:
         return out
 
     def check(self):
-        """Reload if a file changed.  -> True when new material was taken into use."""
+        """Reload if a file changed (or the issuer's CRL).  -> True when new material was taken
+        into use."""
+        managed = self.trust or self.certificate
+        if self.config.crl == "issuer" and managed is not None:
+            text = managed.crl(max_age=self.config.reload_interval * 0.9)
+            if text is not None and text != self.crl_text:
+                self.crl_text = text
+                return self.rebuild("CRL of %s" % managed.name)
         stamps = self._stat()
         if stamps == self._stamps:
             return False
         changed = [p for p in self.paths if stamps.get(p) != self._stamps.get(p)]
         self._stamps = stamps               # a broken file is reported once, not every check
         try:
-            self.context = self._build()
+            with self._build_lock:
+                self.context = self._build()
         except (OSError, ValueError, self.ssl.SSLError) as e:
             logging.getLogger("ambassador").error(
                 "%s %s: new TLS material refused, keeping the previous: %s",
@@ -2173,6 +2437,8 @@ class TlsContextSource:
             self._on_reload(path, result)
 
     def run(self, stop):
+        if self.config.crl == "issuer":
+            self.check()                    # the first CRL now, not a reload_interval later
         while not stop.wait(self.config.reload_interval):
             self.check()
 
@@ -2190,6 +2456,8 @@ class TlsContextSource:
                                ("certificate required", "no_client_cert"),
                                ("peer did not return a certificate", "no_client_cert"),
                                ("unknown_ca", "unknown_ca"), ("bad certificate", "bad_certificate"),
+                               ("revoked", "revoked"), ("unable to get certificate crl",
+                                                        "crl_missing"),
                                ("certificate verify failed", "verify_failed")):
             if needle in text:
                 return reason
@@ -2293,7 +2561,771 @@ def handshake_failed(sock, listener, error):
 
 
 # ==================================================================================================
-# 9. Downstream: listeners, and where connections wait
+# 9. Certificates: obtained and renewed
+#    [certificates.NAME]: a key made here (or by the CA), a certificate from OpenBao's or Vault's
+#    PKI or from an ACME server, checked, kept fresh and handed to the TLS contexts that name it;
+#    the issuer's CRL fetched for them.  Section 29 holds the crypto; every call here is bounded.
+# ==================================================================================================
+
+class IssuerError(Exception):
+    """A CA gave no usable certificate (or CRL).  `reason` is a short word for the log and
+    the metrics: unreachable, denied, refused, challenge_failed, bad_response, invalid."""
+
+    def __init__(self, reason, message):
+        Exception.__init__(self, message)
+        self.reason = reason
+
+
+class Material(NamedTuple):
+    """One certificate with its key, as served, and what /certs and the renewer read off it."""
+    cert_pem: str             # the leaf, then the chain the CA sent
+    key_pem: str
+    ca_pem: str               # the issuer's CA certificates: what `trust = NAME` trusts
+    not_before: float
+    not_after: float
+    serial: str
+    subject: str
+    sans: Tuple[str, ...]
+    issuer: str
+    source: str               # "vault <address>", "acme <directory>", "state_dir <path>"
+
+
+@contextlib.contextmanager
+def pem_files(*texts):
+    """PEM texts as paths that ssl opens (load_cert_chain and load_verify_locations take paths
+    only).  On Linux each is a pipe read through /dev/fd/N, so that a key never touches a disk;
+    elsewhere (or past a pipe's 64 KiB) a 0600 temporary file, removed on leaving."""
+    fds, temporary, paths = [], [], []
+    try:
+        for text in texts:
+            data = text.encode()
+            if os.path.isdir("/dev/fd") and sys.platform.startswith("linux") and \
+                    len(data) < 60000:
+                r, w = os.pipe()
+                fds.append(r)
+                try:
+                    os.write(w, data)
+                finally:
+                    os.close(w)
+                paths.append("/dev/fd/%d" % r)
+            else:
+                import tempfile
+                fd, path = tempfile.mkstemp(suffix=".pem")
+                temporary.append(path)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                paths.append(path)
+        yield paths
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for path in temporary:
+            os.unlink(path)
+
+
+def decode_certificate(cert_pem):
+    """The first certificate of PEM text as ssl decodes a peer's (subject, issuer,
+    subjectAltName, notBefore, notAfter, serialNumber).  ValueError if it is none."""
+    import ssl
+    decode = getattr(ssl._ssl, "_test_decode_cert")   # the stdlib's only decoder, 3.6-3.13
+    first = pem_blocks(cert_pem, "CERTIFICATE")
+    if not first:
+        raise ValueError("no PEM certificate")
+    with pem_files(pem("CERTIFICATE", first[0])) as (path,):
+        try:
+            return decode(path)
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError("not a certificate: %s" % e)
+
+
+def utc_text(unix):
+    """Unix seconds -> "2026-12-07T06:28:14Z"."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+def normal_san(name):
+    """A name as compared: IP addresses in their compressed form, DNS names lower-case."""
+    import ipaddress
+    kind = san_kind(name.strip())
+    if kind == "IP":
+        return ipaddress.ip_address(name.strip()).compressed
+    return name.strip().lower() if kind == "DNS" else name.strip()
+
+
+def material_of(cert_pem, key_pem, ca_pem, source):
+    """PEM texts -> Material, read off the leaf.  ValueError if the leaf does not decode."""
+    import ssl
+    info = decode_certificate(cert_pem)
+    first = lambda rdns: ", ".join("%s=%s" % (k, v) for rdn in rdns for k, v in rdn)  # noqa
+    return Material(cert_pem, key_pem, ca_pem,
+                    float(ssl.cert_time_to_seconds(info["notBefore"])),
+                    float(ssl.cert_time_to_seconds(info["notAfter"])),
+                    info.get("serialNumber", ""), first(info.get("subject", ())),
+                    tuple(normal_san(v) for _, v in info.get("subjectAltName", ())),
+                    first(info.get("issuer", ())), source)
+
+
+def check_material(material, config, now=None):
+    """A certificate is taken into use only if it is valid now, names exactly what was asked
+    (sans, and common_name, which CAs also put among the SANs), its key matches it and its
+    chain verifies up to the CA certificates that came with it.  IssuerError("invalid") says
+    what is wrong; the certificate serving stays."""
+    import ssl
+    now = time.time() if now is None else now
+    if not material.not_before - 300 <= now < material.not_after:
+        raise IssuerError("invalid", "certificate %s is not valid now (%s to %s)" % (
+            material.serial, utc_text(material.not_before), utc_text(material.not_after)))
+    asked = {normal_san(n) for n in config.sans}
+    missing = sorted(asked - set(material.sans))
+    extra = sorted(set(material.sans) - asked - ({normal_san(config.common_name)}
+                                                  if config.common_name else set()))
+    if missing or extra:
+        raise IssuerError("invalid", "certificate %s names %s, not what was asked (missing %s, "
+                          "extra %s)" % (material.serial, ", ".join(material.sans) or "nothing",
+                                         ", ".join(missing) or "none",
+                                         ", ".join(extra) or "none"))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_flags |= VERIFY_PARTIAL_CHAIN
+    try:
+        with pem_files(material.cert_pem, material.key_pem) as (cert, key):
+            server.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise IssuerError("invalid", "certificate %s and its key do not load together: %s"
+                          % (material.serial, e))
+    try:
+        client.load_verify_locations(cadata=material.ca_pem)
+        tls_in_memory(server, client)
+    except (ssl.SSLError, ValueError) as e:
+        raise IssuerError("invalid", "certificate %s does not verify with the CA chain that "
+                          "came with it: %s" % (material.serial, e))
+
+
+VERIFY_PARTIAL_CHAIN = 0x80000   # X509_V_FLAG_PARTIAL_CHAIN: trust an intermediate as an anchor
+
+
+def tls_in_memory(server, client):
+    """A handshake between two contexts over memory buffers, no socket: raises what the
+    client's verification raises.  How a new certificate is proven before it serves."""
+    import ssl
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    peer = client.wrap_bio(c_in, c_out)
+    own = server.wrap_bio(s_in, s_out, server_side=True)
+    finished = set()
+    for _ in range(8):
+        for side, obj, out, into in (("client", peer, c_out, s_in), ("server", own, s_out, c_in)):
+            if side not in finished:
+                try:
+                    obj.do_handshake()
+                    finished.add(side)
+                except ssl.SSLWantReadError:
+                    pass
+            data = out.read()
+            if data:
+                into.write(data)
+        if len(finished) == 2:
+            return
+    raise ValueError("the handshake did not finish")
+
+
+def renewal_point(material, renew_before):
+    """When to renew: renew_before ("33%" of the lifetime, or a duration) before notAfter,
+    but never before half the lifetime -- a duration longer than the CA's lifetimes would
+    otherwise renew at once, every time."""
+    lifetime = material.not_after - material.not_before
+    if renew_before.endswith("%"):
+        ahead = lifetime * float(renew_before[:-1]) / 100.0
+    else:
+        ahead = parse_duration(renew_before)
+    return max(material.not_after - ahead, material.not_before + lifetime / 2.0)
+
+
+def split_url(url):
+    """"https://host:port/path" -> (scheme, host, port, path)."""
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    host, port = parse_address(authority if ":" in authority.rpartition("]")[2]
+                               else "%s:%d" % (authority, 443 if scheme == "https" else 80))
+    return scheme, host, port, slash + path
+
+
+def issuer_call(url, method="GET", body=None, headers=None, ca=None,
+                timeout=CERT_ISSUER_TIMEOUT_S):
+    """One HTTP(S) exchange with a CA -> (status, {lower-case header: value}, body bytes).
+    HTTPS verifies the CA's server with ca (or the system store).  IssuerError("unreachable")
+    when it cannot be had; the URL is named, never a header (they carry tokens)."""
+    import http.client
+    scheme, host, port, path = split_url(url)
+    try:
+        if scheme == "https":
+            import ssl
+            context = ssl.create_default_context(cafile=ca)
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read(4 << 20)
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise IssuerError("unreachable", "%s %s: %s" % (method, url.split("?")[0], e))
+
+
+def json_of(data, what):
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:
+        raise IssuerError("bad_response", "%s: not JSON" % what)
+    if not isinstance(value, dict):
+        raise IssuerError("bad_response", "%s: not a JSON object" % what)
+    return value
+
+
+def read_secret(path):
+    """A secret's file (token, secret id, JWT, EAB key), read at each use so that a rotated
+    one is taken; its content never appears in a message."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise IssuerError("denied", "cannot read %s: %s" % (path, e.strerror or e))
+
+
+class VaultIssuer:
+    """OpenBao's or HashiCorp Vault's PKI engine.  Logs in (a token file, AppRole, JWT or
+    Kubernetes auth), then POSTs <mount>/sign/<role> with a CSR made here (mode "sign": the
+    key never leaves the process) or <mount>/issue/<role> (mode "issue": Vault makes the key).
+    A login's token is kept until three quarters of its lease or a 403.  Thread-safe."""
+
+    def __init__(self, config):
+        self.config = config
+        self.source = "vault %s" % config.address
+        self._lock = threading.Lock()          # guards _token
+        self._token = (None, 0.0)              # (token, monotonic time to log in again)
+
+    def _call(self, method, path, payload=None, token=None):
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["X-Vault-Token"] = token
+        body = json.dumps(payload).encode() if payload is not None else None
+        status, _, data = issuer_call("%s/v1/%s" % (self.config.address.rstrip("/"), path),
+                                      method, body, headers, self.config.ca)
+        if status in (401, 403):
+            with self._lock:
+                self._token = (None, 0.0)
+            raise IssuerError("denied", "Vault refused %s /v1/%s (%d): %s" % (
+                method, path, status, self._errors(data)))
+        if status >= 300:
+            raise IssuerError("refused", "Vault answered %s /v1/%s with %d: %s" % (
+                method, path, status, self._errors(data)))
+        return data
+
+    @staticmethod
+    def _errors(data):
+        try:
+            return "; ".join(json.loads(data.decode())["errors"])[:300] or "no reason given"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "no reason given"
+
+    def token(self):
+        c = self.config
+        if c.auth == "token":
+            return read_secret(c.token_file)
+        with self._lock:
+            token, until = self._token
+        if token and monotonic() < until:
+            return token
+        if c.auth == "approle":
+            login = {"role_id": read_secret(c.role_id_file),
+                     "secret_id": read_secret(c.secret_id_file)}
+        else:                                   # jwt, kubernetes: the same request
+            login = {"role": c.login_role, "jwt": read_secret(c.jwt_file)}
+        path = "auth/%s/login" % (c.auth_mount or c.auth)
+        auth = json_of(self._call("POST", path, login), path).get("auth") or {}
+        token = auth.get("client_token")
+        if not isinstance(token, str) or not token:
+            raise IssuerError("bad_response", "Vault's %s gave no client_token" % path)
+        lease = auth.get("lease_duration") or 3600
+        with self._lock:
+            self._token = (token, monotonic() + 0.75 * float(lease))
+        return token
+
+    def obtain(self, config, key):
+        """A certificate for config's names -> (cert PEM with chain, key PEM, CA PEM).  key:
+        the private key made here (mode "sign"), or None (mode "issue")."""
+        c = self.config
+        names = list(config.sans)
+        request = {"common_name": config.common_name or names[0], "format": "pem",
+                   "alt_names": ",".join(n for n in names if san_kind(n) == "DNS"),
+                   "ip_sans": ",".join(n for n in names if san_kind(n) == "IP"),
+                   "uri_sans": ",".join(n for n in names if san_kind(n) == "URI")}
+        if c.mode == "sign":
+            request["csr"] = pem("CERTIFICATE REQUEST", make_csr(key, config.common_name, names))
+        path = "%s/%s/%s" % (c.mount, c.mode, c.role)
+        data = json_of(self._call("POST", path, request, self.token()), path).get("data") or {}
+        cert, chain = data.get("certificate"), data.get("ca_chain") or [data.get("issuing_ca")]
+        key_pem = ec_key_pem(key) if c.mode == "sign" else data.get("private_key")
+        if not isinstance(cert, str) or not all(isinstance(x, str) for x in chain) \
+                or not isinstance(key_pem, str):
+            raise IssuerError("bad_response", "Vault's %s gave no certificate" % path)
+        ca_pem = "\n".join(x.strip() for x in chain) + "\n"
+        return cert.strip() + "\n" + ca_pem, key_pem, ca_pem
+
+    def crl(self):
+        """The engine's CRL, PEM (no token needed)."""
+        path = "%s/crl/pem" % self.config.mount
+        text = self._call("GET", path).decode("ascii", "replace")
+        if "-----BEGIN X509 CRL-----" not in text:
+            raise IssuerError("bad_response", "Vault's /v1/%s is not a PEM CRL" % path)
+        return text
+
+
+class ChallengeResponder:
+    """Answers an ACME CA's validator while an order waits: http-01 (GET
+    /.well-known/acme-challenge/<token> -> the key authorization) or tls-alpn-01 (RFC 8737: a
+    handshake offering ALPN acme-tls/1, answered with a certificate for the name asked by SNI
+    that carries the key authorization's digest).  Bound only for the order's duration."""
+
+    def __init__(self, address, challenge):
+        self.address, self.challenge = address, challenge
+        self.tokens = {}                        # http-01: token -> key authorization
+        self.contexts = {}                      # tls-alpn-01: name -> SSLContext
+        self._slots = threading.BoundedSemaphore(16)
+        self.sock = None
+
+    def add(self, name, token, key_authorization):
+        import hashlib
+        import ssl
+        if self.challenge == "http-01":
+            self.tokens[token] = key_authorization
+            return
+        key = p256_new_key()
+        digest = hashlib.sha256(key_authorization.encode()).digest()
+        now = time.time()
+        cert = make_self_signed(key, None, [name], now - 60, now + 3600, [x509_extension(
+            OID_ACME_IDENTIFIER, der_octets(digest), critical=True)])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.set_alpn_protocols(["acme-tls/1"])
+        with pem_files(pem("CERTIFICATE", cert), ec_key_pem(key)) as (c, k):
+            context.load_cert_chain(c, k)
+        self.contexts[name] = context
+
+    def start(self):
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(self.address)
+        self.sock.listen(32)
+        threading.Thread(target=self._accept, args=(self.sock,), daemon=True,
+                         name="acme-challenge").start()
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+    def _accept(self, sock):
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True,
+                             name="acme-validation").start()
+
+    def _answer(self, conn):
+        import ssl
+        try:
+            conn.settimeout(5.0)
+            if self.challenge == "tls-alpn-01":
+                base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                base.set_alpn_protocols(["acme-tls/1"])
+
+                def choose(tls, server_name, _context):
+                    chosen = self.contexts.get((server_name or "").lower())
+                    if chosen is None:
+                        return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+                    tls.context = chosen
+                base.set_servername_callback(choose)
+                conn = base.wrap_socket(conn, server_side=True)
+                return
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            parts = head.split(b"\r\n", 1)[0].split()
+            prefix = b"/.well-known/acme-challenge/"
+            answer = None
+            if len(parts) == 3 and parts[0] == b"GET" and parts[1].startswith(prefix):
+                answer = self.tokens.get(parts[1][len(prefix):].decode("latin-1"))
+            if answer is None:
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                             b"%d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer.encode()))
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+            self._slots.release()
+
+
+class AcmeIssuer:
+    """An ACME server (RFC 8555): an account (its key kept in state_dir when there is one,
+    External Account Binding when asked), then per certificate an order, its authorizations
+    validated by http-01 or tls-alpn-01 through a ChallengeResponder, finalized with a CSR made
+    here, and the chain downloaded.  badNonce is retried as RFC 8555 6.5 says.  One order at a
+    time (the renewer's thread)."""
+
+    def __init__(self, config, state_dir=None):
+        self.config = config
+        self.source = "acme %s" % config.directory
+        self.key_path = os.path.join(state_dir, "acme-account.key") if state_dir else None
+        self.key = None
+        self.kid = None                          # the account's URL, once registered
+        self.nonce = None
+        self.directory = None
+
+    def _account_key(self):
+        if self.key is None and self.key_path and os.path.exists(self.key_path):
+            try:
+                with open(self.key_path) as f:
+                    self.key = ec_key_from_pem(f.read())
+            except (OSError, ValueError) as e:
+                raise IssuerError("invalid", "ACME account key %s: %s" % (self.key_path, e))
+        if self.key is None:
+            self.key = p256_new_key()
+            if self.key_path:
+                write_private(self.key_path, ec_key_pem(self.key))
+        return self.key
+
+    def _get(self, url):
+        status, headers, data = issuer_call(url, ca=self.config.ca)
+        if "replay-nonce" in headers:
+            self.nonce = headers["replay-nonce"]
+        if status >= 300:
+            raise IssuerError("refused", "ACME GET %s: %d" % (url, status))
+        return headers, data
+
+    def _post(self, url, payload, accept=None):
+        """A JWS-signed POST (payload None: POST-as-GET) -> (status, headers, body).  A
+        badNonce answer is retried with the nonce it carries, up to 10 times."""
+        key = self._account_key()
+        for _ in range(10):
+            if self.nonce is None:
+                self._get(self.directory["newNonce"])
+            protected = {"alg": "ES256", "nonce": self.nonce, "url": url}
+            if self.kid:
+                protected["kid"] = self.kid
+            else:
+                protected["jwk"] = jwk_of(key)
+            self.nonce = None
+            headers = {"Content-Type": "application/jose+json"}
+            if accept:
+                headers["Accept"] = accept
+            status, answer, data = issuer_call(url, "POST",
+                                               json.dumps(jws(protected, payload, key)).encode(),
+                                               headers, self.config.ca)
+            self.nonce = answer.get("replay-nonce")
+            if status < 300:
+                return status, answer, data
+            problem = json_of(data, url) if data.strip().startswith(b"{") else {}
+            if problem.get("type") == "urn:ietf:params:acme:error:badNonce":
+                continue
+            raise IssuerError("refused", "ACME %s: %d %s: %s" % (
+                url, status, problem.get("type", "").rpartition(":")[2] or "error",
+                str(problem.get("detail", ""))[:300]))
+        raise IssuerError("refused", "ACME %s: badNonce ten times" % url)
+
+    def _register(self):
+        c = self.config
+        payload = {"termsOfServiceAgreed": True}
+        if c.contact:
+            payload["contact"] = list(c.contact)
+        if c.eab_kid:
+            url = self.directory["newAccount"]
+            payload["externalAccountBinding"] = jws(
+                {"alg": "HS256", "kid": c.eab_kid, "url": url}, jwk_of(self._account_key()),
+                hmac_key=b64url_decode(read_secret(c.eab_hmac_key_file)))
+        _, headers, _ = self._post(self.directory["newAccount"], payload)
+        self.kid = headers.get("location")
+        if not self.kid:
+            raise IssuerError("bad_response", "ACME newAccount gave no Location")
+
+    def _poll(self, url, until, deadline, what):
+        """POST-as-GET url until its status is one of until -> the object."""
+        while True:
+            _, headers, data = self._post(url, None)
+            value = json_of(data, url)
+            status = value.get("status")
+            if status in until:
+                return value
+            if status == "invalid" or monotonic() > deadline:
+                detail = value.get("error") or [c.get("error") for c in value.get("challenges", ())
+                                                if c.get("error")]
+                raise IssuerError("challenge_failed", "ACME %s is %s: %s" % (
+                    what, status, json.dumps(detail)[:300]))
+            wait = headers.get("retry-after", "")
+            time.sleep(min(2.0, float(wait)) if wait.isdigit() else 0.5)
+
+    def obtain(self, config, key):
+        c = self.config
+        deadline = monotonic() + CERT_ACME_ORDER_TIMEOUT_S
+        if self.directory is None:
+            self.directory = json_of(self._get(c.directory)[1], c.directory)
+        if self.kid is None:
+            self._register()
+        names = list(dict.fromkeys(([config.common_name] if config.common_name else []) +
+                                   list(config.sans)))
+        identifiers = [{"type": "ip" if san_kind(n) == "IP" else "dns", "value": n}
+                       for n in names]
+        _, headers, data = self._post(self.directory["newOrder"], {"identifiers": identifiers})
+        order, order_url = json_of(data, "newOrder"), headers.get("location")
+        thumbprint = jwk_thumbprint(jwk_of(self._account_key()))
+        responder = ChallengeResponder(acme_challenge_address(c), c.challenge)
+        try:
+            pending = []
+            for url in order.get("authorizations", ()):
+                authz = json_of(self._post(url, None)[2], url)
+                if authz.get("status") == "valid":
+                    continue
+                chosen = [ch for ch in authz.get("challenges", ()) if ch.get("type") == c.challenge]
+                if not chosen:
+                    raise IssuerError("refused", "ACME offers no %s challenge for %s" % (
+                        c.challenge, authz.get("identifier", {}).get("value")))
+                token = chosen[0]["token"]
+                responder.add(authz["identifier"]["value"].lower(), token,
+                              "%s.%s" % (token, thumbprint))
+                pending.append((url, chosen[0]["url"]))
+            if pending:
+                try:
+                    responder.start()
+                except OSError as e:
+                    raise IssuerError("refused", "acme.challenge_listen %s: cannot listen: %s" % (
+                        format_address(responder.address), e.strerror or e))
+                for _, challenge_url in pending:
+                    self._post(challenge_url, {})
+                for url, _ in pending:
+                    self._poll(url, ("valid",), deadline, "authorization")
+        finally:
+            responder.close()
+        csr = make_csr(key, config.common_name or names[0], names)
+        self._post(order["finalize"], {"csr": b64url(csr)})
+        order = self._poll(order_url, ("valid",), deadline, "order")
+        _, _, chain = self._post(order["certificate"], None, accept="application/pem-certificate-chain")
+        chain = chain.decode("ascii", "replace")
+        blocks = pem_blocks(chain, "CERTIFICATE")
+        if not blocks:
+            raise IssuerError("bad_response", "ACME certificate download is not PEM")
+        ca_pem = "".join(pem("CERTIFICATE", b) for b in blocks[1:])
+        return "".join(pem("CERTIFICATE", b) for b in blocks), ec_key_pem(key), ca_pem
+
+    def crl(self):
+        raise IssuerError("refused", "ACME has no CRL to fetch")
+
+
+def acme_challenge_address(acme):
+    """Where the validator connects: challenge_listen, else loopback on the challenge's port
+    (80, or 443 for tls-alpn-01): a public address must be asked for."""
+    if acme.challenge_listen is not None:
+        return acme.challenge_listen
+    return (DEFAULT_LISTEN_HOST, 443 if acme.challenge == "tls-alpn-01" else 80)
+
+
+def write_private(path, text):
+    """A file only its owner reads (0600), replaced whole: written beside, then renamed."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+
+
+class ManagedCertificate:
+    """One [certificates.NAME], kept fresh by its own thread (run): obtained at start unless
+    state_dir holds one still good, renewed at renewal_point with +-10% jitter, a failure
+    retried with backoff (at most CERT_RETRY_MAX_S apart) while the current one serves until
+    it expires.  A new certificate is checked (check_material) before it is swapped in; then
+    every TlsContextSource that names it rebuilds its context: new handshakes take it, open
+    connections finish on the old.  Thread-safe: one lock guards the material and its status."""
+
+    def __init__(self, config, telemetry):
+        self.config, self.name = config, config.name
+        self.telemetry = telemetry
+        self.issuer = VaultIssuer(config.vault) if config.issuer == "vault" else \
+            AcmeIssuer(config.acme, config.state_dir)
+        self.log = logging.getLogger("ambassador")
+        self._lock = threading.Lock()            # guards material, next_renewal, _crl, error
+        self.material = None
+        self.next_renewal = None                 # Unix time
+        self.error = None                        # the last failure's reason, until a success
+        self._crl = (None, -1e9)                 # (PEM text, monotonic time fetched)
+        self._subscribers = []                   # weak references to TlsContextSources
+        self.ready = threading.Event()           # set once a certificate serves
+        self.renewed = threading.Event()         # set at each success (tests, upgrade wait)
+
+    def state_paths(self):
+        d = self.config.state_dir
+        return tuple(os.path.join(d, "%s.%s.pem" % (self.name, part))
+                     for part in ("cert", "key", "ca"))
+
+    def load_state(self):
+        """At start: a certificate state_dir kept, if it is still valid for this config.
+        One past its renewal point serves too, while a new one is obtained at once."""
+        if not self.config.state_dir:
+            return
+        try:
+            texts = []
+            for path in self.state_paths():
+                with open(path) as f:
+                    texts.append(f.read())
+            material = material_of(texts[0], texts[1], texts[2],
+                                   "state_dir %s" % self.config.state_dir)
+            check_material(material, self.config)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, IssuerError) as e:
+            self.log.warning("certificate %s: the one in state_dir is not used: %s",
+                             self.name, e)
+            return
+        self._take(material, "state_dir")
+
+    def _take(self, material, how):
+        with self._lock:
+            self.material = material
+            self.next_renewal = renewal_point(material, self.config.renew_before)
+            self.error = None
+        self.log.info("certificate %s: serial %s from %s, valid until %s, renewal at %s",
+                      self.name, material.serial, how, utc_text(material.not_after),
+                      utc_text(self.next_renewal))
+        self.ready.set()
+        self.renewed.set()
+        self.notify()
+
+    def subscribe(self, source):
+        import weakref
+        with self._lock:
+            self._subscribers = [r for r in self._subscribers if r() is not None]
+            self._subscribers.append(weakref.ref(source))
+
+    def notify(self):
+        with self._lock:
+            sources = [r() for r in self._subscribers]
+        for source in sources:
+            if source is not None:
+                source.rebuild("certificate %s" % self.name)
+
+    def renew(self):
+        """Obtain, check, swap in, keep.  IssuerError on any failure (nothing changed)."""
+        c = self.config
+        key = None if (c.issuer == "vault" and c.vault.mode == "issue") else p256_new_key()
+        cert_pem, key_pem, ca_pem = self.issuer.obtain(c, key)
+        try:
+            material = material_of(cert_pem, key_pem, ca_pem, self.issuer.source)
+        except ValueError as e:
+            raise IssuerError("bad_response", "the CA's certificate does not decode: %s" % e)
+        check_material(material, c)
+        if c.state_dir:
+            try:
+                for path, text in zip(self.state_paths(), (cert_pem, key_pem, ca_pem)):
+                    write_private(path, text)
+            except OSError as e:
+                self.log.warning("certificate %s: cannot keep it in state_dir: %s",
+                                 self.name, e.strerror or e)
+        self._take(material, self.issuer.source)
+
+    def delay(self, now=None):
+        """Seconds until the next renewal, jittered; 0 when there is none to serve."""
+        now = time.time() if now is None else now
+        with self._lock:
+            point = self.next_renewal
+        if point is None:
+            return 0.0
+        return max(0.0, (point - now) * (1 + random.uniform(-CERT_RENEW_JITTER,
+                                                             CERT_RENEW_JITTER)))
+
+    def run(self, stop):
+        """The renewer: until stop is set."""
+        failures = 0
+        wait = self.delay()
+        while not stop.wait(wait):
+            try:
+                self.renew()
+            except IssuerError as e:
+                failures += 1
+                self.telemetry.certificate_renewed(self.name, "failure")
+                with self._lock:
+                    changed, self.error = self.error != e.reason, e.reason
+                    left = self.material.not_after - time.time() if self.material else None
+                wait = min(CERT_RETRY_MAX_S, CERT_RETRY_MIN_S * 2 ** min(failures - 1, 16))
+                wait *= 1 + random.uniform(-CERT_RENEW_JITTER, CERT_RENEW_JITTER)
+                # Once per change of reason: a CA down for an hour is one line, not 60.
+                if changed or failures in (1, 10, 100):
+                    self.log.error("certificate %s: renewal failed (%s), retry in %.0fs, %s: %s",
+                                   self.name, e.reason, wait,
+                                   "none serves yet" if left is None else
+                                   "the current one serves %.0fs more" % left, e)
+                continue
+            except Exception as e:                        # a bug here must not end renewal
+                failures += 1
+                self.telemetry.certificate_renewed(self.name, "failure")
+                self.log.exception("certificate %s: renewal failed: %s", self.name, e)
+                wait = CERT_RETRY_MAX_S
+                continue
+            failures = 0
+            self.telemetry.certificate_renewed(self.name, "success")
+            wait = self.delay()
+
+    def crl(self, max_age):
+        """The issuer's CRL, fetched again when older than max_age seconds; the last one
+        fetched while the issuer cannot be reached; None before the first."""
+        with self._lock:
+            text, fetched = self._crl
+        if monotonic() - fetched < max_age:
+            return text
+        try:
+            fresh = self.issuer.crl()
+        except IssuerError as e:
+            self.telemetry.warnings.warning(("crl", self.name), "certificate %s: CRL not "
+                                            "fetched, the last one stays: %s", self.name, e)
+            fresh = text
+        with self._lock:
+            self._crl = (fresh, monotonic())
+        return fresh
+
+    def info(self):
+        """/certs' entry."""
+        with self._lock:
+            m, point, error = self.material, self.next_renewal, self.error
+        out = {"name": self.name, "issuer": self.config.issuer, "source": None,
+               "next_renewal": utc_text(point) if point else None, "last_error": error}
+        if m is not None:
+            out.update(source=m.source, subject=m.subject, sans=list(m.sans), serial=m.serial,
+                       not_before=utc_text(m.not_before), not_after=utc_text(m.not_after),
+                       issued_by=m.issuer, days_left=round((m.not_after - time.time()) / 86400, 3))
+        return out
+
+
+# ==================================================================================================
+# 10. Downstream: listeners, and where connections wait
 #    One bound socket and accept thread per listener, at most max_connections connections (past
 #    it a fast 503, or a close for tcp); the Dispatcher where they wait between requests and the
 #    workers that serve them.
@@ -2780,7 +3812,7 @@ class Dispatcher:
 
 
 # ==================================================================================================
-# 10. Downstream connections: an app connection's requests
+# 11. Downstream connections: an app connection's requests
 #    Worker turns on one app connection: the TLS handshake, heads read without waiting, head
 #    limits and timeouts, keep-alive, error replies; each request handed to the request stack.
 # ==================================================================================================
@@ -3096,7 +4128,7 @@ class DownstreamConnection:
 
 
 # ==================================================================================================
-# 11. Routing and traffic policy
+# 12. Routing and traffic policy
 #    What applies to a request before it is sent: its body as the stack sees it, header rules,
 #    the route that matches, faults, the rate limit and the mirror.
 # ==================================================================================================
@@ -3310,7 +4342,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 27), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 28), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -3624,7 +4656,7 @@ class Mirror:
 
 
 # ==================================================================================================
-# 12. Request stack
+# 13. Request stack
 #    route -> deadline -> fault -> rate limit -> rewrites -> mirror -> retry loop (policy,
 #    budget, backoff) -> admission (limits, breaker) -> balance -> try -> pool, then the
 #    response streamed back (spliced when large).  A failure before the response began is a reply.
@@ -3711,7 +4743,7 @@ def carries_upgrade(listener, req):
 
 def start_tunnel(listener, req, resp, conn, downstream):
     """The upstream switched protocols: relay its 101 and hand both connections to an
-    UpgradedTunnel (section 14).  The request's span ends here; its log line and metrics come
+    UpgradedTunnel (section 15).  The request's span ends here; its log line and metrics come
     when the tunnel closes.  -> TUNNELLED."""
     parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
     if resp.lines:
@@ -4199,7 +5231,7 @@ def relay_response(req, resp, conn, downstream, listener):   # long: the hot pat
 
 
 # ==================================================================================================
-# 13. TCP relay
+# 14. TCP relay
 #    A tcp listener's connections: connect (connect_attempts tries over the balancer, breaker and
 #    limits; TLS from the first byte, or PostgreSQL's SSLRequest first), then one thread pumps
 #    bytes both ways with bounded buffers, passing on half-closes and resets, until both sides
@@ -4840,7 +5872,7 @@ class TcpSession:
 
 
 # ==================================================================================================
-# 14. Tunnels and the RelayLoop
+# 15. Tunnels and the RelayLoop
 #    An upgraded request's tunnel (a tcp session by another door), TLS's close_notify for a
 #    half-close, PostgreSQL's auth offer, and the loop where every relay of a listener runs.
 # ==================================================================================================
@@ -5091,7 +6123,7 @@ class RelayLoop:
 
 
 # ==================================================================================================
-# 15. Upstream connections and their pools
+# 16. Upstream connections and their pools
 #    One keep-alive connection to an endpoint (send a head and a body, read a response head:
 #    transport only), and each endpoint's pool of idle ones, checked for a close before reuse.
 # ==================================================================================================
@@ -5347,7 +6379,7 @@ class ConnectionPool:
 
 
 # ==================================================================================================
-# 16. Endpoints, balancers, DNS discovery, Cluster
+# 17. Endpoints, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS, primaries and
 #    backups), their health and ejection, the balancers that choose among them.
 # ==================================================================================================
@@ -5774,7 +6806,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 17. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 18. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -6229,7 +7261,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 18. Telemetry: metrics and the access log
+# 19. Telemetry: metrics and the access log
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
 #    queue, and repeated warnings are held to one a minute.
@@ -6290,7 +7322,10 @@ class Gauge:
         self._collect = collect       # () -> [(labelvalues, value)]
 
     def render(self):
-        return [_format_sample(self.name, self.labelnames, k, v) for k, v in self._collect()]
+        # A series may carry labels of its own, as a dict (a family that grew a second kind
+        # of series, as certificate expiry did beside its `path` one).
+        return [_format_sample(self.name, tuple(k), tuple(k.values()), v) if isinstance(k, dict)
+                else _format_sample(self.name, self.labelnames, k, v) for k, v in self._collect()]
 
 
 class Histogram:
@@ -6575,7 +7610,7 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
 
 
 # ==================================================================================================
-# 19. Telemetry: tracing
+# 20. Telemetry: tracing
 #    W3C and B3 trace context in, one span per request, spans out to an OTLP collector from
 #    a bounded queue by a thread of its own.
 # ==================================================================================================
@@ -6863,7 +7898,7 @@ class SpanExporter:
 
 
 # ==================================================================================================
-# 20. Telemetry: the one sink the data path calls
+# 21. Telemetry: the one sink the data path calls
 #    The metric families, and Telemetry: what every layer of the data path calls to count, log
 #    and trace, and which never raises into it.
 # ==================================================================================================
@@ -6949,6 +7984,9 @@ COUNTER_FAMILIES = (
     ("tls_reloads", "ambassador_tls_reloads_total",
      "Reloads of TLS files by result.",
      ("path", "result")),
+    ("renewals", "ambassador_certificate_renewals_total",
+     "Certificates obtained from their issuer ([certificates]), by result.",
+     ("certificate", "result")),
     ("spans_exported", "ambassador_spans_exported_total",
      "Spans accepted by the OTLP collector.",
      ()),
@@ -7040,10 +8078,15 @@ class Telemetry:
         m.add(Gauge("ambassador_config_version",
                     "The config serving: 1 at start, +1 per applied reload.", (),
                     lambda: [((), self.reload_state[2])]))
+        self.certificates = {}                 # name -> ManagedCertificate (the Ambassador's)
         m.add(Gauge("ambassador_certificate_expiry_timestamp_seconds",
-                    "notAfter of each loaded certificate, Unix seconds.", ("path",),
-                    lambda: sorted(((p,), t) for s in self.tls_sources
-                                   for p, t in s.expiry().items())))
+                    "notAfter of each loaded certificate, Unix seconds: by path for files, by "
+                    "certificate for [certificates].", ("path",), self._certificate_expiry))
+        m.add(Gauge("ambassador_certificate_next_renewal_timestamp_seconds",
+                    "When each [certificates] certificate is renewed next, Unix seconds.",
+                    ("certificate",), lambda: sorted(
+                        ((name, ), c.next_renewal) for name, c in self.certificates.items()
+                        if c.next_renewal is not None)))
         m.add(Gauge("ambassador_draining", "1 while shutting down, else 0.", (),
                     lambda: [((), 1 if draining.is_set() else 0)]))
         m.add(Gauge("ambassador_build_info", "Version of Ambassador and of Python running it.",
@@ -7133,6 +8176,15 @@ class Telemetry:
 
     def tls_reloaded(self, path, result):
         self.tls_reloads.inc((path, result))
+
+    def certificate_renewed(self, name, result):
+        self.renewals.inc((name, result))
+
+    def _certificate_expiry(self):
+        files = sorted({(p,): t for s in self.tls_sources for p, t in s.expiry().items()}.items())
+        managed = [({"certificate": name}, c.material.not_after)
+                   for name, c in sorted(self.certificates.items()) if c.material is not None]
+        return files + managed
 
     def upstream_duration(self, cluster, seconds):
         self.upstream_durations.observe((cluster.name,), seconds)
@@ -7276,7 +8328,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 21. Admin
+# 22. Admin
 #    GET / /metrics /ready /clusters /config, POST /reload /quitquitquit, and the probe port.
 #    A small bounded server of its own (not http.server); it binds 127.0.0.1 unless configured.
 # ==================================================================================================
@@ -7429,6 +8481,7 @@ class Admin:
              "GET  /started        200 once the config is loaded and every listener bound\n"
              "GET  /clusters       clusters and their endpoints, JSON\n"
              "GET  /config         the effective config, defaults filled in, and its version\n"
+             "GET  /certs          the certificates in use: subject, SANs, serial, validity\n"
              "POST /reload         re-read the config file and apply it, as on SIGHUP\n"
              "POST /quitquitquit   graceful exit, as on SIGTERM\n")
     TEXT = "text/plain; charset=utf-8"
@@ -7461,6 +8514,8 @@ class Admin:
             return self.json(app.clusters_snapshot())
         if path == "/config":
             return self.json(dict(config_as_json(app.config), version=app.version))
+        if path == "/certs":
+            return self.json(app.certificates_snapshot())
         if path in ("/quitquitquit", "/reload"):
             return 405, self.TEXT, b"use POST\n"
         return 404, self.TEXT, b"not found; GET / lists what is here\n"
@@ -7474,7 +8529,10 @@ class Admin:
         if path == "/ready":
             if app.is_ready():
                 return 200, self.TEXT, b"ready\n"
-            return 503, self.TEXT, b"draining\n" if app.draining.is_set() else b"starting\n"
+            if app.draining.is_set():
+                return 503, self.TEXT, b"draining\n"
+            waits = app.tls_missing()
+            return 503, self.TEXT, ("starting%s\n" % "".join("\n" + w for w in waits)).encode()
         if path == "/started":
             return (200, self.TEXT, b"started\n") if app.started.is_set() else \
                 (503, self.TEXT, b"starting\n")
@@ -7498,7 +8556,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 22. Process: Ambassador: bind, serve, drain, live upgrade
+# 23. Process: Ambassador: bind, serve, drain, live upgrade
 #    The running sidecar built from a Config: every socket bound or nothing, served until a
 #    stop, drained, closed; a live upgrade hands its sockets to a new process.
 # ==================================================================================================
@@ -7523,6 +8581,9 @@ class _Staged:
         self.servers = []                 # ListenerServers bound for new or moved listeners
         self.handed = []                  # current servers whose socket a new one took
         self.tls = []                     # TlsContextSources loaded
+        self.certificates = {}            # name -> ManagedCertificate (the current one if same)
+        self.new_certificates = set()     # names whose ManagedCertificate is new: tls naming
+                                          # one is rebuilt, its renewer starts at _apply
 
 
 class Ambassador:
@@ -7547,6 +8608,9 @@ class Ambassador:
         self.listeners = []
         self.telemetry = t = Telemetry(self.listeners, self.clusters, self.draining)
         t.reload_state[2] = version
+        self.certificates = t.certificates      # name -> ManagedCertificate (section 9)
+        for name, c in config.certificates.items():
+            self.certificates[name] = ManagedCertificate(c, t)
         for name, c in config.clusters.items():
             self.clusters[name] = Cluster(
                 c, telemetry=t, on_breaker_transition=lambda old, new, name=name:
@@ -7562,19 +8626,25 @@ class Ambassador:
         self._vital = []                  # threads that must run while serving: /live
         self._background_stop = threading.Event()   # ends DNS, health and outlier threads
         self._cluster_stops = {}          # Cluster -> the Event that ends its threads
+        self._certificate_stops = {}      # ManagedCertificate -> the Event that ends its renewer
         self.upgraded = False             # a live upgrade's child serves: drain at once
         self.reloader = Reloader(self)
 
     def load_tls(self):
-        """Every tls table's context, before anything is bound; ConfigError if one fails."""
+        """Every tls table's context, before anything is bound; ConfigError if one fails.
+        Certificates kept in a state_dir are read first; the others are obtained once
+        serving (a listener that needs one is not ready until then)."""
         t = self.telemetry
+        for managed in self.certificates.values():
+            managed.load_state()
         owners = [("listeners", l.name, "downstream", l) for l in self.listeners] + \
             [("clusters", c.name, "upstream", c) for c in self.clusters.values()]
         for section, name, side, owner in owners:
             config = owner.config.tls
             if config is None:
                 continue
-            owner.tls = load_tls_source(config, side, section, name, t.tls_reloaded)
+            owner.tls = load_tls_source(config, side, section, name, t.tls_reloaded,
+                                        self.certificates)
             t.tls_sources.append(owner.tls)
 
     def bind(self):
@@ -7637,6 +8707,8 @@ class Ambassador:
         self._serving = True
         for cluster in self.clusters.values():
             cluster.start(self.stop_event_of(cluster))
+        for managed in self.certificates.values():
+            self.start_certificate(managed)
         for source in self.telemetry.tls_sources:
             threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
                              name="tls-reload:%s" % source.name).start()
@@ -7662,6 +8734,11 @@ class Ambassador:
                                  self.config.admin.pid_file, e.strerror or e)
         ready_fd = os.environ.pop("AMBASSADOR_READY_FD", None)
         if ready_fd is not None:              # a live upgrade's parent waits for this byte
+            # ... once the certificates are here too: the parent stops accepting then, and
+            # a listener without its certificate would fail every handshake.
+            limit = monotonic() + UPGRADE_READY_TIMEOUT_S / 2
+            for managed in self.certificates.values():
+                managed.ready.wait(max(0.0, limit - monotonic()))
             notify_systemd("MAINPID=%d" % os.getpid())
             try:
                 os.write(int(ready_fd), b"1")
@@ -7757,9 +8834,10 @@ class Ambassador:
         return [t.name for t in self._vital if not t.is_alive()]
 
     def is_ready(self):
-        """Bound, not draining, and the first round of every cluster's health checks done."""
+        """Bound, not draining, the first round of every cluster's health checks done, and
+        every certificate and CRL a listener or cluster names at hand."""
         return self.admin is not None and not self.draining.is_set() and \
-            all(c.is_ready() for c in self.clusters.values())
+            all(c.is_ready() for c in self.clusters.values()) and not self.tls_missing()
 
     def drain(self):
         """Keep accepting and serving while the app may still call out: at least min_drain
@@ -7796,7 +8874,8 @@ class Ambassador:
         # shutdown() waits for serve_forever() to return, so only servers that ran are asked.
         running = self._serving
         self._background_stop.set()
-        for event in self._cluster_stops.values():
+        for event in list(self._certificate_stops.values()) + \
+                list(self._cluster_stops.values()):
             event.set()
         for server in self.servers + [s for s in (self.admin, self.probe) if s is not None]:
             if running:
@@ -7805,6 +8884,25 @@ class Ambassador:
         for cluster in self.clusters.values():
             cluster.close_idle()
         self.telemetry.close()
+
+    def start_certificate(self, managed):
+        """A certificate's renewer thread, ended at close or when a reload drops it."""
+        event = threading.Event()
+        self._certificate_stops[managed] = event
+        if self._background_stop.is_set():
+            event.set()
+        for result in ("success", "failure"):
+            self.telemetry.renewals.touch((managed.name, result))
+        threading.Thread(target=managed.run, args=(event,), daemon=True,
+                         name="certificate:%s" % managed.name).start()
+
+    def tls_missing(self):
+        """What the TLS of listeners and clusters still waits for: ["listener inbound:
+        certificate workload not yet obtained", ...]; empty when nothing."""
+        owners = [("listener", l) for l in self.listeners] + \
+            [("cluster", c) for c in self.clusters.values()]
+        return ["%s %s: %s" % (kind, owner.name, what) for kind, owner in owners
+                if owner.tls is not None for what in owner.tls.missing]
 
     def stop_event_of(self, cluster):
         """The event that ends one cluster's background threads: at close, or when a reload
@@ -7837,6 +8935,28 @@ class Ambassador:
         self.log.info("listener %s on %s -> cluster %s", server.listener.name,
                       format_address(server.server_address[:2]), server.listener.cluster.name)
 
+    def certificates_snapshot(self):
+        """GET /certs (Envoy's): each certificate in use -- [certificates] ones with their
+        issuer and renewal, and the files of tls tables -- never a key."""
+        out = {"certificates": [m.info() for _, m in sorted(self.certificates.items())],
+               "files": []}
+        owners = [("listeners", l) for l in self.listeners] + \
+            [("clusters", c) for c in self.clusters.values()]
+        for section, owner in owners:
+            tls = owner.tls
+            for key in ("cert", "ca"):
+                path = getattr(tls.config, key) if tls is not None else None
+                info = tls.certificate_info(path) if path else None
+                if info:
+                    sans = [v for _, v in info.get("subjectAltName", ())]
+                    out["files"].append({
+                        "used_by": "%s.%s.tls.%s" % (section, owner.name, key), "path": path,
+                        "subject": ", ".join("%s=%s" % kv for rdn in info.get("subject", ())
+                                             for kv in rdn),
+                        "sans": sans, "serial": info.get("serialNumber"),
+                        "not_before": info.get("notBefore"), "not_after": info.get("notAfter")})
+        return out
+
     def clusters_snapshot(self):
         # connections_in_use: the max_connections slots taken, which must equal the upstream
         # sockets open (a pool a reload replaced gives each back as its connection closes).
@@ -7847,7 +8967,7 @@ class Ambassador:
 
 
 # ==================================================================================================
-# 23. Reload by difference: the Reloader
+# 24. Reload by difference: the Reloader
 #    SIGHUP and POST /reload: stage everything (parse, load TLS, bind new addresses), then
 #    apply by difference, or nothing; listeners and clusters that go are drained and retired.
 # ==================================================================================================
@@ -7905,15 +9025,27 @@ class Reloader:
         staged = _Staged()
         try:
             t = app.telemetry
+            for name, c in config.certificates.items():
+                managed = app.certificates.get(name)
+                if managed is None or managed.config != c:    # unchanged: never issued again
+                    managed = ManagedCertificate(c, t)
+                    managed.load_state()
+                    staged.new_certificates.add(name)
+                staged.certificates[name] = managed
+            fresh = staged.new_certificates
+
+            def names_new(tls):
+                return tls is not None and bool({tls.certificate, tls.trust} & fresh)
             for name, c in config.clusters.items():
                 current = app.clusters.get(name)
-                if current is not None and current.config == c:
+                if current is not None and current.config == c and not names_new(c.tls):
                     staged.clusters[name] = current
                     continue
                 cluster = Cluster(c, telemetry=t, on_breaker_transition=lambda o, n, name=name:
                                   t.breaker_transition(name, o, n))
                 if c.tls is not None:
-                    cluster.tls = self._tls_source(c.tls, "upstream", "clusters", name)
+                    cluster.tls = self._tls_source(c.tls, "upstream", "clusters", name,
+                                                   staged.certificates)
                     staged.tls.append(cluster.tls)
                 if current is not None:
                     cluster.take_over(current)
@@ -7928,8 +9060,10 @@ class Reloader:
             for lc in config.listeners:
                 listener = current.get(lc.name)
                 tls = None
-                if lc.tls is not None and (listener is None or listener.config.tls != lc.tls):
-                    tls = self._tls_source(lc.tls, "downstream", "listeners", lc.name)
+                if lc.tls is not None and (listener is None or listener.config.tls != lc.tls
+                                           or names_new(lc.tls)):
+                    tls = self._tls_source(lc.tls, "downstream", "listeners", lc.name,
+                                           staged.certificates)
                     staged.tls.append(tls)
                 same_socket = listener is not None and listener.config.listen == lc.listen \
                     and listener.config.protocol == lc.protocol
@@ -7956,14 +9090,22 @@ class Reloader:
             raise
         return staged
 
-    def _tls_source(self, config, side, section, name):
-        return load_tls_source(config, side, section, name, self.app.telemetry.tls_reloaded)
+    def _tls_source(self, config, side, section, name, certificates):
+        return load_tls_source(config, side, section, name, self.app.telemetry.tls_reloaded,
+                               certificates)
 
     def _apply(self, config, staged):
         """Put a staged config in place.  Nothing here may fail."""
         app = self.app
         old_config, old_clusters = app.config, dict(app.clusters)
         app.telemetry.tls_sources.extend(staged.tls)
+        for name, managed in list(app.certificates.items()):
+            if staged.certificates.get(name) is not managed:    # replaced or removed
+                app._certificate_stops.pop(managed, threading.Event()).set()
+        app.certificates.clear()
+        app.certificates.update(staged.certificates)
+        for name in staged.new_certificates:
+            app.start_certificate(staged.certificates[name])
         for source in staged.tls:
             threading.Thread(target=source.run, args=(app._background_stop,), daemon=True,
                              name="tls-reload:%s" % source.name).start()
@@ -8064,7 +9206,7 @@ class Reloader:
 
 
 # ==================================================================================================
-# 24. The command line: main(), the re-exec, signals, start gates
+# 25. The command line: main(), the re-exec, signals, start gates
 #    What runs when the file is a program: arguments, --check and --wait-started, the re-exec
 #    that frees the compile's memory, signals held from the first instruction, inherited sockets.
 # ==================================================================================================
@@ -8385,7 +9527,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 25. The demo: two stand-in services and what to try
+# 26. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -8492,7 +9634,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 26. Appendix: the TOML parser for Python < 3.11
+# 27. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -8836,7 +9978,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 27. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 28. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
@@ -9183,3 +10325,394 @@ class LinearRegex:
 
 if __name__ == "__main__":
     sys.exit(run_script())
+
+
+# ==================================================================================================
+# 29. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
+#    Pure functions of integers and bytes, for the keys, certificate requests and ACME messages
+#    that section 9 makes, and no I/O.  Written for correctness and readability, not secrecy
+#    against a local attacker: Python's integers are not constant-time (the README's threat
+#    model).  ssl can load a key and verify a chain but not make either, hence this room.
+# ==================================================================================================
+
+# NIST P-256 (SEC 2's secp256r1, OpenSSL's prime256v1): y^2 = x^3 - 3x + b over GF(p), base
+# point G of prime order n.
+P256_P = 0xffffffff00000001000000000000000000000000ffffffffffffffffffffffff
+P256_N = 0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551
+P256_B = 0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b
+P256_G = (0x6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296,
+          0x4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5)
+
+OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+OID_P256 = "1.2.840.10045.3.1.7"
+OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
+OID_COMMON_NAME = "2.5.4.3"
+OID_SUBJECT_ALT_NAME = "2.5.29.17"
+OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
+OID_ACME_IDENTIFIER = "1.3.6.1.5.5.7.1.31"          # RFC 8737: tls-alpn-01's proof
+
+_INFINITY = (1, 1, 0)                                # Jacobian coordinates: Z = 0
+
+
+def _p256_double(point):
+    """2P in Jacobian coordinates (a = -3: dbl-2001-b)."""
+    x, y, z = point
+    p = P256_P
+    if not y or not z:
+        return _INFINITY
+    delta, gamma = z * z % p, y * y % p
+    beta = x * gamma % p
+    alpha = 3 * (x - delta) * (x + delta) % p
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y + z) ** 2 - gamma - delta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    return x3, y3, z3
+
+
+def _p256_add(a, b):
+    """A + B in Jacobian coordinates."""
+    if not a[2]:
+        return b
+    if not b[2]:
+        return a
+    p = P256_P
+    x1, y1, z1 = a
+    x2, y2, z2 = b
+    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
+    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
+    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _p256_double(a) if s1 == s2 else _INFINITY
+    h, r = (u2 - u1) % p, (s2 - s1) % p
+    hh = h * h % p
+    hhh, v = h * hh % p, u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    return x3, (r * (v - x3) - s1 * hhh) % p, h * z1 * z2 % p
+
+
+def p256_multiply(k, point=P256_G):
+    """k * point (affine (x, y)) -> affine (x, y); None for the point at infinity.
+    A 4-bit fixed window: 256 doublings and 64 additions."""
+    table = [_INFINITY, (point[0], point[1], 1)]
+    for _ in range(14):
+        table.append(_p256_add(table[-1], table[1]))
+    acc = _INFINITY
+    for shift in range(252, -4, -4):
+        for _ in range(4):
+            acc = _p256_double(acc)
+        acc = _p256_add(acc, table[(k >> shift) & 15])
+    x, y, z = acc
+    if not z:
+        return None
+    zinv = pow(z, P256_P - 2, P256_P)        # compat(3.7): pow(z, -1, p) needs 3.8
+    zinv2 = zinv * zinv % P256_P
+    return x * zinv2 % P256_P, y * zinv2 * zinv % P256_P
+
+
+def p256_on_curve(point):
+    x, y = point
+    return (y * y - (x * x * x - 3 * x + P256_B)) % P256_P == 0
+
+
+def p256_new_key():
+    """A private key: a uniform integer in [1, n-1] from the OS's generator."""
+    while True:
+        d = int.from_bytes(os.urandom(32), "big")
+        if 1 <= d < P256_N:
+            return d
+
+
+def p256_public(d):
+    return p256_multiply(d)
+
+
+def rfc6979_nonces(d, digest):
+    """RFC 6979 section 3.2's deterministic nonces for key d and a SHA-256 digest, in order
+    (the next one only if a signature with the first came out zero)."""
+    import hmac
+    mac = lambda key, data: hmac.new(key, data, "sha256").digest()   # noqa: E731
+    x = d.to_bytes(32, "big")
+    h = (int.from_bytes(digest, "big") % P256_N).to_bytes(32, "big")
+    v, k = b"\x01" * 32, b"\x00" * 32
+    k = mac(k, v + b"\x00" + x + h)
+    v = mac(k, v)
+    k = mac(k, v + b"\x01" + x + h)
+    v = mac(k, v)
+    while True:
+        v = mac(k, v)
+        candidate = int.from_bytes(v, "big")
+        if 1 <= candidate < P256_N:
+            yield candidate
+        k = mac(k, v + b"\x00")
+        v = mac(k, v)
+
+
+def ecdsa_sign(d, message):
+    """ECDSA-SHA256 over message with key d -> (r, s), the nonce from RFC 6979."""
+    import hashlib
+    digest = hashlib.sha256(message).digest()
+    e = int.from_bytes(digest, "big")
+    for k in rfc6979_nonces(d, digest):
+        r = p256_multiply(k)[0] % P256_N
+        s = pow(k, P256_N - 2, P256_N) * (e + r * d) % P256_N
+        if r and s:
+            return r, s
+
+
+def ecdsa_verify(public, message, signature):
+    """Does (r, s) sign message for the public point?  For tests and self-checks."""
+    import hashlib
+    r, s = signature
+    if not (0 < r < P256_N and 0 < s < P256_N) or not p256_on_curve(public):
+        return False
+    e = int.from_bytes(hashlib.sha256(message).digest(), "big")
+    w = pow(s, P256_N - 2, P256_N)
+    a, b = p256_multiply(e * w % P256_N), p256_multiply(r * w % P256_N, public)
+    total = _p256_add((a[0], a[1], 1), (b[0], b[1], 1)) if a and b else None
+    if not total or not total[2]:
+        return False
+    zinv = pow(total[2], P256_P - 2, P256_P)
+    return total[0] * zinv * zinv % P256_P % P256_N == r
+
+
+# ---- DER: the few ASN.1 types certificates and requests use -------------------------------------
+
+def der(tag, content):
+    """One DER element: tag, definite length, content."""
+    n = len(content)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(size)]) + size
+    return bytes([tag]) + length + content
+
+
+def der_seq(*items):
+    return der(0x30, b"".join(items))
+
+
+def der_set(*items):
+    return der(0x31, b"".join(sorted(items)))       # DER sorts a SET OF by encoding
+
+
+def der_int(n):
+    return der(0x02, n.to_bytes(n.bit_length() // 8 + 1, "big"))   # a sign bit of 0
+
+
+def der_oid(dotted):
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray()
+    for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7f]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7f))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return der(0x06, bytes(out))
+
+
+def der_bits(data):
+    return der(0x03, b"\x00" + data)                 # no unused bits
+
+
+def der_octets(data):
+    return der(0x04, data)
+
+
+def der_time(unix):
+    """UTCTime up to 2049, GeneralizedTime after (RFC 5280 4.1.2.5)."""
+    t = time.gmtime(unix)
+    if t.tm_year < 2050:
+        return der(0x17, time.strftime("%y%m%d%H%M%SZ", t).encode())
+    return der(0x18, time.strftime("%Y%m%d%H%M%SZ", t).encode())
+
+
+def der_read(data, pos=0):
+    """The element at pos -> (tag, content, end).  ValueError when data is not DER there."""
+    if pos + 2 > len(data):
+        raise ValueError("DER: truncated at %d" % pos)
+    tag, n = data[pos], data[pos + 1]
+    pos += 2
+    if n & 0x80:
+        size = n & 0x7f
+        if not 0 < size <= 4 or pos + size > len(data):
+            raise ValueError("DER: bad length at %d" % pos)
+        n = int.from_bytes(data[pos:pos + size], "big")
+        pos += size
+    if pos + n > len(data):
+        raise ValueError("DER: element overruns its container at %d" % pos)
+    return tag, data[pos:pos + n], pos + n
+
+
+def der_items(content):
+    """The elements of a constructed element's content -> [(tag, content)]."""
+    out, pos = [], 0
+    while pos < len(content):
+        tag, value, pos = der_read(content, pos)
+        out.append((tag, value))
+    return out
+
+
+def pem(label, data):
+    import base64
+    text = base64.b64encode(data).decode()
+    lines = [text[i:i + 64] for i in range(0, len(text), 64)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def pem_blocks(text, label):
+    """Every block of one label in PEM text -> [DER bytes]."""
+    import base64
+    begin, end = "-----BEGIN %s-----" % label, "-----END %s-----" % label
+    out = []
+    for chunk in text.split(begin)[1:]:
+        body = chunk.split(end, 1)[0]
+        out.append(base64.b64decode("".join(body.split())))
+    return out
+
+
+# ---- keys, names, requests, certificates --------------------------------------------------------
+
+def ec_public_bytes(public):
+    """The uncompressed point: 04 || x || y."""
+    return b"\x04" + public[0].to_bytes(32, "big") + public[1].to_bytes(32, "big")
+
+
+def ec_key_pem(d):
+    """A private key as SEC1 PEM ("EC PRIVATE KEY", which OpenSSL and ssl read)."""
+    return pem("EC PRIVATE KEY", der_seq(
+        der_int(1), der_octets(d.to_bytes(32, "big")), der(0xa0, der_oid(OID_P256)),
+        der(0xa1, der_bits(ec_public_bytes(p256_public(d))))))
+
+
+def ec_key_from_pem(text):
+    """A P-256 private key from SEC1 or PKCS#8 PEM -> d.  ValueError for anything else."""
+    sec1 = pem_blocks(text, "EC PRIVATE KEY")
+    if not sec1:
+        for block in pem_blocks(text, "PRIVATE KEY"):       # PKCS#8 wraps SEC1
+            items = der_items(der_read(block)[1])
+            if len(items) >= 3 and der_oid(OID_P256) in items[1][1]:
+                sec1 = [items[2][1]]
+    if not sec1:
+        raise ValueError("not a P-256 private key in SEC1 or PKCS#8 PEM")
+    items = der_items(der_read(sec1[0])[1])
+    curve = [v for tag, v in items if tag == 0xa0]
+    if len(items) < 2 or items[1][0] != 0x04 or (curve and der_oid(OID_P256) != curve[0]):
+        raise ValueError("not a P-256 private key")
+    d = int.from_bytes(items[1][1], "big")
+    if not 1 <= d < P256_N:
+        raise ValueError("private key out of range")
+    return d
+
+
+def ecdsa_der_signature(d, message):
+    r, s = ecdsa_sign(d, message)
+    return der_seq(der_int(r), der_int(s))
+
+
+def x509_name(common_name):
+    """A Name with one CN (UTF8String), or the empty Name."""
+    if not common_name:
+        return der_seq()
+    return der_seq(der_set(der_seq(der_oid(OID_COMMON_NAME), der(0x0c, common_name.encode()))))
+
+
+def san_kind(name):
+    """A subject alternative name's kind: "URI" (a scheme), "IP" or "DNS"."""
+    import ipaddress
+    if "://" in name:
+        return "URI"
+    try:
+        ipaddress.ip_address(name)
+        return "IP"
+    except ValueError:
+        return "DNS"
+
+
+def san_extension(names, critical=False):
+    import ipaddress
+    general = []
+    for name in names:
+        kind = san_kind(name)
+        if kind == "URI":
+            general.append(der(0x86, name.encode()))
+        elif kind == "IP":
+            general.append(der(0x87, ipaddress.ip_address(name).packed))
+        else:
+            general.append(der(0x82, name.encode("idna")))
+    return x509_extension(OID_SUBJECT_ALT_NAME, der_seq(*general), critical)
+
+
+def x509_extension(oid, value, critical=False):
+    return der_seq(der_oid(oid), *((der(0x01, b"\xff"),) if critical else ()), der_octets(value))
+
+
+def _spki(public):
+    return der_seq(der_seq(der_oid(OID_EC_PUBLIC_KEY), der_oid(OID_P256)),
+                   der_bits(ec_public_bytes(public)))
+
+
+def make_csr(d, common_name, sans):
+    """A PKCS#10 certificate request (RFC 2986) for key d: subject CN, a SAN extension
+    (DNS, IP and URI names) requested, signed ECDSA-SHA256 -> DER."""
+    attributes = der(0xa0, der_seq(der_oid(OID_EXTENSION_REQUEST),
+                                   der_set(der_seq(san_extension(sans)))) if sans else b"")
+    info = der_seq(der_int(0), x509_name(common_name), _spki(p256_public(d)), attributes)
+    return der_seq(info, der_seq(der_oid(OID_ECDSA_SHA256)), der_bits(ecdsa_der_signature(d, info)))
+
+
+def make_self_signed(d, common_name, sans, not_before, not_after, extensions=(), serial=None):
+    """An X.509 v3 certificate for key d, signed by itself -> DER.  For tls-alpn-01's
+    validation certificate (RFC 8737), with its acmeIdentifier among extensions."""
+    name = x509_name(common_name)
+    algorithm = der_seq(der_oid(OID_ECDSA_SHA256))
+    serial = serial or int.from_bytes(os.urandom(16), "big") >> 1
+    exts = ([san_extension(sans)] if sans else []) + list(extensions)
+    tbs = der_seq(der(0xa0, der_int(2)), der_int(serial), algorithm, name,
+                  der_seq(der_time(not_before), der_time(not_after)), name,
+                  _spki(p256_public(d)), der(0xa3, der_seq(*exts)) if exts else b"")
+    return der_seq(tbs, algorithm, der_bits(ecdsa_der_signature(d, tbs)))
+
+
+# ---- JWS (RFC 7515), as ACME signs its requests ---------------------------------------------
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text):
+    import base64
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jwk_of(d):
+    """The public JSON Web Key of key d (RFC 7518 6.2)."""
+    x, y = p256_public(d)
+    return {"crv": "P-256", "kty": "EC", "x": b64url(x.to_bytes(32, "big")),
+            "y": b64url(y.to_bytes(32, "big"))}
+
+
+def jwk_thumbprint(jwk):
+    """RFC 7638: SHA-256 over the required members, sorted, no whitespace."""
+    import hashlib
+    required = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+    return b64url(hashlib.sha256(json.dumps(required, sort_keys=True, separators=(",", ":"))
+                                 .encode()).digest())
+
+
+def jws(protected, payload, d=None, hmac_key=None):
+    """A flattened JWS: ES256 with key d, or HS256 with hmac_key (ACME's External Account
+    Binding).  payload None is ACME's POST-as-GET (an empty payload)."""
+    import hmac
+    head = b64url(json.dumps(protected, separators=(",", ":")).encode())
+    body = "" if payload is None else b64url(json.dumps(payload, separators=(",", ":")).encode())
+    signing_input = ("%s.%s" % (head, body)).encode()
+    if d is not None:
+        r, s = ecdsa_sign(d, signing_input)
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")    # JWS: raw r || s
+    else:
+        signature = hmac.new(hmac_key, signing_input, "sha256").digest()
+    return {"protected": head, "payload": body, "signature": b64url(signature)}

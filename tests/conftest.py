@@ -35,7 +35,7 @@ PYTHON_FLAGS = os.environ.get("AMBASSADOR_PYTHON_FLAGS", "").split()
 # process fails, so that the layer stays what its name says.
 PROCESS_FIXTURES = frozenset(["ambassador", "upstream", "upstream_factory", "redis_server",
                               "postgres_server", "postgres_scram", "pki", "scripted",
-                              "collector", "fake_dns", "node_echo"])
+                              "collector", "fake_dns", "node_echo", "openbao", "pebble"])
 
 
 def pytest_configure(config):
@@ -806,3 +806,191 @@ def callee_config(pki, app, tmp_path=None, **tls):
         "require_client_cert": True, "allowed_sans": [SPIFFE + "order"],
         "reload_interval": "100ms"}, **tls)
     return config
+
+
+# ------------------------------------------------------------------------------ certificate authorities
+
+def free_port_pair():
+    """A port p with p + 1 free too (OpenBao's dev server binds both)."""
+    while True:
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        _HANDED_OUT.add(port + 1)
+        return port
+
+
+class OpenBao:
+    """OpenBao's dev server (`bao server -dev -dev-tls`) on loopback, with its PKI engine ready:
+    an EC root CA, a role `svc` (names under svc, SPIFFE URIs, ttl as given), AppRole and JWT
+    auth whose logins may sign and issue.  The JWT key is the test's: jwt() signs a token as a
+    projected service-account token would be.  Stopped by PID."""
+
+    ROOT_TOKEN = "root-token-for-tests"
+
+    def __init__(self, tmp, ttl="60s"):
+        import ambassador
+        bao = need("bao")
+        self.dir = str(tmp)
+        self.port = free_port_pair()
+        self.address = "https://127.0.0.1:%d" % self.port
+        self.ca = os.path.join(self.dir, "vault-ca.pem")
+        self.log = open(os.path.join(self.dir, "bao.log"), "wb")
+        self.proc = subprocess.Popen(
+            [bao, "server", "-dev", "-dev-root-token-id=" + self.ROOT_TOKEN,
+             "-dev-no-store-token", "-dev-listen-address=127.0.0.1:%d" % self.port,
+             "-dev-tls", "-dev-tls-cert-dir=" + self.dir],
+            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, HOME=self.dir))
+        wait_for(lambda: self.healthy(), 30, "OpenBao on port %d" % self.port)
+        self.api("POST", "sys/mounts/pki", {"type": "pki",
+                                           "config": {"max_lease_ttl": "87600h"}})
+        self.api("POST", "pki/root/generate/internal", {"common_name": "Test Root",
+                                                        "ttl": "87600h", "key_type": "ec"})
+        self.role("svc", ttl)
+        self.api("POST", "sys/policies/acl/pki", {"policy": 'path "pki/*" { capabilities = '
+                                                            '["create", "update", "read"] }'})
+        self.api("POST", "sys/auth/approle", {"type": "approle"})
+        self.api("POST", "auth/approle/role/order", {"token_policies": ["pki"],
+                                                      "token_ttl": "10m"})
+        self.role_id = self.api("GET", "auth/approle/role/order/role-id")["data"]["role_id"]
+        self.secret_id = self.api("POST", "auth/approle/role/order/secret-id")["data"][
+            "secret_id"]
+        self.jwt_key = ambassador.p256_new_key()
+        public = ambassador.pem("PUBLIC KEY", ambassador._spki(
+            ambassador.p256_public(self.jwt_key)))
+        self.api("POST", "sys/auth/jwt", {"type": "jwt"})
+        self.api("POST", "auth/jwt/config", {"jwt_validation_pubkeys": [public]})
+        self.api("POST", "auth/jwt/role/order", {
+            "role_type": "jwt", "user_claim": "sub", "bound_audiences": ["openbao"],
+            "bound_subject": "system:serviceaccount:default:order",
+            "token_policies": ["pki"], "token_ttl": "10m"})
+
+    def role(self, name, ttl, **extra):
+        self.api("POST", "pki/roles/" + name, dict({
+            "allowed_domains": ["svc", "localhost"], "allow_subdomains": True,
+            "allow_bare_domains": True, "allow_localhost": True, "allow_ip_sans": True,
+            "allowed_uri_sans": ["spiffe://cluster.local/*"], "ttl": ttl, "max_ttl": "24h",
+            "key_type": "ec", "key_bits": 256, "not_before_duration": "30s"}, **extra))
+
+    def jwt(self, subject="system:serviceaccount:default:order"):
+        import ambassador
+        now = int(time.time())
+        signed = ambassador.jws({"alg": "ES256", "typ": "JWT"},
+                                {"sub": subject, "aud": "openbao", "iat": now,
+                                 "exp": now + 3600}, self.jwt_key)
+        return "%s.%s.%s" % (signed["protected"], signed["payload"], signed["signature"])
+
+    def context(self):
+        return ssl.create_default_context(cafile=self.ca)
+
+    def healthy(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("bao exited: %s" % open(self.log.name).read()[-2000:])
+        if not os.path.exists(self.ca):
+            return False
+        try:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=2,
+                                               context=self.context())
+            conn.request("GET", "/v1/sys/health")
+            return conn.getresponse().status == 200
+        except (OSError, ssl.SSLError):
+            return False
+
+    def api(self, method, path, body=None, token=None):
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10,
+                                           context=self.context())
+        conn.request(method, "/v1/" + path, body=json.dumps(body) if body is not None else None,
+                     headers={"X-Vault-Token": token or self.ROOT_TOKEN})
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        assert r.status < 300, (method, path, r.status, data[:500])
+        return json.loads(data) if data.strip() else {}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def openbao(tmp_path_factory):
+    bao = OpenBao(tmp_path_factory.mktemp("openbao"))
+    yield bao
+    bao.stop()
+
+
+class Pebble:
+    """Let's Encrypt's test ACME server on loopback: its listener's certificate made here, its
+    validator pointed at http_port (http-01) and tls_port (tls-alpn-01) where Ambassador's
+    challenge responder listens; names resolve through pebble-challtestsrv's DNS to
+    127.0.0.1.  No sleep before validations, nonces always good (the badNonce retry is tested
+    with the default 5% rejection elsewhere), authorizations never reused."""
+
+    def __init__(self, tmp, pki, validity=120, eab=None, nonce_reject=0):
+        self.dir = str(tmp)
+        pebble, challtestsrv = need("pebble"), need("pebble-challtestsrv")
+        self.port, self.management = free_port(), free_port()
+        self.http_port, self.tls_port, dns, dns_management = (free_port() for _ in range(4))
+        self.directory = "https://127.0.0.1:%d/dir" % self.port
+        self.ca = pki.ca_pem
+        config = {"pebble": {
+            "listenAddress": "127.0.0.1:%d" % self.port,
+            "managementListenAddress": "127.0.0.1:%d" % self.management,
+            "certificate": pki.server[0], "privateKey": pki.server[1],
+            "httpPort": self.http_port, "tlsPort": self.tls_port, "ocspResponderURL": "",
+            "externalAccountBindingRequired": bool(eab),
+            "externalAccountMACKeys": eab or {},
+            "certificateValidityPeriod": validity}}
+        path = os.path.join(self.dir, "pebble.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        self.log = open(os.path.join(self.dir, "pebble.log"), "wb")
+        self.dns = subprocess.Popen(
+            [challtestsrv, "-dns01", "127.0.0.1:%d" % dns, "-http01", "", "-https01", "",
+             "-tlsalpn01", "", "-management", "127.0.0.1:%d" % dns_management,
+             "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT=str(nonce_reject),
+                   PEBBLE_AUTHZREUSE="0")
+        self.proc = subprocess.Popen([pebble, "-config", path, "-dnsserver",
+                                      "127.0.0.1:%d" % dns], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
+        wait_for(self.up, 30, "pebble on port %d" % self.port)
+
+    def up(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("pebble exited: %s" % open(self.log.name).read()[-2000:])
+        try:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=2,
+                                               context=ssl.create_default_context(cafile=self.ca))
+            conn.request("GET", "/dir")
+            return conn.getresponse().status == 200
+        except (OSError, ssl.SSLError):
+            return False
+
+    def roots(self):
+        """The CA pebble made at this start (its roots change every start)."""
+        conn = http.client.HTTPSConnection("127.0.0.1", self.management, timeout=5,
+                                           context=ssl.create_default_context(cafile=self.ca))
+        conn.request("GET", "/roots/0")
+        return conn.getresponse().read().decode()
+
+    def stop(self):
+        for proc in (self.proc, self.dns):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        self.log.close()

@@ -306,6 +306,9 @@ REFERENCE = {                      # README heading -> (key table, record it fil
     "[listeners.<name>.rate_limit]": ("_RATE_LIMIT_KEYS", "RateLimitConfig"),
     "[listeners.<name>.mirror]": ("_MIRROR_KEYS", "MirrorConfig"),
     "[listeners.<name>.upgrade]": ("_UPGRADE_KEYS", "UpgradeConfig"),
+    "[certificates.<name>]": ("_CERTIFICATE_KEYS", "CertificateConfig"),
+    "[certificates.<name>.vault]": ("_VAULT_KEYS", "VaultIssuerConfig"),
+    "[certificates.<name>.acme]": ("_ACME_KEYS", "AcmeIssuerConfig"),
 }
 
 
