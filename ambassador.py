@@ -10323,10 +10323,6 @@ class LinearRegex:
         return True if matched else None
 
 
-if __name__ == "__main__":
-    sys.exit(run_script())
-
-
 # ==================================================================================================
 # 29. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
 #    Pure functions of integers and bytes, for the keys, certificate requests and ACME messages
@@ -10716,3 +10712,7 @@ def jws(protected, payload, d=None, hmac_key=None):
     else:
         signature = hmac.new(hmac_key, signing_input, "sha256").digest()
     return {"protected": head, "payload": body, "signature": b64url(signature)}
+
+
+if __name__ == "__main__":
+    sys.exit(run_script())
