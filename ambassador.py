@@ -3180,7 +3180,7 @@ class ManagedCertificate:
         self._crl = (None, -1e9)                 # (PEM text, monotonic time fetched)
         self._subscribers = []                   # weak references to TlsContextSources
         self.ready = threading.Event()           # set once a certificate serves
-        self.renewed = threading.Event()         # set at each success (tests, upgrade wait)
+        self._due = False                        # serving one not for this table: renew now
 
     def state_paths(self):
         d = self.config.state_dir
@@ -3208,16 +3208,26 @@ class ManagedCertificate:
             return
         self._take(material, "state_dir")
 
+    def inherit(self, previous):
+        """A reload changed this certificate's table: serve the certificate of the table it
+        replaces until this one's first is obtained (renewed at once), so that no handshake
+        fails in between.  Only when state_dir gave nothing usable."""
+        with previous._lock:
+            material = previous.material
+        with self._lock:
+            if self.material is None and material is not None:
+                self.material, self._due = material, True
+                self.ready.set()
+
     def _take(self, material, how):
         with self._lock:
             self.material = material
-            self.next_renewal = renewal_point(material, self.config.renew_before)
             self.error = None
-        self.log.info("certificate %s: serial %s from %s, valid until %s, renewal at %s",
-                      self.name, material.serial, how, utc_text(material.not_after),
-                      utc_text(self.next_renewal))
+            self._due = False
+        self.log.info("certificate %s: serial %s from %s, valid %s to %s", self.name,
+                      material.serial, how, utc_text(material.not_before),
+                      utc_text(material.not_after))
         self.ready.set()
-        self.renewed.set()
         self.notify()
 
     def subscribe(self, source):
@@ -3252,20 +3262,26 @@ class ManagedCertificate:
                                  self.name, e.strerror or e)
         self._take(material, self.issuer.source)
 
-    def delay(self, now=None):
-        """Seconds until the next renewal, jittered; 0 when there is none to serve."""
-        now = time.time() if now is None else now
+    def schedule(self):
+        """Pick the next renewal: the renewal point, jittered by +-10% of the time to it (a
+        fleet started together does not renew together) -> seconds until then; 0 when no
+        certificate serves.  next_renewal keeps it, through failures too: it is how late a
+        renewal is (the alert on it)."""
+        now = time.time()
         with self._lock:
-            point = self.next_renewal
-        if point is None:
-            return 0.0
-        return max(0.0, (point - now) * (1 + random.uniform(-CERT_RENEW_JITTER,
-                                                             CERT_RENEW_JITTER)))
+            if self.material is None or self._due:
+                self.next_renewal = now if self._due else None
+                return 0.0
+            point = renewal_point(self.material, self.config.renew_before)
+            wait = max(0.0, (point - now) * (1 + random.uniform(-CERT_RENEW_JITTER,
+                                                                 CERT_RENEW_JITTER)))
+            self.next_renewal = now + wait
+        return wait
 
     def run(self, stop):
         """The renewer: until stop is set."""
         failures = 0
-        wait = self.delay()
+        wait = self.schedule()
         while not stop.wait(wait):
             try:
                 self.renew()
@@ -3292,7 +3308,9 @@ class ManagedCertificate:
                 continue
             failures = 0
             self.telemetry.certificate_renewed(self.name, "success")
-            wait = self.delay()
+            wait = self.schedule()
+            self.log.info("certificate %s: next renewal at %s", self.name,
+                          utc_text(self.next_renewal))
 
     def crl(self, max_age):
         """The issuer's CRL, fetched again when older than max_age seconds; the last one
@@ -9028,8 +9046,10 @@ class Reloader:
             for name, c in config.certificates.items():
                 managed = app.certificates.get(name)
                 if managed is None or managed.config != c:    # unchanged: never issued again
-                    managed = ManagedCertificate(c, t)
+                    previous, managed = managed, ManagedCertificate(c, t)
                     managed.load_state()
+                    if previous is not None:
+                        managed.inherit(previous)
                     staged.new_certificates.add(name)
                 staged.certificates[name] = managed
             fresh = staged.new_certificates

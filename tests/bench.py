@@ -1240,6 +1240,112 @@ def ws_echo(sock, payload):
         got += len(sock.recv(min(1 << 20, want - got)))
 
 
+def certificate_numbers(tmp, up_port, procs, args):
+    """#26's numbers: key generation and one signature in CPU ms on each pyenv interpreter;
+    start to /ready with a certificate from OpenBao (sign, AppRole) and from pebble (http-01)
+    against files; CPU per request through a TLS listener whose certificate came from OpenBao
+    against the same listener with files (alternated, one run)."""
+    import glob
+    import ssl
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import conftest                                  # the tests' CA recipes (pytest needed)
+    code = ("import sys, time; sys.path.insert(0, %r); import ambassador as a\n"
+            "keys, signs = [], []\n"
+            "for _ in range(20):\n"
+            "    t = time.process_time(); d = a.p256_new_key(); a.p256_public(d)\n"
+            "    keys.append(time.process_time() - t)\n"
+            "    t = time.process_time(); a.ecdsa_sign(d, b'x' * 200); signs.append(time.process_time() - t)\n"
+            "keys.sort(); signs.sort(); print('%%.2f %%.2f' %% (keys[10] * 1e3, signs[10] * 1e3))\n"
+            % ROOT)
+    print("| interpreter | key generation CPU ms (median of 20) | one ECDSA signature CPU ms |")
+    print("|---|---|---|")
+    pythons = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python")))
+    for python in pythons or [args.python]:
+        out = subprocess.check_output([python, "-c", code]).decode().split()
+        version = subprocess.check_output([python, "--version"]).decode().split()[1]
+        print("| %s | %s | %s |" % (version, out[0], out[1]))
+    pki = conftest.PKI(os.path.join(tmp, "pki"))
+    os.makedirs(pki.root)
+    pki.ca("ca")
+    pki.server = pki.leaf("server", "ca", "DNS:localhost,IP:127.0.0.1", "serverAuth")
+    pki.ca_pem = pki.path("ca.pem")
+    for name in ("bao", "pebble"):
+        os.makedirs(os.path.join(tmp, name))
+    bao = conftest.OpenBao(os.path.join(tmp, "bao"), ttl="1h")
+    pebble = conftest.Pebble(os.path.join(tmp, "pebble"), pki)
+    try:
+        for name, text in (("role-id", bao.role_id), ("secret-id", bao.secret_id)):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        vault = ('[certificates.w]\nissuer = "vault"\nsans = ["localhost", "127.0.0.1"]\n'
+                 '[certificates.w.vault]\naddress = "%s"\nca = "%s"\nrole = "svc"\n'
+                 'auth = "approle"\nrole_id_file = "%s/role-id"\nsecret_id_file = '
+                 '"%s/secret-id"\n' % (bao.address, bao.ca, tmp, tmp))
+        acme = ('[certificates.w]\nissuer = "acme"\nsans = ["localhost"]\n'
+                '[certificates.w.acme]\ndirectory = "%s"\nca = "%s"\nchallenge_listen = '
+                '"127.0.0.1:%d"\n' % (pebble.directory, pebble.ca, pebble.http_port))
+        sources = {"files": ("", 'cert = "%s"\nkey = "%s"\n' % pki.server),
+                   "OpenBao": (vault, 'certificate = "w"\n'),
+                   "pebble": (acme, 'certificate = "w"\n')}
+
+        def start(kind):
+            port, admin = free_port(), free_port()
+            conf = os.path.join(tmp, "cert-%s.toml" % kind)
+            head, tls = sources[kind]
+            with open(conf, "w") as f:
+                f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n%s'
+                        '[listeners.t]\nlisten = "127.0.0.1:%d"\ncluster = "u"\n'
+                        '[listeners.t.tls]\n%s[clusters.u]\nendpoints = ["127.0.0.1:%d"]\n'
+                        % (admin, head, port, tls, up_port))
+            began = time.monotonic()
+            proc = subprocess.Popen(pinned(0, [args.python, os.path.join(ROOT, "ambassador.py"),
+                                               "-c", conf]), stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            while True:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=2)
+                    c.request("GET", "/ready")
+                    if c.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() - began > 60:
+                    raise SystemExit("%s: not ready in 60 s" % kind)
+                time.sleep(0.005)
+            return proc, port, time.monotonic() - began
+
+        def tls_cpu(proc, port, n=3000):
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+            conn.request("GET", "/1k")
+            conn.getresponse().read()
+            cpu0 = proc_stat(proc.pid)[0]
+            for _ in range(n):
+                conn.request("GET", "/1k")
+                conn.getresponse().read()
+            conn.close()
+            return (proc_stat(proc.pid)[0] - cpu0) / n * 1e6
+        print()
+        print("| certificate from | start to /ready ms | CPU µs per TLS request (keep-alive, "
+              "1 KiB), rounds |")
+        print("|---|---|---|")
+        results = {k: ([], []) for k in sources}
+        for _ in range(args.rounds):
+            for kind in sources:
+                proc, port, ready = start(kind)
+                results[kind][0].append(ready * 1e3)
+                results[kind][1].append(tls_cpu(proc, port))
+                proc.terminate()
+                proc.wait(20)
+        for kind, (ready, cpu) in results.items():
+            print("| %s | %s | %s |" % (kind, " / ".join("%.0f" % r for r in ready),
+                                        " / ".join("%.0f" % c for c in cpu)))
+    finally:
+        bao.stop()
+        pebble.stop()
+
+
 def websocket_numbers(tmp, procs, args):
     """One WebSocket tunnel against a direct connection to node-ws, alternated: throughput of
     1 MiB echoes, and p50 of 64-byte echoes."""
@@ -1313,6 +1419,9 @@ def main():
                         "(perf), for this file and --baseline")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
+    p.add_argument("--certificates-only", action="store_true",
+                   help="certificate crypto CPU per interpreter, start-to-ready with OpenBao and "
+                        "pebble, CPU per TLS request with an issued certificate against files")
     p.add_argument("--websocket-only", action="store_true",
                    help="only one WebSocket tunnel against a direct connection (node-ws)")
     args = p.parse_args()
@@ -1352,6 +1461,9 @@ def main():
             return
         if args.websocket_only:
             websocket_numbers(tmp, procs, args)
+            return
+        if args.certificates_only:
+            certificate_numbers(tmp, up_port, procs, args)
             return
         if args.connections_only:
             connection_core(tmp, up_port, procs, args, load)
