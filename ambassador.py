@@ -44,7 +44,7 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
 
-Who waits where, and which thread owns a connection (the connection core, sections 10 and 11):
+Who waits where, and which thread owns a connection (the connection core, sections 11 and 12):
 
     accept thread         one per listener: accept(), count against max_connections (past
     (listener:NAME)       it: a 503 written at once), register the connection in the epoll
@@ -85,23 +85,23 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       16 Upstream connections and pools
-     2 Constants and defaults          17 Endpoints, balancers, DNS, Cluster
-     3 Errors and outcomes             18 Resilience: retries, budget, breaker, limits,
-     4 Foundations                        outlier detection, health checks
-     5 Configuration: records, kinds   19 Telemetry: metrics, access log
-     6 Configuration: schema, loading  20 Telemetry: tracing
-     7 HTTP/1.1 wire format            21 Telemetry: the sink the data path calls
-     8 TLS                             22 Admin and probes
-     9 Certificates: obtained and      23 Process: bind, serve, drain, live upgrade
-       renewed (Vault, ACME)           24 Reload by difference (Reloader)
-    10 Downstream: listeners, where    25 The command line: main(), signals, re-exec
-       connections wait (Dispatcher)   26 The demo
-    11 Downstream connections          27 Appendix: TOML parser for Python < 3.11
-    12 Routing and traffic policy      28 Appendix: linear-time regular expressions
-    13 Request stack                   29 Appendix: certificate crypto (P-256, ECDSA,
-    14 TCP relay: connect, pump           DER, CSR, JWS)
-    15 Tunnels (WebSocket), RelayLoop
+     1 Imports and compatibility       16 Tunnels (WebSocket), RelayLoop
+     2 Constants and defaults          17 Upstream connections and pools
+     3 Errors and outcomes             18 Endpoints, balancers, DNS, Cluster
+     4 Foundations                     19 Resilience: retries, budget, breaker, limits,
+     5 Configuration: records, kinds      outlier detection, health checks
+     6 Configuration: schema, loading  20 Telemetry: metrics, access log
+     7 HTTP/1.1 wire format            21 Telemetry: tracing
+     8 TLS                             22 Telemetry: the sink the data path calls
+     9 Certificates: kept fresh        23 Admin and probes
+    10 Certificate issuers: OpenBao/   24 Process: bind, serve, drain, live upgrade
+       Vault PKI, ACME                 25 Reload by difference (Reloader)
+    11 Downstream: listeners, where    26 The command line: main(), signals, re-exec
+       connections wait (Dispatcher)   27 The demo
+    12 Downstream connections          28 Appendix: TOML parser for Python < 3.11
+    13 Routing and traffic policy      29 Appendix: linear-time regular expressions
+    14 Request stack                   30 Appendix: certificate crypto (P-256, ECDSA,
+    15 TCP relay: connect, pump           DER, CSR, JWS)
 """
 
 # ==================================================================================================
@@ -292,7 +292,7 @@ _BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
 # RFC 9110 5.5: a field value holds no control byte but HTAB.  The same for a chunk-size line,
 # a trailer, and a request head with its CRLFs made HTABs: no bare CR or LF either.
 _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-# What an app may ask of a route's fault table with header_control (section 12): the only
+# What an app may ask of a route's fault table with header_control (section 13): the only
 # x-ambassador-* request headers read; every other one from the app is dropped.
 _FAULT_HEADERS = frozenset([b"x-ambassador-fault-delay", b"x-ambassador-fault-abort"])
 # Every x-ambassador-* header Ambassador sends or reads: from the app, each is dropped.
@@ -1026,7 +1026,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 28) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 29) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -2561,10 +2561,10 @@ def handshake_failed(sock, listener, error):
 
 
 # ==================================================================================================
-# 9. Certificates: obtained and renewed
-#    [certificates.NAME]: a key made here (or by the CA), a certificate from OpenBao's or Vault's
-#    PKI or from an ACME server, checked, kept fresh and handed to the TLS contexts that name it;
-#    the issuer's CRL fetched for them.  Section 29 holds the crypto; every call here is bounded.
+# 9. Certificates: kept fresh
+#    [certificates.NAME]: a certificate obtained from its issuer (section 10), proven before it
+#    serves, renewed before it expires and handed to the TLS contexts that name it, with the
+#    issuer's CRL.  Section 30 holds the crypto.  Nothing here blocks a request.
 # ==================================================================================================
 
 class IssuerError(Exception):
@@ -2740,6 +2740,210 @@ def renewal_point(material, renew_before):
         ahead = parse_duration(renew_before)
     return max(material.not_after - ahead, material.not_before + lifetime / 2.0)
 
+
+def write_private(path, text):
+    """A file only its owner reads (0600), replaced whole: written beside, then renamed."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+
+
+class ManagedCertificate:
+    """One [certificates.NAME], kept fresh by its own thread (run): obtained at start unless
+    state_dir holds one still good, renewed at renewal_point with +-10% jitter, a failure
+    retried with backoff (at most CERT_RETRY_MAX_S apart) while the current one serves until
+    it expires.  A new certificate is checked (check_material) before it is swapped in; then
+    every TlsContextSource that names it rebuilds its context: new handshakes take it, open
+    connections finish on the old.  Thread-safe: one lock guards the material and its status."""
+
+    def __init__(self, config, telemetry):
+        self.config, self.name = config, config.name
+        self.telemetry = telemetry
+        self.issuer = VaultIssuer(config.vault) if config.issuer == "vault" else \
+            AcmeIssuer(config.acme, config.state_dir)
+        self.log = logging.getLogger("ambassador")
+        self._lock = threading.Lock()            # guards material, next_renewal, _crl, error
+        self.material = None
+        self.next_renewal = None                 # Unix time
+        self.error = None                        # the last failure's reason, until a success
+        self._crl = (None, -1e9)                 # (PEM text, monotonic time fetched)
+        self._subscribers = []                   # weak references to TlsContextSources
+        self.ready = threading.Event()           # set once a certificate serves
+        self._due = False                        # serving one not for this table: renew now
+
+    def state_paths(self):
+        d = self.config.state_dir
+        return tuple(os.path.join(d, "%s.%s.pem" % (self.name, part))
+                     for part in ("cert", "key", "ca"))
+
+    def load_state(self):
+        """At start: a certificate state_dir kept, if it is still valid for this config.
+        One past its renewal point serves too, while a new one is obtained at once."""
+        if not self.config.state_dir:
+            return
+        try:
+            texts = []
+            for path in self.state_paths():
+                with open(path) as f:
+                    texts.append(f.read())
+            material = material_of(texts[0], texts[1], texts[2],
+                                   "state_dir %s" % self.config.state_dir)
+            check_material(material, self.config)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, IssuerError) as e:
+            self.log.warning("certificate %s: the one in state_dir is not used: %s",
+                             self.name, e)
+            return
+        self._take(material, "state_dir")
+
+    def inherit(self, previous):
+        """A reload changed this certificate's table: serve the certificate of the table it
+        replaces until this one's first is obtained (renewed at once), so that no handshake
+        fails in between.  Only when state_dir gave nothing usable."""
+        with previous._lock:
+            material = previous.material
+        with self._lock:
+            if self.material is None and material is not None:
+                self.material, self._due = material, True
+                self.ready.set()
+
+    def _take(self, material, how):
+        with self._lock:
+            self.material = material
+            self.error = None
+            self._due = False
+        self.log.info("certificate %s: serial %s from %s, valid %s to %s", self.name,
+                      material.serial, how, utc_text(material.not_before),
+                      utc_text(material.not_after))
+        self.ready.set()
+        self.notify()
+
+    def subscribe(self, source):
+        import weakref
+        with self._lock:
+            self._subscribers = [r for r in self._subscribers if r() is not None]
+            self._subscribers.append(weakref.ref(source))
+
+    def notify(self):
+        with self._lock:
+            sources = [r() for r in self._subscribers]
+        for source in sources:
+            if source is not None:
+                source.rebuild("certificate %s" % self.name)
+
+    def renew(self):
+        """Obtain, check, swap in, keep.  IssuerError on any failure (nothing changed)."""
+        c = self.config
+        key = None if (c.issuer == "vault" and c.vault.mode == "issue") else p256_new_key()
+        cert_pem, key_pem, ca_pem = self.issuer.obtain(c, key)
+        try:
+            material = material_of(cert_pem, key_pem, ca_pem, self.issuer.source)
+        except ValueError as e:
+            raise IssuerError("bad_response", "the CA's certificate does not decode: %s" % e)
+        check_material(material, c)
+        if c.state_dir:
+            try:
+                for path, text in zip(self.state_paths(), (cert_pem, key_pem, ca_pem)):
+                    write_private(path, text)
+            except OSError as e:
+                self.log.warning("certificate %s: cannot keep it in state_dir: %s",
+                                 self.name, e.strerror or e)
+        self._take(material, self.issuer.source)
+
+    def schedule(self):
+        """Pick the next renewal: the renewal point, jittered by +-10% of the time to it (a
+        fleet started together does not renew together) -> seconds until then; 0 when no
+        certificate serves.  next_renewal keeps it, through failures too: it is how late a
+        renewal is (the alert on it)."""
+        now = time.time()
+        with self._lock:
+            if self.material is None or self._due:
+                self.next_renewal = now if self._due else None
+                return 0.0
+            point = renewal_point(self.material, self.config.renew_before)
+            wait = max(0.0, (point - now) * (1 + random.uniform(-CERT_RENEW_JITTER,
+                                                                 CERT_RENEW_JITTER)))
+            self.next_renewal = now + wait
+        return wait
+
+    def run(self, stop):
+        """The renewer: until stop is set."""
+        failures = 0
+        wait = self.schedule()
+        while not stop.wait(wait):
+            try:
+                self.renew()
+            except IssuerError as e:
+                failures += 1
+                self.telemetry.certificate_renewed(self.name, "failure")
+                with self._lock:
+                    changed, self.error = self.error != e.reason, e.reason
+                    left = self.material.not_after - time.time() if self.material else None
+                wait = min(CERT_RETRY_MAX_S, CERT_RETRY_MIN_S * 2 ** min(failures - 1, 16))
+                wait *= 1 + random.uniform(-CERT_RENEW_JITTER, CERT_RENEW_JITTER)
+                # Once per change of reason: a CA down for an hour is one line, not 60.
+                if changed or failures in (1, 10, 100):
+                    self.log.error("certificate %s: renewal failed (%s), retry in %.0fs, %s: %s",
+                                   self.name, e.reason, wait,
+                                   "none serves yet" if left is None else
+                                   "the current one serves %.0fs more" % left, e)
+                continue
+            except Exception as e:                        # a bug here must not end renewal
+                failures += 1
+                self.telemetry.certificate_renewed(self.name, "failure")
+                self.log.exception("certificate %s: renewal failed: %s", self.name, e)
+                wait = CERT_RETRY_MAX_S
+                continue
+            failures = 0
+            self.telemetry.certificate_renewed(self.name, "success")
+            wait = self.schedule()
+            self.log.info("certificate %s: next renewal at %s", self.name,
+                          utc_text(self.next_renewal))
+
+    def crl(self, max_age):
+        """The issuer's CRL, fetched again when older than max_age seconds; the last one
+        fetched while the issuer cannot be reached; None before the first."""
+        with self._lock:
+            text, fetched = self._crl
+        if monotonic() - fetched < max_age:
+            return text
+        try:
+            fresh = self.issuer.crl()
+        except IssuerError as e:
+            self.telemetry.warnings.warning(("crl", self.name), "certificate %s: CRL not "
+                                            "fetched, the last one stays: %s", self.name, e)
+            fresh = text
+        with self._lock:
+            self._crl = (fresh, monotonic())
+        return fresh
+
+    def info(self):
+        """/certs' entry."""
+        with self._lock:
+            m, point, error = self.material, self.next_renewal, self.error
+        out = {"name": self.name, "issuer": self.config.issuer, "source": None,
+               "next_renewal": utc_text(point) if point else None, "last_error": error}
+        if m is not None:
+            out.update(source=m.source, subject=m.subject, sans=list(m.sans), serial=m.serial,
+                       not_before=utc_text(m.not_before), not_after=utc_text(m.not_after),
+                       issued_by=m.issuer, days_left=round((m.not_after - time.time()) / 86400, 3))
+        return out
+
+
+# ==================================================================================================
+# 10. Certificate issuers: OpenBao/Vault PKI and ACME
+#    How one certificate is obtained: an HTTP(S) call to the CA, bounded; Vault's logins and its
+#    sign/issue endpoints; ACME's account, order, challenges (answered by a ChallengeResponder
+#    bound for the order's duration) and finalization.  Secrets are read, never repeated.
+# ==================================================================================================
 
 def split_url(url):
     """"https://host:port/path" -> (scheme, host, port, path)."""
@@ -3145,205 +3349,8 @@ def acme_challenge_address(acme):
     return (DEFAULT_LISTEN_HOST, 443 if acme.challenge == "tls-alpn-01" else 80)
 
 
-def write_private(path, text):
-    """A file only its owner reads (0600), replaced whole: written beside, then renamed."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    temporary = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, path)
-
-
-class ManagedCertificate:
-    """One [certificates.NAME], kept fresh by its own thread (run): obtained at start unless
-    state_dir holds one still good, renewed at renewal_point with +-10% jitter, a failure
-    retried with backoff (at most CERT_RETRY_MAX_S apart) while the current one serves until
-    it expires.  A new certificate is checked (check_material) before it is swapped in; then
-    every TlsContextSource that names it rebuilds its context: new handshakes take it, open
-    connections finish on the old.  Thread-safe: one lock guards the material and its status."""
-
-    def __init__(self, config, telemetry):
-        self.config, self.name = config, config.name
-        self.telemetry = telemetry
-        self.issuer = VaultIssuer(config.vault) if config.issuer == "vault" else \
-            AcmeIssuer(config.acme, config.state_dir)
-        self.log = logging.getLogger("ambassador")
-        self._lock = threading.Lock()            # guards material, next_renewal, _crl, error
-        self.material = None
-        self.next_renewal = None                 # Unix time
-        self.error = None                        # the last failure's reason, until a success
-        self._crl = (None, -1e9)                 # (PEM text, monotonic time fetched)
-        self._subscribers = []                   # weak references to TlsContextSources
-        self.ready = threading.Event()           # set once a certificate serves
-        self._due = False                        # serving one not for this table: renew now
-
-    def state_paths(self):
-        d = self.config.state_dir
-        return tuple(os.path.join(d, "%s.%s.pem" % (self.name, part))
-                     for part in ("cert", "key", "ca"))
-
-    def load_state(self):
-        """At start: a certificate state_dir kept, if it is still valid for this config.
-        One past its renewal point serves too, while a new one is obtained at once."""
-        if not self.config.state_dir:
-            return
-        try:
-            texts = []
-            for path in self.state_paths():
-                with open(path) as f:
-                    texts.append(f.read())
-            material = material_of(texts[0], texts[1], texts[2],
-                                   "state_dir %s" % self.config.state_dir)
-            check_material(material, self.config)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, IssuerError) as e:
-            self.log.warning("certificate %s: the one in state_dir is not used: %s",
-                             self.name, e)
-            return
-        self._take(material, "state_dir")
-
-    def inherit(self, previous):
-        """A reload changed this certificate's table: serve the certificate of the table it
-        replaces until this one's first is obtained (renewed at once), so that no handshake
-        fails in between.  Only when state_dir gave nothing usable."""
-        with previous._lock:
-            material = previous.material
-        with self._lock:
-            if self.material is None and material is not None:
-                self.material, self._due = material, True
-                self.ready.set()
-
-    def _take(self, material, how):
-        with self._lock:
-            self.material = material
-            self.error = None
-            self._due = False
-        self.log.info("certificate %s: serial %s from %s, valid %s to %s", self.name,
-                      material.serial, how, utc_text(material.not_before),
-                      utc_text(material.not_after))
-        self.ready.set()
-        self.notify()
-
-    def subscribe(self, source):
-        import weakref
-        with self._lock:
-            self._subscribers = [r for r in self._subscribers if r() is not None]
-            self._subscribers.append(weakref.ref(source))
-
-    def notify(self):
-        with self._lock:
-            sources = [r() for r in self._subscribers]
-        for source in sources:
-            if source is not None:
-                source.rebuild("certificate %s" % self.name)
-
-    def renew(self):
-        """Obtain, check, swap in, keep.  IssuerError on any failure (nothing changed)."""
-        c = self.config
-        key = None if (c.issuer == "vault" and c.vault.mode == "issue") else p256_new_key()
-        cert_pem, key_pem, ca_pem = self.issuer.obtain(c, key)
-        try:
-            material = material_of(cert_pem, key_pem, ca_pem, self.issuer.source)
-        except ValueError as e:
-            raise IssuerError("bad_response", "the CA's certificate does not decode: %s" % e)
-        check_material(material, c)
-        if c.state_dir:
-            try:
-                for path, text in zip(self.state_paths(), (cert_pem, key_pem, ca_pem)):
-                    write_private(path, text)
-            except OSError as e:
-                self.log.warning("certificate %s: cannot keep it in state_dir: %s",
-                                 self.name, e.strerror or e)
-        self._take(material, self.issuer.source)
-
-    def schedule(self):
-        """Pick the next renewal: the renewal point, jittered by +-10% of the time to it (a
-        fleet started together does not renew together) -> seconds until then; 0 when no
-        certificate serves.  next_renewal keeps it, through failures too: it is how late a
-        renewal is (the alert on it)."""
-        now = time.time()
-        with self._lock:
-            if self.material is None or self._due:
-                self.next_renewal = now if self._due else None
-                return 0.0
-            point = renewal_point(self.material, self.config.renew_before)
-            wait = max(0.0, (point - now) * (1 + random.uniform(-CERT_RENEW_JITTER,
-                                                                 CERT_RENEW_JITTER)))
-            self.next_renewal = now + wait
-        return wait
-
-    def run(self, stop):
-        """The renewer: until stop is set."""
-        failures = 0
-        wait = self.schedule()
-        while not stop.wait(wait):
-            try:
-                self.renew()
-            except IssuerError as e:
-                failures += 1
-                self.telemetry.certificate_renewed(self.name, "failure")
-                with self._lock:
-                    changed, self.error = self.error != e.reason, e.reason
-                    left = self.material.not_after - time.time() if self.material else None
-                wait = min(CERT_RETRY_MAX_S, CERT_RETRY_MIN_S * 2 ** min(failures - 1, 16))
-                wait *= 1 + random.uniform(-CERT_RENEW_JITTER, CERT_RENEW_JITTER)
-                # Once per change of reason: a CA down for an hour is one line, not 60.
-                if changed or failures in (1, 10, 100):
-                    self.log.error("certificate %s: renewal failed (%s), retry in %.0fs, %s: %s",
-                                   self.name, e.reason, wait,
-                                   "none serves yet" if left is None else
-                                   "the current one serves %.0fs more" % left, e)
-                continue
-            except Exception as e:                        # a bug here must not end renewal
-                failures += 1
-                self.telemetry.certificate_renewed(self.name, "failure")
-                self.log.exception("certificate %s: renewal failed: %s", self.name, e)
-                wait = CERT_RETRY_MAX_S
-                continue
-            failures = 0
-            self.telemetry.certificate_renewed(self.name, "success")
-            wait = self.schedule()
-            self.log.info("certificate %s: next renewal at %s", self.name,
-                          utc_text(self.next_renewal))
-
-    def crl(self, max_age):
-        """The issuer's CRL, fetched again when older than max_age seconds; the last one
-        fetched while the issuer cannot be reached; None before the first."""
-        with self._lock:
-            text, fetched = self._crl
-        if monotonic() - fetched < max_age:
-            return text
-        try:
-            fresh = self.issuer.crl()
-        except IssuerError as e:
-            self.telemetry.warnings.warning(("crl", self.name), "certificate %s: CRL not "
-                                            "fetched, the last one stays: %s", self.name, e)
-            fresh = text
-        with self._lock:
-            self._crl = (fresh, monotonic())
-        return fresh
-
-    def info(self):
-        """/certs' entry."""
-        with self._lock:
-            m, point, error = self.material, self.next_renewal, self.error
-        out = {"name": self.name, "issuer": self.config.issuer, "source": None,
-               "next_renewal": utc_text(point) if point else None, "last_error": error}
-        if m is not None:
-            out.update(source=m.source, subject=m.subject, sans=list(m.sans), serial=m.serial,
-                       not_before=utc_text(m.not_before), not_after=utc_text(m.not_after),
-                       issued_by=m.issuer, days_left=round((m.not_after - time.time()) / 86400, 3))
-        return out
-
-
 # ==================================================================================================
-# 10. Downstream: listeners, and where connections wait
+# 11. Downstream: listeners, and where connections wait
 #    One bound socket and accept thread per listener, at most max_connections connections (past
 #    it a fast 503, or a close for tcp); the Dispatcher where they wait between requests and the
 #    workers that serve them.
@@ -3830,7 +3837,7 @@ class Dispatcher:
 
 
 # ==================================================================================================
-# 11. Downstream connections: an app connection's requests
+# 12. Downstream connections: an app connection's requests
 #    Worker turns on one app connection: the TLS handshake, heads read without waiting, head
 #    limits and timeouts, keep-alive, error replies; each request handed to the request stack.
 # ==================================================================================================
@@ -4146,7 +4153,7 @@ class DownstreamConnection:
 
 
 # ==================================================================================================
-# 12. Routing and traffic policy
+# 13. Routing and traffic policy
 #    What applies to a request before it is sent: its body as the stack sees it, header rules,
 #    the route that matches, faults, the rate limit and the mirror.
 # ==================================================================================================
@@ -4360,7 +4367,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 28), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 29), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -4674,7 +4681,7 @@ class Mirror:
 
 
 # ==================================================================================================
-# 13. Request stack
+# 14. Request stack
 #    route -> deadline -> fault -> rate limit -> rewrites -> mirror -> retry loop (policy,
 #    budget, backoff) -> admission (limits, breaker) -> balance -> try -> pool, then the
 #    response streamed back (spliced when large).  A failure before the response began is a reply.
@@ -4761,7 +4768,7 @@ def carries_upgrade(listener, req):
 
 def start_tunnel(listener, req, resp, conn, downstream):
     """The upstream switched protocols: relay its 101 and hand both connections to an
-    UpgradedTunnel (section 15).  The request's span ends here; its log line and metrics come
+    UpgradedTunnel (section 16).  The request's span ends here; its log line and metrics come
     when the tunnel closes.  -> TUNNELLED."""
     parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
     if resp.lines:
@@ -5249,7 +5256,7 @@ def relay_response(req, resp, conn, downstream, listener):   # long: the hot pat
 
 
 # ==================================================================================================
-# 14. TCP relay
+# 15. TCP relay
 #    A tcp listener's connections: connect (connect_attempts tries over the balancer, breaker and
 #    limits; TLS from the first byte, or PostgreSQL's SSLRequest first), then one thread pumps
 #    bytes both ways with bounded buffers, passing on half-closes and resets, until both sides
@@ -5890,7 +5897,7 @@ class TcpSession:
 
 
 # ==================================================================================================
-# 15. Tunnels and the RelayLoop
+# 16. Tunnels and the RelayLoop
 #    An upgraded request's tunnel (a tcp session by another door), TLS's close_notify for a
 #    half-close, PostgreSQL's auth offer, and the loop where every relay of a listener runs.
 # ==================================================================================================
@@ -6141,7 +6148,7 @@ class RelayLoop:
 
 
 # ==================================================================================================
-# 16. Upstream connections and their pools
+# 17. Upstream connections and their pools
 #    One keep-alive connection to an endpoint (send a head and a body, read a response head:
 #    transport only), and each endpoint's pool of idle ones, checked for a close before reuse.
 # ==================================================================================================
@@ -6397,7 +6404,7 @@ class ConnectionPool:
 
 
 # ==================================================================================================
-# 17. Endpoints, balancers, DNS discovery, Cluster
+# 18. Endpoints, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS, primaries and
 #    backups), their health and ejection, the balancers that choose among them.
 # ==================================================================================================
@@ -6824,7 +6831,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 18. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 19. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -7279,7 +7286,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 19. Telemetry: metrics and the access log
+# 20. Telemetry: metrics and the access log
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
 #    queue, and repeated warnings are held to one a minute.
@@ -7628,7 +7635,7 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
 
 
 # ==================================================================================================
-# 20. Telemetry: tracing
+# 21. Telemetry: tracing
 #    W3C and B3 trace context in, one span per request, spans out to an OTLP collector from
 #    a bounded queue by a thread of its own.
 # ==================================================================================================
@@ -7916,7 +7923,7 @@ class SpanExporter:
 
 
 # ==================================================================================================
-# 21. Telemetry: the one sink the data path calls
+# 22. Telemetry: the one sink the data path calls
 #    The metric families, and Telemetry: what every layer of the data path calls to count, log
 #    and trace, and which never raises into it.
 # ==================================================================================================
@@ -8346,7 +8353,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 22. Admin
+# 23. Admin
 #    GET / /metrics /ready /clusters /config, POST /reload /quitquitquit, and the probe port.
 #    A small bounded server of its own (not http.server); it binds 127.0.0.1 unless configured.
 # ==================================================================================================
@@ -8574,7 +8581,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 23. Process: Ambassador: bind, serve, drain, live upgrade
+# 24. Process: Ambassador: bind, serve, drain, live upgrade
 #    The running sidecar built from a Config: every socket bound or nothing, served until a
 #    stop, drained, closed; a live upgrade hands its sockets to a new process.
 # ==================================================================================================
@@ -8985,7 +8992,7 @@ class Ambassador:
 
 
 # ==================================================================================================
-# 24. Reload by difference: the Reloader
+# 25. Reload by difference: the Reloader
 #    SIGHUP and POST /reload: stage everything (parse, load TLS, bind new addresses), then
 #    apply by difference, or nothing; listeners and clusters that go are drained and retired.
 # ==================================================================================================
@@ -9226,7 +9233,7 @@ class Reloader:
 
 
 # ==================================================================================================
-# 25. The command line: main(), the re-exec, signals, start gates
+# 26. The command line: main(), the re-exec, signals, start gates
 #    What runs when the file is a program: arguments, --check and --wait-started, the re-exec
 #    that frees the compile's memory, signals held from the first instruction, inherited sockets.
 # ==================================================================================================
@@ -9547,7 +9554,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 26. The demo: two stand-in services and what to try
+# 27. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -9654,7 +9661,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 27. Appendix: the TOML parser for Python < 3.11
+# 28. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -9998,7 +10005,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 28. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 29. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
@@ -10344,9 +10351,9 @@ class LinearRegex:
 
 
 # ==================================================================================================
-# 29. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
+# 30. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
 #    Pure functions of integers and bytes, for the keys, certificate requests and ACME messages
-#    that section 9 makes, and no I/O.  Written for correctness and readability, not secrecy
+#    that sections 9 and 10 make, and no I/O.  Written for correctness and readability, not secrecy
 #    against a local attacker: Python's integers are not constant-time (the README's threat
 #    model).  ssl can load a key and verify a chain but not make either, hence this room.
 # ==================================================================================================
