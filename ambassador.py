@@ -2377,8 +2377,8 @@ class TlsContextSource:
         """The first URI SAN of our own certificate (for x-forwarded-client-cert By=)."""
         if self.side != "downstream":
             return None
-        if self.certificate is not None:
-            material = self.certificate.material
+        if self.config.certificate is not None:
+            material = self.certificate.material if self.certificate else None
             uris = [n for n in (material.sans if material else ()) if san_kind(n) == "URI"]
             return uris[0] if uris else None
         info = self.certificate_info(self.config.cert)

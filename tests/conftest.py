@@ -910,6 +910,14 @@ class OpenBao:
         assert r.status < 300, (method, path, r.status, data[:500])
         return json.loads(data) if data.strip() else {}
 
+    def api_text(self, method, path):
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10,
+                                           context=self.context())
+        conn.request(method, "/v1/" + path)
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return text
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -932,8 +940,9 @@ class Pebble:
     """Let's Encrypt's test ACME server on loopback: its listener's certificate made here, its
     validator pointed at http_port (http-01) and tls_port (tls-alpn-01) where Ambassador's
     challenge responder listens; names resolve through pebble-challtestsrv's DNS to
-    127.0.0.1.  No sleep before validations, nonces always good (the badNonce retry is tested
-    with the default 5% rejection elsewhere), authorizations never reused."""
+    127.0.0.1.  No sleep before validations, authorizations never reused; nonce_reject: the
+    percentage of requests refused with badNonce (pebble's default is 5), which a client must
+    retry."""
 
     def __init__(self, tmp, pki, validity=120, eab=None, nonce_reject=0):
         self.dir = str(tmp)

@@ -694,12 +694,21 @@ def test_a_reload_issues_again_only_a_certificate_whose_table_changed(openbao, a
     assert issued("other") == 1
 
 
+@pytest.mark.parametrize("crl", ["issuer", "file"])
 def test_a_revoked_client_certificate_is_refused_after_the_crl_refresh(openbao, ambassador,
-                                                                       upstream, tmp_path):
+                                                                       upstream, tmp_path, crl):
+    """crl = "issuer": fetched from OpenBao each reload_interval; a file: watched (here the
+    file is OpenBao's CRL, written by the test as a cron job would)."""
+    crl_file = tmp_path / "issuer.crl"
+
+    def write_crl():
+        crl_file.write_text(openbao.api_text("GET", "pki/crl/pem"))
+    write_crl()
     config = {"admin": {"listen": "127.0.0.1:0"}, "log": {"access": "off"},
               "certificates": {"workload": certificate_table(openbao, tmp_path)},
               "listeners": {"app": {"listen": "127.0.0.1:0", "cluster": "svc", "tls": {
-                  "certificate": "workload", "trust": "workload", "crl": "issuer",
+                  "certificate": "workload", "trust": "workload",
+                  "crl": "issuer" if crl == "issuer" else str(crl_file),
                   "require_client_cert": True, "reload_interval": "300ms"}}},
               "clusters": {"svc": {"endpoints": [upstream.address]}}}
     amb = ambassador(config)
@@ -712,6 +721,9 @@ def test_a_revoked_client_certificate_is_refused_after_the_crl_refresh(openbao, 
     assert tls_get(amb.port(), context, server_hostname="payment.default.svc").startswith(
         b"HTTP/1.1 200")
     openbao.api("POST", "pki/revoke", {"serial_number": issued["serial_number"]})
+    if crl == "file":
+        time.sleep(0.01)                      # a new mtime, whatever the file system's grain
+        write_crl()
 
     def refused():
         try:
@@ -752,6 +764,17 @@ def test_ready_waits_for_the_certificate_and_says_which(ambassador, upstream, tm
         dead.close()
 
 
+def test_check_loads_tls_that_names_certificates_without_the_network():
+    """--check: the tables are valid, the certificates not there yet (no CA is asked)."""
+    import ambassador
+    config = ambassador.parse_config(ambassador.parse_toml(BASE + (
+        '[certificates.w]\nissuer = "vault"\nsans = ["a.svc"]\n[certificates.w.vault]\n'
+        'address = "https://127.0.0.1:9"\nrole = "r"\ntoken_file = "/etc/hostname"\n'
+        '[listeners.a.tls]\ncertificate = "w"\ntrust = "w"\ncrl = "issuer"\n'
+        '[clusters.c.tls]\ncertificate = "w"\ntrust = "w"\n')))
+    ambassador.check_tls_material(config)
+
+
 @pytest.mark.blackbox
 def test_check_refuses_bad_certificate_tables_with_exit_2(tmp_path):
     path = tmp_path / "bad.toml"
@@ -774,7 +797,8 @@ def test_check_refuses_bad_certificate_tables_with_exit_2(tmp_path):
 def pebble(tmp_path_factory, pki):
     import base64
     key = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
-    p = Pebble(tmp_path_factory.mktemp("pebble"), pki, eab={"kid-order": key})
+    # A third of requests refused with badNonce: RFC 8555 6.5's retry works, or nothing does.
+    p = Pebble(tmp_path_factory.mktemp("pebble"), pki, eab={"kid-order": key}, nonce_reject=30)
     p.eab_key = key
     yield p
     p.stop()
