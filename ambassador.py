@@ -277,6 +277,13 @@ ADMIN_HEAD_TIMEOUT_S = 5.0
 ADMIN_DISCARD_BODY_BYTES = 65536              # a body the route does not use: read and dropped
 DEMO_MAX_BODY_BYTES = 1 << 20
 ACCESS_LOG_MAX_QUEUE = 65536                  # entries waiting for the writer; past it, counted drops
+# Ambassador's own share of a request (its duration less the upstream's): finer, it is small.
+ADDED_LATENCY_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                           0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The admin page's memory of the last minutes (RecentStats): per-second slots, fixed size.
+RECENT_SECONDS = 300                           # sparklines: 5 minutes
+RECENT_WINDOW_S = 60                           # p50/p99, req/s, success rate: the last minute
+RECENT_ERRORS = 50                             # the last local errors shown
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5, 5.0, 10.0)
 
@@ -1831,7 +1838,7 @@ class Request:
                  "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
                  "bytes_out", "response_started", "endpoint", "span", "trace_headers",
                  "client_cert", "conn", "drain_cut", "client_address", "route", "cluster",
-                 "fault_asked", "upgrade")
+                 "fault_asked", "upgrade", "upstream_s")
 
     def __init__(self):
         self.method = b"-"
@@ -1858,6 +1865,7 @@ class Request:
         self.cluster = None               # the Cluster chosen for it
         self.fault_asked = None           # ((x-ambassador-fault-* name, value), ...) it sent
         self.upgrade = None               # the Upgrade it asks for (with Connection: upgrade)
+        self.upstream_s = 0.0             # its tries' time with the upstream: the rest is ours
 
 
 def parse_request(head, req, client_ip):   # long: one pass per head, on every request
@@ -4992,9 +5000,12 @@ def try_once(telemetry, cluster, policy, req, body, endpoint, deadline, head_con
             else:
                 result = "5xx" if resp.status >= 500 else "ok"
                 verdict = result == "ok"
+                if not verdict:
+                    endpoint.last_error = "%d" % resp.status   # one assignment: admin page
                 telemetry.upstream_attempt(cluster, endpoint, result, resp.status)
                 return TryResult(result, resp, conn, endpoint=endpoint)
             verdict = False
+            endpoint.last_error = error.result        # one assignment: for the admin page
             telemetry.upstream_attempt(cluster, endpoint, error.result, 0)
             telemetry.debug("cluster %s: try %d on %s: %s", cluster.name, req.attempts,
                             endpoint.label.decode(), error)
@@ -5002,7 +5013,9 @@ def try_once(telemetry, cluster, policy, req, body, endpoint, deadline, head_con
     finally:
         cluster.outlier_detector.observe(endpoint, verdict, endpoint.end_request(verdict))
         if verdict is not None:
-            telemetry.upstream_duration(cluster, monotonic() - started)
+            took = monotonic() - started
+            req.upstream_s += took
+            telemetry.upstream_duration(cluster, took)
 
 
 class SplicePipe:
@@ -5267,6 +5280,9 @@ TCP_TERMINATIONS = ("client_fin", "upstream_fin", "client_reset", "upstream_rese
                     "idle_timeout", "half_closed_timeout", "max_duration", "drain",
                     "connect_failure", "tls_error", "no_healthy_upstream", "circuit_open",
                     "overflow")
+# Endings that are no failure (the admin page's error share counts the others).
+TCP_CLEAN_TERMINATIONS = ("client_fin", "upstream_fin", "idle_timeout", "half_closed_timeout",
+                          "max_duration", "drain")
 
 
 def reset_socket(sock):
@@ -6445,6 +6461,9 @@ class Endpoint:
         self._ejected_until_mono = 0.0
         self.ejections = 0
         self.retired = False                          # gone from DNS: drain, never pick
+        # The result of its last failed try, for the admin page: set by one assignment
+        # outside the lock (a reader sees the old value or the new one).
+        self.last_error = None
 
     def is_available(self):
         return not self.ejected and self.health != "unhealthy" and not self.retired
@@ -6525,7 +6544,8 @@ class Endpoint:
                     "active_requests": self.active_requests,
                     "consecutive_failures": self.consecutive_failures,
                     "requests_total": self.requests_total, "failures_total": self.failures_total,
-                    "open_connections": self.pool.open_connections}
+                    "open_connections": self.pool.open_connections,
+                    "last_error": self.last_error}
 
 
 class RoundRobinBalancer:
@@ -6906,18 +6926,26 @@ class RetryBudget:
         with self._lock:
             self._requests[self._slot()[0]] += 1
 
+    def _window(self, now):
+        live = [j for j, s in enumerate(self._second)
+                if s is not None and now - s < RETRY_BUDGET_WINDOW_S]
+        return (sum(self._requests[j] for j in live), sum(self._retries[j] for j in live))
+
     def try_spend(self):
         """Take one retry from the budget, or return False if it is spent."""
         with self._lock:
             i, now = self._slot()
-            live = [j for j, s in enumerate(self._second)
-                    if s is not None and now - s < RETRY_BUDGET_WINDOW_S]
-            requests = sum(self._requests[j] for j in live)
-            retries = sum(self._retries[j] for j in live)
+            requests, retries = self._window(now)
             if retries + 1 > requests * self.percent / 100.0 + self.floor:
                 return False
             self._retries[i] += 1
             return True
+
+    def usage(self):
+        """(retries, retries allowed) over the window now: the admin page's budget use."""
+        with self._lock:
+            requests, retries = self._window(int(self._clock()))
+        return retries, requests * self.percent / 100.0 + self.floor
 
 
 class CircuitBreaker:
@@ -7332,6 +7360,11 @@ class Counter:
             for key in [k for k in self._values if k[index] == value]:
                 del self._values[key]
 
+    def sum_where(self, index, value):
+        """The total of the series whose label at index is value (a listener's, a cluster's)."""
+        with self._lock:
+            return sum(v for k, v in self._values.items() if k[index] == value)
+
     def render(self):
         with self._lock:
             items = sorted(self._values.items())
@@ -7351,6 +7384,86 @@ class Gauge:
         # of series, as certificate expiry did beside its `path` one).
         return [_format_sample(self.name, tuple(k), tuple(k.values()), v) if isinstance(k, dict)
                 else _format_sample(self.name, self.labelnames, k, v) for k, v in self._collect()]
+
+
+class RecentStats:
+    """The last minutes of one listener for the admin page, in rings of per-second slots of
+    fixed size (memory does not grow with traffic): requests, errors and bytes for
+    RECENT_SECONDS of sparklines; latency and added-latency histograms for the last
+    RECENT_WINDOW_S, whence p50 and p99.  A slot is reused when its second comes round again.
+    One lock; record() is a few array writes on the request path."""
+    BUCKETS = ADDED_LATENCY_BUCKETS_S + (2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        import array
+        n, w, b = RECENT_SECONDS, RECENT_WINDOW_S, len(self.BUCKETS) + 1
+        self._lock = threading.Lock()      # guards every array below
+        self._second = array.array("q", [-1] * n)    # the second each slot holds
+        self._requests = array.array("I", [0] * n)
+        self._errors = array.array("I", [0] * n)
+        self._bytes = array.array("Q", [0] * n)
+        self._window_second = array.array("q", [-1] * w)
+        self._latency = array.array("I", [0] * (w * b))
+        self._added = array.array("I", [0] * (w * b))
+
+    def record(self, latency_s=None, added_s=None, error=False, nbytes=0, now=None):
+        second = int(monotonic() if now is None else now)
+        i, j, b = second % RECENT_SECONDS, second % RECENT_WINDOW_S, len(self.BUCKETS) + 1
+        with self._lock:
+            if self._second[i] != second:
+                self._second[i] = second
+                self._requests[i] = self._errors[i] = self._bytes[i] = 0
+            self._requests[i] += 1
+            self._errors[i] += error
+            self._bytes[i] += nbytes
+            if latency_s is None:
+                return
+            if self._window_second[j] != second:
+                self._window_second[j] = second
+                for k in range(j * b, j * b + b):
+                    self._latency[k] = self._added[k] = 0
+            self._latency[j * b + bisect.bisect_left(self.BUCKETS, latency_s)] += 1
+            if added_s is not None:
+                self._added[j * b + bisect.bisect_left(self.BUCKETS, added_s)] += 1
+
+    def snapshot(self, now=None):
+        """-> {"requests", "errors", "bytes": per-second series, oldest first (RECENT_SECONDS
+        of them, ending with the last whole second), "latency" and "added": bucket counts of
+        the last RECENT_WINDOW_S}."""
+        last = int(monotonic() if now is None else now) - 1
+        b = len(self.BUCKETS) + 1
+        with self._lock:
+            series = {"requests": [], "errors": [], "bytes": []}
+            for second in range(last - RECENT_SECONDS + 1, last + 1):
+                i = second % RECENT_SECONDS
+                here = self._second[i] == second
+                series["requests"].append(self._requests[i] if here else 0)
+                series["errors"].append(self._errors[i] if here else 0)
+                series["bytes"].append(self._bytes[i] if here else 0)
+            latency, added = [0] * b, [0] * b
+            for second in range(last - RECENT_WINDOW_S + 1, last + 1):
+                j = second % RECENT_WINDOW_S
+                if self._window_second[j] == second:
+                    for k in range(b):
+                        latency[k] += self._latency[j * b + k]
+                        added[k] += self._added[j * b + k]
+        series["latency"], series["added"] = latency, added
+        return series
+
+    @classmethod
+    def quantile(cls, counts, q):
+        """The q-quantile of bucket counts, interpolated inside its bucket; None if empty."""
+        total = sum(counts)
+        if not total:
+            return None
+        rank, seen = q * total, 0
+        for k, c in enumerate(counts):
+            if c and seen + c >= rank:
+                low = cls.BUCKETS[k - 1] if k else 0.0
+                high = cls.BUCKETS[k] if k < len(cls.BUCKETS) else cls.BUCKETS[-1] * 2
+                return low + (high - low) * (rank - seen) / c
+            seen += c
+        return cls.BUCKETS[-1]
 
 
 class Histogram:
@@ -8042,6 +8155,12 @@ class Telemetry:
             setattr(self, attr, m.add(Counter(name, help_text, labels)))
         for attr, name, help_text, labels in HISTOGRAM_FAMILIES:
             setattr(self, attr, m.add(Histogram(name, help_text, labels)))
+        self.added_latency = m.add(Histogram(
+            "ambassador_added_latency_seconds", "Ambassador's own share of a forwarded request: "
+            "its duration less the time its tries spent with the upstream.", ("listener",),
+            ADDED_LATENCY_BUCKETS_S))
+        self.recent = {}                       # listener name -> RecentStats (the admin page)
+        self.recent_errors = collections.deque(maxlen=RECENT_ERRORS)   # appends are atomic
         self.warnings = WarningLimiter(self.log)
         self._tunnels = collections.Counter()   # listener name -> tunnels open (their lock:)
         self._tunnels_lock = threading.Lock()
@@ -8121,6 +8240,9 @@ class Telemetry:
     def register(self, listeners, clusters):
         """Make every series the config makes relevant exist at zero."""
         for l in listeners:
+            self.recent.setdefault(l.name, RecentStats())
+            if l.config.protocol == "http":
+                self.added_latency.touch((l.name,))
             for cluster in l.clusters():
                 self.duration.touch((l.name, cluster.name))
                 self.retries.touch((l.name, cluster.name))
@@ -8235,6 +8357,18 @@ class Telemetry:
             route = req.route.label if req.route is not None else "-"
             self.requests.inc((listener.name, cluster, str(req.status), route))
             self.duration.observe((listener.name, cluster), duration_s)
+            added = None
+            if req.attempts:                       # forwarded: what Ambassador added to it
+                added = max(0.0, duration_s - req.upstream_s)
+                self.added_latency.observe((listener.name,), added)
+            error = not 0 < req.status < 500
+            recent = self.recent.get(listener.name)
+            if recent is not None:
+                recent.record(duration_s, added, error, req.bytes_out)
+            if req.error is not None:
+                self.recent_errors.append((time.time(), listener.name, req.method,
+                                           req.target.split(b"?", 1)[0][:200], req.error,
+                                           req.status))
             if self.access_log is not None:
                 span = req.span
                 self.access_log.record((
@@ -8281,6 +8415,10 @@ class Telemetry:
     def tcp_closed(self, listener, session):
         try:
             self.tcp_connections.inc((listener.name, session.termination))
+            recent = self.recent.get(listener.name)
+            if recent is not None:         # a connection, its bytes counted when it closes
+                recent.record(error=session.termination not in TCP_CLEAN_TERMINATIONS,
+                              nbytes=session.bytes_up + session.bytes_down)
             if self.access_log is not None:
                 self.access_log.record(TcpLogEntry(
                     session.wall_start, listener.name, session.cluster.name,
@@ -8425,9 +8563,11 @@ class SmallHTTPServer(socketserver.TCPServer):
 
     @staticmethod
     def _reply(status, content_type, payload, head_only=False):
-        return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
+        policy = b"Content-Security-Policy: %s\r\nCache-Control: no-store\r\n" % \
+            ADMIN_PAGE_POLICY.encode() if content_type.startswith("text/html") else b""
+        return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s" \
             b"Connection: close\r\n\r\n%s" % (
-                status, reason_phrase(status), content_type.encode(), len(payload),
+                status, reason_phrase(status), content_type.encode(), len(payload), policy,
                 b"" if head_only else payload)
 
     def _serve(self, sock):
@@ -8497,9 +8637,196 @@ class SmallHTTPServer(socketserver.TCPServer):
         return self._reply(status, content_type, payload, head_only=method == b"HEAD")
 
 
+# GET / for a browser: one self-contained page (inline CSS and JS, nothing fetched but /stats
+# from the same port: it works air-gapped and under this strict policy).  HAProxy's stats page
+# and Linkerd's dashboard are the models: every listener, cluster and endpoint, colour-coded.
+ADMIN_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                     "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'")
+ADMIN_PAGE = r'''<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>Ambassador</title>
+<style>
+:root{--ok:#1a7f37;--bad:#cf222e;--warn:#bc4c00;--dim:#57606a;--line:#d0d7de;--bg:#f6f8fa}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328}
+header{display:flex;flex-wrap:wrap;gap:.4rem 1.2rem;align-items:baseline;padding:.6rem 1rem;
+ background:#24292f;color:#fff}
+header h1{font-size:1.1rem;margin:0}
+header .kv{color:#d0d7de;font-size:.85rem}
+header b{color:#fff;font-weight:600}
+main{padding:.5rem 1rem 2rem}
+h2{font-size:1rem;margin:1.2rem 0 .4rem}
+.scroll{overflow-x:auto;border:1px solid var(--line);border-radius:6px}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{padding:.3rem .55rem;text-align:left;border-bottom:1px solid var(--line);white-space:nowrap}
+th{background:var(--bg);font-weight:600;font-size:.8rem;color:var(--dim)}
+tr:last-child td{border-bottom:0}
+td.num{text-align:right}
+.pill{display:inline-block;padding:0 .45rem;border-radius:1rem;font-size:.8rem;color:#fff}
+.ok{background:var(--ok)}.bad{background:var(--bad)}.warn{background:var(--warn)}
+.dim{background:var(--dim)}
+.text-bad{color:var(--bad);font-weight:600}
+svg.spark{display:block;width:150px;height:28px}
+.cluster{margin:.6rem 0 1rem}
+.cluster h3{font-size:.95rem;margin:.2rem 0 .3rem;display:flex;flex-wrap:wrap;gap:.5rem;align-items:center}
+.muted{color:var(--dim);font-size:.85rem}
+#status{font-size:.8rem}
+@media (max-width:600px){main{padding:.4rem .5rem 1.5rem}th,td{padding:.25rem .4rem}
+ svg.spark{width:90px}header{padding:.5rem}}
+</style></head>
+<body>
+<header><h1>Ambassador</h1>
+<span class="kv">version <b id="version">-</b></span>
+<span class="kv">config <b id="config-version">-</b></span>
+<span class="kv">last reload <b id="last-reload">-</b></span>
+<span class="kv">up <b id="uptime">-</b></span>
+<span class="kv">threads <b id="threads">-</b></span>
+<span class="kv">RSS <b id="rss">-</b></span>
+<span class="kv">added latency p50 <b id="added-p50">-</b> p99 <b id="added-p99">-</b></span>
+<span id="status" class="pill dim">loading</span>
+</header>
+<main>
+<h2>Listeners <span class="muted">last minute; sparklines: 5 minutes of requests (errors red)</span></h2>
+<div class="scroll"><table id="listeners"><thead><tr><th>listener</th><th>to</th>
+<th>req/s</th><th>success</th><th>p50 / p99 ms</th><th>added p50 / p99 ms</th><th>in flight</th>
+<th>conns</th><th>retries used / allowed</th><th>limited / faults / mirrored</th><th>5 min</th></tr></thead>
+<tbody></tbody></table></div>
+<h2>Clusters</h2>
+<div id="clusters"></div>
+<h2>Certificates</h2>
+<div class="scroll"><table id="certificates"><thead><tr><th>name</th><th>subject</th><th>SANs</th>
+<th>not after</th><th>days left</th><th>next renewal</th><th>source</th><th>last error</th></tr></thead>
+<tbody></tbody></table></div>
+<h2>Recent local errors <span class="muted">the last 50: no headers, bodies or query strings</span></h2>
+<div class="scroll"><table id="errors"><thead><tr><th>time</th><th>listener</th><th>method</th>
+<th>path</th><th>error</th><th>status</th></tr></thead><tbody></tbody></table></div>
+</main>
+<script>
+"use strict";
+var REFRESH_MS = 2000;
+function esc(v) {
+  return String(v === null || v === undefined ? "-" : v).replace(/[&<>"']/g, function (c) {
+    return {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;", "'": "&#39;"}[c];
+  });
+}
+function num(v, digits) { return v === null || v === undefined ? "-" : Number(v).toFixed(digits); }
+function pill(text, kind) { return '<span class="pill ' + kind + '">' + esc(text) + "</span>"; }
+function bytes(n) {
+  if (n === null || n === undefined) { return "-"; }
+  var units = ["B", "KB", "MB", "GB"], i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return n.toFixed(i ? 1 : 0) + " " + units[i];
+}
+function duration(s) {
+  if (s === null || s === undefined) { return "-"; }
+  var d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
+  return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m + "m " + Math.floor(s % 60) + "s";
+}
+function spark(requests, errors) {
+  var max = Math.max(1, Math.max.apply(null, requests)), w = 150, h = 28, n = requests.length;
+  function line(values, cls) {
+    var pts = values.map(function (v, i) {
+      return (i * w / Math.max(1, n - 1)).toFixed(1) + "," + (h - 1 - v * (h - 2) / max).toFixed(1);
+    }).join(" ");
+    return '<polyline fill="none" stroke="' + cls + '" stroke-width="1.2" points="' + pts + '"/>';
+  }
+  return '<svg class="spark" viewBox="0 0 ' + w + " " + h + '" preserveAspectRatio="none">' +
+    line(requests, "#0969da") + line(errors, "#cf222e") + "</svg>";
+}
+function health(e) {
+  if (e.ejected_until) { return ["ejected", "warn"]; }
+  if (e.health === "unhealthy") { return ["unhealthy", "bad"]; }
+  if (e.health === "healthy") { return ["healthy", "ok"]; }
+  return ["unchecked", "dim"];
+}
+function render(s) {
+  document.getElementById("version").textContent = s.version + " (Python " + s.python + ")";
+  document.getElementById("config-version").textContent = s.config_version;
+  document.getElementById("last-reload").innerHTML = s.last_reload.success ?
+    "applied" : '<span class="text-bad">refused</span>';
+  document.getElementById("uptime").textContent = duration(s.uptime_s);
+  document.getElementById("threads").textContent = s.threads;
+  document.getElementById("rss").textContent = bytes(s.rss_bytes);
+  document.getElementById("added-p50").textContent = num(s.added_latency.p50_ms, 3) + " ms";
+  document.getElementById("added-p99").textContent = num(s.added_latency.p99_ms, 3) + " ms";
+  var status = document.getElementById("status");
+  status.textContent = s.draining ? "draining" : s.ready ? "ready" : "not ready";
+  status.className = "pill " + (s.draining ? "warn" : s.ready ? "ok" : "bad");
+  document.querySelector("#listeners tbody").innerHTML = s.listeners.map(function (l) {
+    var tcp = l.protocol === "tcp";
+    var success = l.success_rate === null ? "-" : (l.success_rate * 100).toFixed(2) + "%";
+    var bad = l.success_rate !== null && l.success_rate < 0.99;
+    return '<tr data-listener="' + esc(l.name) + '"><td>' + esc(l.name) + ' <span class="muted">' +
+      esc(l.listen) + (tcp ? " tcp" : "") + "</span></td><td>" + esc(l.cluster) + '</td><td class="num">' +
+      num(l.rate, 1) + (tcp ? " conn/s, " + bytes(l.bytes_rate) + "/s" : "") + '</td><td class="num' +
+      (bad ? " text-bad" : "") + '">' + success + '</td><td class="num">' + num(l.p50_ms, 2) + " / " +
+      num(l.p99_ms, 2) + '</td><td class="num" data-added-p50="' + esc(l.added_p50_ms) + '">' +
+      num(l.added_p50_ms, 3) + " / " + num(l.added_p99_ms, 3) + '</td><td class="num">' + l.in_flight +
+      '</td><td class="num">' + l.connections + '</td><td class="num">' + l.retry_budget.retries +
+      " / " + num(l.retry_budget.allowed, 0) + '</td><td class="num">' + l.rate_limited + " / " +
+      l.faults + " / " + l.mirrored + "</td><td>" + spark(l.series.requests, l.series.errors) +
+      "</td></tr>";
+  }).join("");
+  document.getElementById("clusters").innerHTML = s.clusters.map(function (c) {
+    var breaker = {closed: "ok", open: "bad", half_open: "warn"}[c.breaker] || "dim";
+    return '<div class="cluster" data-cluster="' + esc(c.name) + '"><h3>' + esc(c.name) +
+      ' <span data-breaker="' + esc(c.breaker) + '">' + pill("breaker " + c.breaker.replace("_", "-"),
+      breaker) + '</span><span class="muted">' + c.connections + " connections, " + c.retries +
+      " retries, budget exhausted " + c.budget_exhausted + ", rejected " + c.rejected +
+      '</span></h3><div class="scroll"><table><thead><tr><th>endpoint</th><th>name</th><th>state</th>' +
+      "<th>active</th><th>connections</th><th>requests</th><th>failures</th><th>in a row</th>" +
+      "<th>ejections</th><th>last error</th></tr></thead><tbody>" + c.endpoints.map(function (e) {
+        var h = health(e);
+        return '<tr data-endpoint="' + esc(e.address) + '" data-state="' + h[0] + '"><td>' +
+          esc(e.address) + (e.backup ? ' <span class="muted">backup</span>' : "") + "</td><td>" +
+          esc(e.hostname) + "</td><td>" + pill(h[0], h[1]) +
+          (e.health_reason ? ' <span class="muted">' + esc(e.health_reason) + "</span>" : "") +
+          '</td><td class="num">' + e.active_requests + '</td><td class="num">' + e.open_connections +
+          '</td><td class="num">' + e.requests_total + '</td><td class="num">' + e.failures_total +
+          '</td><td class="num">' + e.consecutive_failures + '</td><td class="num">' + e.ejections +
+          "</td><td>" + esc(e.last_error) + "</td></tr>";
+      }).join("") + "</tbody></table></div></div>";
+  }).join("");
+  document.querySelector("#certificates tbody").innerHTML = s.certificates.length ?
+    s.certificates.map(function (c) {
+      var soon = c.days_left !== undefined && c.days_left !== null && c.days_left < 7;
+      return '<tr data-certificate="' + esc(c.name) + '"><td>' + esc(c.name) + "</td><td>" +
+        esc(c.subject) + "</td><td>" + esc((c.sans || []).join(", ")) + "</td><td>" +
+        esc(c.not_after) + '</td><td class="num' + (soon ? " text-bad" : "") + '">' +
+        num(c.days_left, 2) + "</td><td>" + esc(c.next_renewal) + "</td><td>" + esc(c.source) +
+        "</td><td>" + (c.last_error ? '<span class="text-bad">' + esc(c.last_error) + "</span>" : "-") +
+        "</td></tr>";
+    }).join("") : '<tr><td colspan="8" class="muted">none obtained by Ambassador</td></tr>';
+  document.querySelector("#errors tbody").innerHTML = s.errors.length ?
+    s.errors.slice().reverse().map(function (e) {
+      return "<tr><td>" + esc(new Date(e.time * 1000).toISOString().slice(11, 23)) + "</td><td>" +
+        esc(e.listener) + "</td><td>" + esc(e.method) + "</td><td>" + esc(e.path) + "</td><td>" +
+        esc(e.error) + '</td><td class="num">' + e.status + "</td></tr>";
+    }).join("") : '<tr><td colspan="6" class="muted">none</td></tr>';
+}
+function refresh() {
+  fetch("/stats", {cache: "no-store"}).then(function (r) {
+    if (!r.ok) { throw new Error("HTTP " + r.status); }
+    return r.json();
+  }).then(render).catch(function (err) {
+    var status = document.getElementById("status");
+    status.textContent = "admin port unreachable";
+    status.className = "pill bad";
+    console.warn("stats: " + err);
+  }).then(function () { setTimeout(refresh, REFRESH_MS); });
+}
+refresh();
+</script>
+</body></html>
+'''
+
+
 class Admin:
     """Answers the admin port from the running Ambassador's state."""
-    INDEX = ("Ambassador admin\n"
+    INDEX = ("Ambassador admin (a browser gets the admin page here)\n"
+             "GET  /stats          what the admin page draws: JSON, the last minutes\n"
              "GET  /metrics        Prometheus text format\n"
              "GET  /ready          200 when serving, 503 while starting or draining\n"
              "GET  /live           200 while the threads that must run are running\n"
@@ -8530,7 +8857,11 @@ class Admin:
         if method not in ("GET", "HEAD"):
             return 405, self.TEXT, b"use GET, or POST for /reload and /quitquitquit\n"
         if path == "/":
+            if "text/html" in (headers or {}).get("accept", ""):
+                return 200, "text/html; charset=utf-8", ADMIN_PAGE.encode()
             return 200, self.TEXT, self.INDEX.encode()
+        if path == "/stats":
+            return self.json(app.stats_snapshot())
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", app.telemetry.metrics.render().encode()
         if path in self.PROBES:
@@ -8981,6 +9312,63 @@ class Ambassador:
                         "sans": sans, "serial": info.get("serialNumber"),
                         "not_before": info.get("notBefore"), "not_after": info.get("notAfter")})
         return out
+
+    def stats_snapshot(self):
+        """GET /stats: what the admin page draws, read from live state and the RecentStats
+        rings (the README documents each field).  Times in ms, rates per second over the last
+        RECENT_WINDOW_S, series per second over RECENT_SECONDS, oldest first."""
+        t, q, window = self.telemetry, RecentStats.quantile, RECENT_WINDOW_S
+        ms = lambda s: None if s is None else round(s * 1000.0, 3)      # noqa: E731
+        added_all = [0] * (len(RecentStats.BUCKETS) + 1)
+        bound = {s.listener.name: s.server_address[:2] for s in self.servers}
+        listeners = []
+        for l in self.listeners:
+            recent = t.recent.get(l.name) or RecentStats()
+            s = recent.snapshot()
+            added_all = [a + b for a, b in zip(added_all, s["added"])]
+            requests, errors = sum(s["requests"][-window:]), sum(s["errors"][-window:])
+            budget = l.default_route.retry_budget.usage() if l.config.protocol == "http" \
+                else (0, 0)
+            listeners.append({
+                "name": l.name, "protocol": l.config.protocol, "cluster": l.config.cluster,
+                "listen": format_address(bound.get(l.name, l.config.listen)),
+                "in_flight": l.active_requests,
+                "connections": l.connections, "rate": round(requests / float(window), 3),
+                "success_rate": round(1 - errors / float(requests), 4) if requests else None,
+                "bytes_rate": round(sum(s["bytes"][-window:]) / float(window), 1),
+                "p50_ms": ms(q(s["latency"], 0.5)), "p99_ms": ms(q(s["latency"], 0.99)),
+                "added_p50_ms": ms(q(s["added"], 0.5)), "added_p99_ms": ms(q(s["added"], 0.99)),
+                "retry_budget": {"retries": budget[0], "allowed": round(budget[1], 1)},
+                "rate_limited": t.rate_limits.sum_where(0, l.name),
+                "faults": t.faults.sum_where(0, l.name),
+                "mirrored": t.mirrors.sum_where(0, l.name),
+                "series": {k: s[k] for k in ("requests", "errors", "bytes")}})
+        clusters = []
+        for name, c in sorted(self.clusters.items()):
+            clusters.append({
+                "name": name, "breaker": c.breaker.state,
+                "endpoints": [e.snapshot() for e in c.endpoints],
+                "connections": c.open_connections(),
+                "retries": t.retries.sum_where(1, name),
+                "budget_exhausted": t.budget.value((name,)),
+                "rejected": t.rejections.sum_where(0, name)})
+        samples = process_samples()
+        state = t.reload_state
+        return {
+            "version": __version__, "python": "%d.%d.%d" % sys.version_info[:3],
+            "config_version": self.version, "now": round(time.time(), 3),
+            "uptime_s": round(time.time() - samples[2], 1) if samples else None,
+            "rss_bytes": samples[0] if samples else None, "threads": threading.active_count(),
+            "ready": self.is_ready(), "draining": self.draining.is_set(),
+            "last_reload": {"success": bool(state[0]), "applied_at": round(state[1], 3)},
+            "added_latency": {"p50_ms": ms(q(added_all, 0.5)), "p99_ms": ms(q(added_all, 0.99))},
+            "window_s": window, "series_s": RECENT_SECONDS,
+            "listeners": listeners, "clusters": clusters,
+            "certificates": self.certificates_snapshot()["certificates"],
+            "errors": [{"time": round(when, 3), "listener": name,
+                        "method": method.decode("latin-1"), "path": path.decode("latin-1"),
+                        "error": error, "status": status}
+                       for when, name, method, path, error, status in list(t.recent_errors)]}
 
     def clusters_snapshot(self):
         # connections_in_use: the max_connections slots taken, which must equal the upstream
