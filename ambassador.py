@@ -85,23 +85,24 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       16 Tunnels (WebSocket), RelayLoop
-     2 Constants and defaults          17 Upstream connections and pools
-     3 Errors and outcomes             18 Endpoints, balancers, DNS, Cluster
-     4 Foundations                     19 Resilience: retries, budget, breaker, limits,
-     5 Configuration: records, kinds      outlier detection, health checks
-     6 Configuration: schema, loading  20 Telemetry: metrics, access log
-     7 HTTP/1.1 wire format            21 Telemetry: tracing
-     8 TLS                             22 Telemetry: the sink the data path calls
-     9 Certificates: kept fresh        23 Admin and probes
-    10 Certificate issuers: OpenBao/   24 Process: bind, serve, drain, live upgrade
-       Vault PKI, ACME                 25 Reload by difference (Reloader)
-    11 Downstream: listeners, where    26 The command line: main(), signals, re-exec
-       connections wait (Dispatcher)   27 The demo
-    12 Downstream connections          28 Appendix: TOML parser for Python < 3.11
-    13 Routing and traffic policy      29 Appendix: linear-time regular expressions
-    14 Request stack                   30 Appendix: certificate crypto (P-256, ECDSA,
+     1 Imports and compatibility       17 Upstream connections and pools
+     2 Constants and defaults          18 Endpoints, balancers, DNS, Cluster
+     3 Errors and outcomes             19 Resilience: retries, budget, breaker, limits,
+     4 Foundations                        outlier detection, health checks
+     5 Configuration: records, kinds   20 Telemetry: metrics, access log, admin rings
+     6 Configuration: schema, loading  21 Telemetry: tracing
+     7 HTTP/1.1 wire format            22 Telemetry: the sink the data path calls
+     8 TLS                             23 Admin, probes and the admin page
+     9 Certificates: kept fresh        24 Process: bind, serve, drain, live upgrade
+    10 Certificate issuers: OpenBao/   25 Reload by difference (Reloader)
+       Vault PKI, ACME                 26 The command line: main(), signals, re-exec
+    11 Downstream: listeners, where    27 Analyze: the config against the world
+       connections wait (Dispatcher)   28 The demo
+    12 Downstream connections          29 Appendix: TOML parser for Python < 3.11
+    13 Routing and traffic policy      30 Appendix: linear-time regular expressions
+    14 Request stack                   31 Appendix: certificate crypto (P-256, ECDSA,
     15 TCP relay: connect, pump           DER, CSR, JWS)
+    16 Tunnels (WebSocket), RelayLoop
 """
 
 # ==================================================================================================
@@ -1033,7 +1034,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 29) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 30) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -2572,7 +2573,7 @@ def handshake_failed(sock, listener, error):
 # 9. Certificates: kept fresh
 #    [certificates.NAME]: a certificate obtained from its issuer (section 10), proven before it
 #    serves, renewed before it expires and handed to the TLS contexts that name it, with the
-#    issuer's CRL.  Section 30 holds the crypto.  Nothing here blocks a request.
+#    issuer's CRL.  Section 31 holds the crypto.  Nothing here blocks a request.
 # ==================================================================================================
 
 class IssuerError(Exception):
@@ -4375,7 +4376,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 29), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 30), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -7314,10 +7315,10 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 20. Telemetry: metrics and the access log
+# 20. Telemetry: metrics, the access log, the admin page's rings
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
-#    queue, and repeated warnings are held to one a minute.
+#    queue, and repeated warnings are held to one a minute; RecentStats keeps the last minutes.
 # ==================================================================================================
 
 def _escape_label(value):
@@ -7387,44 +7388,58 @@ class Gauge:
 
 
 class RecentStats:
-    """The last minutes of one listener for the admin page, in rings of per-second slots of
-    fixed size (memory does not grow with traffic): requests, errors and bytes for
-    RECENT_SECONDS of sparklines; latency and added-latency histograms for the last
-    RECENT_WINDOW_S, whence p50 and p99.  A slot is reused when its second comes round again.
-    One lock; record() is a few array writes on the request path."""
-    BUCKETS = ADDED_LATENCY_BUCKETS_S + (2.5, 5.0, 10.0, 30.0)
+    """The last minutes of one listener for the admin page, in a ring of per-second slots of
+    fixed size (memory does not grow with traffic): requests, errors, bytes, and histograms of
+    latency and of added latency, for RECENT_SECONDS; the page's p50/p99 read the last
+    RECENT_WINDOW_S of them.  A slot is cleared when its second comes round again.  It also
+    keeps the added-latency totals that ambassador_added_latency_seconds renders (one
+    bucket search and one lock per request for both).  record() is on the request path."""
+    BUCKETS = ADDED_LATENCY_BUCKETS_S + (2.5, 5.0, 10.0, 30.0)    # the metric's, then longer
 
     def __init__(self):
         import array
-        n, w, b = RECENT_SECONDS, RECENT_WINDOW_S, len(self.BUCKETS) + 1
-        self._lock = threading.Lock()      # guards every array below
-        self._second = array.array("q", [-1] * n)    # the second each slot holds
-        self._requests = array.array("I", [0] * n)
-        self._errors = array.array("I", [0] * n)
-        self._bytes = array.array("Q", [0] * n)
-        self._window_second = array.array("q", [-1] * w)
-        self._latency = array.array("I", [0] * (w * b))
-        self._added = array.array("I", [0] * (w * b))
+        n, b = RECENT_SECONDS, len(self.BUCKETS) + 1
+        # Lists where an item is touched on every request (a list's item costs a third of an
+        # array's), arrays for the histograms' many slots (a quarter of a list's memory).
+        self._lock = threading.Lock()      # guards every list and array below, and added_sum
+        self._second = [-1] * n            # the second each slot holds
+        self._requests = [0] * n
+        self._errors = [0] * n
+        self._bytes = [0] * n
+        self._latency = array.array("I", [0] * (n * b))
+        self._added = array.array("I", [0] * (n * b))
+        self._added_counts = [0] * b       # since start, for the metric (folded into its buckets)
+        self.added_sum = 0.0
 
-    def record(self, latency_s=None, added_s=None, error=False, nbytes=0, now=None):
-        second = int(monotonic() if now is None else now)
-        i, j, b = second % RECENT_SECONDS, second % RECENT_WINDOW_S, len(self.BUCKETS) + 1
-        with self._lock:
+    def record(self, second, latency_s, added_s, error, nbytes):
+        """One request (latency_s None: a tcp connection) that ended in this second."""
+        i = second % RECENT_SECONDS
+        self._lock.acquire()               # not `with`: a third cheaper, on every request
+        try:
             if self._second[i] != second:
-                self._second[i] = second
-                self._requests[i] = self._errors[i] = self._bytes[i] = 0
+                self._clear(i, second)
             self._requests[i] += 1
-            self._errors[i] += error
-            self._bytes[i] += nbytes
-            if latency_s is None:
-                return
-            if self._window_second[j] != second:
-                self._window_second[j] = second
-                for k in range(j * b, j * b + b):
-                    self._latency[k] = self._added[k] = 0
-            self._latency[j * b + bisect.bisect_left(self.BUCKETS, latency_s)] += 1
-            if added_s is not None:
-                self._added[j * b + bisect.bisect_left(self.BUCKETS, added_s)] += 1
+            if error:
+                self._errors[i] += 1
+            if nbytes:
+                self._bytes[i] += nbytes
+            if latency_s is not None:
+                row = i * (len(self.BUCKETS) + 1)
+                self._latency[row + bisect.bisect_left(self.BUCKETS, latency_s)] += 1
+                if added_s is not None:
+                    k = bisect.bisect_left(self.BUCKETS, added_s)
+                    self._added[row + k] += 1
+                    self._added_counts[k] += 1
+                    self.added_sum += added_s
+        finally:
+            self._lock.release()
+
+    def _clear(self, i, second):
+        b = len(self.BUCKETS) + 1
+        self._second[i] = second
+        self._requests[i] = self._errors[i] = self._bytes[i] = 0
+        for k in range(i * b, i * b + b):
+            self._latency[k] = self._added[k] = 0
 
     def snapshot(self, now=None):
         """-> {"requests", "errors", "bytes": per-second series, oldest first (RECENT_SECONDS
@@ -7432,23 +7447,27 @@ class RecentStats:
         the last RECENT_WINDOW_S}."""
         last = int(monotonic() if now is None else now) - 1
         b = len(self.BUCKETS) + 1
+        series = {"requests": [], "errors": [], "bytes": []}
+        latency, added = [0] * b, [0] * b
         with self._lock:
-            series = {"requests": [], "errors": [], "bytes": []}
             for second in range(last - RECENT_SECONDS + 1, last + 1):
                 i = second % RECENT_SECONDS
                 here = self._second[i] == second
                 series["requests"].append(self._requests[i] if here else 0)
                 series["errors"].append(self._errors[i] if here else 0)
                 series["bytes"].append(self._bytes[i] if here else 0)
-            latency, added = [0] * b, [0] * b
-            for second in range(last - RECENT_WINDOW_S + 1, last + 1):
-                j = second % RECENT_WINDOW_S
-                if self._window_second[j] == second:
+                if here and second > last - RECENT_WINDOW_S:
                     for k in range(b):
-                        latency[k] += self._latency[j * b + k]
-                        added[k] += self._added[j * b + k]
+                        latency[k] += self._latency[i * b + k]
+                        added[k] += self._added[i * b + k]
         series["latency"], series["added"] = latency, added
         return series
+
+    def added_totals(self):
+        """(counts per ADDED_LATENCY_BUCKETS_S bucket and +Inf, sum): the metric's."""
+        n = len(ADDED_LATENCY_BUCKETS_S)
+        with self._lock:                   # BUCKETS begins with the metric's: the rest is +Inf
+            return self._added_counts[:n] + [sum(self._added_counts[n:])], self.added_sum
 
     @classmethod
     def quantile(cls, counts, q):
@@ -7464,6 +7483,38 @@ class RecentStats:
                 return low + (high - low) * (rank - seen) / c
             seen += c
         return cls.BUCKETS[-1]
+
+
+class RecentHistogram:
+    """ambassador_added_latency_seconds: a histogram family whose counts live in each
+    listener's RecentStats (recorded there with the page's ring, under its one lock)."""
+    kind = "histogram"
+
+    def __init__(self, name, help_text, recent):
+        self.name, self.help, self.labelnames = name, help_text, ("listener",)
+        self.buckets = ADDED_LATENCY_BUCKETS_S
+        self._recent = recent             # listener name -> RecentStats
+
+    def render(self):
+        lines = []
+        for name, stats in sorted(self._recent.items()):
+            counts, total = stats.added_totals()
+            lines += histogram_lines(self.name, self.labelnames, (name,), self.buckets, counts,
+                                     total)
+        return lines
+
+
+def histogram_lines(name, labelnames, labelvalues, buckets, counts, total):
+    """One series of a histogram in the text format: cumulative buckets, _sum, _count."""
+    lines, cumulative = [], 0
+    for bound, count in zip(buckets + (float("inf"),), counts):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        lines.append(_format_sample(name + "_bucket", labelnames, labelvalues, cumulative,
+                                    'le="%s"' % le))
+    lines.append(_format_sample(name + "_sum", labelnames, labelvalues, total))
+    lines.append(_format_sample(name + "_count", labelnames, labelvalues, cumulative))
+    return lines
 
 
 class Histogram:
@@ -7499,16 +7550,8 @@ class Histogram:
             items = sorted((k, list(v)) for k, v in self._series.items())
         lines = []
         for labelvalues, series in items:
-            cumulative = 0
-            for bound, count in zip(self.buckets + (float("inf"),), series):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(_format_sample(self.name + "_bucket", self.labelnames, labelvalues,
-                                            cumulative, 'le="%s"' % le))
-            lines.append(_format_sample(self.name + "_sum", self.labelnames, labelvalues,
-                                        series[-1]))
-            lines.append(_format_sample(self.name + "_count", self.labelnames, labelvalues,
-                                        cumulative))
+            lines += histogram_lines(self.name, self.labelnames, labelvalues, self.buckets,
+                                     series[:-1], series[-1])
         return lines
 
 
@@ -8155,11 +8198,10 @@ class Telemetry:
             setattr(self, attr, m.add(Counter(name, help_text, labels)))
         for attr, name, help_text, labels in HISTOGRAM_FAMILIES:
             setattr(self, attr, m.add(Histogram(name, help_text, labels)))
-        self.added_latency = m.add(Histogram(
-            "ambassador_added_latency_seconds", "Ambassador's own share of a forwarded request: "
-            "its duration less the time its tries spent with the upstream.", ("listener",),
-            ADDED_LATENCY_BUCKETS_S))
         self.recent = {}                       # listener name -> RecentStats (the admin page)
+        m.add(RecentHistogram(
+            "ambassador_added_latency_seconds", "Ambassador's own share of a forwarded request: "
+            "its duration less the time its tries spent with the upstream.", self.recent))
         self.recent_errors = collections.deque(maxlen=RECENT_ERRORS)   # appends are atomic
         self.warnings = WarningLimiter(self.log)
         self._tunnels = collections.Counter()   # listener name -> tunnels open (their lock:)
@@ -8241,8 +8283,6 @@ class Telemetry:
         """Make every series the config makes relevant exist at zero."""
         for l in listeners:
             self.recent.setdefault(l.name, RecentStats())
-            if l.config.protocol == "http":
-                self.added_latency.touch((l.name,))
             for cluster in l.clusters():
                 self.duration.touch((l.name, cluster.name))
                 self.retries.touch((l.name, cluster.name))
@@ -8357,14 +8397,11 @@ class Telemetry:
             route = req.route.label if req.route is not None else "-"
             self.requests.inc((listener.name, cluster, str(req.status), route))
             self.duration.observe((listener.name, cluster), duration_s)
-            added = None
-            if req.attempts:                       # forwarded: what Ambassador added to it
-                added = max(0.0, duration_s - req.upstream_s)
-                self.added_latency.observe((listener.name,), added)
-            error = not 0 < req.status < 500
             recent = self.recent.get(listener.name)
-            if recent is not None:
-                recent.record(duration_s, added, error, req.bytes_out)
+            if recent is not None:                 # added: what Ambassador added, if forwarded
+                recent.record(int(req.start + duration_s), duration_s,
+                              max(0.0, duration_s - req.upstream_s) if req.attempts else None,
+                              not 0 < req.status < 500, req.bytes_out)
             if req.error is not None:
                 self.recent_errors.append((time.time(), listener.name, req.method,
                                            req.target.split(b"?", 1)[0][:200], req.error,
@@ -8417,8 +8454,9 @@ class Telemetry:
             self.tcp_connections.inc((listener.name, session.termination))
             recent = self.recent.get(listener.name)
             if recent is not None:         # a connection, its bytes counted when it closes
-                recent.record(error=session.termination not in TCP_CLEAN_TERMINATIONS,
-                              nbytes=session.bytes_up + session.bytes_down)
+                recent.record(int(monotonic()), None, None,
+                              session.termination not in TCP_CLEAN_TERMINATIONS,
+                              session.bytes_up + session.bytes_down)
             if self.access_log is not None:
                 self.access_log.record(TcpLogEntry(
                     session.wall_start, listener.name, session.cluster.name,
@@ -8491,9 +8529,10 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 23. Admin
-#    GET / /metrics /ready /clusters /config, POST /reload /quitquitquit, and the probe port.
-#    A small bounded server of its own (not http.server); it binds 127.0.0.1 unless configured.
+# 23. Admin, probes and the admin page
+#    GET / (the page, or the index) /stats /metrics /ready /clusters /config /certs, POST /reload
+#    /quitquitquit, and the probe port.  A small bounded server of its own (not http.server);
+#    it binds 127.0.0.1 unless configured.
 # ==================================================================================================
 
 class SmallHTTPServer(socketserver.TCPServer):
@@ -9718,6 +9757,12 @@ def parse_args(argv):
     p.add_argument("-c", "--config", metavar="FILE", help="the TOML config (see README.md)")
     p.add_argument("--check", action="store_true",
                    help="validate the config and print the listeners; no DNS, no binding")
+    p.add_argument("--analyze", action="store_true",
+                   help="--check, then the config against the real environment: DNS, "
+                        "endpoints, TLS peers, certificates, taken ports, dead routes; exit 0, "
+                        "or %d when a finding is an error" % ANALYZE_EXIT_ERRORS)
+    p.add_argument("--output", choices=("text", "json"), default="text",
+                   help="--analyze's findings as text lines (default) or JSON, for CI")
     p.add_argument("--demo", action="store_true",
                    help="run the config (default: ambassador.toml beside this file) in front of "
                         "two demo services started on loopback")
@@ -9895,13 +9940,15 @@ def main(argv=None):
         return 2
     if args.wait_started is not None:
         return wait_started(config.admin.listen, args.wait_started)
-    if args.check:
+    if args.check or args.analyze:
         try:
             check_tls_material(config)          # as a start or reload loads it; no network
         except ConfigError as e:
             for problem in e.problems:
                 sys.stderr.write("ambassador: config error: %s\n" % problem)
             return 2
+        if args.analyze:
+            return run_analyze(config, args.output)
         for l in config.listeners:
             n = len(config.clusters[l.cluster].endpoints)
             print("%s %s -> cluster %s (%d endpoint%s)" % (
@@ -9942,7 +9989,340 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 27. The demo: two stand-in services and what to try
+# 27. Analyze (--analyze): the config against the real environment
+#    What --check cannot see, found as istioctl analyze finds it: names that do not resolve,
+#    endpoints that refuse, TLS peers the config would refuse, certificates near their end,
+#    addresses taken, routes that never match.  One line per finding, with a stable code.
+# ==================================================================================================
+
+ANALYZE_PROBE_TIMEOUT_S = 2.0       # each connect, handshake or request
+ANALYZE_DEADLINE_S = 9.0            # the whole run (its probes run side by side)
+ANALYZE_EXPIRY_WARNING_DAYS = 14
+ANALYZE_EXIT_ERRORS = 3             # an error-level finding (2 stays "the config is invalid")
+
+# code -> (severity, what it means, how to fix it): the README's table is this one.
+FINDINGS = {
+    "AMB101": ("error", "an endpoint's name does not resolve",
+               "fix the name, or use discovery = \"strict_dns\" if it appears later"),
+    "AMB102": ("error", "an endpoint refuses connections",
+               "start the service, or fix the endpoint's port"),
+    "AMB103": ("warning", "an endpoint does not answer a connect within the probe's time",
+               "check firewalls and routes to it; raise connect_timeout if it is slow"),
+    "AMB104": ("error", "the TLS handshake with an endpoint fails verification",
+               "give tls.ca (or trust) the CA that signed the server's certificate"),
+    "AMB105": ("error", "the server's certificate does not carry the names asked",
+               "set tls.server_name or match_san to what the certificate names"),
+    "AMB106": ("error", "the server's certificate has expired",
+               "renew the server's certificate"),
+    "AMB107": ("warning", "the server's certificate expires within 14 days",
+               "renew the server's certificate soon"),
+    "AMB108": ("error", "the PostgreSQL endpoint refuses TLS (SSLRequest)",
+               "turn ssl on in postgresql.conf, or remove starttls"),
+    "AMB109": ("error", "the health-check path answers 404: every endpoint would turn unhealthy",
+               "set health_check.path to a path the service answers"),
+    "AMB110": ("warning", "the health-check path answers a status outside expected_statuses",
+               "fix health_check.path or expected_statuses"),
+    "AMB201": ("error", "a certificate file has expired",
+               "replace the file (Ambassador reloads it without a restart)"),
+    "AMB202": ("warning", "a certificate file expires within 14 days",
+               "replace the file soon, or let [certificates] renew it"),
+    "AMB301": ("error", "an address to listen on is already taken",
+               "stop what holds it, or choose another port"),
+    "AMB401": ("warning", "a route can never match: an earlier route takes all its requests",
+               "move it before the earlier route, or narrow the earlier one's match"),
+    "AMB402": ("info", "a weighted cluster of a route has weight 0 and gets no request",
+               "remove it, or give it a weight"),
+    "AMB403": ("warning", "timeout is shorter than one per_try_timeout: no retry can happen",
+               "make timeout larger than per_try_timeout (times attempts + 1)"),
+    "AMB501": ("error", "a certificate issuer cannot be reached",
+               "check the address, its ca and the network path to it"),
+}
+
+
+class Finding(NamedTuple):
+    code: str
+    path: str            # the key path the finding is about
+    detail: str
+
+    @property
+    def severity(self):
+        return FINDINGS[self.code][0]
+
+    def as_json(self):
+        severity, meaning, fix = FINDINGS[self.code]
+        return {"code": self.code, "severity": severity, "path": self.path,
+                "message": "%s: %s" % (meaning, self.detail), "fix": fix}
+
+    def line(self):
+        severity, meaning, fix = FINDINGS[self.code]
+        return "%-7s %s %s: %s (%s). Fix: %s" % (severity, self.code, self.path, meaning,
+                                                 self.detail, fix)
+
+
+def analyze(config, timeout_s=ANALYZE_PROBE_TIMEOUT_S, deadline_s=ANALYZE_DEADLINE_S):
+    """The config against the world -> [Finding], errors first.  Static checks here; every
+    probe of the network in a thread of its own, each bounded by timeout_s and all together
+    by deadline_s (a probe still running then is reported as timing out)."""
+    findings = _static_findings(config)
+    probes = _probes(config, timeout_s)
+    results, lock = [], threading.Lock()
+
+    def run(probe, path):
+        try:
+            found = probe()
+        except Exception as e:                  # a probe's own bug: said, not hidden
+            found = [Finding("AMB103", path, "the probe failed: %s" % e)]
+        with lock:
+            results.extend(found or [])
+    threads = [threading.Thread(target=run, args=p, daemon=True) for p in probes]
+    for t in threads:
+        t.start()
+    end = monotonic() + deadline_s
+    for t, (_, path) in zip(threads, probes):
+        t.join(max(0.0, end - monotonic()))
+        if t.is_alive():
+            results.append(Finding("AMB103", path, "no answer within the %gs of the whole run"
+                                   % deadline_s))
+    with lock:
+        findings += results
+    order = {"error": 0, "warning": 1, "info": 2}
+    return sorted(set(findings), key=lambda f: (order[f.severity], f.path, f.code))
+
+
+def _static_findings(config):
+    out = []
+    for l in config.listeners:
+        where = "listeners.%s" % l.name
+        for i, later in enumerate(l.routes):
+            for earlier in l.routes[:i]:
+                if route_shadows(earlier.match, later.match):
+                    out.append(Finding("AMB401", "%s.routes[%d]" % (where, later.index),
+                                       "route %s comes after route %s (%s)" % (
+                                           later.name or later.index, earlier.name or
+                                           earlier.index, describe_match(earlier.match))))
+                    break
+            for w in later.clusters:
+                if w.weight == 0 and len(later.clusters) > 1:
+                    out.append(Finding("AMB402", "%s.routes[%d].clusters" % (where, later.index),
+                                       "cluster %s" % w.cluster))
+        if l.protocol != "http":
+            continue
+        for at, retry, timeout in [(where, l.retry, l.timeout)] + [
+                ("%s.routes[%d]" % (where, r.index), r.retry or l.retry, r.timeout or l.timeout)
+                for r in l.routes]:
+            if retry.attempts and retry.per_try_timeout and timeout <= retry.per_try_timeout:
+                out.append(Finding("AMB403", at + ".timeout", "%gs against per_try_timeout %gs"
+                                   % (timeout, retry.per_try_timeout)))
+    for section, name, tls in [("listeners", l.name, l.tls) for l in config.listeners] + \
+            [("clusters", n, c.tls) for n, c in sorted(config.clusters.items())]:
+        for key in ("cert", "ca"):
+            path = getattr(tls, key, None) if tls is not None else None
+            if path:
+                out += _certificate_file_findings("%s.%s.tls.%s" % (section, name, key), path)
+    return out
+
+
+def route_shadows(earlier, later):
+    """Does every request `later` matches also match `earlier` (so `later`, after it, never
+    matches)?  Conservative: True only when each condition of earlier is implied by one of
+    later's; a regex implies only the same regex."""
+    if earlier.methods and not (later.methods and set(later.methods) <= set(earlier.methods)):
+        return False
+    if not set(earlier.headers) <= set(later.headers) or \
+            not set(earlier.query) <= set(later.query):
+        return False
+    if earlier.authority and earlier.authority != later.authority:
+        return False
+    if earlier.path_regex and earlier.path_regex != later.path_regex:
+        return False
+    if earlier.path_exact:
+        return later.path_exact == earlier.path_exact
+    if earlier.path_prefix:
+        path = later.path_exact or later.path_prefix
+        return path is not None and path.startswith(earlier.path_prefix)
+    return True
+
+
+def _certificate_file_findings(path_key, path):
+    import ssl
+    try:
+        with open(path) as f:
+            info = decode_certificate(f.read())
+    except (OSError, ValueError):
+        return []                                 # --check says what is wrong with it
+    left = ssl.cert_time_to_seconds(info["notAfter"]) - time.time()
+    if left <= 0:
+        return [Finding("AMB201", path_key, "%s expired on %s" % (path, info["notAfter"]))]
+    if left < ANALYZE_EXPIRY_WARNING_DAYS * DAY_S:
+        return [Finding("AMB202", path_key, "%s expires on %s, in %.1f days"
+                        % (path, info["notAfter"], left / DAY_S))]
+    return []
+
+
+def _probes(config, timeout_s):
+    """[(probe, key path)]: each probe -> [Finding]."""
+    probes = []
+    for name, c in sorted(config.clusters.items()):
+        tls = None
+        if c.tls is not None and c.tls.verify and not (c.tls.trust or c.tls.certificate):
+            tls = load_tls_source(c.tls, "upstream", "clusters", name)
+        for key, endpoints in (("endpoints", c.endpoints), ("backup_endpoints",
+                                                            c.backup_endpoints)):
+            for i, e in enumerate(endpoints):
+                path = "clusters.%s.%s[%d]" % (name, key, i)
+                probes.append((lambda c=c, e=e, path=path, tls=tls:
+                               _probe_endpoint(c, e, path, tls, timeout_s), path))
+    addresses = [("listeners.%s.listen" % l.name, l.listen) for l in config.listeners] + \
+        [("admin.%s" % k, getattr(config.admin, k)) for k in ("listen", "probe_listen")] + \
+        [("certificates.%s.acme.challenge_listen" % n, acme_challenge_address(c.acme))
+         for n, c in sorted(config.certificates.items()) if c.acme is not None]
+    for path, address in addresses:
+        if address is not None and address[1]:
+            probes.append((lambda path=path, address=address: _probe_bind(path, address), path))
+    for name, c in sorted(config.certificates.items()):
+        path = "certificates.%s.%s" % (name, c.issuer)
+        probes.append((lambda c=c, path=path: _probe_issuer(c, path, timeout_s), path))
+    return probes
+
+
+def _probe_bind(path, address):
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers bind
+        sock.bind(address)
+        sock.listen(1)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return [Finding("AMB301", path, "%s: %s" % (format_address(address),
+                                                        e.strerror or e))]
+        return []             # not this host's address, no permission: --check's business
+    finally:
+        sock.close()
+    return []
+
+
+def _probe_endpoint(cluster, endpoint, path, tls, timeout_s):
+    host, port = endpoint.address
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        return [Finding("AMB101", path, "%s: %s" % (host, getattr(e, "strerror", None) or e))]
+    address = infos[0][4][:2]
+    label = "%s (%s)" % (format_address(endpoint.address), format_address(address))
+    try:
+        sock = socket.create_connection(address, timeout=timeout_s)
+    except socket.timeout:
+        return [Finding("AMB103", path, "%s: no answer in %gs" % (label, timeout_s))]
+    except OSError as e:
+        return [Finding("AMB102", path, "%s: %s" % (label, e.strerror or e))]
+    found = []
+    try:
+        sock.settimeout(timeout_s)
+        if tls is not None:
+            sock, found = _probe_tls(sock, cluster, endpoint, path, tls, label)
+            if sock is None:
+                return found
+        hc = cluster.health_check
+        if hc is not None and hc.type == "http":
+            found += _probe_health_path(sock, endpoint, hc, path, label)
+    except OSError as e:
+        found.append(Finding("AMB103", path, "%s: %s" % (label, e)))
+    finally:
+        if sock is not None:
+            sock.close()
+    return found
+
+
+def _probe_tls(sock, cluster, endpoint, path, tls, label):
+    """The handshake a try would make -> (TLS socket or None, [Finding])."""
+    import ssl
+    c = cluster.tls
+    if c.starttls == "postgres":
+        try:
+            postgres_starttls(sock, label)
+        except (TlsError, OSError) as e:         # no answer at all: not PostgreSQL either
+            sock.close()
+            why = "no answer to SSLRequest" if isinstance(e, socket.timeout) else e
+            return None, [Finding("AMB108", path, "%s: %s" % (label, why))]
+    try:
+        name = c.server_name or endpoint.address[0]
+        sock = tls.context.wrap_socket(sock, server_hostname=name.strip("[]"))
+    except (OSError, ValueError) as e:
+        sock.close()
+        reason = tls.classify(e)
+        code = {"expired": "AMB106", "hostname_mismatch": "AMB105"}.get(reason, "AMB104")
+        if reason == "verify_failed" and "expired" in str(e).lower():
+            code = "AMB106"
+        return None, [Finding(code, path + ".tls" if code != "AMB104" else path,
+                              "%s: %s" % (label, e))]
+    found = []
+    cert = sock.getpeercert() or {}
+    if c.match_san and not any(san in certificate_sans(cert) for san in c.match_san):
+        found.append(Finding("AMB105", "clusters.%s.tls.match_san" % cluster.name,
+                             "%s carries %s" % (label, ", ".join(certificate_sans(cert)[1::2])
+                                                or "no SAN")))
+    if "notAfter" in cert:
+        left = ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
+        if left < ANALYZE_EXPIRY_WARNING_DAYS * DAY_S:
+            found.append(Finding("AMB107", path, "%s: notAfter %s" % (label, cert["notAfter"])))
+    return sock, found
+
+
+def _probe_health_path(sock, endpoint, hc, path, label):
+    host = endpoint.address[0] if endpoint.address[1] in (80, 443) else \
+        format_address(endpoint.address)
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ambassador-analyze\r\n"
+                  "Connection: close\r\n\r\n" % (hc.path, host)).encode())
+    head = b""
+    while b"\r\n" not in head and len(head) < 4096:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    status = parse_status_line(head)
+    if status is None:
+        return []                 # not HTTP: the health checker reports it
+    where = path.replace(".endpoints[", ".health_check.path (endpoint ").replace("]", ")", 1)
+    if status == 404:
+        return [Finding("AMB109", where, "%s answers 404 to GET %s" % (label, hc.path))]
+    if status not in hc.expected_statuses:
+        return [Finding("AMB110", where, "%s answers %d to GET %s" % (label, status, hc.path))]
+    return []
+
+
+def _probe_issuer(certificate, path, timeout_s):
+    if certificate.vault is not None:
+        url, ca = certificate.vault.address.rstrip("/") + "/v1/sys/health", certificate.vault.ca
+    else:
+        url, ca = certificate.acme.directory, certificate.acme.ca
+    try:
+        status, _, body = issuer_call(url, ca=ca, timeout=timeout_s)
+    except IssuerError as e:
+        return [Finding("AMB501", path, str(e))]
+    if certificate.acme is not None and (status != 200 or b"newOrder" not in body):
+        return [Finding("AMB501", path, "%s answered %d, not an ACME directory" % (url, status))]
+    return []       # Vault's health answers 200, 429, 472, 473, 501 or 503: it is there
+
+
+def run_analyze(config, output):
+    """--analyze: print the findings (text, or JSON for CI) -> the exit status."""
+    findings = analyze(config)
+    errors = sum(1 for f in findings if f.severity == "error")
+    if output == "json":
+        print(json.dumps({"findings": [f.as_json() for f in findings], "errors": errors,
+                          "warnings": sum(1 for f in findings if f.severity == "warning")},
+                         indent=2))
+    else:
+        for f in findings:
+            print(f.line())
+        print("%d finding%s, %d error%s" % (len(findings), "" if len(findings) == 1 else "s",
+                                            errors, "" if errors == 1 else "s"))
+    return ANALYZE_EXIT_ERRORS if errors else 0
+
+
+# ==================================================================================================
+# 28. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -10049,7 +10429,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 28. Appendix: the TOML parser for Python < 3.11
+# 29. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -10393,7 +10773,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 29. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 30. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
@@ -10739,7 +11119,7 @@ class LinearRegex:
 
 
 # ==================================================================================================
-# 30. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
+# 31. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
 #    Pure functions of integers and bytes, for the keys, certificate requests and ACME messages
 #    that sections 9 and 10 make, and no I/O.  Written for correctness and readability, not secrecy
 #    against a local attacker: Python's integers are not constant-time (the README's threat

@@ -27,8 +27,8 @@ def test_recent_stats_series_and_quantiles():
     import ambassador
     r = ambassador.RecentStats()
     for i in range(100):
-        r.record(0.001 * (i + 1), 0.0002, error=i >= 95, nbytes=10, now=1000.5)
-    r.record(0.5, None, now=1001.2)
+        r.record(1000, 0.001 * (i + 1), 0.0002, i >= 95, 10)
+    r.record(1001, 0.5, None, False, 0)
     s = r.snapshot(now=1002.0)
     assert len(s["requests"]) == ambassador.RECENT_SECONDS
     assert s["requests"][-2:] == [100, 1] and s["errors"][-2:] == [5, 0]
@@ -39,14 +39,16 @@ def test_recent_stats_series_and_quantiles():
     assert 0.25 <= q(s["latency"], 1.0) <= 0.5      # the last: 500 ms
     assert 0.0001 <= q(s["added"], 0.5) <= 0.00025
     assert q([0] * 19, 0.5) is None
+    counts, total = r.added_totals()                  # the metric's cumulative counts
+    assert sum(counts) == 100 and total == pytest.approx(0.02)
 
 
 def test_recent_stats_reuse_a_slot_when_its_second_comes_round():
     import ambassador
     r = ambassador.RecentStats()
-    r.record(0.001, now=10.0)
-    later = 10.0 + ambassador.RECENT_SECONDS           # the same slot, five minutes on
-    r.record(0.001, now=later)
+    r.record(10, 0.001, None, False, 0)
+    later = 10 + ambassador.RECENT_SECONDS             # the same slot, five minutes on
+    r.record(later, 0.001, None, False, 0)
     s = r.snapshot(now=later + 1)
     assert sum(s["requests"]) == 1 and sum(s["latency"]) == 1
     assert sum(r.snapshot(now=later + ambassador.RECENT_WINDOW_S + 2)["latency"]) == 0
