@@ -221,3 +221,13 @@ def test_a_good_config_has_no_finding(tmp_path, upstream):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
                          universal_newlines=True)
     assert out.returncode == 0 and out.stdout == "0 findings, 0 errors\n", out.stdout
+
+
+def test_the_readme_lists_every_code_with_its_fix():
+    import os
+    import re
+    import ambassador
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "README.md")) as f:
+        rows = re.findall(r"^\| `(AMB\d+)` \| (\w+) \| (.+?) \| (.+?) \|$", f.read(), re.M)
+    assert {code: (sev, meaning, fix) for code, sev, meaning, fix in rows} == ambassador.FINDINGS

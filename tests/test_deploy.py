@@ -130,3 +130,53 @@ def test_the_start_gates_use_wait_started_and_fail_when_nothing_started(tmp_path
     finally:
         proc.kill()
         proc.wait()
+
+
+# ------------------------------------------------------------------------------ the Grafana dashboard
+
+def dashboard_expressions():
+    """Every PromQL expression of deploy/grafana/ambassador.json, its Grafana variables
+    replaced by what "All" selects."""
+    import json
+    with open(os.path.join(DEPLOY, "grafana", "ambassador.json")) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    return dashboard, [e.replace("$namespace", ".*").replace("$pod", ".*") for e in exprs]
+
+
+def test_the_dashboard_is_laid_out_and_names_each_panel():
+    dashboard, exprs = dashboard_expressions()
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and len(exprs) >= 25
+    for p in dashboard["panels"]:
+        g = p["gridPos"]
+        assert p["title"] and 0 <= g["x"] and g["x"] + g["w"] <= 24
+        if p["type"] != "row":
+            assert p["targets"] and p["datasource"]["uid"] == "${datasource}"
+    assert all("$__" not in e for e in exprs)          # plain PromQL: promtool can read it
+
+
+@pytest.mark.blackbox
+def test_promtool_parses_every_dashboard_expression(tmp_path):
+    _, exprs = dashboard_expressions()
+    rules = ["groups:", "  - name: dashboard", "    rules:"]
+    for i, expr in enumerate(exprs):
+        rules += ["      - record: dashboard:panel_%d" % i, "        expr: '%s'"
+                  % expr.replace("'", "''")]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text("\n".join(rules) + "\n")
+    out = subprocess.run([tool("promtool"), "check", "rules", str(path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert out.returncode == 0, out.stdout.decode()
+
+
+def test_every_metric_the_dashboard_names_exists(ambassador, upstream):
+    _, exprs = dashboard_expressions()
+    named = set()
+    for expr in exprs:
+        named |= {re.sub(r"_(bucket|sum|count)$", "", m)
+                  for m in re.findall(r"\b((?:ambassador|process)_[a-z_]+)\b", expr)}
+    a = ambassador([upstream.address])
+    families = set(re.findall(r"^# TYPE (\S+) ", a.admin("/metrics")[1], re.M))
+    assert named - families == set()
+    assert "ambassador_added_latency_seconds" in named
