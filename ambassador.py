@@ -44,7 +44,7 @@ How a request flows (Envoy's words: the app is *downstream*, the remote service 
     Beside the data path: HealthChecker and OutlierDetector mark endpoints; every request ends
     in Telemetry: Metrics (Prometheus text on the admin port), AccessLog, Tracer -> SpanExporter.
 
-Who waits where, and which thread owns a connection (the connection core, sections 11 and 12):
+Who waits where, and which thread owns a connection (the connection core, sections 12 and 13):
 
     accept thread         one per listener: accept(), count against max_connections (past
     (listener:NAME)       it: a 503 written at once), register the connection in the epoll
@@ -85,24 +85,26 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       17 Upstream connections and pools
-     2 Constants and defaults          18 Endpoints, balancers, DNS, Cluster
-     3 Errors and outcomes             19 Resilience: retries, budget, breaker, limits,
-     4 Foundations                        outlier detection, health checks
-     5 Configuration: records, kinds   20 Telemetry: metrics, access log, admin rings
-     6 Configuration: schema, loading  21 Telemetry: tracing
-     7 HTTP/1.1 wire format            22 Telemetry: the sink the data path calls
-     8 TLS                             23 Admin, probes and the admin page
-     9 Certificates: kept fresh        24 Process: bind, serve, drain, live upgrade
-    10 Certificate issuers: OpenBao/   25 Reload by difference (Reloader)
-       Vault PKI, ACME                 26 The command line: main(), signals, re-exec
-    11 Downstream: listeners, where    27 Analyze: the config against the world
-       connections wait (Dispatcher)   28 The demo
-    12 Downstream connections          29 Appendix: TOML parser for Python < 3.11
-    13 Routing and traffic policy      30 Appendix: linear-time regular expressions
-    14 Request stack                   31 Appendix: certificate crypto (P-256, ECDSA,
-    15 TCP relay: connect, pump           DER, CSR, JWS)
-    16 Tunnels (WebSocket), RelayLoop
+     1 Imports and compatibility       18 Upstream connections and pools
+     2 Constants and defaults          19 HTTP/2 to upstreams (codec)
+     3 Errors and outcomes             20 Endpoints, balancers, DNS, Cluster
+     4 Foundations                     21 Resilience: retries, budget, breaker, limits,
+     5 Configuration: records, kinds      outlier detection, health checks
+     6 Configuration: schema, loading  22 Telemetry: metrics, access log, admin rings
+     7 HTTP/1.1 wire format            23 Telemetry: tracing
+     8 HTTP/2 wire format: frames,     24 Telemetry: the sink the data path calls
+       HPACK                           25 Admin, probes and the admin page
+     9 TLS                             26 Process: bind, serve, drain, live upgrade
+    10 Certificates: kept fresh        27 Reload by difference (Reloader)
+    11 Certificate issuers: OpenBao/   28 The command line: main(), signals, re-exec
+       Vault PKI, ACME                 29 Analyze: the config against the world
+    12 Downstream: listeners, where    30 The demo
+       connections wait (Dispatcher)   31 Appendix: TOML parser for Python < 3.11
+    13 Downstream connections          32 Appendix: linear-time regular expressions
+    14 Routing and traffic policy      33 Appendix: certificate crypto (P-256, ECDSA,
+    15 Request stack                      DER, CSR, JWS)
+    16 TCP relay: connect, pump
+    17 Tunnels (WebSocket), RelayLoop
 """
 
 # ==================================================================================================
@@ -223,7 +225,7 @@ DEFAULT_OD_MAX_EJECTION_S = 300.0
 DEFAULT_OD_MAX_EJECTION_PERCENT = 10.0
 MAX_ENDPOINT_WEIGHT = 128
 DEFAULT_TLS_RELOAD_INTERVAL_S = 5.0
-# Certificates Ambassador obtains (section 9): renewed when this much of the lifetime is left
+# Certificates Ambassador obtains (section 10): renewed when this much of the lifetime is left
 # (Istio's default rotation point, a third), a failure retried with backoff at most
 # CERT_RETRY_MAX_S apart, each call to the CA bounded by CERT_ISSUER_TIMEOUT_S.
 DEFAULT_RENEW_BEFORE = "33%"
@@ -249,6 +251,16 @@ DRAIN_QUIET_S = 1.0                           # drain ends after this long with 
 DRAIN_CUT_GRACE_S = 1.0                       # after drain_timeout: for cut requests to answer
 RING_POINTS_PER_WEIGHT = 1024                 # ring_hash: points per unit of endpoint weight...
 RING_MAX_POINTS = 131072                      # ...within this many in all
+# HTTP/2 to upstreams (codec = "http2"): Istio's http2MaxRequests is the breaker's
+# max_requests; these shape the connections.  Our receive windows are large so that one
+# stream's download is not held to 64 KiB per round trip.
+DEFAULT_H2_MAX_CONCURRENT_STREAMS = 100
+DEFAULT_H2_MAX_CONNECTIONS = 2
+DEFAULT_H2_KEEPALIVE_INTERVAL_S = 30.0
+DEFAULT_H2_KEEPALIVE_TIMEOUT_S = 10.0
+H2_STREAM_WINDOW = 1 << 20                     # what a stream may send us before we read it
+H2_CONNECTION_WINDOW = 16 << 20
+UPSTREAM_H2_WRITE_TIMEOUT_S = 10.0             # one TLS write of an HTTP/2 connection
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
@@ -300,7 +312,7 @@ _BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
 # RFC 9110 5.5: a field value holds no control byte but HTAB.  The same for a chunk-size line,
 # a trailer, and a request head with its CRLFs made HTABs: no bare CR or LF either.
 _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-# What an app may ask of a route's fault table with header_control (section 13): the only
+# What an app may ask of a route's fault table with header_control (section 14): the only
 # x-ambassador-* request headers read; every other one from the app is dropped.
 _FAULT_HEADERS = frozenset([b"x-ambassador-fault-delay", b"x-ambassador-fault-abort"])
 # Every x-ambassador-* header Ambassador sends or reads: from the app, each is dropped.
@@ -648,7 +660,7 @@ class AcmeIssuerConfig(NamedTuple):
 
 
 class CertificateConfig(NamedTuple):
-    """[certificates.NAME]: one certificate Ambassador obtains and keeps fresh (section 9)."""
+    """[certificates.NAME]: one certificate Ambassador obtains and keeps fresh (section 10)."""
     name: str
     issuer: str                          # "vault" or "acme": which sub-table says how
     common_name: Optional[str] = None
@@ -778,6 +790,15 @@ class OutlierDetectionConfig(NamedTuple):
     max_ejection_percent: float = DEFAULT_OD_MAX_EJECTION_PERCENT
 
 
+class Http2Config(NamedTuple):
+    """[clusters.NAME.http2]: how requests are multiplexed over HTTP/2 connections."""
+    max_concurrent_streams: int = DEFAULT_H2_MAX_CONCURRENT_STREAMS   # per connection, at most
+                                                                      # the server's SETTINGS
+    max_connections: int = DEFAULT_H2_MAX_CONNECTIONS                  # per endpoint
+    keepalive_interval: float = DEFAULT_H2_KEEPALIVE_INTERVAL_S   # PING when idle this long
+    keepalive_timeout: float = DEFAULT_H2_KEEPALIVE_TIMEOUT_S     # no answer: replaced
+
+
 class ClusterConfig(NamedTuple):
     name: str
     endpoints: Tuple[EndpointConfig, ...]
@@ -793,6 +814,10 @@ class ClusterConfig(NamedTuple):
     health_check: Optional[HealthCheckConfig] = None     # None: endpoints stay unchecked
     outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
     tls: Optional[UpstreamTlsConfig] = None
+    # Envoy's word.  "http2": h2 over TLS by ALPN, h2c with prior knowledge without TLS; the
+    # app keeps speaking HTTP/1.1 (Istio's h2UpgradePolicy: UPGRADE).
+    codec: str = "http1"
+    http2: Http2Config = Http2Config()
 
 
 class TracingConfig(NamedTuple):
@@ -1034,7 +1059,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 30) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 32) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -1188,6 +1213,7 @@ _LISTENER_KEYS = {
     "half_closed_timeout": for_protocol("tcp", _kind_interval),
     "max_connection_duration": for_protocol("tcp", _kind_idle)}
 _CLUSTER_KEYS = {"endpoints": _kind_endpoints, "backup_endpoints": _kind_backup_endpoints,
+                 "codec": _kind_one_of("http1", "http2"),
                  "connect_timeout": _kind_timeout,
                  "discovery": _kind_one_of("static", "strict_dns"),
                  "dns_refresh": _kind_interval,
@@ -1253,7 +1279,10 @@ _LISTENER_TABLES = {"tls": (_DOWNSTREAM_TLS_KEYS, DownstreamTlsConfig),
                     "rate_limit": (_RATE_LIMIT_KEYS, RateLimitConfig, "http"),
                     "mirror": (_MIRROR_KEYS, MirrorConfig, "http"),
                     "upgrade": (_UPGRADE_KEYS, UpgradeConfig, "http")}
+_HTTP2_KEYS = {"max_concurrent_streams": _kind_int(1, 1 << 31), "max_connections": _kind_int(1, 64),
+               "keepalive_interval": _kind_interval, "keepalive_timeout": _kind_timeout}
 _CLUSTER_TABLES = {"circuit_breaker": (_CIRCUIT_BREAKER_KEYS, CircuitBreakerConfig),
+                   "http2": (_HTTP2_KEYS, Http2Config),
                    "health_check": (_HEALTH_CHECK_KEYS, HealthCheckConfig),
                    "outlier_detection": (_OUTLIER_DETECTION_KEYS, OutlierDetectionConfig),
                    "tls": (_UPSTREAM_TLS_KEYS, UpstreamTlsConfig)}
@@ -1368,6 +1397,11 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
         if (values.get("lb_policy") == "ring_hash") != (values.get("hash_on") is not None):
             v.problem("clusters.%s.hash_on" % name, "goes with lb_policy = \"ring_hash\", and "
                       "ring_hash needs it (\"header:x-user-id\", \"cookie:session\", ...)")
+        hc = values.get("health_check")
+        if values.get("codec") == "http2" and hc is not None and hc.type == "http":
+            v.problem("clusters.%s.health_check.type" % name, "an http health check speaks "
+                      "HTTP/1.1, which this cluster's codec = \"http2\" endpoints may not: "
+                      "use \"tcp\"")
         both = {e.address for e in values.get("endpoints", ())} & \
             {e.address for e in values.get("backup_endpoints", ())}
         if both:
@@ -1416,6 +1450,10 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
         retry = values.get("retry")
         if retry and retry.backoff_max < retry.backoff_base:
             v.problem(where + ".retry.backoff_max", "must be >= backoff_base")
+        target = clusters.get(values.get("cluster"))
+        if values.get("protocol") == "tcp" and target is not None and target.codec == "http2":
+            v.problem(where + ".cluster", "cluster %s has codec = \"http2\": a tcp listener "
+                      "relays bytes, not requests" % json.dumps(target.name))
         if "cluster" in values and values["cluster"] not in raw_clusters:
             v.problem(where + ".cluster", "no cluster named %s (clusters: %s)"
                       % (json.dumps(values["cluster"]),
@@ -2179,7 +2217,306 @@ def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=Non
 
 
 # ==================================================================================================
-# 8. TLS
+# 8. HTTP/2 wire format: frames (RFC 9113) and HPACK (RFC 7541)
+#    Bytes in, records out, as section 7 for HTTP/1.1: the frame header, SETTINGS, the HPACK
+#    integer and string codings, Huffman, the static and dynamic tables.  Pure functions and
+#    two small stateful codecs (one per connection and direction); no sockets, no policy.
+# ==================================================================================================
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_DATA, H2_HEADERS, H2_PRIORITY, H2_RST_STREAM, H2_SETTINGS, H2_PUSH_PROMISE, H2_PING, \
+    H2_GOAWAY, H2_WINDOW_UPDATE, H2_CONTINUATION = range(10)
+H2_END_STREAM = H2_ACK = 0x1
+H2_END_HEADERS, H2_PADDED, H2_PRIORITY_FLAG = 0x4, 0x8, 0x20
+# Error codes (RFC 9113 section 7).
+H2_NO_ERROR, H2_PROTOCOL_ERROR, H2_INTERNAL_ERROR, H2_FLOW_CONTROL_ERROR, \
+    H2_SETTINGS_TIMEOUT, H2_STREAM_CLOSED, H2_FRAME_SIZE_ERROR, H2_REFUSED_STREAM, H2_CANCEL, \
+    H2_COMPRESSION_ERROR, H2_CONNECT_ERROR, H2_ENHANCE_YOUR_CALM = range(12)
+# SETTINGS identifiers and the protocol's initial values.
+H2_HEADER_TABLE_SIZE, H2_ENABLE_PUSH, H2_MAX_CONCURRENT_STREAMS, H2_INITIAL_WINDOW_SIZE, \
+    H2_MAX_FRAME_SIZE, H2_MAX_HEADER_LIST_SIZE = range(1, 7)
+H2_DEFAULT_WINDOW = 65535
+H2_DEFAULT_FRAME_SIZE = 16384
+H2_MAX_WINDOW = (1 << 31) - 1
+
+
+class H2Error(Exception):
+    """A connection error (RFC 9113 5.4.1): the connection ends with GOAWAY(code)."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+def h2_frame(kind, flags, stream_id, payload=b""):
+    """One frame: 9-byte header (length, type, flags, stream id), then payload."""
+    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags,
+                                                             stream_id) + payload
+
+
+def h2_frame_header(header):
+    """The 9 bytes of a frame header -> (length, type, flags, stream id)."""
+    length = int.from_bytes(header[:3], "big")
+    kind, flags, stream_id = struct.unpack(">BBI", header[3:9])
+    return length, kind, flags, stream_id & 0x7fffffff
+
+
+def h2_settings(pairs):
+    return b"".join(struct.pack(">HI", key, value) for key, value in pairs)
+
+
+def h2_parse_settings(payload):
+    """A SETTINGS payload -> {id: value}; H2Error for what RFC 9113 6.5.2 forbids."""
+    if len(payload) % 6:
+        raise H2Error(H2_FRAME_SIZE_ERROR, "SETTINGS of %d bytes" % len(payload))
+    out = {}
+    for i in range(0, len(payload), 6):
+        key, value = struct.unpack(">HI", payload[i:i + 6])
+        if key == H2_ENABLE_PUSH and value > 1:
+            raise H2Error(H2_PROTOCOL_ERROR, "ENABLE_PUSH %d" % value)
+        if key == H2_INITIAL_WINDOW_SIZE and value > H2_MAX_WINDOW:
+            raise H2Error(H2_FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE %d" % value)
+        if key == H2_MAX_FRAME_SIZE and not H2_DEFAULT_FRAME_SIZE <= value <= (1 << 24) - 1:
+            raise H2Error(H2_PROTOCOL_ERROR, "MAX_FRAME_SIZE %d" % value)
+        out[key] = value                         # unknown identifiers are ignored (6.5.2)
+    return out
+
+
+def h2_unpad(flags, payload):
+    """DATA and HEADERS: the payload without its padding (PADDED flag)."""
+    if not flags & H2_PADDED:
+        return payload
+    if not payload or payload[0] >= len(payload):
+        raise H2Error(H2_PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[1:len(payload) - payload[0]]
+
+
+# ---- HPACK ---------------------------------------------------------------------------------
+
+HPACK_STATIC = (
+    (b":authority", b""), (b":method", b"GET"), (b":method", b"POST"), (b":path", b"/"),
+    (b":path", b"/index.html"), (b":scheme", b"http"), (b":scheme", b"https"),
+    (b":status", b"200"), (b":status", b"204"), (b":status", b"206"), (b":status", b"304"),
+    (b":status", b"400"), (b":status", b"404"), (b":status", b"500"),
+    (b"accept-charset", b""), (b"accept-encoding", b"gzip, deflate"),
+    (b"accept-language", b""), (b"accept-ranges", b""), (b"accept", b""),
+    (b"access-control-allow-origin", b""), (b"age", b""), (b"allow", b""),
+    (b"authorization", b""), (b"cache-control", b""), (b"content-disposition", b""),
+    (b"content-encoding", b""), (b"content-language", b""), (b"content-length", b""),
+    (b"content-location", b""), (b"content-range", b""), (b"content-type", b""),
+    (b"cookie", b""), (b"date", b""), (b"etag", b""), (b"expect", b""), (b"expires", b""),
+    (b"from", b""), (b"host", b""), (b"if-match", b""), (b"if-modified-since", b""),
+    (b"if-none-match", b""), (b"if-range", b""), (b"if-unmodified-since", b""),
+    (b"last-modified", b""), (b"link", b""), (b"location", b""), (b"max-forwards", b""),
+    (b"proxy-authenticate", b""), (b"proxy-authorization", b""), (b"range", b""),
+    (b"referer", b""), (b"refresh", b""), (b"retry-after", b""), (b"server", b""),
+    (b"set-cookie", b""), (b"strict-transport-security", b""), (b"transfer-encoding", b""),
+    (b"user-agent", b""), (b"vary", b""), (b"via", b""), (b"www-authenticate", b""))
+_HPACK_STATIC_FULL = {pair: i + 1 for i, pair in reversed(list(enumerate(HPACK_STATIC)))}
+_HPACK_STATIC_NAME = {name: i + 1 for i, (name, _) in reversed(list(enumerate(HPACK_STATIC)))}
+
+# RFC 7541 Appendix B's code lengths for symbols 0-255 and EOS (256).  The code is canonical
+# (codes given in order of length, then symbol), so the lengths alone define it.
+_HUFFMAN_LENGTHS = bytes(int(n) for n in (
+    "13 23 28 28 28 28 28 28 28 24 30 28 28 30 28 28 28 28 28 28 28 28 30 28 28 28 28 28 28 28 "
+    "28 28 6 10 10 12 13 6 8 11 10 10 8 11 8 6 6 6 5 5 5 6 6 6 6 6 6 6 7 8 15 6 12 10 13 6 7 7 "
+    "7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 8 7 8 13 19 13 14 6 15 5 6 5 6 5 6 6 6 5 7 7 6 6 6 "
+    "5 6 7 6 5 5 6 7 7 7 7 7 15 11 14 13 28 20 22 20 20 22 22 22 23 22 23 23 23 23 23 24 23 24 "
+    "24 22 23 24 23 23 23 23 21 22 23 22 23 23 24 22 21 20 22 22 23 23 21 23 22 22 24 21 22 23 "
+    "23 21 21 22 21 23 22 23 23 20 22 22 22 23 22 22 23 26 26 20 19 22 23 22 25 26 26 26 27 27 "
+    "26 24 25 19 21 26 27 27 26 27 24 21 21 26 26 28 27 27 27 20 24 20 21 22 21 21 23 22 22 25 "
+    "25 24 24 26 23 26 27 26 26 27 27 27 27 27 28 27 27 27 27 27 26 30").split())
+
+
+def _huffman_codes():
+    codes, code, previous = [0] * 257, -1, 0
+    for symbol in sorted(range(257), key=lambda s: (_HUFFMAN_LENGTHS[s], s)):
+        length = _HUFFMAN_LENGTHS[symbol]
+        code = (code + 1) << (length - previous)
+        codes[symbol], previous = code, length
+    return codes
+
+
+HUFFMAN_CODES = _huffman_codes()
+_HUFFMAN_DECODE = {(_HUFFMAN_LENGTHS[s], c): s for s, c in enumerate(HUFFMAN_CODES)}
+
+
+def huffman_encode(data):
+    bits = nbits = 0
+    for byte in data:
+        bits = (bits << _HUFFMAN_LENGTHS[byte]) | HUFFMAN_CODES[byte]
+        nbits += _HUFFMAN_LENGTHS[byte]
+    pad = -nbits % 8                              # padded with the EOS code's leading 1s
+    return ((bits << pad) | ((1 << pad) - 1)).to_bytes((nbits + pad) // 8, "big")
+
+
+def huffman_decode(data):
+    """Huffman-coded bytes -> bytes.  H2Error(COMPRESSION_ERROR) for an EOS inside, padding
+    longer than 7 bits or not all 1s (RFC 7541 5.2)."""
+    out = bytearray()
+    code = length = 0
+    for byte in data:
+        for shift in range(7, -1, -1):
+            code = (code << 1) | ((byte >> shift) & 1)
+            length += 1
+            symbol = _HUFFMAN_DECODE.get((length, code)) if length >= 5 else None
+            if symbol is not None:
+                if symbol == 256:
+                    raise H2Error(H2_COMPRESSION_ERROR, "EOS in a Huffman string")
+                out.append(symbol)
+                code = length = 0
+            elif length > 30:
+                raise H2Error(H2_COMPRESSION_ERROR, "bad Huffman code")
+    if length > 7 or code != (1 << length) - 1:
+        raise H2Error(H2_COMPRESSION_ERROR, "bad Huffman padding")
+    return bytes(out)
+
+
+def hpack_int(value, prefix_bits, first=0):
+    """An HPACK integer (RFC 7541 5.1), its first byte's high bits set to first."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = bytearray([first | limit])
+    value -= limit
+    while value >= 128:
+        out.append(value & 127 | 128)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def hpack_read_int(data, pos, prefix_bits):
+    """-> (value, next position).  H2Error for a truncated or absurdly long integer."""
+    if pos >= len(data):
+        raise H2Error(H2_COMPRESSION_ERROR, "truncated integer")
+    limit = (1 << prefix_bits) - 1
+    value = data[pos] & limit
+    pos += 1
+    if value < limit:
+        return value, pos
+    shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise H2Error(H2_COMPRESSION_ERROR, "truncated or oversized integer")
+        byte = data[pos]
+        pos += 1
+        value += (byte & 127) << shift
+        shift += 7
+        if not byte & 128:
+            return value, pos
+
+
+def hpack_string(data, huffman=None):
+    """A string literal: Huffman-coded when that is shorter (huffman None) or as asked."""
+    coded = huffman_encode(data) if huffman is not False else None
+    if coded is not None and (huffman or len(coded) < len(data)):
+        return hpack_int(len(coded), 7, 0x80) + coded
+    return hpack_int(len(data), 7) + data
+
+
+def hpack_read_string(data, pos, limit):
+    huffman = pos < len(data) and data[pos] & 0x80
+    length, pos = hpack_read_int(data, pos, 7)
+    if pos + length > len(data):
+        raise H2Error(H2_COMPRESSION_ERROR, "truncated string")
+    if length > limit:
+        raise H2Error(H2_COMPRESSION_ERROR, "a header string past the size allowed")
+    raw = data[pos:pos + length]
+    return (huffman_decode(raw) if huffman else raw), pos + length
+
+
+class HpackDecoder:
+    """One connection's receiving HPACK context: the dynamic table the peer's encoder keeps
+    in step with, bounded by our SETTINGS_HEADER_TABLE_SIZE.  decode() is a pure function of
+    the block and this table; max_list_bytes bounds what one block may expand to (RFC 9113
+    10.5.1: header lists are counted as name + value + 32 per field)."""
+
+    def __init__(self, max_table_size=4096, max_list_bytes=65536):
+        self.max_table_size = max_table_size      # what we allowed by SETTINGS
+        self.table_size = max_table_size          # what the encoder last set (<= the above)
+        self.max_list_bytes = max_list_bytes
+        self.dynamic = collections.deque()        # newest first
+        self.used = 0
+
+    def _add(self, name, value):
+        size = len(name) + len(value) + 32
+        self.dynamic.appendleft((name, value))
+        self.used += size
+        self._evict()
+
+    def _evict(self):
+        while self.used > self.table_size and self.dynamic:
+            name, value = self.dynamic.pop()
+            self.used -= len(name) + len(value) + 32
+
+    def _entry(self, index):
+        if 0 < index <= len(HPACK_STATIC):
+            return HPACK_STATIC[index - 1]
+        if 0 < index - len(HPACK_STATIC) <= len(self.dynamic):
+            return self.dynamic[index - len(HPACK_STATIC) - 1]
+        raise H2Error(H2_COMPRESSION_ERROR, "index %d is in no table" % index)
+
+    def decode(self, block):
+        """A header block -> [(name, value)] as bytes."""
+        out, pos, size, limit = [], 0, 0, self.max_list_bytes
+        while pos < len(block):
+            byte = block[pos]
+            if byte & 0x80:                                     # indexed
+                index, pos = hpack_read_int(block, pos, 7)
+                name, value = self._entry(index)
+            elif byte & 0xe0 == 0x20:                           # dynamic table size update
+                new, pos = hpack_read_int(block, pos, 5)
+                if new > self.max_table_size or out:
+                    raise H2Error(H2_COMPRESSION_ERROR, "table size update %d" % new)
+                self.table_size = new
+                self._evict()
+                continue
+            else:              # a literal: with indexing (01), without (0000) or never (0001)
+                indexing = byte & 0xc0 == 0x40
+                index, pos = hpack_read_int(block, pos, 6 if indexing else 4)
+                if index:
+                    name = self._entry(index)[0]
+                else:
+                    name, pos = hpack_read_string(block, pos, limit)
+                value, pos = hpack_read_string(block, pos, limit)
+                if indexing:
+                    self._add(name, value)
+            size += len(name) + len(value) + 32
+            if size > limit:
+                raise H2Error(H2_COMPRESSION_ERROR, "header list over %d bytes" % limit)
+            out.append((name, value))
+        return out
+
+
+class HpackEncoder:
+    """One connection's sending HPACK context.  Static-table indexes where a field is there,
+    else literals without indexing: no dynamic table, so nothing to keep in step with the
+    peer and nothing an attacker can probe (CRIME-style) -- a few bytes more per request.
+    Values of fields that carry secrets are marked never-indexed for intermediaries too."""
+    NEVER_INDEXED = frozenset([b"authorization", b"cookie", b"proxy-authorization",
+                               b"set-cookie"])
+
+    def encode(self, fields):
+        """[(name, value)] as bytes (names lower case) -> a header block."""
+        out = []
+        for name, value in fields:
+            full = _HPACK_STATIC_FULL.get((name, value))
+            if full is not None:
+                out.append(hpack_int(full, 7, 0x80))
+                continue
+            first = 0x10 if name in self.NEVER_INDEXED else 0x00
+            index = _HPACK_STATIC_NAME.get(name)
+            if index is not None:
+                out.append(hpack_int(index, 4, first))
+            else:
+                out.append(hpack_int(0, 4, first) + hpack_string(name))
+            out.append(hpack_string(value))
+        return b"".join(out)
+
+
+# ==================================================================================================
+# 9. TLS
 #    Context sources built from a tls table and rotated when its files change; handshakes
 #    with endpoints (SNI, SAN matching) and PostgreSQL's SSLRequest; peer identities.
 # ==================================================================================================
@@ -2199,12 +2536,13 @@ def tls_problem(section, name, error):
     return "%s.%s.tls: cannot load: %s" % (section, name, error)
 
 
-def load_tls_source(tls, side, section, name, on_reload=None, certificates=None):
+def load_tls_source(tls, side, section, name, on_reload=None, certificates=None, alpn=()):
     """One tls table's TlsContextSource, as start, reload and --check load it; ConfigError
     with its key path (tls_problem) if it does not load.  certificates: name ->
-    ManagedCertificate, for the tables that name one (--check: none, no material yet)."""
+    ManagedCertificate, for the tables that name one (--check: none, no material yet);
+    alpn: the protocols a cluster's handshake offers (["h2"] for codec = "http2")."""
     try:
-        return TlsContextSource(tls, side, name, on_reload, certificates)
+        return TlsContextSource(tls, side, name, on_reload, certificates, alpn)
     except (OSError, ValueError) as e:
         raise ConfigError([tls_problem(section, name, e)])
 
@@ -2235,7 +2573,7 @@ class TlsContextSource:
     does not match its certificate).  `context` is replaced whole: new connections use the new
     one, open connections finish on the old.  Thread-safe.
 
-    A table may name a [certificates] table instead of files (certificate, trust; section 9):
+    A table may name a [certificates] table instead of files (certificate, trust; section 10):
     its ManagedCertificate calls rebuild() with each new certificate.  crl = "issuer" fetches
     that issuer's CRL each reload_interval; a CRL file is watched like the others.  Until a
     named certificate or CRL first arrives, `missing` says so (/ready) and handshakes fail.
@@ -2243,10 +2581,11 @@ class TlsContextSource:
     ssl is imported here, not at the top: it costs ~5 MB of memory that a sidecar without TLS
     should not pay."""
 
-    def __init__(self, config, side, name, on_reload=None, certificates=None):
+    def __init__(self, config, side, name, on_reload=None, certificates=None, alpn=()):
         import ssl
         self.ssl = ssl
         self.config, self.side, self.name = config, side, name
+        self.alpn = list(alpn)
         self._on_reload = on_reload              # (path, "ok" | "error") -> None
         self.paths = [p for p in (config.cert, config.key, config.ca) if p]
         if config.crl and config.crl != "issuer":
@@ -2294,6 +2633,8 @@ class TlsContextSource:
                 ctx.load_default_certs()
             if c.cert or c.certificate:
                 self._load_pair(ctx, missing)
+            if self.alpn:
+                ctx.set_alpn_protocols(self.alpn)
         if c.crl:
             self._load_crl(ctx, missing)
         self.missing = missing
@@ -2309,7 +2650,7 @@ class TlsContextSource:
     def _load_pair(self, ctx, missing):
         """cert and key into ctx, or TlsMaterialError naming which of the two is wrong and why,
         with its file: OpenSSL's own words name neither.  A named certificate: its material,
-        checked when it was taken (section 9)."""
+        checked when it was taken (section 10)."""
         c, errors = self.config, (OSError, ValueError, self.ssl.SSLError)
         if c.certificate is not None:
             material = self.certificate.material if self.certificate else None
@@ -2570,10 +2911,10 @@ def handshake_failed(sock, listener, error):
 
 
 # ==================================================================================================
-# 9. Certificates: kept fresh
-#    [certificates.NAME]: a certificate obtained from its issuer (section 10), proven before it
+# 10. Certificates: kept fresh
+#    [certificates.NAME]: a certificate obtained from its issuer (section 11), proven before it
 #    serves, renewed before it expires and handed to the TLS contexts that name it, with the
-#    issuer's CRL.  Section 31 holds the crypto.  Nothing here blocks a request.
+#    issuer's CRL.  Section 33 holds the crypto.  Nothing here blocks a request.
 # ==================================================================================================
 
 class IssuerError(Exception):
@@ -2948,7 +3289,7 @@ class ManagedCertificate:
 
 
 # ==================================================================================================
-# 10. Certificate issuers: OpenBao/Vault PKI and ACME
+# 11. Certificate issuers: OpenBao/Vault PKI and ACME
 #    How one certificate is obtained: an HTTP(S) call to the CA, bounded; Vault's logins and its
 #    sign/issue endpoints; ACME's account, order, challenges (answered by a ChallengeResponder
 #    bound for the order's duration) and finalization.  Secrets are read, never repeated.
@@ -3338,7 +3679,8 @@ class AcmeIssuer:
         csr = make_csr(key, config.common_name or names[0], names)
         self._post(order["finalize"], {"csr": b64url(csr)})
         order = self._poll(order_url, ("valid",), deadline, "order")
-        _, _, chain = self._post(order["certificate"], None, accept="application/pem-certificate-chain")
+        _, _, chain = self._post(order["certificate"], None,
+                                 accept="application/pem-certificate-chain")
         chain = chain.decode("ascii", "replace")
         blocks = pem_blocks(chain, "CERTIFICATE")
         if not blocks:
@@ -3359,7 +3701,7 @@ def acme_challenge_address(acme):
 
 
 # ==================================================================================================
-# 11. Downstream: listeners, and where connections wait
+# 12. Downstream: listeners, and where connections wait
 #    One bound socket and accept thread per listener, at most max_connections connections (past
 #    it a fast 503, or a close for tcp); the Dispatcher where they wait between requests and the
 #    workers that serve them.
@@ -3846,7 +4188,7 @@ class Dispatcher:
 
 
 # ==================================================================================================
-# 12. Downstream connections: an app connection's requests
+# 13. Downstream connections: an app connection's requests
 #    Worker turns on one app connection: the TLS handshake, heads read without waiting, head
 #    limits and timeouts, keep-alive, error replies; each request handed to the request stack.
 # ==================================================================================================
@@ -4162,7 +4504,7 @@ class DownstreamConnection:
 
 
 # ==================================================================================================
-# 13. Routing and traffic policy
+# 14. Routing and traffic policy
 #    What applies to a request before it is sent: its body as the stack sees it, header rules,
 #    the route that matches, faults, the rate limit and the mirror.
 # ==================================================================================================
@@ -4225,12 +4567,17 @@ class RequestBody:
         """Stream what was not held from the app to the upstream (after head and held bytes).
         Copied, never spliced: measured, a spliced upload reached the upstream as segments its
         kernel cannot coalesce, which closed its receive window (0.66-0.86x the uploads/s)."""
-        self.replayable = False
         chunked = self.req.content_length is None
-        for data in self._read(self.rest):
+        for data in self.iter_rest():
             sock.sendall(chunk(data) if chunked else data)
         if chunked:
             sock.sendall(LAST_CHUNK)
+
+    def iter_rest(self):
+        """What was not held, as the app sends it (its data, never chunk-framed): sent once."""
+        self.replayable = False
+        for data in self._read(self.rest):
+            yield data
         self.rest_sent = True
 
     def is_complete(self):
@@ -4376,7 +4723,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 30), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 32), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -4690,7 +5037,7 @@ class Mirror:
 
 
 # ==================================================================================================
-# 14. Request stack
+# 15. Request stack
 #    route -> deadline -> fault -> rate limit -> rewrites -> mirror -> retry loop (policy,
 #    budget, backoff) -> admission (limits, breaker) -> balance -> try -> pool, then the
 #    response streamed back (spliced when large).  A failure before the response began is a reply.
@@ -4777,7 +5124,7 @@ def carries_upgrade(listener, req):
 
 def start_tunnel(listener, req, resp, conn, downstream):
     """The upstream switched protocols: relay its 101 and hand both connections to an
-    UpgradedTunnel (section 16).  The request's span ends here; its log line and metrics come
+    UpgradedTunnel (section 17).  The request's span ends here; its log line and metrics come
     when the tunnel closes.  -> TUNNELLED."""
     parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
     if resp.lines:
@@ -5270,7 +5617,7 @@ def relay_response(req, resp, conn, downstream, listener):   # long: the hot pat
 
 
 # ==================================================================================================
-# 15. TCP relay
+# 16. TCP relay
 #    A tcp listener's connections: connect (connect_attempts tries over the balancer, breaker and
 #    limits; TLS from the first byte, or PostgreSQL's SSLRequest first), then one thread pumps
 #    bytes both ways with bounded buffers, passing on half-closes and resets, until both sides
@@ -5914,7 +6261,7 @@ class TcpSession:
 
 
 # ==================================================================================================
-# 16. Tunnels and the RelayLoop
+# 17. Tunnels and the RelayLoop
 #    An upgraded request's tunnel (a tcp session by another door), TLS's close_notify for a
 #    half-close, PostgreSQL's auth offer, and the loop where every relay of a listener runs.
 # ==================================================================================================
@@ -6165,7 +6512,7 @@ class RelayLoop:
 
 
 # ==================================================================================================
-# 17. Upstream connections and their pools
+# 18. Upstream connections and their pools
 #    One keep-alive connection to an endpoint (send a head and a body, read a response head:
 #    transport only), and each endpoint's pool of idle ones, checked for a close before reuse.
 # ==================================================================================================
@@ -6315,11 +6662,39 @@ class UpstreamConnection:
             self.pool.closed_one()
 
 
+def cluster_alpn(config):
+    """The ALPN protocols a cluster's TLS handshakes offer: HTTP/2's for codec = "http2"."""
+    return ["h2"] if getattr(config, "codec", "http1") == "http2" else []
+
+
+def connect_endpoint(endpoint, tls, connect_timeout, deadline):
+    """A connected socket to endpoint (TLS handshake done when tls), within connect_timeout
+    and the request's deadline: ConnectFailure, UpstreamTimeout or TlsError otherwise."""
+    remaining = deadline - monotonic()
+    if remaining <= 0:
+        raise UpstreamTimeout("listener timeout passed before connecting")
+    timeout = min(connect_timeout, remaining)
+    try:
+        sock = socket.create_connection(endpoint.address, timeout)
+    except socket.timeout:
+        if timeout < connect_timeout:
+            raise UpstreamTimeout("listener timeout passed while connecting")
+        raise ConnectFailure("connect to %s: timed out after %gs"
+                             % (endpoint.label.decode(), timeout))
+    except OSError as e:
+        raise ConnectFailure("connect to %s: %s" % (endpoint.label.decode(), e.strerror or e))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        sock = client_handshake(sock, tls, endpoint)   # within the timeout above
+    return sock
+
+
 class ConnectionPool:
     """Idle keep-alive connections to one endpoint, newest reused first.  Thread-safe.
 
     acquire() never hands out a connection that sat idle past UPSTREAM_IDLE_S or that the
     upstream closed (checked with a zero-timeout poll), so a stale socket is rarely written to."""
+    config = None                              # HTTP/1.1: no [http2] table (H2Pool has one)
 
     def __init__(self, endpoint, connect_timeout, limits, tls=None):
         self.endpoint = endpoint
@@ -6367,24 +6742,7 @@ class ConnectionPool:
         return UpstreamConnection(sock, self)
 
     def _connect(self, deadline):
-        remaining = deadline - monotonic()
-        if remaining <= 0:
-            raise UpstreamTimeout("listener timeout passed before connecting")
-        timeout = min(self.connect_timeout, remaining)
-        try:
-            sock = socket.create_connection(self.endpoint.address, timeout)
-        except socket.timeout:
-            if timeout < self.connect_timeout:
-                raise UpstreamTimeout("listener timeout passed while connecting")
-            raise ConnectFailure("connect to %s: timed out after %gs"
-                                 % (self.endpoint.label.decode(), timeout))
-        except OSError as e:
-            raise ConnectFailure("connect to %s: %s"
-                                 % (self.endpoint.label.decode(), e.strerror or e))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            sock = client_handshake(sock, self.tls, self.endpoint)   # within the timeout above
-        return sock
+        return connect_endpoint(self.endpoint, self.tls, self.connect_timeout, deadline)
 
     def release(self, conn):
         now = monotonic()
@@ -6421,7 +6779,728 @@ class ConnectionPool:
 
 
 # ==================================================================================================
-# 18. Endpoints, balancers, DNS discovery, Cluster
+# 19. HTTP/2 to upstreams: multiplexed connections (codec = "http2")
+#    The app's HTTP/1.1 requests as streams over a few HTTP/2 connections per endpoint: each
+#    H2Stream stands where an UpstreamConnection stands in the request stack (exchange,
+#    reader, release), so every policy applies per stream.  One reader thread per connection
+#    demultiplexes frames; flow control both ways; GOAWAY and REFUSED_STREAM are "never sent".
+# ==================================================================================================
+
+# Fields HTTP/2 forbids (RFC 9113 8.2.2): connection-specific, dropped when translating.
+_H2_DROPPED = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                         b"upgrade", b"host", b"te", b"content-length"])
+
+
+def h2_request_fields(head, scheme, length):
+    """An HTTP/1.1 request head as the request stack built it (upstream_head) -> HTTP/2
+    fields: pseudo-headers first, names lower case, Host as :authority, connection-specific
+    fields dropped (TE kept only as "trailers"), content-length as the body's."""
+    lines = head.split(b"\r\n")
+    method, target, _ = lines[0].split(b" ", 2)
+    authority, rest = None, []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip(b" \t")
+        if name == b"host":
+            authority = value
+        elif name == b"te":
+            if value.lower() == b"trailers":
+                rest.append((b"te", b"trailers"))
+        elif name not in _H2_DROPPED:
+            rest.append((name, value))
+    fields = [(b":method", method), (b":scheme", scheme), (b":path", target)]
+    if authority:
+        fields.append((b":authority", authority))
+    if length is not None:
+        rest.append((b"content-length", b"%d" % length))
+    return fields + rest
+
+
+def h2_response(fields, method, ended):
+    """A response HEADERS block -> Response, framed as HTTP/1.1 relays it: the status line,
+    regular fields as lines, the length if the server gave one (else the app gets it chunked).
+    UpstreamProtocolError for a block without a valid :status."""
+    status, lines, length, request_id = None, [], None, None
+    for name, value in fields:
+        if name == b":status":
+            status = value
+        elif name.startswith(b":"):
+            raise UpstreamProtocolError("HTTP/2 response with pseudo-header %r" % name)
+        elif name == b"content-length":
+            if not value.isdigit():
+                raise UpstreamProtocolError("HTTP/2 response with a bad content-length")
+            length = int(value)
+        elif name not in _H2_DROPPED:
+            if name == b"x-request-id":
+                request_id = value
+            lines.append(name + b": " + value)
+    if status is None or len(status) != 3 or not status.isdigit():
+        raise UpstreamProtocolError("HTTP/2 response without a valid :status")
+    resp = Response()
+    resp.status = int(status)
+    resp.head = b"HTTP/1.1 %s %s" % (status, reason_phrase(resp.status))
+    resp.lines, resp.chunked, resp.codings, resp.keep_alive = lines, False, b"", True
+    resp.request_id = request_id
+    resp.has_body = not (ended or method == b"HEAD" or resp.status in (204, 304)
+                         or resp.status < 200)
+    resp.length = length if resp.has_body else None
+    return resp
+
+
+class H2Stream:
+    """One request on an H2Connection, seen by the request stack as a connection: exchange()
+    sends the request and waits for the response head; the body is then read from it (it is
+    its own `reader` and `sock`, as relay_response and iter_length expect); release() or
+    close() ends it.  Its state is guarded by its connection's lock."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.pool = conn.pool
+        self.id = None
+        self.reader = self.sock = self
+        self.poller = None                     # never spliced: bytes come from frames
+        self.timeout = None
+        self.reused = conn.used                # a stream on a connection that served others
+        self.closed = False
+        self.fields = None                     # the response head's fields, once here
+        self.data = collections.deque()        # DATA payloads not yet read
+        self.ended = False                     # END_STREAM from the peer
+        self.error = None                      # (ProxyError class, message): reset, refused
+        self.send_window = 0
+        self.consumed = 0                      # read, not yet given back by WINDOW_UPDATE
+        self.local_done = False                # our END_STREAM sent
+        self.released = False                  # read in full: ends when END_STREAM comes
+
+    # ---- as a connection, for the request stack ---------------------------------------------
+
+    def exchange(self, data, body, deadline, timeout_s, method, upgrade=False):
+        if upgrade:
+            raise UpstreamProtocolError("an upgrade cannot cross an HTTP/2 connection")
+        conn = self.conn
+        head = data.split(b"\r\n\r\n", 1)[0]
+        streamed = body.rest is not None
+        length = body.req.content_length if streamed else \
+            (len(body.buffered) if body.buffered or body.req.content_length is not None else None)
+        fields = h2_request_fields(head, b"https" if conn.tls else b"http", length)
+        try:
+            conn.send_headers(self, fields, end_stream=not (body.buffered or streamed))
+            if body.buffered:
+                conn.send_data(self, body.buffered, not streamed, deadline)
+            if streamed:
+                for data in body.iter_rest():
+                    conn.send_data(self, data, False, deadline)
+                conn.send_data(self, b"", True, deadline)
+            return conn.wait_response(self, deadline, timeout_s, method)
+        except UpstreamReset:
+            # A write failed as the connection closed.  Answered in full already (a server
+            # may answer before the whole body, RFC 9113 8.1): that answer stands.  Else
+            # what the close found out about this stream (above a GOAWAY's last id: never
+            # processed) decides, not the write.
+            with conn._lock:
+                answered = self.complete()
+            if answered:
+                return conn.wait_response(self, deadline, timeout_s, method)
+            self.close()
+            with conn._lock:
+                conn._check(self, sent=True)
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def complete(self):
+        """A final response head and END_STREAM came (its connection's lock held)."""
+        return self.ended and self.fields not in (None, ("informational",))
+
+    def release(self, reusable):
+        """The response was read (or will not be): the stream ends, the connection stays.
+        Read in full by its length, its END_STREAM may still be on the way (an empty DATA
+        frame after the last): then the reader thread ends it when that comes."""
+        if self.local_done and (self.ended or reusable):
+            self.conn.forget(self)
+        else:
+            self.close()
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.conn.reset(self, H2_CANCEL)
+
+    # ---- as a reader of the body -------------------------------------------------------------
+
+    @property
+    def buf(self):
+        return bool(self.data)
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def read_some(self, n):
+        """Up to n body bytes; b"" at the end of the stream.  socket.timeout, or EOFError if
+        the stream was reset before its end."""
+        return self.conn.read(self, n)
+
+    def recv_into(self, buffer, n):
+        data = self.read_some(n)
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class H2Connection:
+    """One HTTP/2 connection to an endpoint, carrying up to max_concurrent_streams requests
+    at once.  Writes are whole frames under one lock; a reader thread takes every frame and
+    hands it to its stream; one condition, on the state lock, wakes whoever waits (a window,
+    a response, data).  Over TLS the socket's reads and writes never overlap (io_lock):
+    OpenSSL allows one operation at a time on a connection.
+
+    A connection that fails, or stops answering PINGs when idle, is closed: its streams
+    fail (those never processed as StaleConnection, so they may be sent again, whatever
+    their method).  GOAWAY drains it: no new stream; those above its last stream id are
+    refused (never processed)."""
+
+    def __init__(self, sock, pool, config):
+        self.sock, self.pool, self.config = sock, pool, config
+        self.tls = pool.tls is not None
+        self.label = pool.endpoint.label.decode()
+        self._lock = threading.Lock()          # guards every field below the condition
+        self._changed = threading.Condition(self._lock)
+        self._send_lock = threading.Lock()     # one frame sequence at a time on the socket
+        self._io_lock = threading.Lock() if self.tls else None   # TLS: read xor write
+        self.streams = {}                      # id -> H2Stream, open ones
+        self.next_id = 1
+        self.reserved = 0                      # streams promised to acquire() not yet opened
+        self.peer_max_streams = config.max_concurrent_streams   # until its SETTINGS say
+        self.peer_window = H2_DEFAULT_WINDOW   # its SETTINGS_INITIAL_WINDOW_SIZE
+        self.peer_frame = H2_DEFAULT_FRAME_SIZE
+        self.send_window = H2_DEFAULT_WINDOW   # the connection's, for our DATA
+        self.recv_window = H2_CONNECTION_WINDOW
+        self.consumed = 0
+        self.goaway = None                     # the last stream id of a GOAWAY received
+        self.closed = False
+        self.used = False                      # a stream has ended on it: later ones reuse it
+        self.ping_sent = None                  # monotonic time of a PING not yet answered
+        self.encoder = HpackEncoder()
+        self.decoder = HpackDecoder(max_list_bytes=MAX_RESPONSE_HEAD_BYTES)
+        self._write(H2_PREFACE + h2_frame(H2_SETTINGS, 0, 0, h2_settings([
+            (H2_ENABLE_PUSH, 0), (H2_MAX_CONCURRENT_STREAMS, 0),
+            (H2_INITIAL_WINDOW_SIZE, H2_STREAM_WINDOW)])) +
+            h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(">I", H2_CONNECTION_WINDOW -
+                                                          H2_DEFAULT_WINDOW)))
+        threading.Thread(target=self._read_frames, daemon=True,
+                         name="h2:%s" % self.label).start()
+
+    # ---- streams -----------------------------------------------------------------------------
+
+    def try_reserve(self):
+        """A stream slot for one request, or False (full, draining or closed)."""
+        with self._lock:
+            limit = min(self.peer_max_streams, self.config.max_concurrent_streams)
+            if self.closed or self.goaway is not None or \
+                    len(self.streams) + self.reserved >= limit or self.next_id > H2_MAX_WINDOW:
+                return False
+            self.reserved += 1
+            return True
+
+    def unreserve(self):
+        with self._changed:
+            self.reserved -= 1
+            self._changed.notify_all()
+
+    def load(self):
+        with self._lock:
+            return len(self.streams) + self.reserved
+
+    def send_headers(self, stream, fields, end_stream):
+        block = self.encoder.encode(fields)
+        with self._send_lock:                  # ids must go out in the order they are taken
+            with self._lock:
+                self.reserved -= 1
+                if self.closed or self.goaway is not None:
+                    raise StaleConnection("HTTP/2 connection to %s went away"
+                                          % self.label, nothing_written=True)
+                stream.id, self.next_id = self.next_id, self.next_id + 2
+                stream.send_window = self.peer_window
+                stream.local_done = end_stream
+                self.streams[stream.id] = stream
+            frames, first = [], True
+            while first or block:
+                piece, block = block[:self.peer_frame], block[self.peer_frame:]
+                flags = (0 if block else H2_END_HEADERS) | \
+                    (H2_END_STREAM if first and end_stream else 0)
+                frames.append(h2_frame(H2_HEADERS if first else H2_CONTINUATION, flags,
+                                       stream.id, piece))
+                first = False
+            self._write(b"".join(frames), locked=True)
+
+    def send_data(self, stream, data, end_stream, deadline):
+        """DATA frames within the stream's and the connection's windows, waiting for
+        WINDOW_UPDATE as needed (not past deadline)."""
+        view = memoryview(data)
+        while True:
+            with self._changed:
+                if stream.complete():
+                    stream.local_done = True    # answered in full: the rest is not wanted
+                    return
+                while view and (stream.send_window <= 0 or self.send_window <= 0):
+                    self._check(stream, sent=True)
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        raise UpstreamTimeout("HTTP/2 flow control: no window to send within "
+                                              "the timeout")
+                    self._changed.wait(left)
+                self._check(stream, sent=True)
+                n = min(len(view), stream.send_window, self.send_window, self.peer_frame)
+                stream.send_window -= n
+                self.send_window -= n
+            last = n == len(view)
+            self._write(h2_frame(H2_DATA, H2_END_STREAM if last and end_stream else 0,
+                                 stream.id, bytes(view[:n])))
+            view = view[n:]
+            if last:
+                if end_stream:
+                    stream.local_done = True
+                return
+
+    def _check(self, stream, sent):
+        """Raise what the stream's or connection's end means for the try (lock held)."""
+        if stream.error is not None:
+            kind, message = stream.error
+            if kind is StaleConnection:
+                raise StaleConnection(message, nothing_written=True)
+            raise kind(message)
+        if self.closed:
+            raise UpstreamReset("HTTP/2 connection to %s closed" % self.label)
+
+    def wait_response(self, stream, deadline, timeout_s, method):
+        with self._changed:
+            while stream.fields is None or stream.fields[0] == "informational":
+                if stream.fields is not None:
+                    stream.fields = None           # a 1xx: the final head follows
+                self._check(stream, sent=True)
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise UpstreamTimeout("no response within the timeout (%gs)" % timeout_s)
+                self._changed.wait(left)
+            fields, ended = stream.fields, stream.ended
+        return h2_response(fields, method, ended and not stream.data)
+
+    def read(self, stream, n):
+        deadline = monotonic() + stream.timeout if stream.timeout else None
+        with self._changed:
+            while not stream.data:
+                if stream.ended:
+                    return b""
+                if stream.error is not None or self.closed:
+                    raise EOFError("HTTP/2 stream reset before its end")
+                left = deadline - monotonic() if deadline else None
+                if left is not None and left <= 0:
+                    raise socket.timeout("timed out")
+                self._changed.wait(left)
+            data = stream.data.popleft()
+            if len(data) > n:
+                stream.data.appendleft(data[n:])
+                data = data[:n]
+            stream.consumed += len(data)
+            self.consumed += len(data)
+            updates = []
+            if stream.consumed >= H2_STREAM_WINDOW // 2 and not stream.ended:
+                updates.append(h2_frame(H2_WINDOW_UPDATE, 0, stream.id,
+                                        struct.pack(">I", stream.consumed)))
+                stream.consumed = 0
+            if self.consumed >= H2_CONNECTION_WINDOW // 2:
+                updates.append(h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(">I",
+                                                                             self.consumed)))
+                self.recv_window += self.consumed
+                self.consumed = 0
+        if updates:
+            self._write(b"".join(updates))
+        return data
+
+    def forget(self, stream):
+        """A stream read in full: its slot is free (once its END_STREAM came)."""
+        with self._changed:
+            if not stream.ended:
+                stream.released = True          # _ended() frees it
+                return
+            if self.streams.pop(stream.id, None) is not None:
+                self.used = True
+            self._changed.notify_all()
+        self.pool.stream_done(self)
+
+    def _ended(self, stream):
+        """END_STREAM from the server (lock held) -> True when that frees a released stream."""
+        stream.ended = True
+        if stream.released and self.streams.pop(stream.id, None) is not None:
+            self.used = True
+            return True
+        return False
+
+    def reset(self, stream, code):
+        """Our end of a stream before its natural end (a timeout, a client gone)."""
+        send = False
+        with self._changed:
+            if stream.id is not None and self.streams.pop(stream.id, None) is not None:
+                send = not self.closed and not (stream.ended and stream.local_done)
+                left = sum(len(d) for d in stream.data)      # the connection window's share
+                self.consumed += left
+                stream.data.clear()
+            self._changed.notify_all()
+        if send:
+            try:
+                self._write(h2_frame(H2_RST_STREAM, 0, stream.id, struct.pack(">I", code)))
+            except ProxyError:
+                pass                            # the connection is gone: so is the stream
+        self.pool.stream_done(self)
+
+    # ---- the socket -----------------------------------------------------------------------------
+
+    def _write(self, data, locked=False):
+        if not locked:
+            with self._send_lock:
+                return self._write(data, True)
+        if self.closed:
+            raise UpstreamReset("HTTP/2 connection to %s closed" % self.label)
+        try:
+            if self._io_lock is None:
+                self.sock.sendall(data)
+                return
+            view = memoryview(data)
+            while view:                        # TLS: a little at a time, the reader between
+                with self._io_lock:
+                    self.sock.settimeout(UPSTREAM_H2_WRITE_TIMEOUT_S)
+                    n = self.sock.send(view[:65536])
+                view = view[n:]
+        except OSError as e:
+            self.close("write: %s" % e)
+            raise UpstreamReset("HTTP/2 connection to %s: %s" % (self.label, e))
+
+    def _recv(self, timeout):
+        """Bytes from the socket; b"" at its end; None when nothing came within timeout."""
+        if self._io_lock is None:
+            self.sock.settimeout(timeout)
+            try:
+                return self.sock.recv(65536)
+            except socket.timeout:
+                return None
+        if not self.sock.pending() and not select.select([self.sock], [], [], timeout)[0]:
+            return None
+        with self._io_lock:
+            self.sock.settimeout(0.0)
+            try:
+                return self.sock.recv(65536)
+            except (self.pool.tls.ssl.SSLWantReadError, BlockingIOError):
+                return None                    # a record not whole yet
+
+    def _read_frames(self):
+        buf, idle_since = b"", monotonic()
+        headers = None                          # (stream id, flags, block) across CONTINUATION
+        try:
+            while not self.closed:
+                data = self._recv(min(1.0, self.config.keepalive_interval))
+                now = monotonic()
+                if data is None:
+                    self._keepalive(now, idle_since)
+                    continue
+                if not data:
+                    raise EOFError("closed by the server")
+                idle_since = now
+                buf += data
+                while len(buf) >= 9:
+                    length, kind, flags, stream_id = h2_frame_header(buf)
+                    if length > H2_DEFAULT_FRAME_SIZE:   # we never raised our MAX_FRAME_SIZE
+                        raise H2Error(H2_FRAME_SIZE_ERROR, "frame of %d bytes" % length)
+                    if len(buf) < 9 + length:
+                        break
+                    payload, buf = buf[9:9 + length], buf[9 + length:]
+                    if headers is not None and kind != H2_CONTINUATION:
+                        raise H2Error(H2_PROTOCOL_ERROR, "header block interrupted")
+                    headers = self._frame(kind, flags, stream_id, payload, headers)
+        except H2Error as e:
+            try:
+                self._write(h2_frame(H2_GOAWAY, 0, 0, struct.pack(">II", 0, e.code) +
+                                     str(e).encode()[:200]))
+            except ProxyError:
+                pass
+            self.close("protocol error: %s" % e)
+        except (EOFError, OSError, ValueError) as e:
+            self.close("%s" % (e or type(e).__name__))
+        except ProxyError as e:
+            self.close("%s" % e)
+        finally:
+            # The reader is the socket's last user: it closes it, so that no thread can
+            # ever use a descriptor number the system has given to another socket.
+            self.close("ended")
+            self.sock.close()
+
+    def _keepalive(self, now, idle_since):
+        """Nothing read for a while: a PING after keepalive_interval of silence; no answer
+        within keepalive_timeout closes the connection (its streams fail, and are retried
+        where they may be)."""
+        with self._lock:
+            ping_sent = self.ping_sent
+        if ping_sent is not None and now - ping_sent > self.config.keepalive_timeout:
+            self.close("no PING answer within %gs" % self.config.keepalive_timeout)
+        elif ping_sent is None and now - idle_since >= self.config.keepalive_interval:
+            with self._lock:
+                self.ping_sent = now
+            self._write(h2_frame(H2_PING, 0, 0, struct.pack(">Q", int(now * 1e6))))
+
+    def _frame(self, kind, flags, stream_id, payload, headers):
+        """One frame from the server -> the header block in progress, if any."""
+        if kind == H2_DATA:
+            self._data(flags, stream_id, payload)
+        elif kind in (H2_HEADERS, H2_CONTINUATION):
+            if kind == H2_HEADERS:
+                if headers is not None:
+                    raise H2Error(H2_PROTOCOL_ERROR, "HEADERS inside a header block")
+                payload = h2_unpad(flags, payload)
+                if flags & H2_PRIORITY_FLAG:
+                    payload = payload[5:]
+                headers = (stream_id, flags, payload)
+            else:
+                if headers is None or headers[0] != stream_id:
+                    raise H2Error(H2_PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+                if len(headers[2]) + len(payload) > MAX_RESPONSE_HEAD_BYTES:
+                    raise H2Error(H2_ENHANCE_YOUR_CALM, "header block past %d bytes"
+                                  % MAX_RESPONSE_HEAD_BYTES)
+                headers = (stream_id, headers[1], headers[2] + payload)
+            if flags & H2_END_HEADERS:
+                self._headers(*headers)
+                return None
+            return headers
+        elif kind == H2_RST_STREAM:
+            if len(payload) != 4:
+                raise H2Error(H2_FRAME_SIZE_ERROR, "RST_STREAM of %d bytes" % len(payload))
+            code = struct.unpack(">I", payload)[0]
+            with self._changed:
+                stream = self.streams.get(stream_id)
+                if code == H2_NO_ERROR and stream is not None and stream.complete():
+                    # RFC 9113 8.1: the response is complete, and the server wants no more
+                    # of the request: not an error.
+                    stream.local_done = True
+                    self._changed.notify_all()
+                    return headers
+            refused = code == H2_REFUSED_STREAM
+            self._fail(stream_id, StaleConnection if refused else UpstreamReset,
+                       "HTTP/2 stream %s by %s (code %d)" % (
+                           "refused" if refused else "reset", self.label, code))
+        elif kind == H2_SETTINGS:
+            if not flags & H2_ACK:
+                self._settings(h2_parse_settings(payload))
+        elif kind == H2_PING:
+            if flags & H2_ACK:
+                with self._lock:
+                    self.ping_sent = None
+            else:
+                self._write(h2_frame(H2_PING, H2_ACK, 0, payload))
+        elif kind == H2_GOAWAY:
+            last = struct.unpack(">I", payload[:4])[0] & 0x7fffffff
+            with self._changed:
+                self.goaway = last
+                refused = [s for i, s in self.streams.items() if i > last]
+                self._changed.notify_all()
+            for s in refused:
+                self._fail(s.id, StaleConnection, "HTTP/2 GOAWAY from %s: stream %d was not "
+                           "processed" % (self.label, s.id))
+            self.pool.stream_done(self)
+        elif kind == H2_WINDOW_UPDATE:
+            increment = struct.unpack(">I", payload[:4])[0] & 0x7fffffff
+            with self._changed:
+                target = self if stream_id == 0 else self.streams.get(stream_id)
+                if target is not None:
+                    if not increment:
+                        raise H2Error(H2_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+                    target.send_window += increment
+                    if target.send_window > H2_MAX_WINDOW:
+                        raise H2Error(H2_FLOW_CONTROL_ERROR, "window past 2^31-1")
+                self._changed.notify_all()
+        elif kind == H2_PUSH_PROMISE:
+            raise H2Error(H2_PROTOCOL_ERROR, "PUSH_PROMISE after ENABLE_PUSH 0")
+        return headers                         # PRIORITY and unknown types: ignored
+
+    def _data(self, flags, stream_id, payload):
+        with self._changed:
+            self.recv_window -= len(payload)
+            if self.recv_window < 0:
+                raise H2Error(H2_FLOW_CONTROL_ERROR, "DATA past the connection window")
+            freed = False
+            stream = self.streams.get(stream_id)
+            data = h2_unpad(flags, payload)
+            if stream is None or stream.ended or stream.released:
+                self.consumed += len(payload)           # a stream we left: credit it back
+            else:
+                self.consumed += len(payload) - len(data)   # padding is ours to give back
+                if data:
+                    stream.data.append(data)
+            if stream is not None and flags & H2_END_STREAM:
+                freed = self._ended(stream)
+            self._changed.notify_all()
+        if freed:
+            self.pool.stream_done(self)
+
+    def _headers(self, stream_id, flags, block):
+        fields = self.decoder.decode(block)     # always: HPACK's state moves on every block
+        freed = False
+        with self._changed:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                status = fields[0][1] if fields and fields[0][0] == b":status" else b""
+                if stream.fields is None and status[:1] == b"1":
+                    stream.fields = ("informational",)
+                elif stream.fields is None or stream.fields == ("informational",):
+                    stream.fields = fields
+                # else: trailers, which an HTTP/1.1 app relayed to cannot get here: dropped
+                if flags & H2_END_STREAM:
+                    freed = self._ended(stream)
+            self._changed.notify_all()
+        if freed:
+            self.pool.stream_done(self)
+
+    def _settings(self, settings):
+        with self._changed:
+            if H2_MAX_CONCURRENT_STREAMS in settings:
+                self.peer_max_streams = settings[H2_MAX_CONCURRENT_STREAMS]
+            if H2_MAX_FRAME_SIZE in settings:
+                self.peer_frame = settings[H2_MAX_FRAME_SIZE]
+            if H2_INITIAL_WINDOW_SIZE in settings:      # applies to open streams (6.9.2)
+                delta = settings[H2_INITIAL_WINDOW_SIZE] - self.peer_window
+                self.peer_window = settings[H2_INITIAL_WINDOW_SIZE]
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            self._changed.notify_all()
+        self._write(h2_frame(H2_SETTINGS, H2_ACK, 0))
+
+    def _fail(self, stream_id, kind, message):
+        with self._changed:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.error is None:
+                stream.error = (kind, message)
+            self._changed.notify_all()
+
+    def close(self, why="closed"):
+        with self._changed:
+            if self.closed:
+                return
+            self.closed = True
+            for stream in self.streams.values():
+                if stream.complete():
+                    continue                      # answered in full: its body is here
+                if stream.error is None and self.goaway is not None and \
+                        stream.id > self.goaway:
+                    stream.error = (StaleConnection, "HTTP/2 GOAWAY from %s: stream %d was "
+                                    "not processed" % (self.label, stream.id))
+                elif stream.error is None:
+                    # A stream with no response yet on a connection that died: it may have
+                    # been processed, so it is a reset for the retry policy to judge.
+                    stream.error = (UpstreamReset, "HTTP/2 connection to %s: %s"
+                                    % (self.label, why))
+            self._changed.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which closes the socket
+        except (OSError, ValueError):
+            pass
+        self.pool.connection_closed(self)
+
+
+class H2Pool:
+    """An endpoint's HTTP/2 connections, at most max_connections, each carrying up to its
+    stream limit: acquire() hands out a stream on the least loaded one that has room, opens
+    another while fewer than max_connections exist, else waits for a stream to end (not past
+    the deadline: Overflow).  The same interface as ConnectionPool.  Thread-safe."""
+
+    def __init__(self, endpoint, connect_timeout, limits, tls, config):
+        self.endpoint, self.connect_timeout = endpoint, connect_timeout
+        self.limits, self.tls, self.config = limits, tls, config
+        self._lock = threading.Lock()          # guards _connections, _connecting, _draining
+        self._room = threading.Condition(self._lock)
+        self._connections = []
+        self._connecting = 0
+        self._draining = False
+
+    @property
+    def open_connections(self):
+        with self._lock:
+            return len(self._connections)
+
+    def acquire(self, deadline, fresh_only=False):
+        """A stream to send one request on (fresh_only: on a connection opened for it)."""
+        while True:
+            with self._room:
+                live = [c for c in self._connections if not c.closed]
+                if not fresh_only:
+                    for conn in sorted(live, key=H2Connection.load):
+                        if conn.try_reserve():
+                            return H2Stream(conn)
+                opening = fresh_only or len(live) + self._connecting < self.config.max_connections
+                if opening:
+                    self._connecting += 1
+                else:
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        raise Overflow("every HTTP/2 stream of %s is in use"
+                                       % self.endpoint.label.decode(),
+                                       reason=Overflow.PENDING)
+                    self._room.wait(min(left, 0.5))
+                    continue
+            try:
+                conn = self._open(deadline)
+            finally:
+                with self._room:
+                    self._connecting -= 1
+            if conn.try_reserve():
+                return H2Stream(conn)
+
+    def _open(self, deadline):
+        limits = self.limits
+        if not limits.try_begin("connections"):
+            raise Overflow("max_connections reached", reason=Overflow.CONNECTIONS)
+        try:
+            sock = connect_endpoint(self.endpoint, self.tls, self.connect_timeout, deadline)
+            if self.tls is not None and sock.selected_alpn_protocol() != "h2":
+                sock.close()
+                raise UpstreamProtocolError("%s did not agree to HTTP/2 (ALPN: %s)" % (
+                    self.endpoint.label.decode(), sock.selected_alpn_protocol()))
+            conn = H2Connection(sock, self, self.config)
+        except BaseException:
+            limits.end("connections")
+            raise
+        with self._room:
+            self._connections.append(conn)
+            draining = self._draining
+        if draining:
+            conn.close("the pool drains")
+        return conn
+
+    def stream_done(self, conn):
+        with self._room:
+            self._room.notify_all()
+        if conn.goaway is not None and not conn.load():
+            conn.close("drained after GOAWAY")
+
+    def connection_closed(self, conn):
+        with self._room:
+            if conn in self._connections:
+                self._connections.remove(conn)
+                self.limits.end("connections")
+            self._room.notify_all()
+
+    def release(self, conn):                   # an H2Stream releases itself
+        conn.release(True)
+
+    def close_idle(self):
+        with self._lock:
+            idle = [c for c in self._connections if not c.load()]
+        for conn in idle:
+            conn.close("idle")
+
+    def drain(self):
+        with self._lock:
+            self._draining = True
+        self.close_idle()
+
+
+# ==================================================================================================
+# 20. Endpoints, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS, primaries and
 #    backups), their health and ejection, the balancers that choose among them.
 # ==================================================================================================
@@ -6442,13 +7521,14 @@ class Endpoint:
     picked only when it is not unhealthy and not ejected."""
 
     def __init__(self, address, host_header, weight, connect_timeout, limits, tls=None,
-                 backup=False):
+                 backup=False, http2=None):
         self.address = address                       # (ip, port) connected to
         self.label = format_address(address).encode()
         self.host_header = host_header                # "name:port" as configured, for Host
         self.weight = weight
         self.backup = backup                          # of backup_endpoints: priority 1
-        self.pool = ConnectionPool(self, connect_timeout, limits, tls)
+        self.pool = H2Pool(self, connect_timeout, limits, tls, http2) if http2 is not None \
+            else ConnectionPool(self, connect_timeout, limits, tls)
         self._lock = threading.Lock()   # guards the fields below
         self.active_requests = 0
         self.requests_total = 0
@@ -6796,13 +7876,16 @@ class Cluster:
         new = []
         for address, host_header, weight, backup in entries:
             e = old.pop((address, host_header), None)
+            http2 = self.config.http2 if self.config.codec == "http2" else None
             if e is None:
                 e = Endpoint(address, host_header, weight, self.config.connect_timeout,
-                             self.limits, self.tls, backup)
-            elif (e.pool.limits, e.pool.tls, e.pool.connect_timeout) != \
-                    (self.limits, self.tls, self.config.connect_timeout):
-                stale, e.pool = e.pool, ConnectionPool(e, self.config.connect_timeout,
-                                                       self.limits, self.tls)
+                             self.limits, self.tls, backup, http2)
+            elif (e.pool.limits, e.pool.tls, e.pool.connect_timeout, e.pool.config) != \
+                    (self.limits, self.tls, self.config.connect_timeout, http2):
+                stale = e.pool
+                e.pool = H2Pool(e, self.config.connect_timeout, self.limits, self.tls, http2) \
+                    if http2 is not None else \
+                    ConnectionPool(e, self.config.connect_timeout, self.limits, self.tls)
                 stale.drain()                     # taken over by a reload that changed them
                 e.weight = weight
             else:
@@ -6852,7 +7935,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 19. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 21. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -7315,7 +8398,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 20. Telemetry: metrics, the access log, the admin page's rings
+# 22. Telemetry: metrics, the access log, the admin page's rings
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
 #    queue, and repeated warnings are held to one a minute; RecentStats keeps the last minutes.
@@ -7791,7 +8874,7 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
 
 
 # ==================================================================================================
-# 21. Telemetry: tracing
+# 23. Telemetry: tracing
 #    W3C and B3 trace context in, one span per request, spans out to an OTLP collector from
 #    a bounded queue by a thread of its own.
 # ==================================================================================================
@@ -8079,7 +9162,7 @@ class SpanExporter:
 
 
 # ==================================================================================================
-# 22. Telemetry: the one sink the data path calls
+# 24. Telemetry: the one sink the data path calls
 #    The metric families, and Telemetry: what every layer of the data path calls to count, log
 #    and trace, and which never raises into it.
 # ==================================================================================================
@@ -8529,7 +9612,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 23. Admin, probes and the admin page
+# 25. Admin, probes and the admin page
 #    GET / (the page, or the index) /stats /metrics /ready /clusters /config /certs, POST /reload
 #    /quitquitquit, and the probe port.  A small bounded server of its own (not http.server);
 #    it binds 127.0.0.1 unless configured.
@@ -8709,7 +9792,8 @@ td.num{text-align:right}
 .text-bad{color:var(--bad);font-weight:600}
 svg.spark{display:block;width:150px;height:28px}
 .cluster{margin:.6rem 0 1rem}
-.cluster h3{font-size:.95rem;margin:.2rem 0 .3rem;display:flex;flex-wrap:wrap;gap:.5rem;align-items:center}
+.cluster h3{font-size:.95rem;margin:.2rem 0 .3rem;display:flex;flex-wrap:wrap;gap:.5rem;
+ align-items:center}
 .muted{color:var(--dim);font-size:.85rem}
 #status{font-size:.8rem}
 @media (max-width:600px){main{padding:.4rem .5rem 1.5rem}th,td{padding:.25rem .4rem}
@@ -8727,7 +9811,8 @@ svg.spark{display:block;width:150px;height:28px}
 <span id="status" class="pill dim">loading</span>
 </header>
 <main>
-<h2>Listeners <span class="muted">last minute; sparklines: 5 minutes of requests (errors red)</span></h2>
+<h2>Listeners <span class="muted">last minute; sparklines: 5 minutes of requests (errors red)
+</span></h2>
 <div class="scroll"><table id="listeners"><thead><tr><th>listener</th><th>to</th>
 <th>req/s</th><th>success</th><th>p50 / p99 ms</th><th>added p50 / p99 ms</th><th>in flight</th>
 <th>conns</th><th>retries used / allowed</th><th>limited / faults / mirrored</th><th>5 min</th></tr></thead>
@@ -8951,7 +10036,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 24. Process: Ambassador: bind, serve, drain, live upgrade
+# 26. Process: Ambassador: bind, serve, drain, live upgrade
 #    The running sidecar built from a Config: every socket bound or nothing, served until a
 #    stop, drained, closed; a live upgrade hands its sockets to a new process.
 # ==================================================================================================
@@ -9003,7 +10088,7 @@ class Ambassador:
         self.listeners = []
         self.telemetry = t = Telemetry(self.listeners, self.clusters, self.draining)
         t.reload_state[2] = version
-        self.certificates = t.certificates      # name -> ManagedCertificate (section 9)
+        self.certificates = t.certificates      # name -> ManagedCertificate (section 10)
         for name, c in config.certificates.items():
             self.certificates[name] = ManagedCertificate(c, t)
         for name, c in config.clusters.items():
@@ -9039,7 +10124,7 @@ class Ambassador:
             if config is None:
                 continue
             owner.tls = load_tls_source(config, side, section, name, t.tls_reloaded,
-                                        self.certificates)
+                                        self.certificates, cluster_alpn(owner.config))
             t.tls_sources.append(owner.tls)
 
     def bind(self):
@@ -9419,7 +10504,7 @@ class Ambassador:
 
 
 # ==================================================================================================
-# 25. Reload by difference: the Reloader
+# 27. Reload by difference: the Reloader
 #    SIGHUP and POST /reload: stage everything (parse, load TLS, bind new addresses), then
 #    apply by difference, or nothing; listeners and clusters that go are drained and retired.
 # ==================================================================================================
@@ -9499,7 +10584,7 @@ class Reloader:
                                   t.breaker_transition(name, o, n))
                 if c.tls is not None:
                     cluster.tls = self._tls_source(c.tls, "upstream", "clusters", name,
-                                                   staged.certificates)
+                                                   staged.certificates, cluster_alpn(c))
                     staged.tls.append(cluster.tls)
                 if current is not None:
                     cluster.take_over(current)
@@ -9544,9 +10629,9 @@ class Reloader:
             raise
         return staged
 
-    def _tls_source(self, config, side, section, name, certificates):
+    def _tls_source(self, config, side, section, name, certificates, alpn=()):
         return load_tls_source(config, side, section, name, self.app.telemetry.tls_reloaded,
-                               certificates)
+                               certificates, alpn)
 
     def _apply(self, config, staged):
         """Put a staged config in place.  Nothing here may fail."""
@@ -9660,7 +10745,7 @@ class Reloader:
 
 
 # ==================================================================================================
-# 26. The command line: main(), the re-exec, signals, start gates
+# 28. The command line: main(), the re-exec, signals, start gates
 #    What runs when the file is a program: arguments, --check and --wait-started, the re-exec
 #    that frees the compile's memory, signals held from the first instruction, inherited sockets.
 # ==================================================================================================
@@ -9989,7 +11074,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 27. Analyze (--analyze): the config against the real environment
+# 29. Analyze (--analyze): the config against the real environment
 #    What --check cannot see, found as istioctl analyze finds it: names that do not resolve,
 #    endpoints that refuse, TLS peers the config would refuse, certificates near their end,
 #    addresses taken, routes that never match.  One line per finding, with a stable code.
@@ -10322,7 +11407,7 @@ def run_analyze(config, output):
 
 
 # ==================================================================================================
-# 28. The demo: two stand-in services and what to try
+# 30. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -10429,7 +11514,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 29. Appendix: the TOML parser for Python < 3.11
+# 31. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -10773,7 +11858,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 30. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 32. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
@@ -11119,9 +12204,9 @@ class LinearRegex:
 
 
 # ==================================================================================================
-# 31. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
+# 33. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
 #    Pure functions of integers and bytes, for the keys, certificate requests and ACME messages
-#    that sections 9 and 10 make, and no I/O.  Written for correctness and readability, not secrecy
+#    that sections 10 and 11 make; no I/O.  Written for correctness and readability, not secrecy
 #    against a local attacker: Python's integers are not constant-time (the README's threat
 #    model).  ssl can load a key and verify a chain but not make either, hence this room.
 # ==================================================================================================

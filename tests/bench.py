@@ -1240,6 +1240,55 @@ def ws_echo(sock, payload):
         got += len(sock.recv(min(1 << 20, want - got)))
 
 
+def admin_numbers(tmp, up_port, procs, args):
+    """#28's numbers: GET /stats at 20 listeners and 20 clusters with traffic on each (median
+    and p99 of 200), the page's bytes, and the rings' memory (RSS with 20 listeners against 1,
+    both started and loaded the same way)."""
+    def start(n):
+        admin = free_port()
+        ports = [free_port() for _ in range(n)]
+        conf = os.path.join(tmp, "admin-%d.toml" % n)
+        with open(conf, "w") as f:
+            f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n' % admin)
+            for i, port in enumerate(ports):
+                f.write('[listeners.l%d]\nlisten = "127.0.0.1:%d"\ncluster = "c%d"\n'
+                        '[clusters.c%d]\nendpoints = ["127.0.0.1:%d"]\n' % (i, port, i, i, up_port))
+        proc = subprocess.Popen(pinned(0, [args.python, os.path.join(ROOT, "ambassador.py"),
+                                           "-c", conf]), stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        wait_http(admin, "/ready")
+        for port in ports:                         # traffic on every listener, every second
+            for _ in range(20):
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/1k")
+                c.getresponse().read()
+                c.close()
+        return proc, admin
+    proc, admin = start(20)
+    times = []
+    for _ in range(200):
+        c = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+        t0 = time.perf_counter()
+        c.request("GET", "/stats")
+        body = c.getresponse().read()
+        times.append((time.perf_counter() - t0) * 1e3)
+        c.close()
+    times.sort()
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    c.request("GET", "/", headers={"Accept": "text/html"})
+    page = c.getresponse().read()
+    rss20 = proc_stat(proc.pid)[1]
+    one, _ = start(1)
+    rss1 = proc_stat(one.pid)[1]
+    print("| figure | value |")
+    print("|---|---|")
+    print("| GET /stats, 20 listeners and clusters: median / p99 ms | %.2f / %.2f |"
+          % (times[100], times[197]))
+    print("| /stats JSON bytes | %d |" % len(body))
+    print("| the page's bytes | %d |" % len(page))
+    print("| RSS with 20 listeners, with 1 (MB) | %.1f, %.1f |" % (rss20 / 1024.0, rss1 / 1024.0))
+
+
 def certificate_numbers(tmp, up_port, procs, args):
     """#26's numbers: key generation and one signature in CPU ms on each pyenv interpreter;
     start to /ready with a certificate from OpenBao (sign, AppRole) and from pebble (http-01)
@@ -1419,6 +1468,9 @@ def main():
                         "(perf), for this file and --baseline")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
+    p.add_argument("--admin-only", action="store_true",
+                   help="the admin page's costs: /stats at 20 listeners and clusters, the page's "
+                        "weight, the rings' memory")
     p.add_argument("--certificates-only", action="store_true",
                    help="certificate crypto CPU per interpreter, start-to-ready with OpenBao and "
                         "pebble, CPU per TLS request with an issued certificate against files")
@@ -1461,6 +1513,9 @@ def main():
             return
         if args.websocket_only:
             websocket_numbers(tmp, procs, args)
+            return
+        if args.admin_only:
+            admin_numbers(tmp, up_port, procs, args)
             return
         if args.certificates_only:
             certificate_numbers(tmp, up_port, procs, args)
