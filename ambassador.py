@@ -86,24 +86,24 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
      1 Imports and compatibility       18 Upstream connections and pools
-     2 Constants and defaults          19 HTTP/2 to upstreams (codec)
-     3 Errors and outcomes             20 Endpoints, balancers, DNS, Cluster
-     4 Foundations                     21 Resilience: retries, budget, breaker, limits,
-     5 Configuration: records, kinds      outlier detection, health checks
-     6 Configuration: schema, loading  22 Telemetry: metrics, access log, admin rings
-     7 HTTP/1.1 wire format            23 Telemetry: tracing
-     8 HTTP/2 wire format: frames,     24 Telemetry: the sink the data path calls
-       HPACK                           25 Admin, probes and the admin page
-     9 TLS                             26 Process: bind, serve, drain, live upgrade
-    10 Certificates: kept fresh        27 Reload by difference (Reloader)
-    11 Certificate issuers: OpenBao/   28 The command line: main(), signals, re-exec
-       Vault PKI, ACME                 29 Analyze: the config against the world
-    12 Downstream: listeners, where    30 The demo
-       connections wait (Dispatcher)   31 Appendix: TOML parser for Python < 3.11
-    13 Downstream connections          32 Appendix: linear-time regular expressions
-    14 Routing and traffic policy      33 Appendix: certificate crypto (P-256, ECDSA,
-    15 Request stack                      DER, CSR, JWS)
-    16 TCP relay: connect, pump
+     2 Constants and defaults          19 HTTP/2 to upstreams: streams, pool
+     3 Errors and outcomes             20 HTTP/2 to upstreams: the connection
+     4 Foundations                     21 Endpoints, balancers, DNS, Cluster
+     5 Configuration: records, kinds   22 Resilience: retries, budget, breaker, limits,
+     6 Configuration: schema, loading     outlier detection, health checks
+     7 HTTP/1.1 wire format            23 Telemetry: metrics, access log, admin rings
+     8 HTTP/2 wire format: frames,     24 Telemetry: tracing
+       HPACK                           25 Telemetry: the sink the data path calls
+     9 TLS                             26 Admin, probes and the admin page
+    10 Certificates: kept fresh        27 Process: bind, serve, drain, live upgrade
+    11 Certificate issuers: OpenBao/   28 Reload by difference (Reloader)
+       Vault PKI, ACME                 29 The command line: main(), signals, re-exec
+    12 Downstream: listeners, where    30 Analyze: the config against the world
+       connections wait (Dispatcher)   31 The demo
+    13 Downstream connections          32 Appendix: TOML parser for Python < 3.11
+    14 Routing and traffic policy      33 Appendix: linear-time regular expressions
+    15 Request stack                   34 Appendix: certificate crypto (P-256, ECDSA,
+    16 TCP relay: connect, pump           DER, CSR, JWS)
     17 Tunnels (WebSocket), RelayLoop
 """
 
@@ -1059,7 +1059,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 32) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 33) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -2914,7 +2914,7 @@ def handshake_failed(sock, listener, error):
 # 10. Certificates: kept fresh
 #    [certificates.NAME]: a certificate obtained from its issuer (section 11), proven before it
 #    serves, renewed before it expires and handed to the TLS contexts that name it, with the
-#    issuer's CRL.  Section 33 holds the crypto.  Nothing here blocks a request.
+#    issuer's CRL.  Section 34 holds the crypto.  Nothing here blocks a request.
 # ==================================================================================================
 
 class IssuerError(Exception):
@@ -4723,7 +4723,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 32), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 33), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -6779,11 +6779,11 @@ class ConnectionPool:
 
 
 # ==================================================================================================
-# 19. HTTP/2 to upstreams: multiplexed connections (codec = "http2")
+# 19. HTTP/2 to upstreams: streams and the pool (codec = "http2")
 #    The app's HTTP/1.1 requests as streams over a few HTTP/2 connections per endpoint: each
 #    H2Stream stands where an UpstreamConnection stands in the request stack (exchange,
-#    reader, release), so every policy applies per stream.  One reader thread per connection
-#    demultiplexes frames; flow control both ways; GOAWAY and REFUSED_STREAM are "never sent".
+#    reader, release), so every policy applies per stream; H2Pool picks the connection.  The
+#    translation of heads both ways is here; the connection itself, in section 20.
 # ==================================================================================================
 
 # Fields HTTP/2 forbids (RFC 9113 8.2.2): connection-specific, dropped when translating.
@@ -6945,6 +6945,110 @@ class H2Stream:
         buffer[:len(data)] = data
         return len(data)
 
+
+class H2Pool:
+    """An endpoint's HTTP/2 connections, at most max_connections, each carrying up to its
+    stream limit: acquire() hands out a stream on the least loaded one that has room, opens
+    another while fewer than max_connections exist, else waits for a stream to end (not past
+    the deadline: Overflow).  The same interface as ConnectionPool.  Thread-safe."""
+
+    def __init__(self, endpoint, connect_timeout, limits, tls, config):
+        self.endpoint, self.connect_timeout = endpoint, connect_timeout
+        self.limits, self.tls, self.config = limits, tls, config
+        self._lock = threading.Lock()          # guards _connections, _connecting, _draining
+        self._room = threading.Condition(self._lock)
+        self._connections = []
+        self._connecting = 0
+        self._draining = False
+
+    @property
+    def open_connections(self):
+        with self._lock:
+            return len(self._connections)
+
+    def acquire(self, deadline, fresh_only=False):
+        """A stream to send one request on (fresh_only: on a connection opened for it)."""
+        while True:
+            with self._room:
+                live = [c for c in self._connections if not c.closed]
+                if not fresh_only:
+                    for conn in sorted(live, key=H2Connection.load):
+                        if conn.try_reserve():
+                            return H2Stream(conn)
+                opening = fresh_only or len(live) + self._connecting < self.config.max_connections
+                if opening:
+                    self._connecting += 1
+                else:
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        raise Overflow("every HTTP/2 stream of %s is in use"
+                                       % self.endpoint.label.decode(),
+                                       reason=Overflow.PENDING)
+                    self._room.wait(min(left, 0.5))
+                    continue
+            try:
+                conn = self._open(deadline)
+            finally:
+                with self._room:
+                    self._connecting -= 1
+            if conn.try_reserve():
+                return H2Stream(conn)
+
+    def _open(self, deadline):
+        limits = self.limits
+        if not limits.try_begin("connections"):
+            raise Overflow("max_connections reached", reason=Overflow.CONNECTIONS)
+        try:
+            sock = connect_endpoint(self.endpoint, self.tls, self.connect_timeout, deadline)
+            if self.tls is not None and sock.selected_alpn_protocol() != "h2":
+                sock.close()
+                raise UpstreamProtocolError("%s did not agree to HTTP/2 (ALPN: %s)" % (
+                    self.endpoint.label.decode(), sock.selected_alpn_protocol()))
+            conn = H2Connection(sock, self, self.config)
+        except BaseException:
+            limits.end("connections")
+            raise
+        with self._room:
+            self._connections.append(conn)
+            draining = self._draining
+        if draining:
+            conn.close("the pool drains")
+        return conn
+
+    def stream_done(self, conn):
+        with self._room:
+            self._room.notify_all()
+        if conn.goaway is not None and not conn.load():
+            conn.close("drained after GOAWAY")
+
+    def connection_closed(self, conn):
+        with self._room:
+            if conn in self._connections:
+                self._connections.remove(conn)
+                self.limits.end("connections")
+            self._room.notify_all()
+
+    def release(self, conn):                   # an H2Stream releases itself
+        conn.release(True)
+
+    def close_idle(self):
+        with self._lock:
+            idle = [c for c in self._connections if not c.load()]
+        for conn in idle:
+            conn.close("idle")
+
+    def drain(self):
+        with self._lock:
+            self._draining = True
+        self.close_idle()
+
+
+# ==================================================================================================
+# 20. HTTP/2 to upstreams: the connection
+#    One HTTP/2 connection, shared by many requests: writes whole frames under one lock, a reader
+#    thread hands each frame to its stream, one condition wakes whoever waits (a window, a
+#    response, data); SETTINGS, PING, GOAWAY and RST_STREAM as RFC 9113 says.
+# ==================================================================================================
 
 class H2Connection:
     """One HTTP/2 connection to an endpoint, carrying up to max_concurrent_streams requests
@@ -7402,105 +7506,8 @@ class H2Connection:
         self.pool.connection_closed(self)
 
 
-class H2Pool:
-    """An endpoint's HTTP/2 connections, at most max_connections, each carrying up to its
-    stream limit: acquire() hands out a stream on the least loaded one that has room, opens
-    another while fewer than max_connections exist, else waits for a stream to end (not past
-    the deadline: Overflow).  The same interface as ConnectionPool.  Thread-safe."""
-
-    def __init__(self, endpoint, connect_timeout, limits, tls, config):
-        self.endpoint, self.connect_timeout = endpoint, connect_timeout
-        self.limits, self.tls, self.config = limits, tls, config
-        self._lock = threading.Lock()          # guards _connections, _connecting, _draining
-        self._room = threading.Condition(self._lock)
-        self._connections = []
-        self._connecting = 0
-        self._draining = False
-
-    @property
-    def open_connections(self):
-        with self._lock:
-            return len(self._connections)
-
-    def acquire(self, deadline, fresh_only=False):
-        """A stream to send one request on (fresh_only: on a connection opened for it)."""
-        while True:
-            with self._room:
-                live = [c for c in self._connections if not c.closed]
-                if not fresh_only:
-                    for conn in sorted(live, key=H2Connection.load):
-                        if conn.try_reserve():
-                            return H2Stream(conn)
-                opening = fresh_only or len(live) + self._connecting < self.config.max_connections
-                if opening:
-                    self._connecting += 1
-                else:
-                    left = deadline - monotonic()
-                    if left <= 0:
-                        raise Overflow("every HTTP/2 stream of %s is in use"
-                                       % self.endpoint.label.decode(),
-                                       reason=Overflow.PENDING)
-                    self._room.wait(min(left, 0.5))
-                    continue
-            try:
-                conn = self._open(deadline)
-            finally:
-                with self._room:
-                    self._connecting -= 1
-            if conn.try_reserve():
-                return H2Stream(conn)
-
-    def _open(self, deadline):
-        limits = self.limits
-        if not limits.try_begin("connections"):
-            raise Overflow("max_connections reached", reason=Overflow.CONNECTIONS)
-        try:
-            sock = connect_endpoint(self.endpoint, self.tls, self.connect_timeout, deadline)
-            if self.tls is not None and sock.selected_alpn_protocol() != "h2":
-                sock.close()
-                raise UpstreamProtocolError("%s did not agree to HTTP/2 (ALPN: %s)" % (
-                    self.endpoint.label.decode(), sock.selected_alpn_protocol()))
-            conn = H2Connection(sock, self, self.config)
-        except BaseException:
-            limits.end("connections")
-            raise
-        with self._room:
-            self._connections.append(conn)
-            draining = self._draining
-        if draining:
-            conn.close("the pool drains")
-        return conn
-
-    def stream_done(self, conn):
-        with self._room:
-            self._room.notify_all()
-        if conn.goaway is not None and not conn.load():
-            conn.close("drained after GOAWAY")
-
-    def connection_closed(self, conn):
-        with self._room:
-            if conn in self._connections:
-                self._connections.remove(conn)
-                self.limits.end("connections")
-            self._room.notify_all()
-
-    def release(self, conn):                   # an H2Stream releases itself
-        conn.release(True)
-
-    def close_idle(self):
-        with self._lock:
-            idle = [c for c in self._connections if not c.load()]
-        for conn in idle:
-            conn.close("idle")
-
-    def drain(self):
-        with self._lock:
-            self._draining = True
-        self.close_idle()
-
-
 # ==================================================================================================
-# 20. Endpoints, balancers, DNS discovery, Cluster
+# 21. Endpoints, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS, primaries and
 #    backups), their health and ejection, the balancers that choose among them.
 # ==================================================================================================
@@ -7935,7 +7942,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 21. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 22. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -8398,7 +8405,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 22. Telemetry: metrics, the access log, the admin page's rings
+# 23. Telemetry: metrics, the access log, the admin page's rings
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
 #    queue, and repeated warnings are held to one a minute; RecentStats keeps the last minutes.
@@ -8874,7 +8881,7 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
 
 
 # ==================================================================================================
-# 23. Telemetry: tracing
+# 24. Telemetry: tracing
 #    W3C and B3 trace context in, one span per request, spans out to an OTLP collector from
 #    a bounded queue by a thread of its own.
 # ==================================================================================================
@@ -9162,7 +9169,7 @@ class SpanExporter:
 
 
 # ==================================================================================================
-# 24. Telemetry: the one sink the data path calls
+# 25. Telemetry: the one sink the data path calls
 #    The metric families, and Telemetry: what every layer of the data path calls to count, log
 #    and trace, and which never raises into it.
 # ==================================================================================================
@@ -9612,7 +9619,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 25. Admin, probes and the admin page
+# 26. Admin, probes and the admin page
 #    GET / (the page, or the index) /stats /metrics /ready /clusters /config /certs, POST /reload
 #    /quitquitquit, and the probe port.  A small bounded server of its own (not http.server);
 #    it binds 127.0.0.1 unless configured.
@@ -10036,7 +10043,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 26. Process: Ambassador: bind, serve, drain, live upgrade
+# 27. Process: Ambassador: bind, serve, drain, live upgrade
 #    The running sidecar built from a Config: every socket bound or nothing, served until a
 #    stop, drained, closed; a live upgrade hands its sockets to a new process.
 # ==================================================================================================
@@ -10504,7 +10511,7 @@ class Ambassador:
 
 
 # ==================================================================================================
-# 27. Reload by difference: the Reloader
+# 28. Reload by difference: the Reloader
 #    SIGHUP and POST /reload: stage everything (parse, load TLS, bind new addresses), then
 #    apply by difference, or nothing; listeners and clusters that go are drained and retired.
 # ==================================================================================================
@@ -10745,7 +10752,7 @@ class Reloader:
 
 
 # ==================================================================================================
-# 28. The command line: main(), the re-exec, signals, start gates
+# 29. The command line: main(), the re-exec, signals, start gates
 #    What runs when the file is a program: arguments, --check and --wait-started, the re-exec
 #    that frees the compile's memory, signals held from the first instruction, inherited sockets.
 # ==================================================================================================
@@ -11074,7 +11081,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 29. Analyze (--analyze): the config against the real environment
+# 30. Analyze (--analyze): the config against the real environment
 #    What --check cannot see, found as istioctl analyze finds it: names that do not resolve,
 #    endpoints that refuse, TLS peers the config would refuse, certificates near their end,
 #    addresses taken, routes that never match.  One line per finding, with a stable code.
@@ -11407,7 +11414,7 @@ def run_analyze(config, output):
 
 
 # ==================================================================================================
-# 30. The demo: two stand-in services and what to try
+# 31. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -11514,7 +11521,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 31. Appendix: the TOML parser for Python < 3.11
+# 32. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -11858,7 +11865,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 32. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 33. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
@@ -12204,7 +12211,7 @@ class LinearRegex:
 
 
 # ==================================================================================================
-# 33. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
+# 34. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
 #    Pure functions of integers and bytes, for the keys, certificate requests and ACME messages
 #    that sections 10 and 11 make; no I/O.  Written for correctness and readability, not secrecy
 #    against a local attacker: Python's integers are not constant-time (the README's threat
