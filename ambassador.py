@@ -9473,6 +9473,8 @@ class Telemetry:
 
     def forget(self, labelname, value):
         self.metrics.forget(labelname, value)
+        if labelname == "listener":
+            self.recent.pop(value, None)        # its ring, and the added-latency series
 
     def open_access_log(self, config):
         if config.access != "off":
@@ -10648,6 +10650,8 @@ class Reloader:
         for name, managed in list(app.certificates.items()):
             if staged.certificates.get(name) is not managed:    # replaced or removed
                 app._certificate_stops.pop(managed, threading.Event()).set()
+            if name not in staged.certificates:
+                app.telemetry.forget("certificate", name)
         app.certificates.clear()
         app.certificates.update(staged.certificates)
         for name in staged.new_certificates:

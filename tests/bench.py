@@ -1240,6 +1240,106 @@ def ws_echo(sock, payload):
         got += len(sock.recv(min(1 << 20, want - got)))
 
 
+def http2_numbers(tmp, procs, args, load):
+    """#29's numbers: one Ambassador (core 0) in front of nginx over TLS (h2 by ALPN and
+    HTTP/1.1 on the same port, core 1), its cluster codec "http1" against "http2", alternated
+    in one run at c64 (wrk, plain HTTP/1.1 to Ambassador): req/s, CPU per request, p99 and the
+    TCP connections open to nginx at the end of each load."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import conftest
+    pki = conftest.PKI(os.path.join(tmp, "pki"))
+    os.makedirs(pki.root)
+    pki.ca("ca")
+    pki.server = pki.leaf("server", "ca", "DNS:localhost,IP:127.0.0.1", "serverAuth")
+    ngx = os.path.join(tmp, "nginx-h2")
+    for d in ("www", "tmp"):
+        os.makedirs(os.path.join(ngx, d))
+    with open(os.path.join(ngx, "www", "1k"), "wb") as f:
+        f.write(b"x" * 1024)
+    port = free_port()
+    conf = os.path.join(ngx, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write("daemon off; user root; worker_processes 1; pid %(d)s/pid; error_log %(d)s/err;\n"
+                "events { worker_connections 4096; }\nhttp { access_log off;\n"
+                "client_body_temp_path %(d)s/tmp; proxy_temp_path %(d)s/tmp;\n"
+                "fastcgi_temp_path %(d)s/tmp; uwsgi_temp_path %(d)s/tmp; scgi_temp_path %(d)s/tmp;\n"
+                "keepalive_requests 1000000; http2_max_concurrent_streams 128;\n"
+                "server { listen 127.0.0.1:%(p)d ssl http2; ssl_certificate %(c)s;\n"
+                "ssl_certificate_key %(k)s; location / { root %(d)s/www; } } }\n"
+                % dict(d=ngx, p=port, c=pki.server[0], k=pki.server[1]))
+    procs.append(subprocess.Popen(pinned(1, ["nginx", "-c", conf, "-e", os.path.join(ngx, "err")]),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_http_tls = time.monotonic() + 10
+    while time.monotonic() < wait_http_tls:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+
+    def start(codec):
+        admin, listen = free_port(), free_port()
+        path = os.path.join(tmp, "h2-%s.toml" % codec)
+        with open(path, "w") as f:
+            f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n'
+                    '[listeners.b]\nlisten = "127.0.0.1:%d"\ncluster = "n"\n'
+                    'max_connections = 4096\n[clusters.n]\nendpoints = ["localhost:%d"]\n'
+                    'codec = "%s"\n[clusters.n.tls]\nca = "%s"\n'
+                    % (admin, listen, port, codec, pki.path("ca.pem")))
+        proc = subprocess.Popen(pinned(0, [args.python, os.path.join(ROOT, "ambassador.py"),
+                                           "-c", path]), stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        wait_http(admin, "/ready")
+        load(listen, "/1k", 64, 1)                      # warm: connections, handshakes
+        return proc, listen
+
+    def sockets_to(target):
+        n = 0
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].split(":")[1], 16) == target:
+                    n += 1
+        return n
+    runs = {codec: start(codec) for codec in ("http1", "http2")}
+    totals = {codec: [0, 0.0, 0.0, 0.0, 0] for codec in runs}
+    for _ in range(args.rounds):
+        for codec, (proc, listen) in runs.items():
+            cpu0 = proc_stat(proc.pid)[0]
+            r = load(listen, "/1k", 64, args.duration)
+            t = totals[codec]
+            t[0] += r["requests"]
+            t[1] += proc_stat(proc.pid)[0] - cpu0
+            t[2] += r["rps"]
+            t[3] = max(t[3], r["p99"])
+    print("| c64 1 KiB, TLS to nginx, %d runs each, alternated | req/s | CPU µs/req | worst p99 "
+          "ms |" % args.rounds)
+    print("|---|---|---|---|")
+    for codec, (n, cpu, rps, p99, _) in totals.items():
+        print("| codec = \"%s\" | %.0f | %.1f | %.2f |" % (codec, rps / args.rounds,
+                                                         cpu / max(1, n) * 1e6, p99))
+    # Sockets, counted mid-load: http1's (with http2's one or two idle beside), then http2's
+    # alone (http1's process stopped: its idle connections close with it).
+    for codec, (proc, listen) in runs.items():
+        if codec == "http2":
+            runs["http1"][0].kill()
+            runs["http1"][0].wait()
+        counts = []
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                counts.append(sockets_to(port))
+                time.sleep(0.05)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        load(listen, "/1k", 64, 2)
+        done.set()
+        watcher.join()
+        print("codec = \"%s\": up to %d connections to nginx during a c64 load"
+              % (codec, max(counts) if counts else 0))
+
+
 def admin_numbers(tmp, up_port, procs, args):
     """#28's numbers: GET /stats at 20 listeners and 20 clusters with traffic on each (median
     and p99 of 200), the page's bytes, and the rings' memory (RSS with 20 listeners against 1,
@@ -1468,6 +1568,9 @@ def main():
                         "(perf), for this file and --baseline")
     p.add_argument("--routes-only", action="store_true",
                    help="only the in-process route selection cost")
+    p.add_argument("--http2-only", action="store_true",
+                   help="codec http2 against http1 to an nginx over TLS at c64, alternated: "
+                        "req/s, CPU per request, p99, sockets to the upstream")
     p.add_argument("--admin-only", action="store_true",
                    help="the admin page's costs: /stats at 20 listeners and clusters, the page's "
                         "weight, the rings' memory")
@@ -1513,6 +1616,9 @@ def main():
             return
         if args.websocket_only:
             websocket_numbers(tmp, procs, args)
+            return
+        if args.http2_only:
+            http2_numbers(tmp, procs, args, load)
             return
         if args.admin_only:
             admin_numbers(tmp, up_port, procs, args)
