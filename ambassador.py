@@ -6970,7 +6970,9 @@ class H2Pool:
         """A stream to send one request on (fresh_only: on a connection opened for it)."""
         while True:
             with self._room:
-                live = [c for c in self._connections if not c.closed]
+                # A connection draining after GOAWAY takes no new stream and does not count
+                # against max_connections: its replacement opens at once, as Envoy's does.
+                live = [c for c in self._connections if not c.closed and c.goaway is None]
                 if not fresh_only:
                     for conn in sorted(live, key=H2Connection.load):
                         if conn.try_reserve():
