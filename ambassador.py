@@ -8434,9 +8434,13 @@ class Counter:
         self._lock = threading.Lock()   # guards _values
         self._values = {}
 
-    def inc(self, labelvalues=(), amount=1):
-        with self._lock:
+    def inc(self, labelvalues=(), amount=1):   # hot path: several per request
+        # acquire/release, not `with`: a third cheaper, and counters are on every request.
+        self._lock.acquire()
+        try:
             self._values[labelvalues] = self._values.get(labelvalues, 0) + amount
+        finally:
+            self._lock.release()
 
     def touch(self, labelvalues=()):
         """Make the series exist at zero, so dashboards see it before the first event."""
@@ -8457,6 +8461,11 @@ class Counter:
         """The total of the series whose label at index is value (a listener's, a cluster's)."""
         with self._lock:
             return sum(v for k, v in self._values.items() if k[index] == value)
+
+    def total(self, keep):
+        """The total of the series whose label values keep(labelvalues) admits."""
+        with self._lock:
+            return sum(v for k, v in self._values.items() if keep(k))
 
     def render(self):
         with self._lock:
@@ -8483,64 +8492,49 @@ class RecentStats:
     """The last minutes of one listener for the admin page, in a ring of per-second slots of
     fixed size (memory does not grow with traffic): requests, errors, bytes, and histograms of
     latency and of added latency, for RECENT_SECONDS; the page's p50/p99 read the last
-    RECENT_WINDOW_S of them.  A slot is cleared when its second comes round again.  It also
-    keeps the added-latency totals that ambassador_added_latency_seconds renders (one
-    bucket search and one lock per request for both).  record() is on the request path."""
-    BUCKETS = ADDED_LATENCY_BUCKETS_S + (2.5, 5.0, 10.0, 30.0)    # the metric's, then longer
+    RECENT_WINDOW_S of them.  Nothing is done per request: once a second Telemetry.sample()
+    hands over the listener's totals from the metrics the data path keeps anyway, and the
+    ring keeps what they moved by.  One lock."""
 
     def __init__(self):
         import array
-        n, b = RECENT_SECONDS, len(self.BUCKETS) + 1
-        # Lists where an item is touched on every request (a list's item costs a third of an
-        # array's), arrays for the histograms' many slots (a quarter of a list's memory).
-        self._lock = threading.Lock()      # guards every list and array below, and added_sum
+        n = RECENT_SECONDS
+        self._lock = threading.Lock()      # guards every field below
         self._second = [-1] * n            # the second each slot holds
         self._requests = [0] * n
         self._errors = [0] * n
         self._bytes = [0] * n
-        self._latency = array.array("I", [0] * (n * b))
-        self._added = array.array("I", [0] * (n * b))
-        self._added_counts = [0] * b       # since start, for the metric (folded into its buckets)
-        self.added_sum = 0.0
+        self._latency = array.array("I", [0] * (n * (len(LATENCY_BUCKETS_S) + 1)))
+        self._added = array.array("I", [0] * (n * (len(ADDED_LATENCY_BUCKETS_S) + 1)))
+        self._totals = None                # the totals the last sample saw
 
-    def record(self, second, latency_s, added_s, error, nbytes):
-        """One request (latency_s None: a tcp connection) that ended in this second."""
-        i = second % RECENT_SECONDS
-        self._lock.acquire()               # not `with`: a third cheaper, on every request
-        try:
-            if self._second[i] != second:
-                self._clear(i, second)
-            self._requests[i] += 1
-            if error:
-                self._errors[i] += 1
-            if nbytes:
-                self._bytes[i] += nbytes
-            if latency_s is not None:
-                row = i * (len(self.BUCKETS) + 1)
-                self._latency[row + bisect.bisect_left(self.BUCKETS, latency_s)] += 1
-                if added_s is not None:
-                    k = bisect.bisect_left(self.BUCKETS, added_s)
-                    self._added[row + k] += 1
-                    self._added_counts[k] += 1
-                    self.added_sum += added_s
-        finally:
-            self._lock.release()
-
-    def _clear(self, i, second):
-        b = len(self.BUCKETS) + 1
-        self._second[i] = second
-        self._requests[i] = self._errors[i] = self._bytes[i] = 0
-        for k in range(i * b, i * b + b):
-            self._latency[k] = self._added[k] = 0
+    def sample(self, second, requests, errors, nbytes, latency, added):
+        """This second's totals (counts since start; latency and added: bucket counts) -> the
+        slot of `second` gets what moved since the last sample."""
+        totals = (requests, errors, nbytes, latency, added)
+        with self._lock:
+            # The first: from zero, as the listener's series began (at start, or its reload).
+            last = self._totals or (0, 0, 0, [0] * len(latency), [0] * len(added))
+            self._totals = totals
+            i = second % RECENT_SECONDS
+            self._second[i] = second
+            self._requests[i] = max(0, requests - last[0])
+            self._errors[i] = max(0, errors - last[1])
+            self._bytes[i] = max(0, nbytes - last[2])
+            for ring, new, old in ((self._latency, latency, last[3]),
+                                   (self._added, added, last[4])):
+                base = i * len(new)
+                for k in range(len(new)):
+                    ring[base + k] = max(0, new[k] - old[k])
 
     def snapshot(self, now=None):
         """-> {"requests", "errors", "bytes": per-second series, oldest first (RECENT_SECONDS
         of them, ending with the last whole second), "latency" and "added": bucket counts of
         the last RECENT_WINDOW_S}."""
         last = int(monotonic() if now is None else now) - 1
-        b = len(self.BUCKETS) + 1
+        bl, ba = len(LATENCY_BUCKETS_S) + 1, len(ADDED_LATENCY_BUCKETS_S) + 1
         series = {"requests": [], "errors": [], "bytes": []}
-        latency, added = [0] * b, [0] * b
+        latency, added = [0] * bl, [0] * ba
         with self._lock:
             for second in range(last - RECENT_SECONDS + 1, last + 1):
                 i = second % RECENT_SECONDS
@@ -8549,51 +8543,28 @@ class RecentStats:
                 series["errors"].append(self._errors[i] if here else 0)
                 series["bytes"].append(self._bytes[i] if here else 0)
                 if here and second > last - RECENT_WINDOW_S:
-                    for k in range(b):
-                        latency[k] += self._latency[i * b + k]
-                        added[k] += self._added[i * b + k]
+                    for k in range(bl):
+                        latency[k] += self._latency[i * bl + k]
+                    for k in range(ba):
+                        added[k] += self._added[i * ba + k]
         series["latency"], series["added"] = latency, added
         return series
 
-    def added_totals(self):
-        """(counts per ADDED_LATENCY_BUCKETS_S bucket and +Inf, sum): the metric's."""
-        n = len(ADDED_LATENCY_BUCKETS_S)
-        with self._lock:                   # BUCKETS begins with the metric's: the rest is +Inf
-            return self._added_counts[:n] + [sum(self._added_counts[n:])], self.added_sum
-
-    @classmethod
-    def quantile(cls, counts, q):
-        """The q-quantile of bucket counts, interpolated inside its bucket; None if empty."""
+    @staticmethod
+    def quantile(counts, q, buckets):
+        """The q-quantile of bucket counts (len(buckets) + 1 of them, the last +Inf),
+        interpolated inside its bucket; None if empty."""
         total = sum(counts)
         if not total:
             return None
         rank, seen = q * total, 0
         for k, c in enumerate(counts):
             if c and seen + c >= rank:
-                low = cls.BUCKETS[k - 1] if k else 0.0
-                high = cls.BUCKETS[k] if k < len(cls.BUCKETS) else cls.BUCKETS[-1] * 2
+                low = buckets[k - 1] if k else 0.0
+                high = buckets[k] if k < len(buckets) else buckets[-1] * 2
                 return low + (high - low) * (rank - seen) / c
             seen += c
-        return cls.BUCKETS[-1]
-
-
-class RecentHistogram:
-    """ambassador_added_latency_seconds: a histogram family whose counts live in each
-    listener's RecentStats (recorded there with the page's ring, under its one lock)."""
-    kind = "histogram"
-
-    def __init__(self, name, help_text, recent):
-        self.name, self.help, self.labelnames = name, help_text, ("listener",)
-        self.buckets = ADDED_LATENCY_BUCKETS_S
-        self._recent = recent             # listener name -> RecentStats
-
-    def render(self):
-        lines = []
-        for name, stats in sorted(self._recent.items()):
-            counts, total = stats.added_totals()
-            lines += histogram_lines(self.name, self.labelnames, (name,), self.buckets, counts,
-                                     total)
-        return lines
+        return buckets[-1]
 
 
 def histogram_lines(name, labelnames, labelvalues, buckets, counts, total):
@@ -8628,14 +8599,28 @@ class Histogram:
             for key in [k for k in self._series if k[index] == value]:
                 del self._series[key]
 
-    def observe(self, labelvalues, value):
+    def observe(self, labelvalues, value):   # hot path: on every request
         i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
+        self._lock.acquire()                   # not `with`: as Counter.inc
+        try:
             series = self._series.get(labelvalues)
             if series is None:
                 series = self._series[labelvalues] = [0] * (len(self.buckets) + 1) + [0.0]
             series[i] += 1
             series[-1] += value
+        finally:
+            self._lock.release()
+
+    def counts_where(self, index, value):
+        """Bucket counts (not cumulative, +Inf last) summed over the series whose label at
+        index is value."""
+        out = [0] * (len(self.buckets) + 1)
+        with self._lock:
+            for k, series in self._series.items():
+                if k[index] == value:
+                    for b in range(len(out)):
+                        out[b] += series[b]
+        return out
 
     def render(self):
         with self._lock:
@@ -9291,9 +9276,10 @@ class Telemetry:
         for attr, name, help_text, labels in HISTOGRAM_FAMILIES:
             setattr(self, attr, m.add(Histogram(name, help_text, labels)))
         self.recent = {}                       # listener name -> RecentStats (the admin page)
-        m.add(RecentHistogram(
+        self.added_latency = m.add(Histogram(
             "ambassador_added_latency_seconds", "Ambassador's own share of a forwarded request: "
-            "its duration less the time its tries spent with the upstream.", self.recent))
+            "its duration less the time its tries spent with the upstream.", ("listener",),
+            ADDED_LATENCY_BUCKETS_S))
         self.recent_errors = collections.deque(maxlen=RECENT_ERRORS)   # appends are atomic
         self.warnings = WarningLimiter(self.log)
         self._tunnels = collections.Counter()   # listener name -> tunnels open (their lock:)
@@ -9375,6 +9361,8 @@ class Telemetry:
         """Make every series the config makes relevant exist at zero."""
         for l in listeners:
             self.recent.setdefault(l.name, RecentStats())
+            if l.config.protocol == "http":
+                self.added_latency.touch((l.name,))
             for cluster in l.clusters():
                 self.duration.touch((l.name, cluster.name))
                 self.retries.touch((l.name, cluster.name))
@@ -9491,11 +9479,9 @@ class Telemetry:
             route = req.route.label if req.route is not None else "-"
             self.requests.inc((listener.name, cluster, str(req.status), route))
             self.duration.observe((listener.name, cluster), duration_s)
-            recent = self.recent.get(listener.name)
-            if recent is not None:                 # added: what Ambassador added, if forwarded
-                recent.record(int(req.start + duration_s), duration_s,
-                              max(0.0, duration_s - req.upstream_s) if req.attempts else None,
-                              not 0 < req.status < 500, req.bytes_out)
+            if req.attempts:                       # forwarded: what Ambassador added to it
+                self.added_latency.observe((listener.name,),
+                                           max(0.0, duration_s - req.upstream_s))
             if req.error is not None:
                 self.recent_errors.append((time.time(), listener.name, req.method,
                                            req.target.split(b"?", 1)[0][:200], req.error,
@@ -9511,6 +9497,28 @@ class Telemetry:
                 self.tracer.finish(req, listener)
         except Exception:
             self.internal_error("telemetry")
+
+    def sample(self, second, listeners):
+        """Once a second (the sampler thread): each listener's totals into its RecentStats,
+        read from the metrics above -- the admin page costs nothing per request."""
+        for l in listeners:
+            recent = self.recent.get(l.name)
+            if recent is None:
+                continue
+            name = l.name
+            if l.config.protocol == "tcp":
+                recent.sample(second, self.tcp_connections.sum_where(0, name),
+                              self.tcp_connections.total(
+                                  lambda k: k[0] == name and k[1] not in TCP_CLEAN_TERMINATIONS),
+                              self.tcp_byte_counts.sum_where(0, name),
+                              [0] * (len(LATENCY_BUCKETS_S) + 1),
+                              [0] * (len(ADDED_LATENCY_BUCKETS_S) + 1))
+                continue
+            recent.sample(second, self.requests.sum_where(0, name),
+                          self.requests.total(lambda k: k[0] == name and
+                                              (k[2][:1] == "5" or k[2] == "0")),
+                          0, self.duration.counts_where(0, name),
+                          self.added_latency.counts_where(0, name))
 
     def rejected_connection(self, listener):
         self.rejected_connections.inc((listener.name,))
@@ -9546,11 +9554,6 @@ class Telemetry:
     def tcp_closed(self, listener, session):
         try:
             self.tcp_connections.inc((listener.name, session.termination))
-            recent = self.recent.get(listener.name)
-            if recent is not None:         # a connection, its bytes counted when it closes
-                recent.record(int(monotonic()), None, None,
-                              session.termination not in TCP_CLEAN_TERMINATIONS,
-                              session.bytes_up + session.bytes_down)
             if self.access_log is not None:
                 self.access_log.record(TcpLogEntry(
                     session.wall_start, listener.name, session.cluster.name,
@@ -10200,6 +10203,7 @@ class Ambassador:
             cluster.start(self.stop_event_of(cluster))
         for managed in self.certificates.values():
             self.start_certificate(managed)
+        threading.Thread(target=self._sample_recent, daemon=True, name="stats-sampler").start()
         for source in self.telemetry.tls_sources:
             threading.Thread(target=source.run, args=(self._background_stop,), daemon=True,
                              name="tls-reload:%s" % source.name).start()
@@ -10376,6 +10380,15 @@ class Ambassador:
             cluster.close_idle()
         self.telemetry.close()
 
+    def _sample_recent(self):
+        """The admin page's rings (RecentStats), filled just after each second ends with what
+        that second moved the metrics by."""
+        while not self._background_stop.wait(1.0 - monotonic() % 1.0 + 0.01):
+            try:
+                self.telemetry.sample(int(monotonic()) - 1, list(self.listeners))
+            except Exception:
+                self.telemetry.internal_error("telemetry")
+
     def start_certificate(self, managed):
         """A certificate's renewer thread, ended at close or when a reload drops it."""
         event = threading.Event()
@@ -10452,9 +10465,11 @@ class Ambassador:
         """GET /stats: what the admin page draws, read from live state and the RecentStats
         rings (the README documents each field).  Times in ms, rates per second over the last
         RECENT_WINDOW_S, series per second over RECENT_SECONDS, oldest first."""
-        t, q, window = self.telemetry, RecentStats.quantile, RECENT_WINDOW_S
+        t, window = self.telemetry, RECENT_WINDOW_S
         ms = lambda s: None if s is None else round(s * 1000.0, 3)      # noqa: E731
-        added_all = [0] * (len(RecentStats.BUCKETS) + 1)
+        lat = lambda c, p: ms(RecentStats.quantile(c, p, LATENCY_BUCKETS_S))        # noqa
+        add = lambda c, p: ms(RecentStats.quantile(c, p, ADDED_LATENCY_BUCKETS_S))  # noqa
+        added_all = [0] * (len(ADDED_LATENCY_BUCKETS_S) + 1)
         bound = {s.listener.name: s.server_address[:2] for s in self.servers}
         listeners = []
         for l in self.listeners:
@@ -10471,8 +10486,8 @@ class Ambassador:
                 "connections": l.connections, "rate": round(requests / float(window), 3),
                 "success_rate": round(1 - errors / float(requests), 4) if requests else None,
                 "bytes_rate": round(sum(s["bytes"][-window:]) / float(window), 1),
-                "p50_ms": ms(q(s["latency"], 0.5)), "p99_ms": ms(q(s["latency"], 0.99)),
-                "added_p50_ms": ms(q(s["added"], 0.5)), "added_p99_ms": ms(q(s["added"], 0.99)),
+                "p50_ms": lat(s["latency"], 0.5), "p99_ms": lat(s["latency"], 0.99),
+                "added_p50_ms": add(s["added"], 0.5), "added_p99_ms": add(s["added"], 0.99),
                 "retry_budget": {"retries": budget[0], "allowed": round(budget[1], 1)},
                 "rate_limited": t.rate_limits.sum_where(0, l.name),
                 "faults": t.faults.sum_where(0, l.name),
@@ -10496,7 +10511,7 @@ class Ambassador:
             "rss_bytes": samples[0] if samples else None, "threads": threading.active_count(),
             "ready": self.is_ready(), "draining": self.draining.is_set(),
             "last_reload": {"success": bool(state[0]), "applied_at": round(state[1], 3)},
-            "added_latency": {"p50_ms": ms(q(added_all, 0.5)), "p99_ms": ms(q(added_all, 0.99))},
+            "added_latency": {"p50_ms": add(added_all, 0.5), "p99_ms": add(added_all, 0.99)},
             "window_s": window, "series_s": RECENT_SECONDS,
             "listeners": listeners, "clusters": clusters,
             "certificates": self.certificates_snapshot()["certificates"],

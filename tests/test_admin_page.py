@@ -23,35 +23,38 @@ from conftest import ROOT, need, request, respond, wait_for
 
 # ------------------------------------------------------------------------------ rings, in process
 
-def test_recent_stats_series_and_quantiles():
+def test_recent_stats_keep_what_each_second_moved():
     import ambassador
+    nl, na = len(ambassador.LATENCY_BUCKETS_S) + 1, len(ambassador.ADDED_LATENCY_BUCKETS_S) + 1
     r = ambassador.RecentStats()
-    for i in range(100):
-        r.record(1000, 0.001 * (i + 1), 0.0002, i >= 95, 10)
-    r.record(1001, 0.5, None, False, 0)
+    r.sample(999, 10, 1, 100, [0] * nl, [0] * na)           # the first: since zero
+    latency = [0] * nl
+    latency[4] = 95                                         # 95 in (5 ms, 10 ms]
+    latency[9] = 5                                          # 5 in (250 ms, 500 ms]
+    added = [0] * na
+    added[2] = 100                                          # (0.1 ms, 0.25 ms]
+    r.sample(1000, 110, 6, 1100, latency, added)
+    r.sample(1001, 111, 6, 1100, latency[:4] + [96] + latency[5:], added)
     s = r.snapshot(now=1002.0)
     assert len(s["requests"]) == ambassador.RECENT_SECONDS
     assert s["requests"][-2:] == [100, 1] and s["errors"][-2:] == [5, 0]
-    assert s["bytes"][-2] == 1000
+    assert s["bytes"][-2:] == [1000, 0]
     q = ambassador.RecentStats.quantile
-    assert 0.05 <= q(s["latency"], 0.5) <= 0.1    # the 51st of 1..100 ms and 500 ms: its bucket
-    assert 0.09 <= q(s["latency"], 0.99) <= 0.1     # the 100th: 100 ms
-    assert 0.25 <= q(s["latency"], 1.0) <= 0.5      # the last: 500 ms
-    assert 0.0001 <= q(s["added"], 0.5) <= 0.00025
-    assert q([0] * 19, 0.5) is None
-    counts, total = r.added_totals()                  # the metric's cumulative counts
-    assert sum(counts) == 100 and total == pytest.approx(0.02)
+    assert 0.005 <= q(s["latency"], 0.5, ambassador.LATENCY_BUCKETS_S) <= 0.01
+    assert 0.25 <= q(s["latency"], 0.99, ambassador.LATENCY_BUCKETS_S) <= 0.5
+    assert 0.0001 <= q(s["added"], 0.5, ambassador.ADDED_LATENCY_BUCKETS_S) <= 0.00025
+    assert q([0] * nl, 0.5, ambassador.LATENCY_BUCKETS_S) is None
 
 
-def test_recent_stats_reuse_a_slot_when_its_second_comes_round():
+def test_recent_stats_forget_what_left_the_window():
     import ambassador
+    nl, na = len(ambassador.LATENCY_BUCKETS_S) + 1, len(ambassador.ADDED_LATENCY_BUCKETS_S) + 1
     r = ambassador.RecentStats()
-    r.record(10, 0.001, None, False, 0)
-    later = 10 + ambassador.RECENT_SECONDS             # the same slot, five minutes on
-    r.record(later, 0.001, None, False, 0)
-    s = r.snapshot(now=later + 1)
+    r.sample(10, 1, 0, 0, [1] + [0] * (nl - 1), [0] * na)
+    s = r.snapshot(now=11)
     assert sum(s["requests"]) == 1 and sum(s["latency"]) == 1
-    assert sum(r.snapshot(now=later + ambassador.RECENT_WINDOW_S + 2)["latency"]) == 0
+    assert sum(r.snapshot(now=11 + ambassador.RECENT_WINDOW_S)["latency"]) == 0    # a minute on
+    assert sum(r.snapshot(now=11 + ambassador.RECENT_SECONDS)["requests"]) == 0   # 5 minutes on
 
 
 def test_rings_for_twenty_listeners_stay_small():
