@@ -2338,7 +2338,45 @@ def _huffman_codes():
 
 
 HUFFMAN_CODES = _huffman_codes()
-_HUFFMAN_DECODE = {(_HUFFMAN_LENGTHS[s], c): s for s, c in enumerate(HUFFMAN_CODES)}
+_HUFFMAN_NIBBLES = []                  # built at first use (huffman_decode)
+
+
+def _huffman_nibble_table():
+    """The decoder's state machine, 4 bits at a time: the states are the code tree's inner
+    nodes (0: the root); for each state and nibble -> (next state, the symbol completed or
+    -1, and whether the 4 bits hit EOS).  A code is at least 5 bits long, so a nibble
+    completes at most one symbol.  Also: which states may end a string (padding: at most 7
+    bits, all 1s)."""
+    children = [[None, None]]          # inner node -> [child for 0, child for 1]
+    leaf = {}                          # (inner node, bit) -> symbol
+    for symbol, code in enumerate(HUFFMAN_CODES):
+        node = 0
+        for shift in range(_HUFFMAN_LENGTHS[symbol] - 1, 0, -1):
+            bit = (code >> shift) & 1
+            if children[node][bit] is None:
+                children[node][bit] = len(children)
+                children.append([None, None])
+            node = children[node][bit]
+        leaf[(node, code & 1)] = symbol
+    table = []
+    for state in range(len(children)):
+        for nibble in range(16):
+            node, symbol, eos = state, -1, False
+            for shift in (3, 2, 1, 0):
+                bit = (nibble >> shift) & 1
+                if (node, bit) in leaf:
+                    symbol = leaf[(node, bit)]
+                    eos = eos or symbol == 256
+                    node = 0
+                else:
+                    node = children[node][bit]
+            table.append((node, symbol, eos))
+    accepting = {0}                    # the root, and 1 to 7 one-bits down from it
+    node = 0
+    for _ in range(7):
+        node = children[node][1]
+        accepting.add(node)
+    return table, accepting
 
 
 def huffman_encode(data):
@@ -2351,23 +2389,22 @@ def huffman_encode(data):
 
 
 def huffman_decode(data):
-    """Huffman-coded bytes -> bytes.  H2Error(COMPRESSION_ERROR) for an EOS inside, padding
-    longer than 7 bits or not all 1s (RFC 7541 5.2)."""
+    """Huffman-coded bytes -> bytes, a nibble at a time through the state machine.
+    H2Error(COMPRESSION_ERROR) for an EOS inside, or padding longer than 7 bits or not all 1s
+    (RFC 7541 5.2)."""
+    if not _HUFFMAN_NIBBLES:
+        _HUFFMAN_NIBBLES.extend(_huffman_nibble_table())
+    table, accepting = _HUFFMAN_NIBBLES
     out = bytearray()
-    code = length = 0
+    state = 0
     for byte in data:
-        for shift in range(7, -1, -1):
-            code = (code << 1) | ((byte >> shift) & 1)
-            length += 1
-            symbol = _HUFFMAN_DECODE.get((length, code)) if length >= 5 else None
-            if symbol is not None:
-                if symbol == 256:
-                    raise H2Error(H2_COMPRESSION_ERROR, "EOS in a Huffman string")
+        for nibble in (byte >> 4, byte & 15):
+            state, symbol, eos = table[state * 16 + nibble]
+            if eos:
+                raise H2Error(H2_COMPRESSION_ERROR, "EOS in a Huffman string")
+            if symbol >= 0:
                 out.append(symbol)
-                code = length = 0
-            elif length > 30:
-                raise H2Error(H2_COMPRESSION_ERROR, "bad Huffman code")
-    if length > 7 or code != (1 << length) - 1:
+    if state not in accepting:
         raise H2Error(H2_COMPRESSION_ERROR, "bad Huffman padding")
     return bytes(out)
 
@@ -2407,10 +2444,12 @@ def hpack_read_int(data, pos, prefix_bits):
             return value, pos
 
 
-def hpack_string(data, huffman=None):
-    """A string literal: Huffman-coded when that is shorter (huffman None) or as asked."""
-    coded = huffman_encode(data) if huffman is not False else None
-    if coded is not None and (huffman or len(coded) < len(data)):
+def hpack_string(data, huffman=False):
+    """A string literal, Huffman-coded if asked.  Ambassador's encoder does not ask: on the
+    networks sidecars talk over, the CPU a Python Huffman coder costs outweighs the bytes
+    it saves."""
+    if huffman:
+        coded = huffman_encode(data)
         return hpack_int(len(coded), 7, 0x80) + coded
     return hpack_int(len(data), 7) + data
 
@@ -6869,6 +6908,10 @@ class H2Stream:
         self.send_window = 0
         self.consumed = 0                      # read, not yet given back by WINDOW_UPDATE
         self.local_done = False                # our END_STREAM sent
+        # Its own condition on the connection's lock: a frame for one stream wakes only the
+        # thread waiting on that stream (a notify_all to 100 threads per frame costs more
+        # than the request).
+        self.cond = threading.Condition(conn._lock)
         self.released = False                  # read in full: ends when END_STREAM comes
 
     # ---- as a connection, for the request stack ---------------------------------------------
@@ -7048,15 +7091,15 @@ class H2Pool:
 # ==================================================================================================
 # 20. HTTP/2 to upstreams: the connection
 #    One HTTP/2 connection, shared by many requests: writes whole frames under one lock, a reader
-#    thread hands each frame to its stream, one condition wakes whoever waits (a window, a
-#    response, data); SETTINGS, PING, GOAWAY and RST_STREAM as RFC 9113 says.
+#    thread hands each frame to its stream and wakes that stream's waiter; SETTINGS, PING,
+#    GOAWAY and RST_STREAM as RFC 9113 says.
 # ==================================================================================================
 
 class H2Connection:
     """One HTTP/2 connection to an endpoint, carrying up to max_concurrent_streams requests
     at once.  Writes are whole frames under one lock; a reader thread takes every frame and
-    hands it to its stream; one condition, on the state lock, wakes whoever waits (a window,
-    a response, data).  Over TLS the socket's reads and writes never overlap (io_lock):
+    hands it to its stream, waking only that stream's waiter (each stream has a condition on
+    the connection's one state lock).  Over TLS the socket's reads and writes never overlap (io_lock):
     OpenSSL allows one operation at a time on a connection.
 
     A connection that fails, or stops answering PINGs when idle, is closed: its streams
@@ -7069,7 +7112,6 @@ class H2Connection:
         self.tls = pool.tls is not None
         self.label = pool.endpoint.label.decode()
         self._lock = threading.Lock()          # guards every field below the condition
-        self._changed = threading.Condition(self._lock)
         self._send_lock = threading.Lock()     # one frame sequence at a time on the socket
         self._io_lock = threading.Lock() if self.tls else None   # TLS: read xor write
         self.streams = {}                      # id -> H2Stream, open ones
@@ -7108,9 +7150,8 @@ class H2Connection:
             return True
 
     def unreserve(self):
-        with self._changed:
+        with self._lock:
             self.reserved -= 1
-            self._changed.notify_all()
 
     def load(self):
         with self._lock:
@@ -7143,7 +7184,7 @@ class H2Connection:
         WINDOW_UPDATE as needed (not past deadline)."""
         view = memoryview(data)
         while True:
-            with self._changed:
+            with self._lock:
                 if stream.complete():
                     stream.local_done = True    # answered in full: the rest is not wanted
                     return
@@ -7153,7 +7194,7 @@ class H2Connection:
                     if left <= 0:
                         raise UpstreamTimeout("HTTP/2 flow control: no window to send within "
                                               "the timeout")
-                    self._changed.wait(left)
+                    stream.cond.wait(left)
                 self._check(stream, sent=True)
                 n = min(len(view), stream.send_window, self.send_window, self.peer_frame)
                 stream.send_window -= n
@@ -7178,7 +7219,7 @@ class H2Connection:
             raise UpstreamReset("HTTP/2 connection to %s closed" % self.label)
 
     def wait_response(self, stream, deadline, timeout_s, method):
-        with self._changed:
+        with self._lock:
             while stream.fields is None or stream.fields[0] == "informational":
                 if stream.fields is not None:
                     stream.fields = None           # a 1xx: the final head follows
@@ -7186,13 +7227,13 @@ class H2Connection:
                 left = deadline - monotonic()
                 if left <= 0:
                     raise UpstreamTimeout("no response within the timeout (%gs)" % timeout_s)
-                self._changed.wait(left)
+                stream.cond.wait(left)
             fields, ended = stream.fields, stream.ended
         return h2_response(fields, method, ended and not stream.data)
 
     def read(self, stream, n):
         deadline = monotonic() + stream.timeout if stream.timeout else None
-        with self._changed:
+        with self._lock:
             while not stream.data:
                 if stream.ended:
                     return b""
@@ -7201,7 +7242,7 @@ class H2Connection:
                 left = deadline - monotonic() if deadline else None
                 if left is not None and left <= 0:
                     raise socket.timeout("timed out")
-                self._changed.wait(left)
+                stream.cond.wait(left)
             data = stream.data.popleft()
             if len(data) > n:
                 stream.data.appendleft(data[n:])
@@ -7224,13 +7265,12 @@ class H2Connection:
 
     def forget(self, stream):
         """A stream read in full: its slot is free (once its END_STREAM came)."""
-        with self._changed:
+        with self._lock:
             if not stream.ended:
                 stream.released = True          # _ended() frees it
                 return
             if self.streams.pop(stream.id, None) is not None:
                 self.used = True
-            self._changed.notify_all()
         self.pool.stream_done(self)
 
     def _ended(self, stream):
@@ -7244,13 +7284,12 @@ class H2Connection:
     def reset(self, stream, code):
         """Our end of a stream before its natural end (a timeout, a client gone)."""
         send = False
-        with self._changed:
+        with self._lock:
             if stream.id is not None and self.streams.pop(stream.id, None) is not None:
                 send = not self.closed and not (stream.ended and stream.local_done)
                 left = sum(len(d) for d in stream.data)      # the connection window's share
                 self.consumed += left
                 stream.data.clear()
-            self._changed.notify_all()
         if send:
             try:
                 self._write(h2_frame(H2_RST_STREAM, 0, stream.id, struct.pack(">I", code)))
@@ -7378,13 +7417,13 @@ class H2Connection:
             if len(payload) != 4:
                 raise H2Error(H2_FRAME_SIZE_ERROR, "RST_STREAM of %d bytes" % len(payload))
             code = struct.unpack(">I", payload)[0]
-            with self._changed:
+            with self._lock:
                 stream = self.streams.get(stream_id)
                 if code == H2_NO_ERROR and stream is not None and stream.complete():
                     # RFC 9113 8.1: the response is complete, and the server wants no more
                     # of the request: not an error.
                     stream.local_done = True
-                    self._changed.notify_all()
+                    stream.cond.notify_all()
                     return headers
             refused = code == H2_REFUSED_STREAM
             self._fail(stream_id, StaleConnection if refused else UpstreamReset,
@@ -7401,17 +7440,16 @@ class H2Connection:
                 self._write(h2_frame(H2_PING, H2_ACK, 0, payload))
         elif kind == H2_GOAWAY:
             last = struct.unpack(">I", payload[:4])[0] & 0x7fffffff
-            with self._changed:
+            with self._lock:
                 self.goaway = last
                 refused = [s for i, s in self.streams.items() if i > last]
-                self._changed.notify_all()
             for s in refused:
                 self._fail(s.id, StaleConnection, "HTTP/2 GOAWAY from %s: stream %d was not "
                            "processed" % (self.label, s.id))
             self.pool.stream_done(self)
         elif kind == H2_WINDOW_UPDATE:
             increment = struct.unpack(">I", payload[:4])[0] & 0x7fffffff
-            with self._changed:
+            with self._lock:
                 target = self if stream_id == 0 else self.streams.get(stream_id)
                 if target is not None:
                     if not increment:
@@ -7419,13 +7457,13 @@ class H2Connection:
                     target.send_window += increment
                     if target.send_window > H2_MAX_WINDOW:
                         raise H2Error(H2_FLOW_CONTROL_ERROR, "window past 2^31-1")
-                self._changed.notify_all()
+                    self._wake(None if stream_id == 0 else target)
         elif kind == H2_PUSH_PROMISE:
             raise H2Error(H2_PROTOCOL_ERROR, "PUSH_PROMISE after ENABLE_PUSH 0")
         return headers                         # PRIORITY and unknown types: ignored
 
     def _data(self, flags, stream_id, payload):
-        with self._changed:
+        with self._lock:
             self.recv_window -= len(payload)
             if self.recv_window < 0:
                 raise H2Error(H2_FLOW_CONTROL_ERROR, "DATA past the connection window")
@@ -7440,14 +7478,15 @@ class H2Connection:
                     stream.data.append(data)
             if stream is not None and flags & H2_END_STREAM:
                 freed = self._ended(stream)
-            self._changed.notify_all()
+            if stream is not None:
+                stream.cond.notify_all()
         if freed:
             self.pool.stream_done(self)
 
     def _headers(self, stream_id, flags, block):
         fields = self.decoder.decode(block)     # always: HPACK's state moves on every block
         freed = False
-        with self._changed:
+        with self._lock:
             stream = self.streams.get(stream_id)
             if stream is not None:
                 status = fields[0][1] if fields and fields[0][0] == b":status" else b""
@@ -7458,12 +7497,12 @@ class H2Connection:
                 # else: trailers, which an HTTP/1.1 app relayed to cannot get here: dropped
                 if flags & H2_END_STREAM:
                     freed = self._ended(stream)
-            self._changed.notify_all()
+                stream.cond.notify_all()
         if freed:
             self.pool.stream_done(self)
 
     def _settings(self, settings):
-        with self._changed:
+        with self._lock:
             if H2_MAX_CONCURRENT_STREAMS in settings:
                 self.peer_max_streams = settings[H2_MAX_CONCURRENT_STREAMS]
             if H2_MAX_FRAME_SIZE in settings:
@@ -7473,18 +7512,25 @@ class H2Connection:
                 self.peer_window = settings[H2_INITIAL_WINDOW_SIZE]
                 for stream in self.streams.values():
                     stream.send_window += delta
-            self._changed.notify_all()
+            self._wake(None)
         self._write(h2_frame(H2_SETTINGS, H2_ACK, 0))
 
+    def _wake(self, stream):
+        """Whoever waits on stream, or on every stream (None: a connection window, SETTINGS,
+        the end of the connection).  The connection's lock is held."""
+        for s in [stream] if stream is not None else list(self.streams.values()):
+            s.cond.notify_all()
+
     def _fail(self, stream_id, kind, message):
-        with self._changed:
+        with self._lock:
             stream = self.streams.get(stream_id)
             if stream is not None and stream.error is None:
                 stream.error = (kind, message)
-            self._changed.notify_all()
+            if stream is not None:
+                stream.cond.notify_all()
 
     def close(self, why="closed"):
-        with self._changed:
+        with self._lock:
             if self.closed:
                 return
             self.closed = True
@@ -7500,7 +7546,7 @@ class H2Connection:
                     # been processed, so it is a reset for the retry policy to judge.
                     stream.error = (UpstreamReset, "HTTP/2 connection to %s: %s"
                                     % (self.label, why))
-            self._changed.notify_all()
+            self._wake(None)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which closes the socket
         except (OSError, ValueError):
@@ -9998,8 +10044,9 @@ class Admin:
             if "text/html" in (headers or {}).get("accept", ""):
                 return 200, "text/html; charset=utf-8", ADMIN_PAGE.encode()
             return 200, self.TEXT, self.INDEX.encode()
-        if path == "/stats":
-            return self.json(app.stats_snapshot())
+        if path == "/stats":                   # compact: the page asks every 2 s
+            return 200, "application/json", json.dumps(
+                app.stats_snapshot(), separators=(",", ":")).encode()
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", app.telemetry.metrics.render().encode()
         if path in self.PROBES:

@@ -1293,12 +1293,22 @@ def http2_numbers(tmp, procs, args, load):
         load(listen, "/1k", 64, 1)                      # warm: connections, handshakes
         return proc, listen
 
-    def sockets_to(target):
+    def sockets_to(target, pid):
+        """Established connections to port target that process pid holds."""
+        inodes = set()
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
         n = 0
         with open("/proc/net/tcp") as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
-                if fields[3] == "01" and int(fields[2].split(":")[1], 16) == target:
+                if fields[3] == "01" and int(fields[2].split(":")[1], 16) == target and \
+                        fields[9] in inodes:
                     n += 1
         return n
     runs = {codec: start(codec) for codec in ("http1", "http2")}
@@ -1318,18 +1328,14 @@ def http2_numbers(tmp, procs, args, load):
     for codec, (n, cpu, rps, p99, _) in totals.items():
         print("| codec = \"%s\" | %.0f | %.1f | %.2f |" % (codec, rps / args.rounds,
                                                          cpu / max(1, n) * 1e6, p99))
-    # Sockets, counted mid-load: http1's (with http2's one or two idle beside), then http2's
-    # alone (http1's process stopped: its idle connections close with it).
+    # Sockets each process holds to nginx, counted mid-load.
     for codec, (proc, listen) in runs.items():
-        if codec == "http2":
-            runs["http1"][0].kill()
-            runs["http1"][0].wait()
         counts = []
         done = threading.Event()
 
         def watch():
             while not done.is_set():
-                counts.append(sockets_to(port))
+                counts.append(sockets_to(port, proc.pid))
                 time.sleep(0.05)
         watcher = threading.Thread(target=watch)
         watcher.start()
