@@ -504,6 +504,7 @@ class RefusingServer:
         self.port = self.sock.getsockname()[1]
         self.seen = []
         self.refused = 0
+        self.connections = 0
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self):
@@ -512,6 +513,7 @@ class RefusingServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.connections += 1
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn):
@@ -584,3 +586,22 @@ def test_codec_http2_config_is_checked():
                e.value.problems)
     assert any(p.startswith('clusters.c.http2.max_conections: unknown key (did you mean '
                             '"max_connections"?)') for p in e.value.problems)
+
+
+def test_a_connection_that_does_not_answer_ping_is_replaced(ambassador):
+    """The scripted server never answers PING (a peer gone silent, a stale NAT entry): after
+    keepalive_interval of silence and keepalive_timeout without an answer the connection is
+    closed, and the next request opens another."""
+    server = RefusingServer()
+    server.refused = 1                               # no refusal here: answers every stream
+    try:
+        amb = ambassador(h2_config("127.0.0.1:%d" % server.port,
+                                   keepalive_interval="200ms", keepalive_timeout="300ms"))
+        assert request(amb.port(), "GET", "/one")[0] == 200
+        assert server.connections == 1
+        wait_for(lambda: json.loads(amb.admin("/clusters")[1])["clusters"]["svc"][
+            "endpoints"][0]["open_connections"] == 0, 5, "the silent connection closed")
+        assert request(amb.port(), "GET", "/two")[0] == 200
+        assert server.connections == 2 and server.seen == [b"/one", b"/two"]
+    finally:
+        server.close()
