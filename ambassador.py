@@ -792,8 +792,8 @@ class OutlierDetectionConfig(NamedTuple):
 
 class Http2Config(NamedTuple):
     """[clusters.NAME.http2]: how requests are multiplexed over HTTP/2 connections."""
-    max_concurrent_streams: int = DEFAULT_H2_MAX_CONCURRENT_STREAMS   # per connection, at most
-                                                                      # the server's SETTINGS
+    # per connection, never more than the server's SETTINGS_MAX_CONCURRENT_STREAMS
+    max_concurrent_streams: int = DEFAULT_H2_MAX_CONCURRENT_STREAMS
     max_connections: int = DEFAULT_H2_MAX_CONNECTIONS                  # per endpoint
     keepalive_interval: float = DEFAULT_H2_KEEPALIVE_INTERVAL_S   # PING when idle this long
     keepalive_timeout: float = DEFAULT_H2_KEEPALIVE_TIMEOUT_S     # no answer: replaced
@@ -3066,8 +3066,8 @@ def check_material(material, config, now=None):
             material.serial, utc_text(material.not_before), utc_text(material.not_after)))
     asked = {normal_san(n) for n in config.sans}
     missing = sorted(asked - set(material.sans))
-    extra = sorted(set(material.sans) - asked - ({normal_san(config.common_name)}
-                                                  if config.common_name else set()))
+    named = {normal_san(config.common_name)} if config.common_name else set()
+    extra = sorted(set(material.sans) - asked - named)
     if missing or extra:
         raise IssuerError("invalid", "certificate %s names %s, not what was asked (missing %s, "
                           "extra %s)" % (material.serial, ", ".join(material.sans) or "nothing",
@@ -3258,8 +3258,8 @@ class ManagedCertificate:
                 self.next_renewal = now if self._due else None
                 return 0.0
             point = renewal_point(self.material, self.config.renew_before)
-            wait = max(0.0, (point - now) * (1 + random.uniform(-CERT_RENEW_JITTER,
-                                                                 CERT_RENEW_JITTER)))
+            jitter = random.uniform(-CERT_RENEW_JITTER, CERT_RENEW_JITTER)
+            wait = max(0.0, (point - now) * (1 + jitter))
             self.next_renewal = now + wait
         return wait
 
@@ -7132,8 +7132,8 @@ class H2Connection:
         self._write(H2_PREFACE + h2_frame(H2_SETTINGS, 0, 0, h2_settings([
             (H2_ENABLE_PUSH, 0), (H2_MAX_CONCURRENT_STREAMS, 0),
             (H2_INITIAL_WINDOW_SIZE, H2_STREAM_WINDOW)])) +
-            h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(">I", H2_CONNECTION_WINDOW -
-                                                          H2_DEFAULT_WINDOW)))
+            h2_frame(H2_WINDOW_UPDATE, 0, 0,
+                     struct.pack(">I", H2_CONNECTION_WINDOW - H2_DEFAULT_WINDOW)))
         threading.Thread(target=self._read_frames, daemon=True,
                          name="h2:%s" % self.label).start()
 
@@ -7255,8 +7255,8 @@ class H2Connection:
                                         struct.pack(">I", stream.consumed)))
                 stream.consumed = 0
             if self.consumed >= H2_CONNECTION_WINDOW // 2:
-                updates.append(h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(">I",
-                                                                             self.consumed)))
+                updates.append(h2_frame(H2_WINDOW_UPDATE, 0, 0,
+                                        struct.pack(">I", self.consumed)))
                 self.recv_window += self.consumed
                 self.consumed = 0
         if updates:
@@ -10123,8 +10123,9 @@ class _Staged:
         self.handed = []                  # current servers whose socket a new one took
         self.tls = []                     # TlsContextSources loaded
         self.certificates = {}            # name -> ManagedCertificate (the current one if same)
-        self.new_certificates = set()     # names whose ManagedCertificate is new: tls naming
-                                          # one is rebuilt, its renewer starts at _apply
+        # Names whose ManagedCertificate is new: a tls table naming one is rebuilt, and its
+        # renewer starts at _apply.
+        self.new_certificates = set()
 
 
 class Ambassador:

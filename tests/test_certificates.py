@@ -663,8 +663,8 @@ def test_a_restart_reuses_state_dir_without_a_new_issuance(openbao, ambassador, 
                   result="success") == 0
 
 
-def test_a_reload_issues_again_only_a_certificate_whose_table_changed(openbao, ambassador,
-                                                                     upstream, tmp_path):
+def test_a_reload_issues_again_only_a_certificate_whose_table_changed(
+        openbao, ambassador, upstream, tmp_path):
     config = {"admin": {"listen": "127.0.0.1:0"}, "log": {"access": "off"},
               "certificates": {"workload": certificate_table(openbao, tmp_path),
                                "other": certificate_table(openbao, tmp_path,
