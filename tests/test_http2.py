@@ -425,24 +425,24 @@ def test_goaway_mid_load_loses_nothing_and_sends_no_post_twice(ambassador, pki, 
 GO_SERVER = r"""package main
 
 import (
-	"fmt"
-	"io"
-	"net/http"
-	"os"
-	"time"
+    "fmt"
+    "io"
+    "net/http"
+    "os"
+    "time"
 )
 
 func main() {
-	http.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(2 * time.Second)
-		fmt.Fprintf(w, "slow %s\n", r.Proto)
-	})
-	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		n, _ := io.Copy(io.Discard, r.Body)
-		fmt.Fprintf(w, "%s %s %d\n", r.Proto, r.URL.Path, n)
-	})
-	fmt.Println("ready")
-	panic(http.ListenAndServeTLS(os.Args[1], os.Args[2], os.Args[3], nil))
+    http.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+        time.Sleep(2 * time.Second)
+        fmt.Fprintf(w, "slow %s\n", r.Proto)
+    })
+    http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+        n, _ := io.Copy(io.Discard, r.Body)
+        fmt.Fprintf(w, "%s %s %d\n", r.Proto, r.URL.Path, n)
+    })
+    fmt.Println("ready")
+    panic(http.ListenAndServeTLS(os.Args[1], os.Args[2], os.Args[3], nil))
 }
 """
 
