@@ -2338,7 +2338,9 @@ def _huffman_codes():
 
 
 HUFFMAN_CODES = _huffman_codes()
-_HUFFMAN_NIBBLES = []                  # built at first use (huffman_decode)
+# The decoder's tables, built at first use (huffman_decode).  Two connections may build them
+# at once: each appends its own, and every reader takes the first.
+_HUFFMAN_NIBBLES = []
 
 
 def _huffman_nibble_table():
@@ -2393,8 +2395,8 @@ def huffman_decode(data):
     H2Error(COMPRESSION_ERROR) for an EOS inside, or padding longer than 7 bits or not all 1s
     (RFC 7541 5.2)."""
     if not _HUFFMAN_NIBBLES:
-        _HUFFMAN_NIBBLES.extend(_huffman_nibble_table())
-    table, accepting = _HUFFMAN_NIBBLES
+        _HUFFMAN_NIBBLES.append(_huffman_nibble_table())
+    table, accepting = _HUFFMAN_NIBBLES[0]
     out = bytearray()
     state = 0
     for byte in data:

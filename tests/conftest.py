@@ -611,6 +611,56 @@ def need(binary):
     return path
 
 
+def listens(pid, port):
+    """Does process pid (or a child of it: nginx's workers) hold the listening socket on
+    127.0.0.1:port?  A port from free_port() may be taken by another suite running beside
+    this one before our server binds it: then the server exits, and something else answers."""
+    inodes = set()
+    for p in [pid] + [int(c) for c in _children(pid)]:
+        try:
+            for fd in os.listdir("/proc/%d/fd" % p):
+                try:
+                    link = os.readlink("/proc/%d/fd/%s" % (p, fd))
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            pass
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port and \
+                    fields[9] in inodes:
+                return True
+    return False
+
+
+def _children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def start_listening(start, timeout=15.0):
+    """start(port) -> a Popen of a server that listens on port; retried on another free port
+    when that one was taken first (the server exited or another process holds it)."""
+    for attempt in range(3):
+        port = free_port()
+        proc = start(port)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if listens(proc.pid, port):
+                return proc, port
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    raise AssertionError("the server did not listen on a free port: %r" % (proc.args,))
+
+
 def wait_port(port, timeout=15.0):
     def up():
         try:
@@ -625,17 +675,18 @@ class RedisServer:
     """redis-server on a free loopback port, no persistence; TLS only when given a PKI."""
 
     def __init__(self, tmp, pki=None):
-        self.port = free_port()
-        args = [need("redis-server"), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(tmp)]
-        if pki is None:
-            args += ["--port", str(self.port)]
-        else:
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
-                     pki.server[0], "--tls-key-file", pki.server[1], "--tls-ca-cert-file",
-                     pki.ca_pem, "--tls-auth-clients", "yes"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        base = [need("redis-server"), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                "no", "--dir", str(tmp)]
+
+        def start(port):
+            if pki is None:
+                args = base + ["--port", str(port)]
+            else:
+                args = base + ["--port", "0", "--tls-port", str(port), "--tls-cert-file",
+                               pki.server[0], "--tls-key-file", pki.server[1],
+                               "--tls-ca-cert-file", pki.ca_pem, "--tls-auth-clients", "yes"]
+            return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc, self.port = start_listening(start)
 
     def stop(self):
         self.proc.terminate()

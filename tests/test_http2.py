@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_config, free_port, need, request, wait_for, wait_port
+from conftest import (ROOT, base_config, free_port, need, request, start_listening,
+                      wait_for, wait_port)
 
 
 # ------------------------------------------------------------------------------ HPACK, in process
@@ -216,14 +217,13 @@ class Nghttpd:
     """nghttpd on loopback: h2c with prior knowledge (no TLS), a docroot, uploads echoed."""
 
     def __init__(self, tmp, streams=100):
-        self.port = free_port()
         self.root = os.path.join(str(tmp), "www")
         os.makedirs(self.root, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [need("nghttpd"), "-a", "127.0.0.1", "--no-tls", "-d", self.root,
-             "--echo-upload", "-m", str(streams), str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        binary = need("nghttpd")
+        self.proc, self.port = start_listening(lambda port: subprocess.Popen(
+            [binary, "-a", "127.0.0.1", "--no-tls", "-d", self.root, "--echo-upload",
+             "-m", str(streams), str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.address = "127.0.0.1:%d" % self.port
 
     def stop(self):
@@ -361,15 +361,17 @@ class Nginx:
         self.dir = str(tmp)
         for d in ("www", "tmp"):
             os.makedirs(os.path.join(self.dir, d), exist_ok=True)
-        self.port = free_port()
         conf = os.path.join(self.dir, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF % dict(dir=self.dir, port=self.port, cert=pki.server[0],
-                                      key=pki.server[1], requests=requests))
-        self.proc = subprocess.Popen([need("nginx"), "-c", conf, "-e",
-                                      os.path.join(self.dir, "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        binary = need("nginx")
+
+        def start(port):
+            with open(conf, "w") as f:
+                f.write(NGINX_CONF % dict(dir=self.dir, port=port, cert=pki.server[0],
+                                          key=pki.server[1], requests=requests))
+            return subprocess.Popen([binary, "-c", conf, "-e",
+                                     os.path.join(self.dir, "error.log")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc, self.port = start_listening(start)
 
     def log(self):
         with open(os.path.join(self.dir, "access.log")) as f:
@@ -460,11 +462,9 @@ def go_server(tmp_path_factory, pki):
                GOCACHE=os.path.join(ROOT, ".venvs", "go-cache"))
     subprocess.check_call([need("go"), "build", "-o", "server", "."], cwd=tmp, env=env,
                           timeout=300)
-    port = free_port()
-    proc = subprocess.Popen([os.path.join(tmp, "server"), "127.0.0.1:%d" % port,
-                             pki.server[0], pki.server[1]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_port(port)
+    proc, port = start_listening(lambda port: subprocess.Popen(
+        [os.path.join(tmp, "server"), "127.0.0.1:%d" % port, pki.server[0], pki.server[1]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     yield port
     proc.terminate()
     proc.wait(10)
@@ -605,3 +605,14 @@ def test_a_connection_that_does_not_answer_ping_is_replaced(ambassador):
         assert server.connections == 2 and server.seen == [b"/one", b"/two"]
     finally:
         server.close()
+
+
+def test_huffman_tables_built_by_two_threads_at_once_decode():
+    """The decoder's tables are built at first use, maybe by two connections' readers at
+    once (a race CI found: both built, and the second unpacked a list of two)."""
+    import ambassador
+    del ambassador._HUFFMAN_NIBBLES[:]
+    ambassador._HUFFMAN_NIBBLES.append(ambassador._huffman_nibble_table())
+    ambassador._HUFFMAN_NIBBLES.append(ambassador._huffman_nibble_table())
+    assert ambassador.huffman_decode(bytes.fromhex("f1e3c2e5f23a6ba0ab90f4ff")) == \
+        b"www.example.com"
