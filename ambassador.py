@@ -7075,9 +7075,6 @@ class H2Pool:
                 self.limits.end("connections")
             self._room.notify_all()
 
-    def release(self, conn):                   # an H2Stream releases itself
-        conn.release(True)
-
     def close_idle(self):
         with self._lock:
             idle = [c for c in self._connections if not c.load()]
@@ -7150,10 +7147,6 @@ class H2Connection:
                 return False
             self.reserved += 1
             return True
-
-    def unreserve(self):
-        with self._lock:
-            self.reserved -= 1
 
     def load(self):
         with self._lock:
