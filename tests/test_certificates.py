@@ -755,7 +755,9 @@ def test_ready_waits_for_the_certificate_and_says_which(ambassador, upstream, tm
               "clusters": {"svc": {"endpoints": [upstream.address]}}}
     amb = ambassador(config, ready=False)
     try:
-        wait_for(lambda: "renewal failed (unreachable)" in amb.stderr(), 15, "the failure logged")
+        # The first renewal may fail before the admin port is bound: wait for both.
+        wait_for(lambda: "renewal failed (unreachable)" in amb.stderr() and
+                 amb.bound().get("admin"), 15, "the failure logged and the admin port bound")
         status, body = amb.admin("/ready")
         assert status == 503
         assert "listener app: certificate workload not yet obtained" in body

@@ -14,7 +14,7 @@ import types
 import pytest
 
 import ambassador
-from ambassador import Dispatcher, DownstreamConnection
+from ambassador import WORKER_IDLE_S, Dispatcher, DownstreamConnection
 from conftest import (ambassador_command, base_config, callee_config, client_context, metric,
                       read_response, request, tls_get, wait_for)
 
@@ -54,8 +54,11 @@ def test_two_thousand_idle_keep_alive_connections_hold_a_bounded_number_of_threa
         for s in socks:
             assert read_reply(s) == b"HTTP/1.1 200 OK"
         assert upstream.count() == n
-        # All 2,000 are open and idle on keep-alive now.
-        assert threads_of(amb) <= 64
+        # All 2,000 are open and idle on keep-alive now.  A burst on a loaded machine may
+        # have started workers for requests that waited (on the upstream, or the GIL): those
+        # end after WORKER_IDLE_S, and none is left holding an idle connection.
+        wait_for(lambda: threads_of(amb) <= 64, WORKER_IDLE_S + 10,
+                 "the workers started for the burst to end")
         for s in socks[::200]:                # any of them still answers
             s.sendall(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
             assert read_reply(s) == b"HTTP/1.1 200 OK"

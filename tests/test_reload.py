@@ -415,7 +415,9 @@ def test_a_removed_cluster_leaves_metrics_once_drained(ambassador, upstream_fact
     wait_for(lambda: 'cluster="extra"' not in amb.admin("/metrics")[1], 10,
              "the removed cluster's series gone")
     assert request(amb.port())[0] == 200
-    assert metric(amb, "ambassador_requests_total", listener="app") == (before or 0) + 1
+    # Counted as the request ends, which may be just after its response reached the client.
+    wait_for(lambda: metric(amb, "ambassador_requests_total", listener="app") == (before or 0) + 1,
+             10, "the request counted under its listener")
     assert "extra" not in json.loads(amb.admin("/clusters")[1])["clusters"]
 
 
