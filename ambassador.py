@@ -73,6 +73,10 @@ Who waits where, and which thread owns a connection (the connection core, sectio
     its pump relays in the listener's RelayLoop: one thread, one epoll, every session, idle or
     busy.  Without epoll (not Linux) each connection keeps a thread of its own, as before.
 
+    An HTTP/2 connection (a listener with codec = "auto") leaves the epoll once its preface
+    or ALPN says so: a reader thread of its own (h2:NAME), and a worker per stream in flight
+    (at most H2_SERVER_MAX_STREAMS), which ends after WORKER_IDLE_S with nothing to do.
+
 Words used throughout (Envoy's): downstream is the app's side, upstream the remote service's;
 a cluster is a named set of endpoints (one address each); a route picks a cluster for a
 request.  A try is one exchange with one endpoint; a retry is a try after the first; the
@@ -85,26 +89,29 @@ are Envoy's (connect-failure), metric labels and tcp terminations Prometheus's
 `endpoint` and `code`, as Prometheus's HTTP metrics do.
 
 Contents (grep -n '^# [0-9]*[.] ' ambassador.py for line numbers):
-     1 Imports and compatibility       18 Upstream connections and pools
-     2 Constants and defaults          19 HTTP/2 to upstreams: streams, pool
-     3 Errors and outcomes             20 HTTP/2 to upstreams: the connection
-     4 Foundations                     21 Endpoints, balancers, DNS, Cluster
-     5 Configuration: records, kinds   22 Resilience: retries, budget, breaker, limits,
+     1 Imports and compatibility       20 Upstream connections and pools
+     2 Constants and defaults          21 HTTP/2 to upstreams: streams, pool
+     3 Errors and outcomes             22 HTTP/2 to upstreams: the connection
+     4 Foundations                     23 Endpoints, balancers, DNS, Cluster
+     5 Configuration: records, kinds   24 Resilience: retries, budget, breaker, limits,
      6 Configuration: schema, loading     outlier detection, health checks
-     7 HTTP/1.1 wire format            23 Telemetry: metrics, access log, admin rings
-     8 HTTP/2 wire format: frames,     24 Telemetry: tracing
-       HPACK                           25 Telemetry: the sink the data path calls
-     9 TLS                             26 Admin, probes and the admin page
-    10 Certificates: kept fresh        27 Process: bind, serve, drain, live upgrade
-    11 Certificate issuers: OpenBao/   28 Reload by difference (Reloader)
-       Vault PKI, ACME                 29 The command line: main(), signals, re-exec
-    12 Downstream: listeners, where    30 Analyze: the config against the world
-       connections wait (Dispatcher)   31 The demo
-    13 Downstream connections          32 Appendix: TOML parser for Python < 3.11
-    14 Routing and traffic policy      33 Appendix: linear-time regular expressions
-    15 Request stack                   34 Appendix: certificate crypto (P-256, ECDSA,
-    16 TCP relay: connect, pump           DER, CSR, JWS)
-    17 Tunnels (WebSocket), RelayLoop
+     7 HTTP/1.1 wire format            25 Telemetry: metrics, access log, admin rings
+     8 HTTP/2 wire format: frames,     26 Telemetry: tracing
+       HPACK                           27 Telemetry: the sink the data path calls
+     9 TLS                             28 Admin, probes and the admin page
+    10 Certificates: kept fresh        29 Process: bind, serve, drain, live upgrade
+    11 Certificate issuers: OpenBao/   30 Reload by difference (Reloader)
+       Vault PKI, ACME                 31 The command line: main(), signals, re-exec
+    12 Downstream: listeners, where    32 Analyze: the config against the world
+       connections wait (Dispatcher)   33 The demo
+    13 Downstream connections          34 Appendix: TOML parser for Python < 3.11
+    14 HTTP/2 from apps: streams       35 Appendix: linear-time regular expressions
+    15 HTTP/2 from apps: the           36 Appendix: certificate crypto (P-256, ECDSA,
+       connection (codec = "auto")        DER, CSR, JWS)
+    16 Routing and traffic policy
+    17 Request stack
+    18 TCP relay: connect, pump
+    19 Tunnels (WebSocket), RelayLoop
 """
 
 # ==================================================================================================
@@ -261,6 +268,16 @@ DEFAULT_H2_KEEPALIVE_TIMEOUT_S = 10.0
 H2_STREAM_WINDOW = 1 << 20                     # what a stream may send us before we read it
 H2_CONNECTION_WINDOW = 16 << 20
 UPSTREAM_H2_WRITE_TIMEOUT_S = 10.0             # one TLS write of an HTTP/2 connection
+# HTTP/2 from apps (listener codec = "auto"): what our SETTINGS promise, and the flood bounds
+# (see H2ServerConnection), after Envoy's defaults where it has one.
+H2_SERVER_MAX_STREAMS = 100                    # SETTINGS_MAX_CONCURRENT_STREAMS; a worker each
+H2_RESET_MIN_STREAMS = 100                     # rapid reset: judged once this many opened
+H2_CONTROL_BURST = 200                         # SETTINGS, PING, PRIORITY: each kind this many,
+H2_CONTROL_PER_S = 50                          # then this many a second
+H2_MAX_EMPTY_FRAMES = 1                        # in a row (Envoy's)
+H2_WINDOW_UPDATES_PER_DATA = 10                # for each DATA frame sent (Envoy's)
+H2_LINGER_S = 1.0                              # after our GOAWAY: input read and dropped so
+H2_LINGER_MAX_BYTES = 4 << 20                  # long, so much, before the close
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
 POOL_MAX_IDLE = 64                            # idle connections kept per endpoint
 IO_CHUNK_BYTES = 65536
@@ -312,7 +329,7 @@ _BAD_TARGET_BYTES = re.compile(b"[^\x21-\x7e]")
 # RFC 9110 5.5: a field value holds no control byte but HTAB.  The same for a chunk-size line,
 # a trailer, and a request head with its CRLFs made HTABs: no bare CR or LF either.
 _BAD_LINE_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-# What an app may ask of a route's fault table with header_control (section 14): the only
+# What an app may ask of a route's fault table with header_control (section 16): the only
 # x-ambassador-* request headers read; every other one from the app is dropped.
 _FAULT_HEADERS = frozenset([b"x-ambassador-fault-delay", b"x-ambassador-fault-abort"])
 # Every x-ambassador-* header Ambassador sends or reads: from the app, each is dropped.
@@ -757,6 +774,9 @@ class ListenerConfig(NamedTuple):
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     routes: Tuple[RouteConfig, ...] = ()             # in order: the first that matches wins
     upgrade: UpgradeConfig = UpgradeConfig()
+    # "http1"; "auto": HTTP/2 too, by ALPN on TLS and by the connection preface without, so
+    # that two Ambassadors speak HTTP/2 between them.
+    codec: str = "http1"
     # protocol = "tcp" only:
     handshake_timeout: float = DEFAULT_TCP_HANDSHAKE_TIMEOUT_S   # with [tls]: the client's
     connect_attempts: int = DEFAULT_TCP_CONNECT_ATTEMPTS
@@ -1059,7 +1079,7 @@ def _kind_methods(value):
 
 
 def _kind_regex(value):
-    """A pattern the linear-time matcher (section 33) takes: RE2's syntax, as Envoy's."""
+    """A pattern the linear-time matcher (section 35) takes: RE2's syntax, as Envoy's."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a regular expression, got %s" % show(value))
     try:
@@ -1208,6 +1228,7 @@ _LISTENER_KEYS = {
     "host_rewrite": for_protocol("http", _kind_bool),
     "header_timeout": for_protocol("http", _kind_timeout),
     "max_header_bytes": for_protocol("http", _kind_int(1024, 1048576)),
+    "codec": for_protocol("http", _kind_one_of("http1", "auto")),
     "connect_attempts": for_protocol("tcp", _kind_int(1, 100)),
     "handshake_timeout": for_protocol("tcp", _kind_timeout),
     "half_closed_timeout": for_protocol("tcp", _kind_interval),
@@ -1877,7 +1898,7 @@ class Request:
                  "start", "wall_start", "status", "error", "upstream", "attempts", "bytes_in",
                  "bytes_out", "response_started", "endpoint", "span", "trace_headers",
                  "client_cert", "conn", "drain_cut", "client_address", "route", "cluster",
-                 "fault_asked", "upgrade", "upstream_s")
+                 "fault_asked", "upgrade", "upstream_s", "protocol")
 
     def __init__(self):
         self.method = b"-"
@@ -1905,6 +1926,7 @@ class Request:
         self.fault_asked = None           # ((x-ambassador-fault-* name, value), ...) it sent
         self.upgrade = None               # the Upgrade it asks for (with Connection: upgrade)
         self.upstream_s = 0.0             # its tries' time with the upstream: the rest is ours
+        self.protocol = "HTTP/1.1"        # the app's side, as the access log's `protocol`
 
 
 def parse_request(head, req, client_ip):   # long: one pass per head, on every request
@@ -2261,6 +2283,18 @@ def h2_frame_header(header):
     return length, kind, flags, stream_id & 0x7fffffff
 
 
+def h2_header_frames(stream_id, block, end_stream, frame_size):
+    """A header block as HEADERS, then CONTINUATION frames while it is past frame_size."""
+    frames, first = [], True
+    while first or block:
+        piece, block = block[:frame_size], block[frame_size:]
+        flags = (0 if block else H2_END_HEADERS) | (H2_END_STREAM if first and end_stream else 0)
+        frames.append(h2_frame(H2_HEADERS if first else H2_CONTINUATION, flags, stream_id,
+                               piece))
+        first = False
+    return b"".join(frames)
+
+
 def h2_settings(pairs):
     return b"".join(struct.pack(">HI", key, value) for key, value in pairs)
 
@@ -2471,12 +2505,15 @@ class HpackDecoder:
     """One connection's receiving HPACK context: the dynamic table the peer's encoder keeps
     in step with, bounded by our SETTINGS_HEADER_TABLE_SIZE.  decode() is a pure function of
     the block and this table; max_list_bytes bounds what one block may expand to (RFC 9113
-    10.5.1: header lists are counted as name + value + 32 per field)."""
+    10.5.1: header lists are counted as name + value + 32 per field).  Past it, a connection
+    error; or, keep_going (a server, which answers 431 instead), the block is decoded on, to
+    keep the table in step, and decode() returns None."""
 
-    def __init__(self, max_table_size=4096, max_list_bytes=65536):
+    def __init__(self, max_table_size=4096, max_list_bytes=65536, keep_going=False):
         self.max_table_size = max_table_size      # what we allowed by SETTINGS
         self.table_size = max_table_size          # what the encoder last set (<= the above)
         self.max_list_bytes = max_list_bytes
+        self.keep_going = keep_going
         self.dynamic = collections.deque()        # newest first
         self.used = 0
 
@@ -2499,8 +2536,11 @@ class HpackDecoder:
         raise H2Error(H2_COMPRESSION_ERROR, "index %d is in no table" % index)
 
     def decode(self, block):
-        """A header block -> [(name, value)] as bytes."""
+        """A header block -> [(name, value)] as bytes (None: past max_list_bytes)."""
         out, pos, size, limit = [], 0, 0, self.max_list_bytes
+        if self.keep_going:                       # a string is bounded by its block instead
+            limit = max(limit, 2 * len(block))
+        fields = 0
         while pos < len(block):
             byte = block[pos]
             if byte & 0x80:                                     # indexed
@@ -2508,7 +2548,7 @@ class HpackDecoder:
                 name, value = self._entry(index)
             elif byte & 0xe0 == 0x20:                           # dynamic table size update
                 new, pos = hpack_read_int(block, pos, 5)
-                if new > self.max_table_size or out:
+                if new > self.max_table_size or fields:
                     raise H2Error(H2_COMPRESSION_ERROR, "table size update %d" % new)
                 self.table_size = new
                 self._evict()
@@ -2524,9 +2564,14 @@ class HpackDecoder:
                 if indexing:
                     self._add(name, value)
             size += len(name) + len(value) + 32
-            if size > limit:
-                raise H2Error(H2_COMPRESSION_ERROR, "header list over %d bytes" % limit)
-            out.append((name, value))
+            fields += 1
+            if size > self.max_list_bytes:
+                if not self.keep_going:
+                    raise H2Error(H2_COMPRESSION_ERROR, "header list over %d bytes"
+                                  % self.max_list_bytes)
+                out = None
+            elif out is not None:
+                out.append((name, value))
         return out
 
 
@@ -2581,7 +2626,7 @@ def load_tls_source(tls, side, section, name, on_reload=None, certificates=None,
     """One tls table's TlsContextSource, as start, reload and --check load it; ConfigError
     with its key path (tls_problem) if it does not load.  certificates: name ->
     ManagedCertificate, for the tables that name one (--check: none, no material yet);
-    alpn: the protocols a cluster's handshake offers (["h2"] for codec = "http2")."""
+    alpn: the protocols its handshakes offer (offered_alpn)."""
     try:
         return TlsContextSource(tls, side, name, on_reload, certificates, alpn)
     except (OSError, ValueError) as e:
@@ -2674,8 +2719,8 @@ class TlsContextSource:
                 ctx.load_default_certs()
             if c.cert or c.certificate:
                 self._load_pair(ctx, missing)
-            if self.alpn:
-                ctx.set_alpn_protocols(self.alpn)
+        if self.alpn:                # a server's: the client's first choice it also offers
+            ctx.set_alpn_protocols(self.alpn)
         if c.crl:
             self._load_crl(ctx, missing)
         self.missing = missing
@@ -2955,7 +3000,7 @@ def handshake_failed(sock, listener, error):
 # 10. Certificates: kept fresh
 #    [certificates.NAME]: a certificate obtained from its issuer (section 11), proven before it
 #    serves, renewed before it expires and handed to the TLS contexts that name it, with the
-#    issuer's CRL.  Section 34 holds the crypto.  Nothing here blocks a request.
+#    issuer's CRL.  Section 36 holds the crypto.  Nothing here blocks a request.
 # ==================================================================================================
 
 class IssuerError(Exception):
@@ -4074,6 +4119,11 @@ class Dispatcher:
     def has_epoll(self):
         return self._epoll is not None
 
+    @property
+    def closing(self):
+        """The listener stops (close_parked): connections end after their request in flight."""
+        return self._closed
+
     def adopt(self, conn):
         """A connection just accepted: it waits here for its first byte (or handshake)."""
         if self._epoll is None:
@@ -4234,7 +4284,79 @@ class Dispatcher:
 #    limits and timeouts, keep-alive, error replies; each request handed to the request stack.
 # ==================================================================================================
 
-class DownstreamConnection:
+class Downstream:
+    """The app's side of one request, as the request stack sees it: its listener and client
+    identity, `reader` for the body, send() for the response (HTTP/1.1 bytes), scratch().
+    A DownstreamConnection is one for each request on it in turn; an H2ServerStream (section
+    14) is one for its single request, translating to and from HTTP/2.  handle() runs a
+    request through the stack and accounts it."""
+    can_splice = False                    # a response body may be spliced into its socket
+    protocol = None                       # "HTTP/2", or None: the request line's version
+
+    def handle(self, head):
+        """One request: parse, forward, account.  Returns whether to read another."""
+        listener = self.listener
+        req = Request()
+        req.start = monotonic()
+        req.wall_start = time.time()
+        listener.begin_request(req, self)
+        keep = False
+        try:
+            parse_request(head, req, self.client_ip)
+            if self.protocol is not None:
+                req.protocol = self.protocol
+            elif req.version != b"HTTP/1.1":
+                req.protocol = "HTTP/1.0"
+            if self.forbidden:
+                raise Forbidden("the client certificate carries none of allowed_sans")
+            req.client_cert = self.client_cert
+            req.client_address = self.client_address
+            if listener.telemetry.tracer is not None:
+                listener.telemetry.tracer.start(req)
+            route = req.route = listener.select_route(req)
+            keep = forward(listener, route, req, self)
+        except ProxyError as e:
+            keep = self.reply_error(req, e)
+        except DownstreamGone as e:
+            req.error = req.error or DownstreamGone.tag
+            listener.telemetry.debug("%s: %s", listener.name, e)
+        except (OSError, EOFError) as e:   # the app's socket failed while we wrote to it
+            req.error = req.error or DownstreamGone.tag
+            listener.telemetry.debug("%s: downstream: %s", listener.name, e)
+        finally:
+            if keep is TUNNELLED:            # accounted by the tunnel when it ends
+                pass
+            else:
+                if req.drain_cut:
+                    req.error, keep = DrainCut.tag, False
+                if listener.end_request(req):
+                    listener.telemetry.record_request(listener, req, monotonic() - req.start)
+        return keep
+
+    def reply_error(self, req, error):
+        """Answer with Ambassador's own reply, unless a response already started.  Returns
+        whether the connection can carry on: only if the request was read in full."""
+        if req.drain_cut and not isinstance(error, DrainCut):
+            error = DrainCut("drain_timeout passed with the request in flight (%s)" % error.tag)
+        req.error = error.tag
+        if req.response_started:
+            return False
+        req.status = error.status
+        keep = req.keep_alive and not isinstance(error, BadRequest) and \
+            not req.chunked and not req.content_length and not self.listener.draining.is_set()
+        reply = error_reply(error.status, error.tag, error.detail or error.tag,
+                            req.request_id, keep, req.attempts, req,
+                            getattr(error, "headers", ()))
+        try:
+            self.send(reply)
+        except DownstreamGone:
+            return False
+        req.bytes_out = len(reply) - reply.index(b"\r\n\r\n") - 4
+        return keep
+
+
+
+class DownstreamConnection(Downstream):
     """One connection from the app: its requests one after another (keep-alive), each through
     parse_request() and forward(), each ending in telemetry.
 
@@ -4259,6 +4381,8 @@ class DownstreamConnection:
         self.handshaking = False          # a TLS handshake begun and not finished
         self.served = 0                   # requests answered on it
         self.tunnel = None                # an UpgradedTunnel that took it over (after a 101)
+        self.h2 = None                    # the H2ServerConnection that took it over
+        self.can_splice = listener.tls is None
         self.closed = False
         self.wait_writable = False        # park()ed for room to write, not for input
         self.send_timeout = listener.config.idle_timeout
@@ -4288,6 +4412,8 @@ class DownstreamConnection:
             if wait:
                 self.dispatcher.park(self, writable=wait == "write")
                 return
+            if config.codec == "auto" and self.sock.selected_alpn_protocol() == "h2":
+                return self.become_h2(H2_PREFACE)
         while True:
             try:
                 head = self.take_head(config)
@@ -4300,6 +4426,8 @@ class DownstreamConnection:
                 return self.close()
             if head is None:
                 return self.wait()
+            if head == H2_PREFACE[:14] and config.codec == "auto" and not self.served:
+                return self.become_h2(H2_PREFACE[18:])    # HTTP/2 with prior knowledge
             kept = self.handle(head)
             if kept is TUNNELLED:
                 return self.hand_over()
@@ -4421,6 +4549,18 @@ class DownstreamConnection:
             tunnel.failed()
         tunnel.finish()
 
+    def become_h2(self, preface):
+        """The client speaks HTTP/2 (preface: what of its connection preface is still to
+        come): the connection is an H2ServerConnection's from here, out of the Dispatcher,
+        read by a thread of its own."""
+        self.dispatcher.release(self)
+        self.h2 = H2ServerConnection(self, preface)
+        if self.dispatcher.has_epoll():
+            threading.Thread(target=self.h2.serve, name="h2:%s" % self.listener.name,
+                             daemon=True).start()
+        else:
+            self.h2.serve()
+
     def _handshake_step(self):
         """Carry the TLS handshake on without waiting.  -> "read" or "write" (what it waits
         for), "" when done, None when it failed (the connection is closed)."""
@@ -4463,63 +4603,6 @@ class DownstreamConnection:
         self.reply_error(req, error)
         self.listener.telemetry.record_request(self.listener, req, monotonic() - req.start)
 
-    def handle(self, head):
-        """One request: parse, forward, account.  Returns whether to read another."""
-        listener = self.listener
-        req = Request()
-        req.start = monotonic()
-        req.wall_start = time.time()
-        listener.begin_request(req, self)
-        keep = False
-        try:
-            parse_request(head, req, self.client_ip)
-            if self.forbidden:
-                raise Forbidden("the client certificate carries none of allowed_sans")
-            req.client_cert = self.client_cert
-            req.client_address = self.client_address
-            if listener.telemetry.tracer is not None:
-                listener.telemetry.tracer.start(req)
-            route = req.route = listener.select_route(req)
-            keep = forward(listener, route, req, self)
-        except ProxyError as e:
-            keep = self.reply_error(req, e)
-        except DownstreamGone as e:
-            req.error = req.error or DownstreamGone.tag
-            listener.telemetry.debug("%s: %s", listener.name, e)
-        except (OSError, EOFError) as e:   # the app's socket failed while we wrote to it
-            req.error = req.error or DownstreamGone.tag
-            listener.telemetry.debug("%s: downstream: %s", listener.name, e)
-        finally:
-            if keep is TUNNELLED:            # accounted by the tunnel when it ends
-                pass
-            else:
-                if req.drain_cut:
-                    req.error, keep = DrainCut.tag, False
-                if listener.end_request(req):
-                    listener.telemetry.record_request(listener, req, monotonic() - req.start)
-        return keep
-
-    def reply_error(self, req, error):
-        """Answer with Ambassador's own reply, unless a response already started.  Returns
-        whether the connection can carry on: only if the request was read in full."""
-        if req.drain_cut and not isinstance(error, DrainCut):
-            error = DrainCut("drain_timeout passed with the request in flight (%s)" % error.tag)
-        req.error = error.tag
-        if req.response_started:
-            return False
-        req.status = error.status
-        keep = req.keep_alive and not isinstance(error, BadRequest) and \
-            not req.chunked and not req.content_length and not self.listener.draining.is_set()
-        reply = error_reply(error.status, error.tag, error.detail or error.tag,
-                            req.request_id, keep, req.attempts, req,
-                            getattr(error, "headers", ()))
-        try:
-            self.send(reply)
-        except DownstreamGone:
-            return False
-        req.bytes_out = len(reply) - reply.index(b"\r\n\r\n") - 4
-        return keep
-
     def send(self, data):
         """Write to the app; DownstreamGone if it closed, reset or stopped reading."""
         sock = self.sock
@@ -4545,7 +4628,863 @@ class DownstreamConnection:
 
 
 # ==================================================================================================
-# 14. Routing and traffic policy
+# 14. HTTP/2 from apps: streams (listener codec = "auto")
+#    A client speaking HTTP/2 -- another Ambassador, or an app that can -- on an http listener
+#    with codec = "auto" (ALPN on TLS, the connection preface without).  Each stream's request
+#    becomes the HTTP/1.1 head the request stack parses, and is served by it unchanged; its
+#    HTTP/1.1 response goes back as frames.  The translation both ways, and the socket both
+#    sides of HTTP/2 share; the connection itself, in section 15.
+# ==================================================================================================
+
+# Fields RFC 9113 8.2.2 calls connection-specific: a request carrying one is malformed, and a
+# response loses them on the way to HTTP/2.
+_H2_CONNECTION_FIELDS = frozenset([b"connection", b"keep-alive", b"proxy-connection",
+                                   b"transfer-encoding", b"upgrade"])
+_H2_REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":path", b":authority"])
+
+
+def h2_request_head(fields, ended):
+    """A request's HEADERS fields -> (the HTTP/1.1 head parse_request reads, whether its body
+    is framed as chunks).  With no content-length, a body that follows the HEADERS (no
+    END_STREAM) is handed over chunked.  BadRequest for what RFC 9113 8.2 and 8.3 call
+    malformed; parse_request checks the rest as for any HTTP/1.1 head."""
+    pseudo, lines, cookies = {}, [], []
+    host = length = None
+    for name, value in fields:
+        if name[:1] == b":":
+            if lines or cookies or name in pseudo or name not in _H2_REQUEST_PSEUDO:
+                raise BadRequest("misplaced, repeated or unknown pseudo-header %s"
+                                 % name[:32].decode("latin-1"))
+            pseudo[name] = value
+            continue
+        if name in _H2_CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+            raise BadRequest("connection-specific field %s in an HTTP/2 request"
+                             % name.decode("latin-1"))
+        if name.lower() != name:
+            raise BadRequest("upper-case field name in an HTTP/2 request")
+        if name == b"cookie":             # RFC 9113 8.2.3: one line for HTTP/1.1
+            cookies.append(value)
+            continue
+        if name == b"host":
+            host = value
+            continue
+        if name == b"content-length":
+            length = value
+        lines.append(name + b": " + value)
+    method = pseudo.get(b":method")
+    if method == b"CONNECT":
+        raise BadRequest("CONNECT is not allowed: Ambassador is not an open proxy", status=405)
+    path = pseudo.get(b":path")
+    if not method or not path or not pseudo.get(b":scheme"):
+        raise BadRequest("an HTTP/2 request without :method, :scheme or :path")
+    authority = pseudo.get(b":authority")
+    if authority is not None and host is not None and host != authority:
+        raise BadRequest("Host differs from :authority")
+    authority = authority if authority is not None else host
+    if authority is not None:
+        lines.append(b"host: " + authority)
+    if cookies:
+        lines.append(b"cookie: " + b"; ".join(cookies))
+    chunked = length is None and not ended
+    if chunked:
+        lines.append(b"transfer-encoding: chunked")
+    elif ended and length not in (None, b"0"):
+        raise BadRequest("content-length %s with no body" % length[:20].decode("latin-1"))
+    lines.insert(0, method + b" " + path + b" HTTP/1.1")
+    head = b"\r\n".join(lines)
+    if head.count(b"\n") != len(lines) - 1 or b"\r" in head.replace(b"\r\n", b""):
+        raise BadRequest("CR or LF in an HTTP/2 field")   # one field must not become two lines
+    return head, chunked
+
+
+def h2_response_fields(head):
+    """An HTTP/1.1 response head as the request stack wrote it -> (status, HTTP/2 fields,
+    body framing: "length" with its count, "chunked", or None for a body to the end)."""
+    lines = head.split(b"\r\n")
+    status = lines[0][9:12]
+    fields, framing, length = [(b":status", status)], None, None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip(b" \t")
+        if name in _H2_CONNECTION_FIELDS:
+            if name == b"transfer-encoding":
+                framing = "chunked"
+            continue
+        if name == b"content-length":
+            framing, length = "length", int(value)
+        fields.append((name, value))
+    return int(status), fields, framing, length
+
+
+class H2Socket:
+    """The socket of one HTTP/2 connection, shared by its reader thread and every stream that
+    writes: whole frame sequences under one lock; over TLS, reads and writes never overlap
+    (io_lock), as OpenSSL allows one operation at a time on a connection.  Waiting for input
+    is a poll(), never select() (a process with thousands of connections has descriptors past
+    select's 1024).  Used by both sides: H2ServerConnection (section 15), H2Connection (section 22)."""
+
+    def __init__(self, sock, tls, write_timeout, gone):
+        self.sock, self.tls = sock, tls
+        self.write_timeout = write_timeout
+        self.gone = gone                       # the exception a failed write raises
+        self.send_lock = threading.Lock()
+        self.io_lock = threading.Lock() if tls else None
+        self.closed = False
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        if not tls:
+            sock.settimeout(write_timeout)   # writes wait this long; reads only after poll()
+
+    def write(self, data, locked=False):
+        """Write data whole (locked: the caller holds send_lock); `gone` if it fails."""
+        if not locked:
+            with self.send_lock:
+                return self.write(data, True)
+        if self.closed:
+            raise self.gone("HTTP/2 connection closed")
+        try:
+            if self.io_lock is None:
+                self.sock.sendall(data)
+                return
+            view = memoryview(data)
+            while view:                        # TLS: a little at a time, the reader between
+                with self.io_lock:
+                    self.sock.settimeout(self.write_timeout)
+                    n = self.sock.send(view[:65536])
+                view = view[n:]
+        except (OSError, ValueError) as e:
+            self.shutdown()
+            raise self.gone("HTTP/2 connection: %s" % (e or type(e).__name__))
+
+    def recv(self, timeout):
+        """Bytes from the socket; b"" at its end; None when nothing came within timeout."""
+        if not (self.tls and self.sock.pending()) and \
+                not self.poller.poll(int(timeout * 1000) + 1):
+            return None
+        if self.io_lock is None:
+            try:
+                return self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError, socket.timeout):
+                return None
+        with self.io_lock:
+            self.sock.settimeout(0.0)
+            try:
+                return self.sock.recv(65536)
+            except OSError as e:
+                if type(e).__name__ in _SSL_WANT or isinstance(e, BlockingIOError):
+                    return None                # a record not whole yet
+                raise
+
+    def shutdown(self):
+        """Wake the reader, which closes the socket: the reader is its last user, so that no
+        thread ever uses a descriptor number the system has given to another socket."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+
+class H2Flood(H2Error):
+    """What a client does that costs us work and is no request, past its bound (RFC 9113
+    10.5): the connection ends with GOAWAY(ENHANCE_YOUR_CALM), counted by `kind`."""
+
+    def __init__(self, kind, message):
+        H2Error.__init__(self, H2_ENHANCE_YOUR_CALM, message)
+        self.kind = kind
+
+
+class H2ServerStream(Downstream):
+    """One request on an H2ServerConnection, seen by the request stack as the app's
+    connection (a Downstream): its body is read through `reader` from the DATA frames (as
+    chunks when it has no content-length), and the HTTP/1.1 response the stack writes with
+    send() goes out as HEADERS and DATA.  cut_in_flight's shutdown() ends its body.  State
+    shared with the reader thread is guarded by the connection's lock; the rest is the serving
+    worker's own."""
+
+    def __init__(self, conn, stream_id, head, chunked, error):
+        down = conn.downstream
+        self.conn, self.id, self.listener = conn, stream_id, conn.listener
+        self.client_ip, self.client_address = down.client_ip, down.client_address
+        self.client_cert, self.forbidden = down.client_cert, down.forbidden
+        self.head, self.chunked, self.error = head, chunked, error
+        self.protocol = "HTTP/2"
+        self.sock = self                       # what cut_in_flight shuts
+        self.send_timeout = conn.listener.config.idle_timeout
+        self.timeout = None
+        self._scratch = None
+        self.reader = SocketReader(self)
+        self.cond = threading.Condition(conn.lock)
+        # Shared with the reader thread (the connection's lock):
+        self.data = collections.deque()        # DATA payloads not yet read
+        self.ended = False                     # END_STREAM from the client
+        self.reset = False                     # RST_STREAM from the client, or the end
+        self.cut = False                       # shut by a drain that ran out
+        self.recv_window = H2_STREAM_WINDOW
+        self.send_window = conn.peer_window
+        self.consumed = 0                      # read, not yet given back by WINDOW_UPDATE
+        self.received = 0
+        self.done = False                      # our END_STREAM (or RST_STREAM) sent
+        # The response, as the worker translates it:
+        self._out = b""
+        self._framing = "head"                 # head, length, chunked, raw, done
+        self._left = 0                         # body bytes (length), or chunk bytes + CRLF
+        self._pending = b""                    # the body as chunks, not yet read
+        self._last_chunk = False
+        self.method = b"-"
+
+    def serve(self):
+        """Run by a worker: the request through the stack, then the stream's end."""
+        if self.error is not None:
+            req = Request()
+            req.start, req.wall_start, req.protocol = monotonic(), time.time(), "HTTP/2"
+            self.reply_error(req, self.error)
+            self.listener.telemetry.record_request(self.listener, req, 0.0)
+        else:
+            self.method = self.head[:self.head.find(b" ")]
+            self.handle(self.head)
+        self.conn.finish(self, self._framing == "done")
+
+    def scratch(self):
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(IO_CHUNK_BYTES))
+        return self._scratch
+
+    # ---- as a socket, for the body's SocketReader -----------------------------------------
+
+    def gettimeout(self):
+        return self.timeout
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def shutdown(self, how=None):
+        with self.conn.lock:
+            self.cut = True
+            self.cond.notify_all()
+
+    def recv(self, n):
+        """Up to n bytes of the body as the head framed it; b"" at its end."""
+        if not self.chunked:
+            return self.conn.read_body(self, n)
+        if not self._pending:
+            if self._last_chunk:
+                return b""
+            data = self.conn.read_body(self, IO_CHUNK_BYTES)
+            self._pending = chunk(data) if data else LAST_CHUNK
+            self._last_chunk = not data
+        out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+    def recv_into(self, buffer, n):
+        data = self.recv(n)
+        buffer[:len(data)] = data
+        return len(data)
+
+    # ---- the response, written by the request stack as HTTP/1.1 -------------------------------
+
+    def send(self, data):
+        """Bytes of an HTTP/1.1 response -> HEADERS and DATA frames.  DownstreamGone once the
+        client reset the stream or the connection ended."""
+        framing = self._framing
+        if framing == "head":
+            out = self._out + bytes(data)
+            end = out.find(b"\r\n\r\n")
+            if end < 0:
+                self._out = out
+                return
+            self._out = b""
+            body = self._head(out[:end], out[end + 4:])
+            if body:
+                self.send(body)
+        elif framing == "length":
+            data = data[:self._left]
+            self._left -= len(data)
+            if not self._left:
+                self._framing = "done"
+            self.conn.send_data(self, data, not self._left)
+        elif framing == "chunked":
+            self._dechunk(self._out + bytes(data) if self._out else bytes(data))
+        elif framing == "raw":
+            self.conn.send_data(self, data, False)
+
+    def _head(self, head, body):
+        """Send the response head; -> what of body is left to send.  A body of known length
+        that came with its head (a small one, usually) goes in the same write."""
+        status, fields, framing, length = h2_response_fields(head)
+        if status < 200:                       # 100 Continue: another head follows
+            self.conn.send_headers(self, fields, False)
+            return body
+        if self.method == b"HEAD" or status in (204, 304) or (framing == "length" and not length):
+            framing = "done"
+        self._framing, self._left = framing or "raw", length or 0
+        if framing == "length" and body and self.conn.window(self) >= min(len(body), length):
+            data = body[:length]
+            self._left -= len(data)
+            if not self._left:
+                self._framing = "done"
+            self.conn.send_data(self, data, not self._left,
+                                self.conn.header_frames(self, fields, False))
+            return b""
+        self.conn.send_headers(self, fields, framing == "done")
+        return body
+
+    def _dechunk(self, buf):
+        """The stack's chunked body (whole chunks, as chunk() makes them, in the common case)
+        -> DATA; the last chunk -> END_STREAM."""
+        while buf:
+            if self._left > 2:                 # inside a chunk's data
+                data = buf[:self._left - 2]
+                self._left -= len(data)
+                buf = buf[len(data):]
+                self.conn.send_data(self, data, False)
+            elif self._left:                   # the CRLF after it
+                taken = min(self._left, len(buf))
+                self._left -= taken
+                buf = buf[taken:]
+            else:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    break
+                size = int(buf[:end].split(b";", 1)[0], 16)
+                buf = buf[end + 2:]
+                if not size:                   # trailers, if any, are not carried
+                    self._framing = "done"
+                    self.conn.send_data(self, b"", True)
+                    return
+                self._left = size + 2
+        self._out = buf
+
+
+# ==================================================================================================
+# 15. HTTP/2 from apps: the connection
+#    The frames of one client's connection: streams opened, bodies under flow control,
+#    SETTINGS, PING, GOAWAY; the workers that serve the streams; and the floods an HTTP/2
+#    server meets, each ending the connection with GOAWAY(ENHANCE_YOUR_CALM), counted.
+# ==================================================================================================
+
+class H2ServerConnection:
+    """An HTTP/2 connection from a client, taken over from the DownstreamConnection whose
+    preface or ALPN said so.  Its reader thread takes every frame: a request's HEADERS make
+    an H2ServerStream, queued for one of the connection's workers (at most
+    H2_SERVER_MAX_STREAMS at once, as its SETTINGS promise), which serves it with the request
+    stack; DATA goes to the stream's body, WINDOW_UPDATE wakes a stream waiting to send.
+
+    Bounds, each a GOAWAY(ENHANCE_YOUR_CALM) counted by kind (H2Flood): a header block past
+    four times max_header_bytes however many CONTINUATION frames carry it (a header list
+    past max_header_bytes itself is answered 431); more than half of the
+    streams reset by the client before their response ended, once H2_RESET_MIN_STREAMS have
+    opened (rapid reset, CVE-2023-44487); SETTINGS, PING and PRIORITY past a
+    rate (H2_CONTROL_BURST, then H2_CONTROL_PER_S), WINDOW_UPDATE past
+    H2_WINDOW_UPDATES_PER_DATA for each DATA frame sent; frames with an empty payload past
+    H2_MAX_EMPTY_FRAMES in a row.  A stream whose client window stays shut for idle_timeout
+    ends (a zero-window stall), as does a connection idle that long; a drain sends GOAWAY
+    and closes once its streams have ended."""
+
+    def __init__(self, downstream, preface):
+        self.downstream = downstream
+        self.listener = listener = downstream.listener
+        config = listener.config
+        self.io = H2Socket(downstream.sock, listener.tls is not None, config.idle_timeout,
+                           DownstreamGone)
+        self.lock = threading.Lock()           # guards every field below, and the streams'
+        self.streams = {}                      # id -> H2ServerStream, not yet ended
+        self.last_id = 0                       # the highest stream id the client opened
+        self.queue = collections.deque()       # streams waiting for a worker
+        self.workers = self.idle_workers = 0
+        self.work = threading.Condition(self.lock)
+        self.peer_window = H2_DEFAULT_WINDOW
+        self.peer_frame = H2_DEFAULT_FRAME_SIZE
+        self.send_window = H2_DEFAULT_WINDOW
+        self.recv_window = H2_CONNECTION_WINDOW
+        self.consumed = 0
+        self.goaway_sent = False
+        self.opened = self.premature_resets = 0
+        self.last_end = 0.0                    # when a stream last ended (idle_timeout)
+        self.empty_frames = 0
+        self.data_frames = self.window_updates = 0
+        self.control = {}                      # kind -> [tokens, when last counted]
+        self.encoder = HpackEncoder()
+        self.decoder = HpackDecoder(max_list_bytes=config.max_header_bytes, keep_going=True)
+        self.preface = preface                 # what of the client preface has yet to come
+
+    # ---- the reader thread ---------------------------------------------------------------------
+
+    def serve(self):
+        listener, config = self.listener, self.listener.config
+        buf, header = b"", None
+        started = idle_since = monotonic()
+        try:
+            self.io.write(h2_frame(H2_SETTINGS, 0, 0, h2_settings([
+                (H2_MAX_CONCURRENT_STREAMS, H2_SERVER_MAX_STREAMS),
+                (H2_INITIAL_WINDOW_SIZE, H2_STREAM_WINDOW),
+                (H2_MAX_HEADER_LIST_SIZE, config.max_header_bytes)])) +
+                h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(
+                    ">I", H2_CONNECTION_WINDOW - H2_DEFAULT_WINDOW)))
+            buf, settings_seen = self.downstream.reader.buf, False
+            self.downstream.reader.buf = b""
+            while True:
+                if buf:
+                    if self.preface:
+                        n = min(len(buf), len(self.preface))
+                        if buf[:n] != self.preface[:n]:
+                            raise H2Error(H2_PROTOCOL_ERROR, "not the HTTP/2 connection preface")
+                        self.preface, buf = self.preface[n:], buf[n:]
+                    pos = 0                    # an offset: a buffer of tiny frames is
+                    while not self.preface and len(buf) - pos >= 9:   # never copied per frame
+                        length, kind, flags, stream_id = h2_frame_header(buf[pos:pos + 9])
+                        if length > H2_DEFAULT_FRAME_SIZE:   # our MAX_FRAME_SIZE, never raised
+                            raise H2Error(H2_FRAME_SIZE_ERROR, "frame of %d bytes" % length)
+                        if len(buf) - pos < 9 + length:
+                            break
+                        payload = buf[pos + 9:pos + 9 + length]
+                        pos += 9 + length
+                        if not settings_seen and kind != H2_SETTINGS:
+                            raise H2Error(H2_PROTOCOL_ERROR, "the preface's SETTINGS missing")
+                        settings_seen = True
+                        if header is not None and (kind != H2_CONTINUATION or
+                                                   stream_id != header[0]):
+                            raise H2Error(H2_PROTOCOL_ERROR, "header block interrupted")
+                        header = self._frame(kind, flags, stream_id, payload, header)
+                    buf = buf[pos:]
+                data = self.io.recv(1.0)
+                # An idle connection (no stream, PINGs or not) ends after idle_timeout; one
+                # that never sent its preface's SETTINGS, after header_timeout.
+                now = monotonic()
+                with self.lock:
+                    busy = bool(self.streams)
+                    drained = self.goaway_sent and not busy
+                    idle_since = max(idle_since, self.last_end)
+                if busy:
+                    idle_since = now
+                elif now - idle_since > config.idle_timeout or drained or \
+                        (not settings_seen and now - started > config.header_timeout):
+                    self._goaway(H2_NO_ERROR, "idle")
+                    break
+                if (listener.draining.is_set() or self.downstream.dispatcher.closing) and \
+                        not self.goaway_sent:         # the process drains, or a reload
+                    self._goaway(H2_NO_ERROR, "draining")     # removed the listener
+                if data is None:
+                    continue
+                if not data:
+                    break
+                buf += data
+        except H2Error as e:
+            if isinstance(e, H2Flood):
+                listener.telemetry.h2_flood(listener, e.kind)
+                listener.telemetry.warnings.warning(
+                    ("h2-flood", listener.name, e.kind), "%s: HTTP/2 client %s: %s, "
+                    "GOAWAY(ENHANCE_YOUR_CALM)", listener.name,
+                    self.downstream.client_address.decode(), e)
+            self._goaway(e.code, str(e))
+        except (DownstreamGone, EOFError, OSError, ValueError):
+            pass
+        except Exception:
+            listener.telemetry.internal_error("downstream connection")
+        finally:
+            self._close()
+
+    def _frame(self, kind, flags, stream_id, payload, header):
+        """One frame from the client -> the header block in progress, if any."""
+        if not payload and not flags & H2_END_STREAM and kind in (
+                H2_DATA, H2_HEADERS, H2_CONTINUATION):
+            self.empty_frames += 1
+            if self.empty_frames > H2_MAX_EMPTY_FRAMES:
+                raise H2Flood("empty_frames", "%d frames in a row with nothing in them"
+                              % self.empty_frames)
+        else:
+            self.empty_frames = 0
+        if kind == H2_DATA:
+            self._data(flags, stream_id, payload)
+        elif kind in (H2_HEADERS, H2_CONTINUATION):
+            if kind == H2_HEADERS:
+                if stream_id % 2 == 0:
+                    raise H2Error(H2_PROTOCOL_ERROR, "HEADERS on stream %d" % stream_id)
+                payload = h2_unpad(flags, payload)
+                if flags & H2_PRIORITY_FLAG:
+                    payload = payload[5:]
+                header = (stream_id, flags, payload)
+            elif header is None:
+                raise H2Error(H2_PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+            else:
+                header = (stream_id, header[1], header[2] + payload)
+            # A block is bounded as it comes, however many frames carry it: one past
+            # max_header_bytes is decoded (431), one past four times that is a flood.
+            if len(header[2]) > 4 * self.listener.config.max_header_bytes:
+                raise H2Flood("continuation", "a header block past 4 x max_header_bytes")
+            if flags & H2_END_HEADERS:
+                self._headers(*header)
+                return None
+            return header
+        elif kind == H2_RST_STREAM:
+            if len(payload) != 4:
+                raise H2Error(H2_FRAME_SIZE_ERROR, "RST_STREAM of %d bytes" % len(payload))
+            if not stream_id or stream_id > self.last_id:
+                raise H2Error(H2_PROTOCOL_ERROR, "RST_STREAM on idle stream %d" % stream_id)
+            self._reset_by_client(stream_id)
+        elif kind == H2_SETTINGS:
+            if stream_id:
+                raise H2Error(H2_PROTOCOL_ERROR, "SETTINGS on a stream")
+            if flags & H2_ACK:
+                if payload:
+                    raise H2Error(H2_FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+                return header
+            self._count("settings")
+            self._settings(h2_parse_settings(payload))
+        elif kind == H2_PING:
+            if len(payload) != 8 or stream_id:
+                raise H2Error(H2_FRAME_SIZE_ERROR if stream_id == 0 else H2_PROTOCOL_ERROR,
+                              "malformed PING")
+            if not flags & H2_ACK:
+                self._count("ping")
+                self.io.write(h2_frame(H2_PING, H2_ACK, 0, payload))
+        elif kind == H2_PRIORITY:
+            self._count("priority")               # deprecated (RFC 9113 5.3.2): ignored
+        elif kind == H2_WINDOW_UPDATE:
+            # Envoy's bound: a client's window updates follow the DATA we send it.
+            self.window_updates += 1
+            if self.window_updates > H2_WINDOW_UPDATES_PER_DATA * (self.data_frames + 10):
+                raise H2Flood("window_update", "%d WINDOW_UPDATE frames for %d DATA frames sent"
+                              % (self.window_updates, self.data_frames))
+            self._window_update(stream_id, payload)
+        elif kind == H2_GOAWAY:
+            with self.lock:                       # the client opens no more streams
+                self.goaway_sent = self.goaway_sent or not self.streams
+        elif kind == H2_PUSH_PROMISE:
+            raise H2Error(H2_PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        return header                             # unknown types: ignored (RFC 9113 5.5)
+
+    def _count(self, kind):
+        """A control frame of kind: refused past H2_CONTROL_BURST, refilled H2_CONTROL_PER_S."""
+        now = monotonic()
+        tokens, then = self.control.get(kind, (H2_CONTROL_BURST, now))
+        tokens = min(H2_CONTROL_BURST, tokens + (now - then) * H2_CONTROL_PER_S) - 1
+        if tokens < 0:
+            raise H2Flood(kind, "%s frames past %d a second" % (kind.upper(), H2_CONTROL_PER_S))
+        self.control[kind] = (tokens, now)
+
+    def _headers(self, stream_id, flags, block):
+        fields = self.decoder.decode(block)       # always: HPACK's state moves on every block
+        ended = bool(flags & H2_END_STREAM)
+        with self.lock:
+            stream = self.streams.get(stream_id)
+            if stream is not None or stream_id <= self.last_id:
+                if stream is None or not ended:  # trailers end a stream; they are not carried
+                    raise H2Error(H2_PROTOCOL_ERROR, "HEADERS on stream %d again" % stream_id)
+                stream.ended = True
+                stream.cond.notify_all()
+                return
+            self.last_id = stream_id
+            if self.goaway_sent:
+                return                            # above our GOAWAY: ignored (RFC 9113 6.8)
+            if len(self.streams) >= H2_SERVER_MAX_STREAMS:
+                refuse = True
+            else:
+                refuse = False
+                head = chunked = error = None
+                if fields is None:
+                    error = BadRequest("request head larger than max_header_bytes", status=431)
+                else:
+                    try:
+                        head, chunked = h2_request_head(fields, ended)
+                    except BadRequest as e:
+                        error = e
+                stream = H2ServerStream(self, stream_id, head, chunked, error)
+                stream.ended = ended
+                self.streams[stream_id] = stream
+                self.opened += 1
+                self.queue.append(stream)
+                start = self.idle_workers < len(self.queue)
+                if start:
+                    self.workers += 1
+                else:
+                    self.work.notify()
+        if refuse:
+            self._send_reset(stream_id, H2_REFUSED_STREAM)
+        elif start:
+            threading.Thread(target=self._work, name="h2:%s" % self.listener.name,
+                             daemon=True).start()
+
+    def _data(self, flags, stream_id, payload):
+        if not stream_id:
+            raise H2Error(H2_PROTOCOL_ERROR, "DATA on stream 0")
+        reset = None
+        with self.lock:
+            self.recv_window -= len(payload)
+            if self.recv_window < 0:
+                raise H2Error(H2_FLOW_CONTROL_ERROR, "DATA past the connection window")
+            stream = self.streams.get(stream_id)
+            data = h2_unpad(flags, payload)
+            if stream is None or stream.ended or stream.reset:
+                if stream_id > self.last_id:
+                    raise H2Error(H2_PROTOCOL_ERROR, "DATA on idle stream %d" % stream_id)
+                self.consumed += len(payload)        # a stream that has ended: credit it back
+                reset = H2_STREAM_CLOSED if stream is None or stream.ended else None
+            else:
+                stream.recv_window -= len(payload)
+                stream.received += len(data)
+                self.consumed += len(payload) - len(data)   # padding is ours to give back
+                if stream.recv_window < 0:
+                    reset = H2_FLOW_CONTROL_ERROR
+                elif data:
+                    stream.data.append(data)
+                if flags & H2_END_STREAM:
+                    stream.ended = True
+                stream.cond.notify_all()
+            update = self._window_credit()
+        if update:
+            self.io.write(update)
+        if reset is not None:
+            self._send_reset(stream_id, reset)
+
+    def _window_credit(self):
+        """The connection's WINDOW_UPDATE when half its window was read (lock held)."""
+        if self.consumed < H2_CONNECTION_WINDOW // 2:
+            return b""
+        frame = h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(">I", self.consumed))
+        self.recv_window += self.consumed
+        self.consumed = 0
+        return frame
+
+    def _reset_by_client(self, stream_id):
+        with self.lock:
+            stream = self.streams.get(stream_id)
+            if stream is None or stream.reset:
+                return
+            stream.reset = True
+            stream.cond.notify_all()
+            if not stream.done:
+                self.premature_resets += 1
+            if stream in self.queue:              # never served: it ends here
+                self.queue.remove(stream)
+                self._forget(stream)
+            resets, opened = self.premature_resets, self.opened
+        if opened >= H2_RESET_MIN_STREAMS and resets * 2 > opened:
+            raise H2Flood("rapid_reset", "%d of %d streams reset before their response ended"
+                          % (resets, opened))
+
+    def _settings(self, settings):
+        with self.lock:
+            if H2_MAX_FRAME_SIZE in settings:
+                self.peer_frame = settings[H2_MAX_FRAME_SIZE]
+            if H2_INITIAL_WINDOW_SIZE in settings:      # applies to open streams (6.9.2)
+                delta = settings[H2_INITIAL_WINDOW_SIZE] - self.peer_window
+                self.peer_window = settings[H2_INITIAL_WINDOW_SIZE]
+                for stream in self.streams.values():
+                    stream.send_window += delta
+                    stream.cond.notify_all()
+        self.io.write(h2_frame(H2_SETTINGS, H2_ACK, 0))
+
+    def _window_update(self, stream_id, payload):
+        if len(payload) != 4:
+            raise H2Error(H2_FRAME_SIZE_ERROR, "WINDOW_UPDATE of %d bytes" % len(payload))
+        increment = struct.unpack(">I", payload)[0] & 0x7fffffff
+        with self.lock:
+            target = self if stream_id == 0 else self.streams.get(stream_id)
+            if target is None:
+                return
+            if not increment:
+                raise H2Error(H2_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            target.send_window += increment
+            if target.send_window > H2_MAX_WINDOW:
+                raise H2Error(H2_FLOW_CONTROL_ERROR, "window past 2^31-1")
+            for stream in [target] if stream_id else self.streams.values():
+                stream.cond.notify_all()
+
+    # ---- the workers ---------------------------------------------------------------------------
+
+    def _work(self):
+        with self.lock:
+            while True:
+                if not self.queue:
+                    self.idle_workers += 1
+                    self.work.wait(WORKER_IDLE_S)
+                    self.idle_workers -= 1
+                    if not self.queue:
+                        if self.io.closed or not self.streams or self.workers > 1:
+                            self.workers -= 1
+                            return
+                        continue
+                stream = self.queue.popleft()
+                self.lock.release()
+                try:
+                    stream.serve()
+                except Exception:
+                    self.listener.telemetry.internal_error("downstream connection")
+                    self.finish(stream, False)
+                finally:
+                    self.lock.acquire()
+
+    # ---- what streams call ---------------------------------------------------------------------
+
+    def read_body(self, stream, n):
+        """Up to n bytes of stream's body; b"" after END_STREAM.  socket.timeout when none
+        came within the stream's timeout; ConnectionResetError once it was reset or cut."""
+        deadline = None
+        with self.lock:
+            while not stream.data:
+                if stream.reset or stream.cut:
+                    raise ConnectionResetError("the client reset the stream")
+                if stream.ended:
+                    return b""
+                if self.io.closed:
+                    raise ConnectionResetError("the HTTP/2 connection closed")
+                if deadline is None:
+                    deadline = monotonic() + (stream.timeout or self.listener.config.idle_timeout)
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise socket.timeout("no body bytes within the timeout")
+                stream.cond.wait(min(left, 1.0))
+            data = stream.data.popleft()
+            if len(data) > n:
+                stream.data.appendleft(data[n:])
+                data = data[:n]
+            stream.consumed += len(data)
+            self.consumed += len(data)
+            updates = b""
+            if stream.consumed >= H2_STREAM_WINDOW // 2 and not stream.ended:
+                updates = h2_frame(H2_WINDOW_UPDATE, 0, stream.id,
+                                   struct.pack(">I", stream.consumed))
+                stream.recv_window += stream.consumed
+                stream.consumed = 0
+            updates += self._window_credit()
+        if updates:
+            self.io.write(updates)
+        return data
+
+    def header_frames(self, stream, fields, end):
+        # The encoder keeps no dynamic table (HpackEncoder): blocks need no order.
+        return h2_header_frames(stream.id, self.encoder.encode(fields), end, self.peer_frame)
+
+    def send_headers(self, stream, fields, end):
+        self._send(stream, self.header_frames(stream, fields, end), end)
+
+    def window(self, stream):
+        """What stream may send now, by both windows."""
+        with self.lock:
+            return min(stream.send_window, self.send_window)
+
+    def send_data(self, stream, data, end, prefix=b""):
+        """DATA frames as the client's windows allow (prefix: frames that go first in the
+        same write); a window shut for idle_timeout ends the stream (DownstreamGone)."""
+        view = memoryview(data)
+        if not len(view) and not end:
+            return
+        while True:
+            frames = [prefix] if prefix else []
+            prefix = b""
+            with self.lock:
+                deadline = None
+                while True:
+                    if stream.reset or self.io.closed:
+                        raise DownstreamGone("the client reset the HTTP/2 stream")
+                    room = min(stream.send_window, self.send_window)
+                    if room > 0 or not len(view):
+                        break
+                    deadline = deadline or monotonic() + stream.send_timeout
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        raise DownstreamGone("the client's HTTP/2 window stayed shut")
+                    stream.cond.wait(min(left, 1.0))
+                n = max(0, min(room, len(view)))
+                self.data_frames += n // self.peer_frame + 1
+                stream.send_window -= n
+                self.send_window -= n
+            sent, frame_size = view[:n], self.peer_frame
+            view = view[n:]
+            last = end and not len(view)
+            for i in range(0, max(n, 1), frame_size):
+                piece = sent[i:i + frame_size]
+                flag = H2_END_STREAM if last and i + frame_size >= n else 0
+                frames.append(h2_frame(H2_DATA, flag, stream.id, piece))
+            self._send(stream, b"".join(frames), last)
+            if not len(view):
+                return
+
+    def _send(self, stream, frames, end):
+        self.io.write(frames)
+        if end:
+            with self.lock:
+                stream.done = True
+
+    def finish(self, stream, complete):
+        """A worker is done with stream: complete (END_STREAM sent) or not (RST_STREAM, so
+        that a cut response never looks whole); a request body not all read is refused more
+        of with RST_STREAM(NO_ERROR) (RFC 9113 8.1)."""
+        with self.lock:
+            code = None
+            if not stream.reset:
+                if not complete or not stream.done:
+                    code = H2_INTERNAL_ERROR
+                elif not stream.ended:
+                    code = H2_NO_ERROR
+            stream.reset = True
+            self._forget(stream)
+        if code is not None:
+            self._send_reset(stream.id, code)
+
+    def _forget(self, stream):
+        """(lock held) stream has ended: its unread bytes go back to the connection window."""
+        if self.streams.pop(stream.id, None) is not None:
+            self.consumed += sum(len(d) for d in stream.data)
+            stream.data.clear()
+            self.last_end = monotonic()
+
+    def _send_reset(self, stream_id, code):
+        try:
+            self.io.write(h2_frame(H2_RST_STREAM, 0, stream_id, struct.pack(">I", code)))
+        except DownstreamGone:
+            pass
+
+    def _goaway(self, code, why):
+        with self.lock:
+            self.goaway_sent = True
+            last = self.last_id
+        try:
+            self.io.write(h2_frame(H2_GOAWAY, 0, 0, struct.pack(">II", last, code) +
+                                   why.encode("latin-1", "replace")[:200]))
+        except DownstreamGone:
+            pass
+
+    def _close(self):
+        """The reader's end: streams in flight fail, workers leave, the socket closes."""
+        with self.lock:
+            for stream in self.streams.values():
+                stream.reset = True
+                stream.cond.notify_all()
+            self.queue.clear()
+            self.work.notify_all()
+            linger = self.goaway_sent
+        with self.io.send_lock:                  # no write is under way from here on
+            self.io.closed = True
+            if linger:
+                self._linger()
+            self.downstream.close()
+
+    def _linger(self):
+        """After our GOAWAY: a FIN, then what the client still sends read and dropped for up
+        to H2_LINGER_S, as nginx's lingering close -- closing with bytes unread would send a
+        reset, and the client's kernel would drop the GOAWAY unread with it."""
+        sock = self.io.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = monotonic() + H2_LINGER_S
+            dropped = 0
+            while dropped < H2_LINGER_MAX_BYTES:
+                left = deadline - monotonic()
+                if left <= 0 or not self.io.poller.poll(int(left * 1000) + 1):
+                    break
+                sock.settimeout(0.0)
+                data = sock.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except (OSError, ValueError):
+            pass
+
+
+# ==================================================================================================
+# 16. Routing and traffic policy
 #    What applies to a request before it is sent: its body as the stack sees it, header rules,
 #    the route that matches, faults, the rate limit and the mirror.
 # ==================================================================================================
@@ -4764,7 +5703,7 @@ class Route:
         self.exact = m.path_exact.encode() if m.path_exact else None
         self.prefix = m.path_prefix.encode() if m.path_prefix else None
         self.methods = frozenset(x.encode() for x in m.methods) or None
-        # Linear-time matchers (section 33), never `re`: a backtracking pattern would hold the
+        # Linear-time matchers (section 35), never `re`: a backtracking pattern would hold the
         # GIL, and with it every listener, for as long as one request's path takes.
         self.regex = LinearRegex(m.path_regex) if m.path_regex else None
         self.headers = [(name.encode(), kind, LinearRegex(value) if kind == "regex"
@@ -5078,7 +6017,7 @@ class Mirror:
 
 
 # ==================================================================================================
-# 15. Request stack
+# 17. Request stack
 #    route -> deadline -> fault -> rate limit -> rewrites -> mirror -> retry loop (policy,
 #    budget, backoff) -> admission (limits, breaker) -> balance -> try -> pool, then the
 #    response streamed back (spliced when large).  A failure before the response began is a reply.
@@ -5165,7 +6104,7 @@ def carries_upgrade(listener, req):
 
 def start_tunnel(listener, req, resp, conn, downstream):
     """The upstream switched protocols: relay its 101 and hand both connections to an
-    UpgradedTunnel (section 17).  The request's span ends here; its log line and metrics come
+    UpgradedTunnel (section 19).  The request's span ends here; its log line and metrics come
     when the tunnel closes.  -> TUNNELLED."""
     parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
     if resp.lines:
@@ -5619,7 +6558,7 @@ def relay_response(req, resp, conn, downstream, listener):   # long: the hot pat
     # look complete, so no final chunk and no keep-alive after it.
     # (What the reader held went out with the head: the rest is all on the socket.)
     if length is not None and length >= SPLICE_BODY_MIN_BYTES and HAS_SPLICE and \
-            reader.poller is not None and downstream.listener.tls is None:
+            reader.poller is not None and downstream.can_splice:
         return splice_body(req, resp, conn, downstream, length, listener) and keep
     reader.settimeout(req.route.timeout)
     if length is not None:
@@ -5658,7 +6597,7 @@ def relay_response(req, resp, conn, downstream, listener):   # long: the hot pat
 
 
 # ==================================================================================================
-# 16. TCP relay
+# 18. TCP relay
 #    A tcp listener's connections: connect (connect_attempts tries over the balancer, breaker and
 #    limits; TLS from the first byte, or PostgreSQL's SSLRequest first), then one thread pumps
 #    bytes both ways with bounded buffers, passing on half-closes and resets, until both sides
@@ -6302,7 +7241,7 @@ class TcpSession:
 
 
 # ==================================================================================================
-# 17. Tunnels and the RelayLoop
+# 19. Tunnels and the RelayLoop
 #    An upgraded request's tunnel (a tcp session by another door), TLS's close_notify for a
 #    half-close, PostgreSQL's auth offer, and the loop where every relay of a listener runs.
 # ==================================================================================================
@@ -6553,7 +7492,7 @@ class RelayLoop:
 
 
 # ==================================================================================================
-# 18. Upstream connections and their pools
+# 20. Upstream connections and their pools
 #    One keep-alive connection to an endpoint (send a head and a body, read a response head:
 #    transport only), and each endpoint's pool of idle ones, checked for a close before reuse.
 # ==================================================================================================
@@ -6703,9 +7642,11 @@ class UpstreamConnection:
             self.pool.closed_one()
 
 
-def cluster_alpn(config):
-    """The ALPN protocols a cluster's TLS handshakes offer: HTTP/2's for codec = "http2"."""
-    return ["h2"] if getattr(config, "codec", "http1") == "http2" else []
+def offered_alpn(config):
+    """The ALPN protocols a TLS handshake offers: a cluster's with codec = "http2", HTTP/2's;
+    a listener's with codec = "auto", HTTP/2's before HTTP/1.1's (the client picks)."""
+    codec = getattr(config, "codec", "http1")
+    return ["h2"] if codec == "http2" else ["h2", "http/1.1"] if codec == "auto" else []
 
 
 def connect_endpoint(endpoint, tls, connect_timeout, deadline):
@@ -6820,11 +7761,11 @@ class ConnectionPool:
 
 
 # ==================================================================================================
-# 19. HTTP/2 to upstreams: streams and the pool (codec = "http2")
+# 21. HTTP/2 to upstreams: streams and the pool (codec = "http2")
 #    The app's HTTP/1.1 requests as streams over a few HTTP/2 connections per endpoint: each
 #    H2Stream stands where an UpstreamConnection stands in the request stack (exchange,
 #    reader, release), so every policy applies per stream; H2Pool picks the connection.  The
-#    translation of heads both ways is here; the connection itself, in section 20.
+#    translation of heads both ways is here; the connection itself, in section 22.
 # ==================================================================================================
 
 # Fields HTTP/2 forbids (RFC 9113 8.2.2): connection-specific, dropped when translating.
@@ -7088,7 +8029,7 @@ class H2Pool:
 
 
 # ==================================================================================================
-# 20. HTTP/2 to upstreams: the connection
+# 22. HTTP/2 to upstreams: the connection
 #    One HTTP/2 connection, shared by many requests: writes whole frames under one lock, a reader
 #    thread hands each frame to its stream and wakes that stream's waiter; SETTINGS, PING,
 #    GOAWAY and RST_STREAM as RFC 9113 says.
@@ -7110,9 +8051,8 @@ class H2Connection:
         self.sock, self.pool, self.config = sock, pool, config
         self.tls = pool.tls is not None
         self.label = pool.endpoint.label.decode()
+        self.io = H2Socket(sock, self.tls, UPSTREAM_H2_WRITE_TIMEOUT_S, UpstreamReset)
         self._lock = threading.Lock()          # guards every field below the condition
-        self._send_lock = threading.Lock()     # one frame sequence at a time on the socket
-        self._io_lock = threading.Lock() if self.tls else None   # TLS: read xor write
         self.streams = {}                      # id -> H2Stream, open ones
         self.next_id = 1
         self.reserved = 0                      # streams promised to acquire() not yet opened
@@ -7154,7 +8094,7 @@ class H2Connection:
 
     def send_headers(self, stream, fields, end_stream):
         block = self.encoder.encode(fields)
-        with self._send_lock:                  # ids must go out in the order they are taken
+        with self.io.send_lock:                # ids must go out in the order they are taken
             with self._lock:
                 self.reserved -= 1
                 if self.closed or self.goaway is not None:
@@ -7164,15 +8104,8 @@ class H2Connection:
                 stream.send_window = self.peer_window
                 stream.local_done = end_stream
                 self.streams[stream.id] = stream
-            frames, first = [], True
-            while first or block:
-                piece, block = block[:self.peer_frame], block[self.peer_frame:]
-                flags = (0 if block else H2_END_HEADERS) | \
-                    (H2_END_STREAM if first and end_stream else 0)
-                frames.append(h2_frame(H2_HEADERS if first else H2_CONTINUATION, flags,
-                                       stream.id, piece))
-                first = False
-            self._write(b"".join(frames), locked=True)
+            self._write(h2_header_frames(stream.id, block, end_stream, self.peer_frame),
+                        locked=True)
 
     def send_data(self, stream, data, end_stream, deadline):
         """DATA frames within the stream's and the connection's windows, waiting for
@@ -7295,48 +8228,20 @@ class H2Connection:
     # ---- the socket -----------------------------------------------------------------------------
 
     def _write(self, data, locked=False):
-        if not locked:
-            with self._send_lock:
-                return self._write(data, True)
         if self.closed:
             raise UpstreamReset("HTTP/2 connection to %s closed" % self.label)
         try:
-            if self._io_lock is None:
-                self.sock.sendall(data)
-                return
-            view = memoryview(data)
-            while view:                        # TLS: a little at a time, the reader between
-                with self._io_lock:
-                    self.sock.settimeout(UPSTREAM_H2_WRITE_TIMEOUT_S)
-                    n = self.sock.send(view[:65536])
-                view = view[n:]
-        except OSError as e:
+            self.io.write(data, locked)
+        except UpstreamReset as e:
             self.close("write: %s" % e)
             raise UpstreamReset("HTTP/2 connection to %s: %s" % (self.label, e))
-
-    def _recv(self, timeout):
-        """Bytes from the socket; b"" at its end; None when nothing came within timeout."""
-        if self._io_lock is None:
-            self.sock.settimeout(timeout)
-            try:
-                return self.sock.recv(65536)
-            except socket.timeout:
-                return None
-        if not self.sock.pending() and not select.select([self.sock], [], [], timeout)[0]:
-            return None
-        with self._io_lock:
-            self.sock.settimeout(0.0)
-            try:
-                return self.sock.recv(65536)
-            except (self.pool.tls.ssl.SSLWantReadError, BlockingIOError):
-                return None                    # a record not whole yet
 
     def _read_frames(self):
         buf, idle_since = b"", monotonic()
         headers = None                          # (stream id, flags, block) across CONTINUATION
         try:
             while not self.closed:
-                data = self._recv(min(1.0, self.config.keepalive_interval))
+                data = self.io.recv(min(1.0, self.config.keepalive_interval))
                 now = monotonic()
                 if data is None:
                     self._keepalive(now, idle_since)
@@ -7542,15 +8447,12 @@ class H2Connection:
                     stream.error = (UpstreamReset, "HTTP/2 connection to %s: %s"
                                     % (self.label, why))
             self._wake(None)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which closes the socket
-        except (OSError, ValueError):
-            pass
+        self.io.shutdown()                      # wakes the reader, which closes the socket
         self.pool.connection_closed(self)
 
 
 # ==================================================================================================
-# 21. Endpoints, balancers, DNS discovery, Cluster
+# 23. Endpoints, balancers, DNS discovery, Cluster
 #    Where requests go: a cluster's endpoints (resolved once or kept by DNS, primaries and
 #    backups), their health and ejection, the balancers that choose among them.
 # ==================================================================================================
@@ -7985,7 +8887,7 @@ class Cluster:
 
 
 # ==================================================================================================
-# 22. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
+# 24. Resilience: RetryPolicy, RetryBudget, CircuitBreaker, ResourceLimits, OutlierDetector,
 #     HealthChecker.  Which tries may be made, and where: retry conditions and their safety,
 #    backoff, the budget, the breaker, Envoy's thresholds, and which endpoints are fit.
 # ==================================================================================================
@@ -8448,7 +9350,7 @@ class HealthChecker:
 
 
 # ==================================================================================================
-# 23. Telemetry: metrics, the access log, the admin page's rings
+# 25. Telemetry: metrics, the access log, the admin page's rings
 #    What happened, for people and Prometheus.  Nothing here may raise into the data path or block
 #    it: counters take one short lock; log lines are written by a background thread from a bounded
 #    queue, and repeated warnings are held to one a minute; RecentStats keeps the last minutes.
@@ -8723,7 +9625,8 @@ def _process_sample(index):
 _json_string = json.encoder.encode_basestring_ascii
 _JSON_LINE = ('{"ts":"%s","listener":%s,"method":%s,"path":%s,"status":%d,"duration_ms":%r,'
               '"upstream":%s,"attempts":%d,"bytes_in":%d,"bytes_out":%d,"request_id":%s,'
-              '"error":%s,"trace_id":%s,"span_id":%s,"route":%s,"cluster":%s}\n')
+              '"error":%s,"trace_id":%s,"span_id":%s,"route":%s,"cluster":%s,"protocol":"%s",'
+              '"upstream_protocol":%s}\n')
 
 
 _UNSAFE_LOG_CHARS = re.compile('[\x00-\x1f\x7f-\xff"\\\\]')
@@ -8768,6 +9671,13 @@ class WarningLimiter:
         return True
 
 
+def upstream_protocol(req):
+    """The HTTP version a request's tries spoke to its cluster, or None if none was sent."""
+    if not req.attempts or req.cluster is None:
+        return None
+    return "HTTP/2" if req.cluster.config.codec == "http2" else "HTTP/1.1"
+
+
 class AccessLog:
     """One line per request, JSON or text, written by a background thread.
 
@@ -8776,7 +9686,7 @@ class AccessLog:
 
     FIELDS = ("ts", "listener", "method", "path", "status", "duration_ms", "upstream", "attempts",
               "bytes_in", "bytes_out", "request_id", "error", "trace_id", "span_id", "route",
-              "cluster")
+              "cluster", "protocol", "upstream_protocol")
 
     def __init__(self, target, fmt, on_drop, on_error):
         self._fmt = fmt
@@ -8873,7 +9783,7 @@ class AccessLog:
         if isinstance(entry, TcpLogEntry):
             return self.format_tcp(entry)
         (ts, listener, method, path, status, duration_s, upstream, attempts, bytes_in, bytes_out,
-         request_id, error, trace_id, span_id, route, cluster) = entry
+         request_id, error, trace_id, span_id, route, cluster, protocol, up_protocol) = entry
         stamp = self._stamp(ts)
         method = method.decode("latin-1")
         path = path.decode("latin-1")
@@ -8892,7 +9802,8 @@ class AccessLog:
                 "null" if error is None else q(error),
                 "null" if trace_id is None else q(trace_id),
                 "null" if span_id is None else q(span_id),
-                "null" if route is None else q(route), "null" if cluster is None else q(cluster))
+                "null" if route is None else q(route), "null" if cluster is None else q(cluster),
+                protocol, "null" if up_protocol is None else '"%s"' % up_protocol)
         # Envoy's default format, in the fields Ambassador has: people who read one read this.
         # What the app sent is escaped: a quote, a newline or a terminal escape in a URL or
         # X-Request-Id must not plant fields or lines.
@@ -8909,7 +9820,7 @@ _TRACE_HEADERS = frozenset([b"traceparent", b"tracestate", b"b3", b"x-b3-traceid
 
 
 # ==================================================================================================
-# 24. Telemetry: tracing
+# 26. Telemetry: tracing
 #    W3C and B3 trace context in, one span per request, spans out to an OTLP collector from
 #    a bounded queue by a thread of its own.
 # ==================================================================================================
@@ -9043,7 +9954,8 @@ class Tracer:
                                   (req.cluster or listener.cluster).name,
                                   endpoint.host_header if endpoint else None,
                                   endpoint.address if endpoint else None,
-                                  req.route.label if req.route is not None else None))
+                                  req.route.label if req.route is not None else None,
+                                  req.protocol, upstream_protocol(req)))
 
 
 def _otlp_value(value):
@@ -9167,7 +10079,7 @@ class SpanExporter:
     @staticmethod
     def _span_json(record):
         (span, end_ns, method, target, status, error, attempts, listener, cluster,
-         host_header, address, route) = record
+         host_header, address, route, protocol, up_protocol) = record
         method = method.decode("latin-1")
         server = port = None
         if host_header:
@@ -9182,6 +10094,9 @@ class SpanExporter:
                    ("http.response.status_code", status or None),
                    ("server.address", server), ("server.port", port),
                    ("network.peer.address", address[0] if address else None),
+                   # the span's own hop is the upstream's; the app's side, Ambassador's key
+                   ("network.protocol.version", up_protocol and up_protocol[5:]),
+                   ("ambassador.downstream.protocol", protocol),
                    ("http.request.resend_count", attempts - 1 if attempts > 1 else None),
                    ("error.type", error),
                    ("ambassador.listener", listener), ("ambassador.cluster", cluster),
@@ -9197,7 +10112,7 @@ class SpanExporter:
 
 
 # ==================================================================================================
-# 25. Telemetry: the one sink the data path calls
+# 27. Telemetry: the one sink the data path calls
 #    The metric families, and Telemetry: what every layer of the data path calls to count, log
 #    and trace, and which never raises into it.
 # ==================================================================================================
@@ -9209,6 +10124,11 @@ COUNTER_FAMILIES = (
      "Downstream requests by response status code (0: none) and route (its name or index; "
      "default: no route matched; -: refused before routing).",
      ("listener", "cluster", "code", "route")),
+    ("h2_floods", "ambassador_http2_floods_total",
+     "HTTP/2 client connections (listener codec = \"auto\") ended with "
+     "GOAWAY(ENHANCE_YOUR_CALM), by flood: rapid_reset, continuation, settings, ping, priority, "
+     "empty_frames, window_update.",
+     ("listener", "kind")),
     ("rejected_connections", "ambassador_downstream_connections_rejected_total",
      "Connections answered 503 because the listener had max_connections open.",
      ("listener",)),
@@ -9533,7 +10453,7 @@ class Telemetry:
                     req.wall_start, listener.name, req.method, req.target, req.status, duration_s,
                     req.upstream, req.attempts, req.bytes_in, req.bytes_out, req.request_id,
                     req.error, span and span.trace_id.decode(), span and span.span_id.decode(),
-                    route, cluster))
+                    route, cluster, req.protocol, upstream_protocol(req)))
             if self.tracer is not None:
                 self.tracer.finish(req, listener)
         except Exception:
@@ -9560,6 +10480,9 @@ class Telemetry:
                                               (k[2][:1] == "5" or k[2] == "0")),
                           0, self.duration.counts_where(0, name),
                           self.added_latency.counts_where(0, name))
+
+    def h2_flood(self, listener, kind):
+        self.h2_floods.inc((listener.name, kind))
 
     def rejected_connection(self, listener):
         self.rejected_connections.inc((listener.name,))
@@ -9667,7 +10590,7 @@ class Telemetry:
 
 
 # ==================================================================================================
-# 26. Admin, probes and the admin page
+# 28. Admin, probes and the admin page
 #    GET / (the page, or the index) /stats /metrics /ready /clusters /config /certs, POST /reload
 #    /quitquitquit, and the probe port.  A small bounded server of its own (not http.server);
 #    it binds 127.0.0.1 unless configured.
@@ -10104,7 +11027,7 @@ class Admin:
 
 
 # ==================================================================================================
-# 27. Process: Ambassador: bind, serve, drain, live upgrade
+# 29. Process: Ambassador: bind, serve, drain, live upgrade
 #    The running sidecar built from a Config: every socket bound or nothing, served until a
 #    stop, drained, closed; a live upgrade hands its sockets to a new process.
 # ==================================================================================================
@@ -10193,7 +11116,7 @@ class Ambassador:
             if config is None:
                 continue
             owner.tls = load_tls_source(config, side, section, name, t.tls_reloaded,
-                                        self.certificates, cluster_alpn(owner.config))
+                                        self.certificates, offered_alpn(owner.config))
             t.tls_sources.append(owner.tls)
 
     def bind(self):
@@ -10584,7 +11507,7 @@ class Ambassador:
 
 
 # ==================================================================================================
-# 28. Reload by difference: the Reloader
+# 30. Reload by difference: the Reloader
 #    SIGHUP and POST /reload: stage everything (parse, load TLS, bind new addresses), then
 #    apply by difference, or nothing; listeners and clusters that go are drained and retired.
 # ==================================================================================================
@@ -10664,7 +11587,7 @@ class Reloader:
                                   t.breaker_transition(name, o, n))
                 if c.tls is not None:
                     cluster.tls = self._tls_source(c.tls, "upstream", "clusters", name,
-                                                   staged.certificates, cluster_alpn(c))
+                                                   staged.certificates, offered_alpn(c))
                     staged.tls.append(cluster.tls)
                 if current is not None:
                     cluster.take_over(current)
@@ -10680,9 +11603,10 @@ class Reloader:
                 listener = current.get(lc.name)
                 tls = None
                 if lc.tls is not None and (listener is None or listener.config.tls != lc.tls
+                                           or listener.config.codec != lc.codec
                                            or names_new(lc.tls)):
                     tls = self._tls_source(lc.tls, "downstream", "listeners", lc.name,
-                                           staged.certificates)
+                                           staged.certificates, offered_alpn(lc))
                     staged.tls.append(tls)
                 same_socket = listener is not None and listener.config.listen == lc.listen \
                     and listener.config.protocol == lc.protocol
@@ -10827,7 +11751,7 @@ class Reloader:
 
 
 # ==================================================================================================
-# 29. The command line: main(), the re-exec, signals, start gates
+# 31. The command line: main(), the re-exec, signals, start gates
 #    What runs when the file is a program: arguments, --check and --wait-started, the re-exec
 #    that frees the compile's memory, signals held from the first instruction, inherited sockets.
 # ==================================================================================================
@@ -11156,7 +12080,7 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# 30. Analyze (--analyze): the config against the real environment
+# 32. Analyze (--analyze): the config against the real environment
 #    What --check cannot see, found as istioctl analyze finds it: names that do not resolve,
 #    endpoints that refuse, TLS peers the config would refuse, certificates near their end,
 #    addresses taken, routes that never match.  One line per finding, with a stable code.
@@ -11489,7 +12413,7 @@ def run_analyze(config, output):
 
 
 # ==================================================================================================
-# 31. The demo: two stand-in services and what to try
+# 33. The demo: two stand-in services and what to try
 #    `--demo`: the shipped config's clusters pointed at a payment and an inventory service
 #    started in this process, and curl lines that show a retry, a refusal to retry and the breaker.
 # ==================================================================================================
@@ -11596,7 +12520,7 @@ def start_demo(config):
 
 
 # ==================================================================================================
-# 32. Appendix: the TOML parser for Python < 3.11
+# 34. Appendix: the TOML parser for Python < 3.11
 #     A position-passing recursive descent after tomli: `pos` in, `(pos, value)` out, one small
 #     function per construct.  It reads what configs use (TOML 1.0 without dates and times);
 #     errors carry line and column.  On 3.11+ tomllib is used instead; tests compare the two.
@@ -11940,7 +12864,7 @@ def _parse_inline_table(src, pos):
 
 
 # ==================================================================================================
-# 33. Appendix: linear-time regular expressions (RE2's syntax subset)
+# 35. Appendix: linear-time regular expressions (RE2's syntax subset)
 #     Route and header regexes are matched here, not by `re`: `re` backtracks, and a pattern like
 #     ^/api/(\w+/?)*v[0-9]+$ held the GIL -- every thread of the process -- for seconds on a
 #     26-byte path.  A Thompson automaton, simulated on sets of states and cached as a DFA, takes
@@ -12286,7 +13210,7 @@ class LinearRegex:
 
 
 # ==================================================================================================
-# 34. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
+# 36. Appendix: certificate crypto -- P-256, ECDSA (RFC 6979), DER, PKCS#10, X.509, JWS
 #    Pure functions of integers and bytes, for the keys, certificate requests and ACME messages
 #    that sections 10 and 11 make; no I/O.  Written for correctness and readability, not secrecy
 #    against a local attacker: Python's integers are not constant-time (the README's threat

@@ -1346,6 +1346,140 @@ def http2_numbers(tmp, procs, args, load):
               % (codec, max(counts) if counts else 0))
 
 
+def h2_listener_numbers(tmp, up_port, procs, args, load):
+    """#29's downstream numbers.  Two Ambassadors with mTLS between them (A on core 0: the
+    app's HTTP/1.1 in, B on core 1: terminates and forwards to the nginx upstream), the hop
+    between them HTTP/1.1 (A's cluster codec "http1", B's listener codec "http1") against
+    HTTP/2 ("http2" and "auto"), alternated at c64: req/s, CPU per request on each side, p99,
+    the sockets between them.  Then h2load (TLS, h2 by ALPN) against B's h2 listener beside
+    nginx terminating h2 over TLS and proxying to the same upstream."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import conftest
+    pki = conftest.PKI(os.path.join(tmp, "pki"))
+    os.makedirs(pki.root)
+    pki.ca("ca")
+    server = pki.leaf("server", "ca", "DNS:localhost,IP:127.0.0.1", "serverAuth")
+    client = pki.leaf("client", "ca", "URI:spiffe://bench/a", "clientAuth")
+    ca = pki.path("ca.pem")
+
+    def start(name, core, text):
+        admin, listen = free_port(), free_port()
+        path = os.path.join(tmp, name + ".toml")
+        with open(path, "w") as f:
+            f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n'
+                    '[listeners.l]\nlisten = "127.0.0.1:%d"\ncluster = "c"\n'
+                    'max_connections = 4096\n' % (admin, listen) + text)
+        proc = subprocess.Popen(pinned(core, [args.python, os.path.join(ROOT, "ambassador.py"),
+                                              "-c", path]), stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        wait_http(admin, "/ready")
+        return proc, listen
+
+    pairs = {}
+    for hop, (a_codec, b_codec) in (("HTTP/1.1", ("http1", "http1")),
+                                    ("HTTP/2", ("http2", "auto"))):
+        b = start("b-" + b_codec, 1, 'codec = "%s"\n[listeners.l.tls]\ncert = "%s"\n'
+                  'key = "%s"\nca = "%s"\nrequire_client_cert = true\n'
+                  '[clusters.c]\nendpoints = ["127.0.0.1:%d"]\n'
+                  % (b_codec, server[0], server[1], ca, up_port))
+        a = start("a-" + a_codec, 0, '[clusters.c]\nendpoints = ["localhost:%d"]\n'
+                  'codec = "%s"\n[clusters.c.tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n'
+                  % (b[1], a_codec, ca, client[0], client[1]))
+        load(a[1], "/1k", 64, 1)                        # warm: connections, handshakes
+        pairs[hop] = (a, b)
+    totals = {hop: [0, 0.0, 0.0, 0.0, 0.0, 0] for hop in pairs}
+    for _ in range(args.rounds):
+        for hop, ((a, a_port), (b, b_port)) in pairs.items():
+            cpu_a, cpu_b = proc_stat(a.pid)[0], proc_stat(b.pid)[0]
+            counts, done = [], threading.Event()
+
+            def watch():
+                while not done.is_set():
+                    counts.append(conftest_established(b_port))
+                    time.sleep(0.1)
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            r = load(a_port, "/1k", 64, args.duration)
+            done.set()
+            watcher.join()
+            t = totals[hop]
+            t[0] += r["requests"]
+            t[1] += proc_stat(a.pid)[0] - cpu_a
+            t[2] += proc_stat(b.pid)[0] - cpu_b
+            t[3] += r["rps"]
+            t[4] = max(t[4], r["p99"])
+            t[5] = max(t[5], max(counts) if counts else 0)
+    print("| two Ambassadors, mTLS between, c64 1 KiB, %d runs each, alternated | req/s | "
+          "CPU µs/req A | CPU µs/req B | worst p99 ms | sockets A->B |" % args.rounds)
+    print("|---|---|---|---|---|---|")
+    for hop, (n, ca_s, cb_s, rps, p99, socks) in totals.items():
+        print("| %s between them | %.0f | %.1f | %.1f | %.2f | %d |" % (
+            hop, rps / args.rounds, ca_s / max(1, n) * 1e6, cb_s / max(1, n) * 1e6, p99, socks))
+
+    # h2load against B's h2 listener, and against nginx terminating h2 the same way.
+    ngx = os.path.join(tmp, "nginx-h2-front")
+    os.makedirs(os.path.join(ngx, "tmp"))
+    ngx_port = free_port()
+    conf = os.path.join(ngx, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write("daemon off; master_process off; worker_processes 1; user root;\n"
+                "pid %(d)s/pid; error_log %(d)s/err;\nevents { worker_connections 4096; }\n"
+                "http { access_log off; client_body_temp_path %(d)s/tmp;\n"
+                "proxy_temp_path %(d)s/tmp; fastcgi_temp_path %(d)s/tmp;\n"
+                "uwsgi_temp_path %(d)s/tmp; scgi_temp_path %(d)s/tmp;\n"
+                "upstream up { server 127.0.0.1:%(u)d; keepalive 64; }\n"
+                "server { listen 127.0.0.1:%(p)d ssl http2; ssl_certificate %(c)s;\n"
+                "ssl_certificate_key %(k)s; location / { proxy_pass http://up;\n"
+                "proxy_http_version 1.1; proxy_set_header Connection \"\"; } } }\n"
+                % dict(d=ngx, p=ngx_port, u=up_port, c=server[0], k=server[1]))
+    front = subprocess.Popen(pinned(1, ["nginx", "-c", conf, "-e", os.path.join(ngx, "err")]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(front)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", ngx_port), 1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    b_proc, b_port = pairs["HTTP/2"][1]
+    # B requires a client certificate: h2load has none, so a B of its own without mTLS.
+    b_open = start("b-h2load", 1, 'codec = "auto"\n[listeners.l.tls]\ncert = "%s"\n'
+                   'key = "%s"\n[clusters.c]\nendpoints = ["127.0.0.1:%d"]\n'
+                   % (server[0], server[1], up_port))
+    print("| h2load -c 16 -m 10, TLS (h2 by ALPN), 1 KiB, %ds | req/s | CPU µs/req | "
+          "failed |" % args.duration)
+    print("|---|---|---|---|")
+    for name, (proc, port) in (("Ambassador codec = \"auto\"", b_open),
+                               ("nginx http2, proxy_pass", (front, ngx_port))):
+        cpu = proc_stat(proc.pid)[0]
+        out = subprocess.run(pinned(0, ["h2load", "-c", "16", "-m", "10", "-D",
+                                        str(args.duration), "https://127.0.0.1:%d/1k" % port]),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=args.duration + 60).stdout.decode()
+        used = proc_stat(proc.pid)[0] - cpu
+        m = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, "
+                      r"(\d+) failed", out)
+        rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+        if not m or not rps:
+            print("| %s | h2load said: %s |" % (name, out[-300:].replace("\n", " ")))
+            continue
+        done = int(m.group(2))
+        print("| %s | %.0f | %.1f | %s |" % (name, float(rps.group(1)),
+                                              used / max(1, done) * 1e6, m.group(3)))
+
+
+def conftest_established(port):
+    """TCP connections established to 127.0.0.1:port now (from /proc/net/tcp)."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
 def admin_numbers(tmp, up_port, procs, args):
     """#28's numbers: GET /stats at 20 listeners and 20 clusters with traffic on each (median
     and p99 of 200), the page's bytes, and the rings' memory (RSS with 20 listeners against 1,
@@ -1577,6 +1711,10 @@ def main():
     p.add_argument("--http2-only", action="store_true",
                    help="codec http2 against http1 to an nginx over TLS at c64, alternated: "
                         "req/s, CPU per request, p99, sockets to the upstream")
+    p.add_argument("--h2-listener-only", action="store_true",
+                   help="two Ambassadors with mTLS, HTTP/2 between them against HTTP/1.1 at "
+                        "c64, alternated; h2load against a codec = \"auto\" listener beside "
+                        "nginx's http2")
     p.add_argument("--admin-only", action="store_true",
                    help="the admin page's costs: /stats at 20 listeners and clusters, the page's "
                         "weight, the rings' memory")
@@ -1625,6 +1763,9 @@ def main():
             return
         if args.http2_only:
             http2_numbers(tmp, procs, args, load)
+            return
+        if args.h2_listener_only:
+            h2_listener_numbers(tmp, up_port, procs, args, load)
             return
         if args.admin_only:
             admin_numbers(tmp, up_port, procs, args)

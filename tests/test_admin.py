@@ -90,9 +90,11 @@ def test_access_log_json_lines(ambassador, upstream, tmp_path):
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", entry["ts"])
     assert list(entry) == ["ts", "listener", "method", "path", "status", "duration_ms",
                            "upstream", "attempts", "bytes_in", "bytes_out", "request_id", "error",
-                           "trace_id", "span_id", "route", "cluster"]
+                           "trace_id", "span_id", "route", "cluster", "protocol",
+                           "upstream_protocol"]
     assert entry["trace_id"] is None and entry["span_id"] is None        # tracing is off
     assert entry["route"] == "default" and entry["cluster"] == "svc"
+    assert entry["protocol"] == entry["upstream_protocol"] == "HTTP/1.1"
 
 
 def test_access_log_text_format_and_error_tag(ambassador, tmp_path):
@@ -267,10 +269,10 @@ def test_requests_still_in_flight_when_the_drain_runs_out_are_answered_and_logge
 
 @pytest.mark.parametrize("values", [
     (1764480000.123, "app", b"GET", b"/1k", 200, 0.0012345, b"127.0.0.1:80", 1, 0, 1024, b"r-1",
-     None, None, None, "default", "svc"),
+     None, None, None, "default", "svc", "HTTP/1.1", "HTTP/1.1"),
     (1764480000.999, 'we"ird\\name', b"P\xc3\xb6ST", b'/a"b\\c\x01\xff?x=\xe9', 0, 12.5, None, 0,
      7, 0, b"\xe9\"id", "upstream-reset", "4bf92f3577b34da6a3ce929d0e0e4736",
-     "00f067aa0ba902b7", "r\u00e9", "c\u2603"),
+     "00f067aa0ba902b7", "r\u00e9", "c\u2603", "HTTP/2", None),
 ])
 def test_the_json_access_log_line_is_exactly_what_json_dumps_gives(values):
     import ambassador

@@ -1,5 +1,5 @@
 """Certificates Ambassador obtains and renews itself (section 10) and the crypto they need
-(section 34).
+(section 36).
 
 In process: RFC 6979's test vectors, DER, keys, CSRs, JWS, renewal points, the checks a new
 certificate must pass (made here with the same crypto: wrong names, a key that does not match,

@@ -395,7 +395,7 @@ def test_the_readme_metric_table_is_what_metrics_serves():
     section = text.split("### Metrics", 1)[1].split("\n### ", 1)[0]
     documented = set()
     for row in _re.findall(r"^\| (`[^|]+`) \|", section, _re.M):
-        documented |= set(_re.findall(r"`([a-z_]+)`", row))
+        documented |= set(_re.findall(r"`([a-z_][a-z0-9_]*)`", row))
     config = ambassador.parse_config(ambassador.parse_toml(
         '[listeners.a]\nlisten = 0\ncluster = "c"\n[clusters.c]\nendpoints = ["127.0.0.1:1"]\n'))
     served = set(_re.findall(r"^# TYPE (\S+) ",

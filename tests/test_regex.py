@@ -1,4 +1,4 @@
-"""The linear-time regex matcher (section 33) that routes and header matches use: the same
+"""The linear-time regex matcher (section 35) that routes and header matches use: the same
 answers as `re` on random patterns and inputs, refusals for what RE2's syntax lacks, and no
 pattern that takes more than linear time.  In process; one black-box test proves the wiring."""
 
