@@ -835,7 +835,8 @@ class ClusterConfig(NamedTuple):
     outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
     tls: Optional[UpstreamTlsConfig] = None
     # Envoy's word.  "http2": h2 over TLS by ALPN, h2c with prior knowledge without TLS; the
-    # app keeps speaking HTTP/1.1 (Istio's h2UpgradePolicy: UPGRADE).
+    # app keeps speaking HTTP/1.1 (Istio's h2UpgradePolicy: UPGRADE).  "auto": over TLS, ALPN
+    # offers h2 and http/1.1 and each endpoint's server chooses; without TLS, HTTP/1.1.
     codec: str = "http1"
     http2: Http2Config = Http2Config()
 
@@ -1234,7 +1235,7 @@ _LISTENER_KEYS = {
     "half_closed_timeout": for_protocol("tcp", _kind_interval),
     "max_connection_duration": for_protocol("tcp", _kind_idle)}
 _CLUSTER_KEYS = {"endpoints": _kind_endpoints, "backup_endpoints": _kind_backup_endpoints,
-                 "codec": _kind_one_of("http1", "http2"),
+                 "codec": _kind_one_of("http1", "http2", "auto"),
                  "connect_timeout": _kind_timeout,
                  "discovery": _kind_one_of("static", "strict_dns"),
                  "dns_refresh": _kind_interval,
@@ -1419,10 +1420,11 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
             v.problem("clusters.%s.hash_on" % name, "goes with lb_policy = \"ring_hash\", and "
                       "ring_hash needs it (\"header:x-user-id\", \"cookie:session\", ...)")
         hc = values.get("health_check")
-        if values.get("codec") == "http2" and hc is not None and hc.type == "http":
+        codec = values.get("codec", "http1")
+        if codec != "http1" and hc is not None and hc.type == "http":
             v.problem("clusters.%s.health_check.type" % name, "an http health check speaks "
-                      "HTTP/1.1, which this cluster's codec = \"http2\" endpoints may not: "
-                      "use \"tcp\"")
+                      "HTTP/1.1, which this cluster's codec = %s endpoints may not: use "
+                      "\"tcp\"" % json.dumps(codec))
         both = {e.address for e in values.get("endpoints", ())} & \
             {e.address for e in values.get("backup_endpoints", ())}
         if both:
@@ -1472,9 +1474,9 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
         if retry and retry.backoff_max < retry.backoff_base:
             v.problem(where + ".retry.backoff_max", "must be >= backoff_base")
         target = clusters.get(values.get("cluster"))
-        if values.get("protocol") == "tcp" and target is not None and target.codec == "http2":
-            v.problem(where + ".cluster", "cluster %s has codec = \"http2\": a tcp listener "
-                      "relays bytes, not requests" % json.dumps(target.name))
+        if values.get("protocol") == "tcp" and target is not None and target.codec != "http1":
+            v.problem(where + ".cluster", "cluster %s has codec = %s: a tcp listener relays "
+                      "bytes, not requests" % (json.dumps(target.name), json.dumps(target.codec)))
         if "cluster" in values and values["cluster"] not in raw_clusters:
             v.problem(where + ".cluster", "no cluster named %s (clusters: %s)"
                       % (json.dumps(values["cluster"]),
@@ -5172,6 +5174,8 @@ class H2ServerConnection:
                 if stream is None or not ended:  # trailers end a stream; they are not carried
                     raise H2Error(H2_PROTOCOL_ERROR, "HEADERS on stream %d again" % stream_id)
                 stream.ended = True
+                if stream.done:
+                    self._forget(stream)
                 stream.cond.notify_all()
                 return
             self.last_id = stream_id
@@ -5230,6 +5234,8 @@ class H2ServerConnection:
                     stream.data.append(data)
                 if flags & H2_END_STREAM:
                     stream.ended = True
+                    if stream.done:
+                        self._forget(stream)
                 stream.cond.notify_all()
             update = self._window_credit()
         if update:
@@ -5406,6 +5412,8 @@ class H2ServerConnection:
         if end:
             with self.lock:
                 stream.done = True
+                if stream.ended:           # closed both ways: no longer one of the streams
+                    self._forget(stream)   # our SETTINGS count (the client's count it so)
 
     def finish(self, stream, complete):
         """A worker is done with stream: complete (END_STREAM sent) or not (RST_STREAM, so
@@ -7677,6 +7685,7 @@ class ConnectionPool:
     acquire() never hands out a connection that sat idle past UPSTREAM_IDLE_S or that the
     upstream closed (checked with a zero-timeout poll), so a stale socket is rarely written to."""
     config = None                              # HTTP/1.1: no [http2] table (H2Pool has one)
+    codec = "http1"
 
     def __init__(self, endpoint, connect_timeout, limits, tls=None):
         self.endpoint = endpoint
@@ -7723,8 +7732,22 @@ class ConnectionPool:
             self.open_connections += 1
         return UpstreamConnection(sock, self)
 
+    def adopt(self, sock):
+        """A connection made elsewhere (AutoPool's first handshake), as if connect() made it."""
+        if not self.limits.try_begin("connections"):
+            close_quietly(sock)
+            raise Overflow("max_connections reached", reason=Overflow.CONNECTIONS)
+        with self._lock:
+            self.open_connections += 1
+        return UpstreamConnection(sock, self)
+
     def _connect(self, deadline):
-        return connect_endpoint(self.endpoint, self.tls, self.connect_timeout, deadline)
+        sock = connect_endpoint(self.endpoint, self.tls, self.connect_timeout, deadline)
+        if self.tls is not None and self.tls.alpn and sock.selected_alpn_protocol() == "h2":
+            close_quietly(sock)                # (codec = "auto": the server changed its mind)
+            raise UpstreamProtocolError("%s chose HTTP/2 on a connection for HTTP/1.1"
+                                        % self.endpoint.label.decode())
+        return sock
 
     def release(self, conn):
         now = monotonic()
@@ -7938,9 +7961,12 @@ class H2Pool:
     another while fewer than max_connections exist, else waits for a stream to end (not past
     the deadline: Overflow).  The same interface as ConnectionPool.  Thread-safe."""
 
-    def __init__(self, endpoint, connect_timeout, limits, tls, config):
+    codec = "http2"
+
+    def __init__(self, endpoint, connect_timeout, limits, tls, config, fallback=False):
         self.endpoint, self.connect_timeout = endpoint, connect_timeout
         self.limits, self.tls, self.config = limits, tls, config
+        self.fallback = fallback               # AutoPool's: a server choosing http/1.1 is fine
         self._lock = threading.Lock()          # guards _connections, _connecting, _draining
         self._room = threading.Condition(self._lock)
         self._connections = []
@@ -7988,10 +8014,13 @@ class H2Pool:
             raise Overflow("max_connections reached", reason=Overflow.CONNECTIONS)
         try:
             sock = connect_endpoint(self.endpoint, self.tls, self.connect_timeout, deadline)
-            if self.tls is not None and sock.selected_alpn_protocol() != "h2":
+            chosen = sock.selected_alpn_protocol() if self.tls is not None else "h2"
+            if chosen != "h2":
+                if self.fallback and chosen in (None, "http/1.1"):
+                    raise SpeaksHttp11(sock)
                 sock.close()
                 raise UpstreamProtocolError("%s did not agree to HTTP/2 (ALPN: %s)" % (
-                    self.endpoint.label.decode(), sock.selected_alpn_protocol()))
+                    self.endpoint.label.decode(), chosen))
             conn = H2Connection(sock, self, self.config)
         except BaseException:
             limits.end("connections")
@@ -8026,6 +8055,63 @@ class H2Pool:
         with self._lock:
             self._draining = True
         self.close_idle()
+
+
+class SpeaksHttp11(Exception):
+    """An AutoPool's handshake: the server chose HTTP/1.1; `sock` is that connection."""
+
+    def __init__(self, sock):
+        Exception.__init__(self, "the server chose HTTP/1.1")
+        self.sock = sock
+
+
+class AutoPool:
+    """codec = "auto" (Envoy's): each TLS handshake offers h2 and http/1.1, and the server
+    chooses.  Until an endpoint has chosen, requests ask its H2Pool, whose handshake either
+    agrees to h2 or hands the socket over (SpeaksHttp11) to the ConnectionPool; from then on
+    that choice serves it.  Without TLS there is nothing to offer: HTTP/1.1.  The same
+    interface as ConnectionPool."""
+    codec = "auto"
+
+    def __init__(self, endpoint, connect_timeout, limits, tls, config):
+        self.endpoint, self.connect_timeout = endpoint, connect_timeout
+        self.limits, self.tls, self.config = limits, tls, config
+        self.h1 = ConnectionPool(endpoint, connect_timeout, limits, tls)
+        self.h2 = H2Pool(endpoint, connect_timeout, limits, tls, config, fallback=True)
+        self.chosen = self.h1 if tls is None else None    # set once, never back to None
+
+    @property
+    def open_connections(self):
+        return self.h1.open_connections + self.h2.open_connections
+
+    def acquire(self, deadline, fresh_only=False):
+        chosen = self.chosen
+        if chosen is not None:
+            return chosen.acquire(deadline, fresh_only)
+        try:
+            stream = self.h2.acquire(deadline, fresh_only)
+        except SpeaksHttp11 as e:
+            self.chosen = self.h1
+            return self.h1.adopt(e.sock)
+        self.chosen = self.h2
+        return stream
+
+    def close_idle(self):
+        self.h1.close_idle()
+        self.h2.close_idle()
+
+    def drain(self):
+        self.h1.drain()
+        self.h2.drain()
+
+
+def make_pool(endpoint, codec, connect_timeout, limits, tls, http2):
+    """An endpoint's pool for its cluster's codec."""
+    if codec == "http2":
+        return H2Pool(endpoint, connect_timeout, limits, tls, http2)
+    if codec == "auto":
+        return AutoPool(endpoint, connect_timeout, limits, tls, http2)
+    return ConnectionPool(endpoint, connect_timeout, limits, tls)
 
 
 # ==================================================================================================
@@ -8473,14 +8559,13 @@ class Endpoint:
     picked only when it is not unhealthy and not ejected."""
 
     def __init__(self, address, host_header, weight, connect_timeout, limits, tls=None,
-                 backup=False, http2=None):
+                 backup=False, http2=None, codec="http1"):
         self.address = address                       # (ip, port) connected to
         self.label = format_address(address).encode()
         self.host_header = host_header                # "name:port" as configured, for Host
         self.weight = weight
         self.backup = backup                          # of backup_endpoints: priority 1
-        self.pool = H2Pool(self, connect_timeout, limits, tls, http2) if http2 is not None \
-            else ConnectionPool(self, connect_timeout, limits, tls)
+        self.pool = make_pool(self, codec, connect_timeout, limits, tls, http2)
         self._lock = threading.Lock()   # guards the fields below
         self.active_requests = 0
         self.requests_total = 0
@@ -8828,16 +8913,17 @@ class Cluster:
         new = []
         for address, host_header, weight, backup in entries:
             e = old.pop((address, host_header), None)
-            http2 = self.config.http2 if self.config.codec == "http2" else None
+            codec = self.config.codec
+            http2 = self.config.http2 if codec != "http1" else None
             if e is None:
                 e = Endpoint(address, host_header, weight, self.config.connect_timeout,
-                             self.limits, self.tls, backup, http2)
-            elif (e.pool.limits, e.pool.tls, e.pool.connect_timeout, e.pool.config) != \
-                    (self.limits, self.tls, self.config.connect_timeout, http2):
+                             self.limits, self.tls, backup, http2, codec)
+            elif (e.pool.limits, e.pool.tls, e.pool.connect_timeout, e.pool.config,
+                  e.pool.codec) != (self.limits, self.tls, self.config.connect_timeout, http2,
+                                    codec):
                 stale = e.pool
-                e.pool = H2Pool(e, self.config.connect_timeout, self.limits, self.tls, http2) \
-                    if http2 is not None else \
-                    ConnectionPool(e, self.config.connect_timeout, self.limits, self.tls)
+                e.pool = make_pool(e, codec, self.config.connect_timeout, self.limits, self.tls,
+                                   http2)
                 stale.drain()                     # taken over by a reload that changed them
                 e.weight = weight
             else:
@@ -9672,10 +9758,10 @@ class WarningLimiter:
 
 
 def upstream_protocol(req):
-    """The HTTP version a request's tries spoke to its cluster, or None if none was sent."""
-    if not req.attempts or req.cluster is None:
+    """The HTTP version a request's last try spoke, or None if none was sent."""
+    if not req.attempts or req.conn is None:
         return None
-    return "HTTP/2" if req.cluster.config.codec == "http2" else "HTTP/1.1"
+    return "HTTP/2" if isinstance(req.conn, H2Stream) else "HTTP/1.1"
 
 
 class AccessLog:

@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -488,6 +489,40 @@ def test_go_net_http_over_h2_and_a_slow_stream_delays_no_other(ambassador, pki, 
     t.join(10)
     assert slow["reply"][0] == 200 and slow["reply"][2] == b"slow HTTP/2.0\n"
     assert fast < 1.5, fast               # not held behind the 2 s one: no head-of-line blocking
+
+
+def test_codec_auto_takes_what_each_server_chooses(ambassador, pki, go_server,
+                                                    upstream_factory):
+    """codec = "auto": ALPN offers h2 and http/1.1; Go's server chooses h2, a server that
+    knows only HTTP/1.1 (no ALPN) gets HTTP/1.1 -- each endpoint as it chose, and without
+    TLS there is nothing to offer: HTTP/1.1."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*pki.server)
+    h1 = upstream_factory(tls=ctx)
+    config = base_config(["localhost:%d" % go_server], access="-")
+    config["clusters"]["svc"].update(codec="auto", tls={"ca": pki.ca_pem})
+    config["listeners"]["b"] = {"listen": "127.0.0.1:0", "cluster": "old"}
+    config["clusters"]["old"] = {"endpoints": ["localhost:%d" % h1.port], "codec": "auto",
+                                 "tls": {"ca": pki.ca_pem}}
+    config["listeners"]["c"] = {"listen": "127.0.0.1:0", "cluster": "plain"}
+    plain = upstream_factory()
+    config["clusters"]["plain"] = {"endpoints": [plain.address], "codec": "auto"}
+    amb = ambassador(config)
+    for _ in range(3):
+        status, _, body = request(amb.port(), "POST", "/up", body=b"q" * 1000)
+        assert (status, body) == (200, b"HTTP/2.0 /up 1000\n")
+    ports = {name: int(p) for name, p in
+             re.findall(r"listener (\w+) on \S+:(\d+) ->", amb.stderr())}
+    for _ in range(3):
+        status, _, body = request(ports["b"], "POST", "/old", body=b"q" * 1000)
+        assert status == 200 and json.loads(body)["body_bytes"] == 1000
+        assert request(ports["c"], "GET", "/plain")[0] == 200
+    assert h1.connections == 1 and plain.count() == 3      # HTTP/1.1, pooled as ever
+    lines = [json.loads(l) for l in wait_for(
+        lambda: len(amb.stdout().splitlines()) >= 9 and amb.stdout().splitlines(), 10,
+        "nine log lines")]
+    assert {(l["cluster"], l["upstream_protocol"]) for l in lines} == \
+        {("svc", "HTTP/2"), ("old", "HTTP/1.1"), ("plain", "HTTP/1.1")}
 
 
 class RefusingServer:
