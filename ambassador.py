@@ -2272,6 +2272,38 @@ class H2Error(Exception):
         self.code = code
 
 
+class H2Flood(H2Error):
+    """What a peer does that costs us work and is no request, past its bound (RFC 9113
+    10.5): the connection ends with GOAWAY(ENHANCE_YOUR_CALM), counted by `kind`
+    where it is a client."""
+
+    def __init__(self, kind, message):
+        H2Error.__init__(self, H2_ENHANCE_YOUR_CALM, message)
+        self.kind = kind
+
+
+def h2_header_block(kind, flags, stream_id, payload, pending, limit):
+    """A HEADERS or CONTINUATION frame -> (the block still pending, or None; the block now
+    complete as (stream id, HEADERS flags, bytes), or None).  A block is bounded by limit
+    as it comes, however many frames carry it (H2Flood "continuation")."""
+    if kind == H2_HEADERS:
+        if pending is not None:
+            raise H2Error(H2_PROTOCOL_ERROR, "HEADERS inside a header block")
+        payload = h2_unpad(flags, payload)
+        if flags & H2_PRIORITY_FLAG:
+            payload = payload[5:]
+        block = (stream_id, flags, payload)
+    else:
+        if pending is None or pending[0] != stream_id:
+            raise H2Error(H2_PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+        block = (stream_id, pending[1], pending[2] + payload)
+    if len(block[2]) > limit:
+        raise H2Flood("continuation", "a header block past %d bytes" % limit)
+    if flags & H2_END_HEADERS:
+        return None, block
+    return block, None
+
+
 def h2_frame(kind, flags, stream_id, payload=b""):
     """One frame: 9-byte header (length, type, flags, stream id), then payload."""
     return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags,
@@ -4787,15 +4819,6 @@ class H2Socket:
             pass
 
 
-class H2Flood(H2Error):
-    """What a client does that costs us work and is no request, past its bound (RFC 9113
-    10.5): the connection ends with GOAWAY(ENHANCE_YOUR_CALM), counted by `kind`."""
-
-    def __init__(self, kind, message):
-        H2Error.__init__(self, H2_ENHANCE_YOUR_CALM, message)
-        self.kind = kind
-
-
 class H2ServerStream(Downstream):
     """One request on an H2ServerConnection, seen by the request stack as the app's
     connection (a Downstream): its body is read through `reader` from the DATA frames (as
@@ -5099,25 +5122,14 @@ class H2ServerConnection:
         if kind == H2_DATA:
             self._data(flags, stream_id, payload)
         elif kind in (H2_HEADERS, H2_CONTINUATION):
-            if kind == H2_HEADERS:
-                if stream_id % 2 == 0:
-                    raise H2Error(H2_PROTOCOL_ERROR, "HEADERS on stream %d" % stream_id)
-                payload = h2_unpad(flags, payload)
-                if flags & H2_PRIORITY_FLAG:
-                    payload = payload[5:]
-                header = (stream_id, flags, payload)
-            elif header is None:
-                raise H2Error(H2_PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
-            else:
-                header = (stream_id, header[1], header[2] + payload)
-            # A block is bounded as it comes, however many frames carry it: one past
-            # max_header_bytes is decoded (431), one past four times that is a flood.
-            if len(header[2]) > 4 * self.listener.config.max_header_bytes:
-                raise H2Flood("continuation", "a header block past 4 x max_header_bytes")
-            if flags & H2_END_HEADERS:
-                self._headers(*header)
-                return None
-            return header
+            if kind == H2_HEADERS and stream_id % 2 == 0:
+                raise H2Error(H2_PROTOCOL_ERROR, "HEADERS on stream %d" % stream_id)
+            # A block past max_header_bytes is still decoded (a 431); past four times that,
+            # it is a flood.
+            header, block = h2_header_block(kind, flags, stream_id, payload, header,
+                                            4 * self.listener.config.max_header_bytes)
+            if block is not None:
+                self._headers(*block)
         elif kind == H2_RST_STREAM:
             if len(payload) != 4:
                 raise H2Error(H2_FRAME_SIZE_ERROR, "RST_STREAM of %d bytes" % len(payload))
@@ -8381,24 +8393,10 @@ class H2Connection:
         if kind == H2_DATA:
             self._data(flags, stream_id, payload)
         elif kind in (H2_HEADERS, H2_CONTINUATION):
-            if kind == H2_HEADERS:
-                if headers is not None:
-                    raise H2Error(H2_PROTOCOL_ERROR, "HEADERS inside a header block")
-                payload = h2_unpad(flags, payload)
-                if flags & H2_PRIORITY_FLAG:
-                    payload = payload[5:]
-                headers = (stream_id, flags, payload)
-            else:
-                if headers is None or headers[0] != stream_id:
-                    raise H2Error(H2_PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
-                if len(headers[2]) + len(payload) > MAX_RESPONSE_HEAD_BYTES:
-                    raise H2Error(H2_ENHANCE_YOUR_CALM, "header block past %d bytes"
-                                  % MAX_RESPONSE_HEAD_BYTES)
-                headers = (stream_id, headers[1], headers[2] + payload)
-            if flags & H2_END_HEADERS:
-                self._headers(*headers)
-                return None
-            return headers
+            headers, block = h2_header_block(kind, flags, stream_id, payload, headers,
+                                             MAX_RESPONSE_HEAD_BYTES)
+            if block is not None:
+                self._headers(*block)
         elif kind == H2_RST_STREAM:
             if len(payload) != 4:
                 raise H2Error(H2_FRAME_SIZE_ERROR, "RST_STREAM of %d bytes" % len(payload))

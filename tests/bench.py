@@ -1269,13 +1269,7 @@ def http2_numbers(tmp, procs, args, load):
                 % dict(d=ngx, p=port, c=pki.server[0], k=pki.server[1]))
     procs.append(subprocess.Popen(pinned(1, ["nginx", "-c", conf, "-e", os.path.join(ngx, "err")]),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    wait_http_tls = time.monotonic() + 10
-    while time.monotonic() < wait_http_tls:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_open(port)
 
     def start(codec):
         admin, listen = free_port(), free_port()
@@ -1395,7 +1389,7 @@ def h2_listener_numbers(tmp, up_port, procs, args, load):
 
             def watch():
                 while not done.is_set():
-                    counts.append(conftest_established(b_port))
+                    counts.append(conftest.established_to(b_port))
                     time.sleep(0.1)
             watcher = threading.Thread(target=watch)
             watcher.start()
@@ -1435,13 +1429,7 @@ def h2_listener_numbers(tmp, up_port, procs, args, load):
     front = subprocess.Popen(pinned(1, ["nginx", "-c", conf, "-e", os.path.join(ngx, "err")]),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(front)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", ngx_port), 1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_open(ngx_port)
     b_proc, b_port = pairs["HTTP/2"][1]
     # B requires a client certificate: h2load has none, so a B of its own without mTLS.
     b_open = start("b-h2load", 1, 'codec = "auto"\n[listeners.l.tls]\ncert = "%s"\n'
@@ -1469,15 +1457,15 @@ def h2_listener_numbers(tmp, up_port, procs, args, load):
                                               used / max(1, done) * 1e6, m.group(3)))
 
 
-def conftest_established(port):
-    """TCP connections established to 127.0.0.1:port now (from /proc/net/tcp)."""
-    count = 0
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and int(fields[2].split(":")[1], 16) == port:
-                count += 1
-    return count
+def wait_open(port, timeout=10):
+    """Until something accepts on 127.0.0.1:port (a server that speaks no plain HTTP)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
 
 
 def admin_numbers(tmp, up_port, procs, args):

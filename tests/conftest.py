@@ -661,6 +661,17 @@ def start_listening(start, timeout=15.0):
     raise AssertionError("the server did not listen on a free port: %r" % (proc.args,))
 
 
+def established_to(port):
+    """How many TCP connections to 127.0.0.1:port are open now (from /proc/net/tcp)."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
 def wait_port(port, timeout=15.0):
     def up():
         try:

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from conftest import (ROOT, base_config, free_port, need, request, start_listening,
-                      wait_for, wait_port)
+from conftest import (ROOT, base_config, established_to, free_port, need, request,
+                      start_listening, wait_for, wait_port)
 
 
 # ------------------------------------------------------------------------------ HPACK, in process
@@ -245,17 +245,6 @@ def h2_config(address, **http2):
     if http2:
         config["clusters"]["svc"]["http2"] = http2
     return config
-
-
-def established_to(port):
-    """How many TCP connections to 127.0.0.1:port are open now (from /proc/net/tcp)."""
-    count = 0
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and int(fields[2].split(":")[1], 16) == port:
-                count += 1
-    return count
 
 
 def test_requests_cross_to_nghttpd_as_http2(ambassador, nghttpd, tmp_path):

@@ -170,6 +170,15 @@ class RawH2:
             if flags & END_STREAM:
                 return int(dict(head)[b":status"]), dict(head), body
 
+    def next_goaway(self, timeout=10):
+        """Frames until a GOAWAY (those of streams kept) -> its (last stream id, code)."""
+        while self.goaway is None:
+            f = self.frame(timeout)
+            assert f is not None, "closed without a GOAWAY"
+            if f[2]:
+                self.others.append(f)
+        return self.goaway
+
     def until_closed(self, timeout=15):
         """Read and drop frames until the server closes; -> its GOAWAY (last id, code)."""
         deadline = time.monotonic() + timeout
@@ -450,11 +459,7 @@ def test_drain_sends_goaway_and_finishes_the_stream_in_flight(ambassador, upstre
         c.request(1, fields())
         wait_for(lambda: up.count() == 1, 10, "the request upstream")
         amb.proc.send_signal(signal.SIGTERM)
-        while c.goaway is None:                              # past SETTINGS and its ACK
-            kind, flags, sid, payload = c.frame(10)
-            if sid:
-                c.others.append((kind, flags, sid, payload))
-        assert c.goaway == (1, 0)             # NO_ERROR, stream 1 processed: a graceful drain
+        assert c.next_goaway() == (1, 0)      # NO_ERROR, stream 1 processed: a graceful drain
         gate.set()
         status, _, body = c.response(1)
         assert (status, body) == (200, b"finished")
@@ -483,11 +488,7 @@ def test_a_reload_that_removes_the_listener_drains_its_h2_connection(ambassador,
         del config["listeners"]["x"]
         rewrite(amb, config)
         assert reload(amb)[0] == 200
-        while c.goaway is None:
-            kind, flags, sid, payload = c.frame(10)
-            if sid:
-                c.others.append((kind, flags, sid, payload))
-        assert c.goaway == (1, 0)
+        assert c.next_goaway() == (1, 0)
         gate.set()
         status, _, body = c.response(1)
         assert (status, body) == (200, b"finished")
