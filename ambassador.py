@@ -1854,8 +1854,9 @@ def chunk(data):
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def iter_chunked(reader):
-    """The data of a chunked body (RFC 9112 7.1); trailers are read and dropped.
+def iter_chunked(reader, trailers=None):
+    """The data of a chunked body (RFC 9112 7.1); its trailer lines are appended to trailers
+    (a list) when one is given, else dropped.
 
     Raises FramingError on a bad chunk size or a missing CRLF, EOFError if the peer stops short."""
     while True:
@@ -1882,6 +1883,29 @@ def iter_chunked(reader):
         trailer_bytes += len(line) + 2
         if trailer_bytes > MAX_TRAILER_BYTES:
             raise FramingError("trailers larger than %d bytes" % MAX_TRAILER_BYTES)
+        if trailers is not None:
+            trailers.append(line)
+
+
+# Fields a trailer must not carry (RFC 9110 6.5.1: framing, routing, connection, and what a
+# recipient would read before the body): dropped when trailers are relayed.
+_TRAILER_DENIED = frozenset([
+    b"content-length", b"transfer-encoding", b"content-type", b"content-encoding",
+    b"content-range", b"host", b"connection", b"keep-alive", b"proxy-connection", b"te",
+    b"trailer", b"upgrade", b"authorization", b"proxy-authorization", b"cookie",
+    b"set-cookie", b"cache-control", b"expect", b"range", b"location", b"vary"])
+
+
+def last_chunk(trailers):
+    """The end of a chunked body, with the trailer lines ("name: value", each checked where
+    it was read) that may be relayed."""
+    kept = []
+    for line in trailers:
+        name, colon, _ = line.partition(b":")
+        if colon and name and _TOKEN_CHARS.issuperset(name) and \
+                name.lower() not in _TRAILER_DENIED:
+            kept.append(line + b"\r\n")
+    return b"0\r\n" + b"".join(kept) + b"\r\n"
 
 
 def iter_until_close(reader):
@@ -4930,6 +4954,8 @@ class H2ServerStream(Downstream):
             self.conn.send_data(self, data, not self._left)
         elif framing == "chunked":
             self._dechunk(self._out + bytes(data) if self._out else bytes(data))
+        elif framing == "trailers":
+            self._trailers(self._out + bytes(data))
         elif framing == "raw":
             self.conn.send_data(self, data, False)
 
@@ -4954,6 +4980,28 @@ class H2ServerStream(Downstream):
         self.conn.send_headers(self, fields, framing == "done")
         return body
 
+    def _trailers(self, buf):
+        """After the last chunk: its trailer lines as a HEADERS frame that ends the stream,
+        or an empty DATA frame to end it."""
+        if buf[:2] == b"\r\n":
+            lines = []
+        else:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self._out = buf                # not all here yet
+                return
+            lines = buf[:end].split(b"\r\n")
+        self._framing = "done"
+        fields = []
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if colon:
+                fields.append((name.strip().lower(), value.strip(b" \t")))
+        if fields:
+            self.conn.send_headers(self, fields, True)
+        else:
+            self.conn.send_data(self, b"", True)
+
     def _dechunk(self, buf):
         """The stack's chunked body (whole chunks, as chunk() makes them, in the common case)
         -> DATA; the last chunk -> END_STREAM."""
@@ -4973,10 +5021,9 @@ class H2ServerStream(Downstream):
                     break
                 size = int(buf[:end].split(b";", 1)[0], 16)
                 buf = buf[end + 2:]
-                if not size:                   # trailers, if any, are not carried
-                    self._framing = "done"
-                    self.conn.send_data(self, b"", True)
-                    return
+                if not size:                   # trailers, if any, then the end
+                    self._framing = "trailers"
+                    return self._trailers(buf)
                 self._left = size + 2
         self._out = buf
 
@@ -6581,11 +6628,12 @@ def relay_response(req, resp, conn, downstream, listener):   # long: the hot pat
             reader.poller is not None and downstream.can_splice:
         return splice_body(req, resp, conn, downstream, length, listener) and keep
     reader.settimeout(req.route.timeout)
+    trailers = [] if resp.chunked else None    # a chunked body's (an HTTP/2 stream has its own)
     if length is not None:
         source = iter_length(reader, length,
                              downstream.scratch() if length > IO_CHUNK_BYTES else None)
     elif resp.chunked:
-        source = iter_chunked(reader)
+        source = iter_chunked(reader, trailers)
     else:
         source = iter_until_close(reader)
     rechunk = resp.length is None and to_http11
@@ -6610,7 +6658,8 @@ def relay_response(req, resp, conn, downstream, listener):   # long: the hot pat
             conn.close()
         raise
     if rechunk:
-        send(LAST_CHUNK)
+        trailers = trailers or getattr(conn, "trailers", None)
+        send(last_chunk(trailers) if trailers else LAST_CHUNK)
     if not upstream_done:
         conn.release(resp.keep_alive)
     return keep     # as the head said: an app may send its next request the moment it reads it
@@ -7835,9 +7884,10 @@ def h2_request_fields(head, scheme, length):
 
 def h2_response(fields, method, ended):
     """A response HEADERS block -> Response, framed as HTTP/1.1 relays it: the status line,
-    regular fields as lines, the length if the server gave one (else the app gets it chunked).
+    regular fields as lines, the length if the server gave one (else, or when a `trailer`
+    field announces trailers, the app gets it chunked).
     UpstreamProtocolError for a block without a valid :status."""
-    status, lines, length, request_id = None, [], None, None
+    status, lines, length, request_id, announced = None, [], None, None, False
     for name, value in fields:
         if name == b":status":
             status = value
@@ -7850,7 +7900,10 @@ def h2_response(fields, method, ended):
         elif name not in _H2_DROPPED:
             if name == b"x-request-id":
                 request_id = value
+            announced = announced or name == b"trailer"
             lines.append(name + b": " + value)
+    if announced:              # trailers to come: the app gets it chunked, so that they can
+        length = None          # follow the body
     if status is None or len(status) != 3 or not status.isdigit():
         raise UpstreamProtocolError("HTTP/2 response without a valid :status")
     resp = Response()
@@ -7891,6 +7944,7 @@ class H2Stream:
         # than the request).
         self.cond = threading.Condition(conn._lock)
         self.released = False                  # read in full: ends when END_STREAM comes
+        self.trailers = None                   # trailer lines from a last HEADERS frame
 
     # ---- as a connection, for the request stack ---------------------------------------------
 
@@ -8478,7 +8532,9 @@ class H2Connection:
                     stream.fields = ("informational",)
                 elif stream.fields is None or stream.fields == ("informational",):
                     stream.fields = fields
-                # else: trailers, which an HTTP/1.1 app relayed to cannot get here: dropped
+                else:                  # trailers: relayed in the app's last chunk
+                    stream.trailers = [n + b": " + v for n, v in fields if n[:1] != b":"
+                                       and _BAD_LINE_BYTES.search(v) is None]
                 if flags & H2_END_STREAM:
                     freed = self._ended(stream)
                 stream.cond.notify_all()

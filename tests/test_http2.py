@@ -429,6 +429,12 @@ func main() {
         time.Sleep(2 * time.Second)
         fmt.Fprintf(w, "slow %s\n", r.Proto)
     })
+    http.HandleFunc("/trailers", func(w http.ResponseWriter, r *http.Request) {
+        w.Header().Set("Trailer", "X-Checksum")
+        w.WriteHeader(200)
+        fmt.Fprintf(w, "body over %s", r.Proto)
+        w.Header().Set("X-Checksum", "abc123")
+    })
     http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
         n, _ := io.Copy(io.Discard, r.Body)
         fmt.Fprintf(w, "%s %s %d\n", r.Proto, r.URL.Path, n)
@@ -512,6 +518,30 @@ def test_codec_auto_takes_what_each_server_chooses(ambassador, pki, go_server,
         "nine log lines")]
     assert {(l["cluster"], l["upstream_protocol"]) for l in lines} == \
         {("svc", "HTTP/2"), ("old", "HTTP/1.1"), ("plain", "HTTP/1.1")}
+
+
+def raw_chunked(port, path):
+    """GET path over HTTP/1.1 -> (head, the raw chunked body, trailers and all)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path.encode())
+        data = b""
+        while not (b"\r\n0\r\n" in data and data.endswith(b"\r\n\r\n")):
+            try:
+                piece = s.recv(65536)
+            except socket.timeout:
+                raise AssertionError("timed out with %r" % data)
+            assert piece, data
+            data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_an_h2_servers_trailers_reach_the_app_in_its_last_chunk(ambassador, pki, go_server):
+    amb = ambassador(tls_h2_config(pki, go_server))
+    head, body = raw_chunked(amb.port(), "/trailers")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body.endswith(b"\r\n0\r\nx-checksum: abc123\r\n\r\n"), body
+    assert b"body over HTTP/2.0" in body
 
 
 class RefusingServer:

@@ -246,7 +246,9 @@ def test_tls_listener_picks_h2_by_alpn(ambassador, upstream, pki):
 
 def test_h2load_and_nghttp_many_streams_on_few_connections(ambassador, upstream):
     amb = ambassador(h2_listener(upstream))
-    out = subprocess.run([need("h2load"), "-n", "2000", "-c", "4", "-m", "50",
+    # 40 streams at once: the test upstream (a thread per connection, a backlog of 128) is
+    # what limits, not the listener.
+    out = subprocess.run([need("h2load"), "-n", "2000", "-c", "4", "-m", "10",
                           "http://127.0.0.1:%d/load" % amb.port()],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     text = out.stdout.decode()
@@ -495,4 +497,35 @@ def test_a_reload_that_removes_the_listener_drains_its_h2_connection(ambassador,
         assert c.until_closed(10) == (1, 0)            # then the connection ends
     finally:
         gate.set()
+        c.close()
+
+
+def test_trailers_cross_two_ambassadors_speaking_h2(ambassador, upstream_factory):
+    """An HTTP/1.1 app's chunked trailers -> B (codec = "auto") as a trailing HEADERS frame
+    -> A (codec = "http2", h2c) -> the calling app's last chunk."""
+    from test_http2 import raw_chunked
+
+    def with_trailers(req, sock):
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nx-sum: 42\r\nContent-Length: 9\r\n\r\n")
+    app = upstream_factory(with_trailers)
+    b = ambassador(h2_listener(app))
+    config_a = base_config(["127.0.0.1:%d" % b.port()])
+    config_a["clusters"]["svc"]["codec"] = "http2"
+    a = ambassador(config_a)
+    head, body = raw_chunked(a.port(), "/t")
+    assert body == b"5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n", body   # never a Content-Length
+    c = RawH2(b.port())                                 # B's frames, as a client sees them
+    try:
+        c.request(1, fields())
+        kinds = []
+        while True:
+            kind, flags, sid, payload = c.frame()
+            if sid == 1:
+                kinds.append(kind)
+                if flags & END_STREAM:
+                    break
+        assert kinds == [HEADERS, DATA, HEADERS]
+        assert c.decoder.decode(payload) == [(b"x-sum", b"42")]   # what may be a trailer
+    finally:
         c.close()

@@ -197,8 +197,21 @@ def test_control_bytes_in_a_chunk_line_are_refused(line):
 
 def test_a_chunked_body_with_extensions_and_trailers_reads_whole():
     reader = reader_with(b"5;name=value\r\nhello\r\n6\t;x\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT")
-    assert b"".join(amb.iter_chunked(reader)) == b"hello world"
-    assert reader.buf == b"NEXT"
+    trailers = []
+    assert b"".join(amb.iter_chunked(reader, trailers)) == b"hello world"
+    assert reader.buf == b"NEXT" and trailers == [b"X-T: 1"]
+
+
+@pytest.mark.parametrize("lines, out", [
+    ([], b"0\r\n\r\n"),
+    ([b"grpc-status: 0", b"X-Checksum: abc"], b"0\r\ngrpc-status: 0\r\nX-Checksum: abc\r\n\r\n"),
+    # Framing, routing and what a recipient reads before the body never come as trailers.
+    ([b"Content-Length: 5", b"Transfer-Encoding: chunked", b"Host: x", b"Set-Cookie: a=1",
+      b"x-ok: 1"], b"0\r\nx-ok: 1\r\n\r\n"),
+    ([b": empty name", b"no colon", b"bad name: 1", b"x-ok: 2"], b"0\r\nx-ok: 2\r\n\r\n"),
+])
+def test_last_chunk_relays_only_the_trailers_that_may_be(lines, out):
+    assert amb.last_chunk(lines) == out
 
 
 @pytest.mark.parametrize("data", [b"GET / HTTP/1.1\nHost: a\n\n", b"GET / HTTP/1.1\r\nHost: a\n\r\n",
