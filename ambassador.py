@@ -1420,11 +1420,6 @@ def parse_config(raw, path="<config>"):   # long: the tables in the file's order
             v.problem("clusters.%s.hash_on" % name, "goes with lb_policy = \"ring_hash\", and "
                       "ring_hash needs it (\"header:x-user-id\", \"cookie:session\", ...)")
         hc = values.get("health_check")
-        codec = values.get("codec", "http1")
-        if codec != "http1" and hc is not None and hc.type == "http":
-            v.problem("clusters.%s.health_check.type" % name, "an http health check speaks "
-                      "HTTP/1.1, which this cluster's codec = %s endpoints may not: use "
-                      "\"tcp\"" % json.dumps(codec))
         both = {e.address for e in values.get("endpoints", ())} & \
             {e.address for e in values.get("backup_endpoints", ())}
         if both:
@@ -4779,7 +4774,8 @@ class H2Socket:
     writes: whole frame sequences under one lock; over TLS, reads and writes never overlap
     (io_lock), as OpenSSL allows one operation at a time on a connection.  Waiting for input
     is a poll(), never select() (a process with thousands of connections has descriptors past
-    select's 1024).  Used by both sides: H2ServerConnection (section 15), H2Connection (section 22)."""
+    select's 1024).  Used by both sides: H2ServerConnection (section 15) and H2Connection
+    (section 22)."""
 
     def __init__(self, sock, tls, write_timeout, gone):
         self.sock, self.tls = sock, tls
@@ -5043,15 +5039,14 @@ class H2ServerConnection:
     stack; DATA goes to the stream's body, WINDOW_UPDATE wakes a stream waiting to send.
 
     Bounds, each a GOAWAY(ENHANCE_YOUR_CALM) counted by kind (H2Flood): a header block past
-    four times max_header_bytes however many CONTINUATION frames carry it (a header list
-    past max_header_bytes itself is answered 431); more than half of the
-    streams reset by the client before their response ended, once H2_RESET_MIN_STREAMS have
-    opened (rapid reset, CVE-2023-44487); SETTINGS, PING and PRIORITY past a
-    rate (H2_CONTROL_BURST, then H2_CONTROL_PER_S), WINDOW_UPDATE past
-    H2_WINDOW_UPDATES_PER_DATA for each DATA frame sent; frames with an empty payload past
-    H2_MAX_EMPTY_FRAMES in a row.  A stream whose client window stays shut for idle_timeout
-    ends (a zero-window stall), as does a connection idle that long; a drain sends GOAWAY
-    and closes once its streams have ended."""
+    four times max_header_bytes, however many CONTINUATION frames carry it (a header list
+    past max_header_bytes itself is answered 431); more than half of the streams reset by
+    the client before their response ended, once H2_RESET_MIN_STREAMS have opened (rapid
+    reset, CVE-2023-44487); SETTINGS, PING and PRIORITY past a rate (H2_CONTROL_BURST, then
+    H2_CONTROL_PER_S); WINDOW_UPDATE past H2_WINDOW_UPDATES_PER_DATA for each DATA frame
+    sent; frames with an empty payload past H2_MAX_EMPTY_FRAMES in a row.  A stream whose
+    client window stays shut for idle_timeout ends (a zero-window stall), as does a
+    connection idle that long; a drain sends GOAWAY and closes once its streams have ended."""
 
     def __init__(self, downstream, preface):
         self.downstream = downstream
@@ -8191,8 +8186,8 @@ class H2Connection:
     """One HTTP/2 connection to an endpoint, carrying up to max_concurrent_streams requests
     at once.  Writes are whole frames under one lock; a reader thread takes every frame and
     hands it to its stream, waking only that stream's waiter (each stream has a condition on
-    the connection's one state lock).  Over TLS the socket's reads and writes never overlap (io_lock):
-    OpenSSL allows one operation at a time on a connection.
+    the connection's one state lock).  Its socket is an H2Socket, which it shares with the
+    server side's connections.
 
     A connection that fails, or stops answering PINGs when idle, is closed: its streams
     fail (those never processed as StaleConnection, so they may be sent again, whatever
@@ -9351,13 +9346,60 @@ class OutlierDetector:
             self.sweep()
 
 
+def get_status(sock, path, host, deadline, user_agent, h2=False, scheme=b"http"):
+    """GET path on a fresh connection -> the response's status, or None when what came is not
+    HTTP.  Over HTTP/1.1, or (h2) as the one stream of an HTTP/2 connection: its preface and
+    SETTINGS, one HEADERS frame, then frames read until the response's HEADERS (SETTINGS
+    acknowledged on the way, as a server may wait for that).  socket.timeout past deadline."""
+    if not h2:
+        sock.settimeout(max(0.001, deadline - monotonic()))
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nConnection: close"
+                     b"\r\n\r\n" % (path, host, user_agent))
+        head = SocketReader(sock).read_head(MAX_RESPONSE_HEAD_BYTES, deadline)
+        if not head:
+            raise EOFError("connection closed before a response")
+        return parse_status_line(head)
+    block = HpackEncoder().encode([(b":method", b"GET"), (b":scheme", scheme), (b":path", path),
+                                   (b":authority", host), (b"user-agent", user_agent)])
+    sock.settimeout(max(0.001, deadline - monotonic()))
+    sock.sendall(H2_PREFACE + h2_frame(H2_SETTINGS, 0, 0, h2_settings([(H2_ENABLE_PUSH, 0)])) +
+                 h2_header_frames(1, block, True, H2_DEFAULT_FRAME_SIZE))
+    decoder, buf, pending = HpackDecoder(max_list_bytes=MAX_RESPONSE_HEAD_BYTES), b"", None
+    while True:
+        while len(buf) >= 9 and len(buf) >= 9 + h2_frame_header(buf[:9])[0]:
+            length, kind, flags, stream_id = h2_frame_header(buf[:9])
+            payload, buf = buf[9:9 + length], buf[9 + length:]
+            if kind == H2_SETTINGS and not flags & H2_ACK:
+                sock.sendall(h2_frame(H2_SETTINGS, H2_ACK, 0))
+            elif kind in (H2_HEADERS, H2_CONTINUATION):
+                pending, done = h2_header_block(kind, flags, stream_id, payload, pending,
+                                                MAX_RESPONSE_HEAD_BYTES)
+                fields = decoder.decode(done[2]) if done is not None else ()
+                status = dict(fields).get(b":status", b"")
+                if done is not None and stream_id == 1 and status[:1] != b"1":
+                    sock.sendall(h2_frame(H2_GOAWAY, 0, 0, struct.pack(">II", 0, 0)))
+                    return int(status) if status.isdigit() else None
+            elif kind in (H2_RST_STREAM, H2_GOAWAY):
+                raise EOFError("the server ended the stream (%s)"
+                               % ("RST_STREAM" if kind == H2_RST_STREAM else "GOAWAY"))
+        left = deadline - monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(left)
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed before a response")
+        buf += data
+
+
 class HealthChecker:
     """Active health checks of one cluster: one named thread per endpoint, each checking at
     once, then every `interval` (jittered).  An http check is GET path with User-Agent
     ambassador-health-check, passing on an expected status within `timeout`; a tcp check passes
     when a connection is made; redis sends PING and expects +PONG; postgres sends a
     StartupMessage and expects an R (an authentication request).  Each speaks the cluster's
-    TLS (and its starttls).  Thread-safe."""
+    TLS (and its starttls), and an http check its codec: HTTP/2 where its requests would
+    (get_status).  Thread-safe."""
 
     def __init__(self, cluster, config, telemetry, rng=random):
         self.cluster = cluster
@@ -9439,14 +9481,11 @@ class HealthChecker:
                 if line[:1] == b"+" or (line[:1] == b"-" and not line.startswith(b"-LOADING")):
                     return True, None            # -NOAUTH, -ERR: alive, not ours to log in
                 return False, "redis answered %r" % line[:64].decode("latin-1")
-            deadline = monotonic() + c.timeout
-            sock.settimeout(c.timeout)
-            sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ambassador-health-check"
-                         b"\r\nConnection: close\r\n\r\n" % (c.path.encode(), endpoint.host_header))
-            head = SocketReader(sock).read_head(MAX_RESPONSE_HEAD_BYTES, deadline)
-            if not head:
-                return False, "connection closed before a response"
-            status = parse_status_line(head)
+            codec = self.cluster.config.codec
+            h2 = sock.selected_alpn_protocol() == "h2" if tls is not None else codec == "http2"
+            status = get_status(sock, c.path.encode(), endpoint.host_header,
+                                monotonic() + c.timeout, b"ambassador-health-check", h2,
+                                b"https" if tls is not None else b"http")
             if status in c.expected_statuses:
                 return True, None
             return False, "HTTP %d" % status if status else "not an HTTP response"
@@ -12396,7 +12435,7 @@ def _probes(config, timeout_s):
     for name, c in sorted(config.clusters.items()):
         tls = None
         if c.tls is not None and c.tls.verify and not (c.tls.trust or c.tls.certificate):
-            tls = load_tls_source(c.tls, "upstream", "clusters", name)
+            tls = load_tls_source(c.tls, "upstream", "clusters", name, alpn=offered_alpn(c))
         for key, endpoints in (("endpoints", c.endpoints), ("backup_endpoints",
                                                             c.backup_endpoints)):
             for i, e in enumerate(endpoints):
@@ -12456,7 +12495,7 @@ def _probe_endpoint(cluster, endpoint, path, tls, timeout_s):
                 return found
         hc = cluster.health_check
         if hc is not None and hc.type == "http":
-            found += _probe_health_path(sock, endpoint, hc, path, label)
+            found += _probe_health_path(sock, endpoint, hc, cluster.codec, path, label)
     except OSError as e:
         found.append(Finding("AMB103", path, "%s: %s" % (label, e)))
     finally:
@@ -12500,18 +12539,17 @@ def _probe_tls(sock, cluster, endpoint, path, tls, label):
     return sock, found
 
 
-def _probe_health_path(sock, endpoint, hc, path, label):
+def _probe_health_path(sock, endpoint, hc, codec, path, label):
     host = endpoint.address[0] if endpoint.address[1] in (80, 443) else \
         format_address(endpoint.address)
-    sock.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ambassador-analyze\r\n"
-                  "Connection: close\r\n\r\n" % (hc.path, host)).encode())
-    head = b""
-    while b"\r\n" not in head and len(head) < 4096:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    status = parse_status_line(head)
+    tls = hasattr(sock, "selected_alpn_protocol")
+    h2 = sock.selected_alpn_protocol() == "h2" if tls else codec == "http2"
+    try:
+        status = get_status(sock, hc.path.encode(), host.encode(),
+                            monotonic() + (sock.gettimeout() or ANALYZE_PROBE_TIMEOUT_S),
+                            b"ambassador-analyze", h2, b"https" if tls else b"http")
+    except EOFError:
+        status = None
     if status is None:
         return []                 # not HTTP: the health checker reports it
     where = path.replace(".endpoints[", ".health_check.path (endpoint ").replace("]", ")", 1)

@@ -1457,6 +1457,43 @@ def h2_listener_numbers(tmp, up_port, procs, args, load):
                                               used / max(1, done) * 1e6, m.group(3)))
 
 
+def flood_numbers(tmp, up_port, procs, args):
+    """What each HTTP/2 flood costs a codec = "auto" listener before its GOAWAY: the
+    Ambassador's CPU, its RSS growth, and how long until the connection ended."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import test_http2_server as t
+    print("| flood (tests/test_http2_server.py's) | CPU ms until GOAWAY | RSS growth MiB | "
+          "seconds | GOAWAY code |")
+    print("|---|---|---|---|---|")
+    for kind in ("rapid_reset", "continuation", "ping", "settings", "priority", "empty_frames",
+                 "window_update"):
+        admin, listen = free_port(), free_port()
+        path = os.path.join(tmp, "flood-%s.toml" % kind)
+        with open(path, "w") as f:
+            f.write('[admin]\nlisten = "127.0.0.1:%d"\n[log]\naccess = "off"\n'
+                    '[listeners.l]\nlisten = "127.0.0.1:%d"\ncluster = "c"\ncodec = "auto"\n'
+                    '[clusters.c]\nendpoints = ["127.0.0.1:%d"]\n' % (admin, listen, up_port))
+        proc = subprocess.Popen(pinned(0, [args.python, os.path.join(ROOT, "ambassador.py"),
+                                           "-c", path]), stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        wait_http(admin, "/ready")
+        cpu0, rss0, _ = proc_stat(proc.pid)
+        started = time.monotonic()
+        c = t.RawH2(listen)
+        sender = threading.Thread(target=t.flood, args=(kind, c))
+        sender.start()
+        goaway = c.until_closed(60)
+        took = time.monotonic() - started
+        sender.join(60)
+        c.close()
+        cpu1, rss1, _ = proc_stat(proc.pid)
+        print("| %s | %.0f | %.1f | %.2f | %s |" % (kind, (cpu1 - cpu0) * 1000,
+                                                    (rss1 - rss0) / 1024, took,
+                                                    goaway and goaway[1]))
+        proc.terminate()
+        proc.wait(10)
+
+
 def wait_open(port, timeout=10):
     """Until something accepts on 127.0.0.1:port (a server that speaks no plain HTTP)."""
     deadline = time.monotonic() + timeout
@@ -1754,6 +1791,7 @@ def main():
             return
         if args.h2_listener_only:
             h2_listener_numbers(tmp, up_port, procs, args, load)
+            flood_numbers(tmp, up_port, procs, args)
             return
         if args.admin_only:
             admin_numbers(tmp, up_port, procs, args)

@@ -636,10 +636,41 @@ def test_codec_http2_config_is_checked():
         ambassador.parse_config(ambassador.parse_toml(
             base.replace('protocol = "tcp"\n', "") + '[clusters.c.health_check]\npath = "/"\n'
             '[clusters.c.http2]\nmax_conections = 2\n'))
-    assert any(p.startswith("clusters.c.health_check.type: an http health check") for p in
-               e.value.problems)
+    assert not any("health_check" in p for p in e.value.problems)   # http checks speak h2
     assert any(p.startswith('clusters.c.http2.max_conections: unknown key (did you mean '
                             '"max_connections"?)') for p in e.value.problems)
+
+
+def health_of(amb, cluster):
+    """[(health, why)] of cluster's endpoints; [(None, None)] while the admin port is not up."""
+    try:
+        snapshot = json.loads(amb.admin("/clusters")[1])["clusters"][cluster]["endpoints"]
+    except OSError:
+        return [(None, None)]
+    return [(e["health"], e.get("health_reason")) for e in snapshot]
+
+
+def test_http_health_checks_speak_the_clusters_http2(ambassador, pki, nghttpd, go_server):
+    """An http check goes as the cluster's requests do: h2c to nghttpd (codec = "http2"),
+    h2 by ALPN to Go (codec = "auto"); a path the server does not have fails the check."""
+    with open(os.path.join(nghttpd.root, "health"), "w") as f:
+        f.write("ok")
+    config = h2_config(nghttpd.address)
+    config["clusters"]["svc"]["health_check"] = {"path": "/health", "interval": "1s"}
+    config["listeners"]["g"] = {"listen": "127.0.0.1:0", "cluster": "go"}
+    config["clusters"]["go"] = {"endpoints": ["localhost:%d" % go_server], "codec": "auto",
+                                "tls": {"ca": pki.ca_pem},
+                                "health_check": {"path": "/anything", "interval": "1s"}}
+    config["listeners"]["m"] = {"listen": "127.0.0.1:0", "cluster": "missing"}
+    config["clusters"]["missing"] = {"endpoints": [nghttpd.address], "codec": "http2",
+                                     "health_check": {"path": "/nope", "interval": "1s",
+                                                      "unhealthy_threshold": 1}}
+    amb = ambassador(config, ready=False)
+    wait_for(lambda: health_of(amb, "svc")[0][0] == "healthy", 10, "nghttpd healthy over h2c")
+    wait_for(lambda: health_of(amb, "go")[0][0] == "healthy", 10, "Go healthy over h2")
+    assert wait_for(lambda: health_of(amb, "missing")[0][0] == "unhealthy" and
+                    health_of(amb, "missing")[0], 10, "a 404 unhealthy") == \
+        ("unhealthy", "HTTP 404")
 
 
 def test_a_connection_that_does_not_answer_ping_is_replaced(ambassador):

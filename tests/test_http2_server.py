@@ -411,8 +411,14 @@ def flood(kind, c):
 
 @pytest.mark.parametrize("kind", ["rapid_reset", "continuation", "ping", "settings", "priority",
                                   "empty_frames", "window_update"])
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int([l for l in f if l.startswith("VmRSS:")][0].split()[1])
+
+
 def test_floods_end_with_enhance_your_calm_and_others_are_served(ambassador, upstream, kind):
     amb = ambassador(h2_listener(upstream, max_connections=20))
+    before = rss_kib(amb.proc.pid)
     c = RawH2(amb.port())
     sender = threading.Thread(target=flood, args=(kind, c))
     sender.start()
@@ -423,6 +429,7 @@ def test_floods_end_with_enhance_your_calm_and_others_are_served(ambassador, ups
         sender.join(60)
         c.close()
     assert metric(amb, "ambassador_http2_floods_total", listener="app", kind=kind) == 1
+    assert rss_kib(amb.proc.pid) - before < 32 * 1024        # memory bounded: under 32 MiB
     if kind == "rapid_reset":                   # cut long before the 2,000 it tried
         assert upstream.count() <= 2 * amb_module.H2_RESET_MIN_STREAMS
     other = RawH2(amb.port())
