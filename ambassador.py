@@ -276,6 +276,9 @@ H2_CONTROL_BURST = 200                         # SETTINGS, PING, PRIORITY: each 
 H2_CONTROL_PER_S = 50                          # then this many a second
 H2_MAX_EMPTY_FRAMES = 1                        # in a row (Envoy's)
 H2_WINDOW_UPDATES_PER_DATA = 10                # for each DATA frame sent (Envoy's)
+# ambassador_http2_floods_total's kinds, each a bound of H2ServerConnection's.
+H2_FLOOD_KINDS = ("rapid_reset", "continuation", "settings", "ping", "priority", "empty_frames",
+                  "window_update")
 H2_LINGER_S = 1.0                              # after our GOAWAY: input read and dropped so
 H2_LINGER_MAX_BYTES = 4 << 20                  # long, so much, before the close
 UPSTREAM_IDLE_S = 4.0                         # below the 5 s keep-alive of Node and many servers
@@ -10503,6 +10506,9 @@ class Telemetry:
             self.recent.setdefault(l.name, RecentStats())
             if l.config.protocol == "http":
                 self.added_latency.touch((l.name,))
+            if l.config.codec == "auto":
+                for kind in H2_FLOOD_KINDS:
+                    self.h2_floods.touch((l.name, kind))
             for cluster in l.clusters():
                 self.duration.touch((l.name, cluster.name))
                 self.retries.touch((l.name, cluster.name))

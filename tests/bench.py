@@ -1465,8 +1465,7 @@ def flood_numbers(tmp, up_port, procs, args):
     print("| flood (tests/test_http2_server.py's) | CPU ms until GOAWAY | RSS growth MiB | "
           "seconds | GOAWAY code |")
     print("|---|---|---|---|---|")
-    for kind in ("rapid_reset", "continuation", "ping", "settings", "priority", "empty_frames",
-                 "window_update"):
+    for kind in t.amb_module.H2_FLOOD_KINDS:
         admin, listen = free_port(), free_port()
         path = os.path.join(tmp, "flood-%s.toml" % kind)
         with open(path, "w") as f:

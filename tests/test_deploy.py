@@ -68,7 +68,7 @@ def test_the_manifests_fit_the_config(name):
 
 def test_every_metric_an_alert_names_exists(ambassador, upstream):
     rules = read(DEPLOY, "prometheus", "alerts.yml")
-    named = set(re.findall(r"\b(ambassador_[a-z_]+)\b", rules))
+    named = set(re.findall(r"\b(ambassador_[a-z0-9_]+)\b", rules))
     assert len(named) >= 6
     a = ambassador([upstream.address])
     families = set(re.findall(r"^# TYPE (\S+) ", a.admin("/metrics")[1], re.M))

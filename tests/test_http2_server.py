@@ -409,13 +409,12 @@ def flood(kind, c):
         pass                                    # closed under us: what we wanted
 
 
-@pytest.mark.parametrize("kind", ["rapid_reset", "continuation", "ping", "settings", "priority",
-                                  "empty_frames", "window_update"])
 def rss_kib(pid):
     with open("/proc/%d/status" % pid) as f:
         return int([l for l in f if l.startswith("VmRSS:")][0].split()[1])
 
 
+@pytest.mark.parametrize("kind", amb_module.H2_FLOOD_KINDS)
 def test_floods_end_with_enhance_your_calm_and_others_are_served(ambassador, upstream, kind):
     amb = ambassador(h2_listener(upstream, max_connections=20))
     before = rss_kib(amb.proc.pid)
