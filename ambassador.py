@@ -2638,22 +2638,30 @@ class HpackEncoder:
     Values of fields that carry secrets are marked never-indexed for intermediaries too."""
     NEVER_INDEXED = frozenset([b"authorization", b"cookie", b"proxy-authorization",
                                b"set-cookie"])
+    MAX_NAMES = 256               # names whose encoding is kept (they repeat: a few dozen)
+
+    def __init__(self):
+        self._names = {}          # name -> its literal's first bytes: kind and name (or index)
 
     def encode(self, fields):
         """[(name, value)] as bytes (names lower case) -> a header block."""
         out = []
+        names = self._names
         for name, value in fields:
             full = _HPACK_STATIC_FULL.get((name, value))
             if full is not None:
                 out.append(hpack_int(full, 7, 0x80))
                 continue
-            first = 0x10 if name in self.NEVER_INDEXED else 0x00
-            index = _HPACK_STATIC_NAME.get(name)
-            if index is not None:
-                out.append(hpack_int(index, 4, first))
-            else:
-                out.append(hpack_int(0, 4, first) + hpack_string(name))
-            out.append(hpack_string(value))
+            prefix = names.get(name)
+            if prefix is None:
+                first = 0x10 if name in self.NEVER_INDEXED else 0x00
+                index = _HPACK_STATIC_NAME.get(name)
+                prefix = hpack_int(index, 4, first) if index is not None else \
+                    hpack_int(0, 4, first) + hpack_string(name)
+                if len(names) < self.MAX_NAMES:
+                    names[name] = prefix
+            size = len(value)     # hpack_string(value), its common case inline
+            out.append(prefix + (bytes((size,)) if size < 127 else hpack_int(size, 7)) + value)
         return b"".join(out)
 
 
