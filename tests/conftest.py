@@ -240,7 +240,12 @@ class Upstream:
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:                   # stop() closed it before this thread began
+            with self._lock:
+                self.open_now -= 1
+            return
         if self.tls is not None:
             try:
                 sock.settimeout(5)
