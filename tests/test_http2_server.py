@@ -260,7 +260,9 @@ def test_h2load_and_nghttp_many_streams_on_few_connections(ambassador, upstream)
                           "http://127.0.0.1:%d/n" % amb.port()],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
     assert out.returncode == 0, out.stdout
-    assert metric(amb, "ambassador_requests_total", listener="app", code="200") == 2020
+    # Counted as each request ends, which may be just after its response reached the client.
+    wait_for(lambda: metric(amb, "ambassador_requests_total", listener="app", code="200") ==
+             2020, 10, "2,020 requests counted")
 
 
 # ------------------------------------------------------------------------------ two Ambassadors
