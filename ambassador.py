@@ -2270,6 +2270,8 @@ def error_reply(status, tag, detail, request_id, keep_alive, attempts=0, req=Non
 # ==================================================================================================
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# How an HTTP/1.1 reader sees the preface: a head of its own, then the rest.
+H2_PREFACE_HEAD, H2_PREFACE_REST = H2_PREFACE[:14], H2_PREFACE[18:]
 H2_DATA, H2_HEADERS, H2_PRIORITY, H2_RST_STREAM, H2_SETTINGS, H2_PUSH_PROMISE, H2_PING, \
     H2_GOAWAY, H2_WINDOW_UPDATE, H2_CONTINUATION = range(10)
 H2_END_STREAM = H2_ACK = 0x1
@@ -4490,8 +4492,8 @@ class DownstreamConnection(Downstream):
                 return self.close()
             if head is None:
                 return self.wait()
-            if head == H2_PREFACE[:14] and config.codec == "auto" and not self.served:
-                return self.become_h2(H2_PREFACE[18:])    # HTTP/2 with prior knowledge
+            if head == H2_PREFACE_HEAD and config.codec == "auto" and not self.served:
+                return self.become_h2(H2_PREFACE_REST)    # HTTP/2 with prior knowledge
             kept = self.handle(head)
             if kept is TUNNELLED:
                 return self.hand_over()
@@ -4696,8 +4698,8 @@ class DownstreamConnection(Downstream):
 #    A client speaking HTTP/2 -- another Ambassador, or an app that can -- on an http listener
 #    with codec = "auto" (ALPN on TLS, the connection preface without).  Each stream's request
 #    becomes the HTTP/1.1 head the request stack parses, and is served by it unchanged; its
-#    HTTP/1.1 response goes back as frames.  The translation both ways, and the socket both
-#    sides of HTTP/2 share; the connection itself, in section 15.
+#    HTTP/1.1 response goes back as frames.  The translation both ways, and what both sides
+#    of HTTP/2 share (windows, SETTINGS, the socket); the connection itself, in section 15.
 # ==================================================================================================
 
 # Fields RFC 9113 8.2.2 calls connection-specific: a request carrying one is malformed, and a
@@ -4780,6 +4782,62 @@ def h2_response_fields(head):
     return int(status), fields, framing, length
 
 
+def h2_peer_settings(conn, settings):
+    """(conn's lock held) The peer's SETTINGS that shape what conn sends, on either side: its
+    frame size, and its initial window, whose change applies to every open stream (RFC 9113
+    6.9.2)."""
+    if H2_MAX_FRAME_SIZE in settings:
+        conn.peer_frame = settings[H2_MAX_FRAME_SIZE]
+    if H2_INITIAL_WINDOW_SIZE in settings:
+        delta = settings[H2_INITIAL_WINDOW_SIZE] - conn.peer_window
+        conn.peer_window = settings[H2_INITIAL_WINDOW_SIZE]
+        for stream in conn.streams.values():
+            stream.send_window += delta
+
+
+def h2_window_update(conn, stream_id, payload):
+    """(conn's lock held) A WINDOW_UPDATE added to the send window of conn (stream 0) or of
+    one of its open streams -> which, or None for a stream no longer open."""
+    increment = struct.unpack(">I", payload[:4])[0] & 0x7fffffff
+    target = conn if stream_id == 0 else conn.streams.get(stream_id)
+    if target is not None:
+        if not increment:
+            raise H2Error(H2_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+        target.send_window += increment
+        if target.send_window > H2_MAX_WINDOW:
+            raise H2Error(H2_FLOW_CONTROL_ERROR, "window past 2^31-1")
+    return target
+
+
+def h2_take(conn, stream, n):
+    """(conn's lock held) Up to n bytes of what stream received, and the WINDOW_UPDATE frames
+    that give what was read back to the peer: the stream's once half its window was read
+    (not after its END_STREAM), the connection's likewise (h2_credit)."""
+    data = stream.data.popleft()
+    if len(data) > n:
+        stream.data.appendleft(data[n:])
+        data = data[:n]
+    stream.consumed += len(data)
+    conn.consumed += len(data)
+    updates = b""
+    if stream.consumed >= H2_STREAM_WINDOW // 2 and not stream.ended:
+        updates = h2_frame(H2_WINDOW_UPDATE, 0, stream.id, struct.pack(">I", stream.consumed))
+        stream.recv_window += stream.consumed
+        stream.consumed = 0
+    return data, updates + h2_credit(conn)
+
+
+def h2_credit(conn):
+    """(conn's lock held) The connection's WINDOW_UPDATE once half its window was read (or
+    credited back: padding, streams that ended), else b""."""
+    if conn.consumed < H2_CONNECTION_WINDOW // 2:
+        return b""
+    frame = h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(">I", conn.consumed))
+    conn.recv_window += conn.consumed
+    conn.consumed = 0
+    return frame
+
+
 class H2Socket:
     """The socket of one HTTP/2 connection, shared by its reader thread and every stream that
     writes: whole frame sequences under one lock; over TLS, reads and writes never overlap
@@ -4858,13 +4916,14 @@ class H2ServerStream(Downstream):
     shared with the reader thread is guarded by the connection's lock; the rest is the serving
     worker's own."""
 
+    protocol = "HTTP/2"
+
     def __init__(self, conn, stream_id, head, chunked, error):
         down = conn.downstream
         self.conn, self.id, self.listener = conn, stream_id, conn.listener
         self.client_ip, self.client_address = down.client_ip, down.client_address
         self.client_cert, self.forbidden = down.client_cert, down.forbidden
         self.head, self.chunked, self.error = head, chunked, error
-        self.protocol = "HTTP/2"
         self.sock = self                       # what cut_in_flight shuts
         self.send_timeout = conn.listener.config.idle_timeout
         self.timeout = None
@@ -4893,7 +4952,7 @@ class H2ServerStream(Downstream):
         """Run by a worker: the request through the stack, then the stream's end."""
         if self.error is not None:
             req = Request()
-            req.start, req.wall_start, req.protocol = monotonic(), time.time(), "HTTP/2"
+            req.start, req.wall_start, req.protocol = monotonic(), time.time(), self.protocol
             self.reply_error(req, self.error)
             self.listener.telemetry.record_request(self.listener, req, 0.0)
         else:
@@ -5302,20 +5361,11 @@ class H2ServerConnection:
                     if stream.done:
                         self._forget(stream)
                 stream.cond.notify_all()
-            update = self._window_credit()
+            update = h2_credit(self)
         if update:
             self.io.write(update)
         if reset is not None:
             self._send_reset(stream_id, reset)
-
-    def _window_credit(self):
-        """The connection's WINDOW_UPDATE when half its window was read (lock held)."""
-        if self.consumed < H2_CONNECTION_WINDOW // 2:
-            return b""
-        frame = h2_frame(H2_WINDOW_UPDATE, 0, 0, struct.pack(">I", self.consumed))
-        self.recv_window += self.consumed
-        self.consumed = 0
-        return frame
 
     def _reset_by_client(self, stream_id):
         with self.lock:
@@ -5336,31 +5386,20 @@ class H2ServerConnection:
 
     def _settings(self, settings):
         with self.lock:
-            if H2_MAX_FRAME_SIZE in settings:
-                self.peer_frame = settings[H2_MAX_FRAME_SIZE]
-            if H2_INITIAL_WINDOW_SIZE in settings:      # applies to open streams (6.9.2)
-                delta = settings[H2_INITIAL_WINDOW_SIZE] - self.peer_window
-                self.peer_window = settings[H2_INITIAL_WINDOW_SIZE]
+            h2_peer_settings(self, settings)
+            if H2_INITIAL_WINDOW_SIZE in settings:
                 for stream in self.streams.values():
-                    stream.send_window += delta
                     stream.cond.notify_all()
         self.io.write(h2_frame(H2_SETTINGS, H2_ACK, 0))
 
     def _window_update(self, stream_id, payload):
         if len(payload) != 4:
             raise H2Error(H2_FRAME_SIZE_ERROR, "WINDOW_UPDATE of %d bytes" % len(payload))
-        increment = struct.unpack(">I", payload)[0] & 0x7fffffff
         with self.lock:
-            target = self if stream_id == 0 else self.streams.get(stream_id)
-            if target is None:
-                return
-            if not increment:
-                raise H2Error(H2_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-            target.send_window += increment
-            if target.send_window > H2_MAX_WINDOW:
-                raise H2Error(H2_FLOW_CONTROL_ERROR, "window past 2^31-1")
-            for stream in [target] if stream_id else self.streams.values():
-                stream.cond.notify_all()
+            target = h2_window_update(self, stream_id, payload)
+            if target is not None:
+                for stream in [target] if stream_id else self.streams.values():
+                    stream.cond.notify_all()
 
     # ---- the workers ---------------------------------------------------------------------------
 
@@ -5406,19 +5445,7 @@ class H2ServerConnection:
                 if left <= 0:
                     raise socket.timeout("no body bytes within the timeout")
                 stream.cond.wait(min(left, 1.0))
-            data = stream.data.popleft()
-            if len(data) > n:
-                stream.data.appendleft(data[n:])
-                data = data[:n]
-            stream.consumed += len(data)
-            self.consumed += len(data)
-            updates = b""
-            if stream.consumed >= H2_STREAM_WINDOW // 2 and not stream.ended:
-                updates = h2_frame(H2_WINDOW_UPDATE, 0, stream.id,
-                                   struct.pack(">I", stream.consumed))
-                stream.recv_window += stream.consumed
-                stream.consumed = 0
-            updates += self._window_credit()
+            data, updates = h2_take(self, stream, n)
         if updates:
             self.io.write(updates)
         return data
@@ -7944,6 +7971,7 @@ class H2Stream:
         self.error = None                      # (ProxyError class, message): reset, refused
         self.send_window = 0
         self.consumed = 0                      # read, not yet given back by WINDOW_UPDATE
+        self.recv_window = H2_STREAM_WINDOW    # what the server may still send (h2_take)
         self.local_done = False                # our END_STREAM sent
         # Its own condition on the connection's lock: a frame for one stream wakes only the
         # thread waiting on that stream (a notify_all to 100 threads per frame costs more
@@ -8329,24 +8357,9 @@ class H2Connection:
                 if left is not None and left <= 0:
                     raise socket.timeout("timed out")
                 stream.cond.wait(left)
-            data = stream.data.popleft()
-            if len(data) > n:
-                stream.data.appendleft(data[n:])
-                data = data[:n]
-            stream.consumed += len(data)
-            self.consumed += len(data)
-            updates = []
-            if stream.consumed >= H2_STREAM_WINDOW // 2 and not stream.ended:
-                updates.append(h2_frame(H2_WINDOW_UPDATE, 0, stream.id,
-                                        struct.pack(">I", stream.consumed)))
-                stream.consumed = 0
-            if self.consumed >= H2_CONNECTION_WINDOW // 2:
-                updates.append(h2_frame(H2_WINDOW_UPDATE, 0, 0,
-                                        struct.pack(">I", self.consumed)))
-                self.recv_window += self.consumed
-                self.consumed = 0
+            data, updates = h2_take(self, stream, n)
         if updates:
-            self._write(b"".join(updates))
+            self._write(updates)
         return data
 
     def forget(self, stream):
@@ -8492,16 +8505,10 @@ class H2Connection:
                            "processed" % (self.label, s.id))
             self.pool.stream_done(self)
         elif kind == H2_WINDOW_UPDATE:
-            increment = struct.unpack(">I", payload[:4])[0] & 0x7fffffff
             with self._lock:
-                target = self if stream_id == 0 else self.streams.get(stream_id)
+                target = h2_window_update(self, stream_id, payload)
                 if target is not None:
-                    if not increment:
-                        raise H2Error(H2_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-                    target.send_window += increment
-                    if target.send_window > H2_MAX_WINDOW:
-                        raise H2Error(H2_FLOW_CONTROL_ERROR, "window past 2^31-1")
-                    self._wake(None if stream_id == 0 else target)
+                    self._wake(None if target is self else target)
         elif kind == H2_PUSH_PROMISE:
             raise H2Error(H2_PROTOCOL_ERROR, "PUSH_PROMISE after ENABLE_PUSH 0")
         return headers                         # PRIORITY and unknown types: ignored
@@ -8551,13 +8558,7 @@ class H2Connection:
         with self._lock:
             if H2_MAX_CONCURRENT_STREAMS in settings:
                 self.peer_max_streams = settings[H2_MAX_CONCURRENT_STREAMS]
-            if H2_MAX_FRAME_SIZE in settings:
-                self.peer_frame = settings[H2_MAX_FRAME_SIZE]
-            if H2_INITIAL_WINDOW_SIZE in settings:      # applies to open streams (6.9.2)
-                delta = settings[H2_INITIAL_WINDOW_SIZE] - self.peer_window
-                self.peer_window = settings[H2_INITIAL_WINDOW_SIZE]
-                for stream in self.streams.values():
-                    stream.send_window += delta
+            h2_peer_settings(self, settings)
             self._wake(None)
         self._write(h2_frame(H2_SETTINGS, H2_ACK, 0))
 

@@ -190,6 +190,17 @@ class RawH2:
         self.sock.close()
 
 
+def gated_upstream(upstream_factory, body, wait):
+    """An upstream that answers 200 with body once the gate is set (or after wait seconds)
+    -> (upstream, gate): requests held in flight for as long as a test needs."""
+    gate = threading.Event()
+
+    def held(req, sock):
+        gate.wait(wait)
+        respond(sock, 200, body)
+    return upstream_factory(held), gate
+
+
 def h2_listener(upstream, **listener):
     return base_config([upstream.address], access="off", codec="auto", **listener)
 
@@ -363,12 +374,7 @@ def test_malformed_h2_requests_get_a_4xx_and_are_never_forwarded(ambassador, ups
 
 
 def test_more_streams_than_promised_are_refused(ambassador, upstream_factory):
-    gate = threading.Event()
-
-    def held(req, sock):
-        gate.wait(20)
-        respond(sock, 200, b"late")
-    up = upstream_factory(held)
+    up, gate = gated_upstream(upstream_factory, b"late", 20)
     amb = ambassador(h2_listener(up, max_connections=10))
     c = RawH2(amb.port())
     try:
@@ -457,12 +463,7 @@ def test_a_zero_window_stall_ends_the_stream_not_the_listener(ambassador, upstre
 
 
 def test_drain_sends_goaway_and_finishes_the_stream_in_flight(ambassador, upstream_factory):
-    gate = threading.Event()
-
-    def slow(req, sock):
-        gate.wait(10)
-        respond(sock, 200, b"finished")
-    up = upstream_factory(slow)
+    up, gate = gated_upstream(upstream_factory, b"finished", 10)
     amb = ambassador(h2_listener(up))
     c = RawH2(amb.port())
     try:
@@ -481,12 +482,7 @@ def test_drain_sends_goaway_and_finishes_the_stream_in_flight(ambassador, upstre
 def test_a_reload_that_removes_the_listener_drains_its_h2_connection(ambassador,
                                                                      upstream_factory):
     from test_reload import port_of, reload, rewrite
-    gate = threading.Event()
-
-    def slow(req, sock):
-        gate.wait(10)
-        respond(sock, 200, b"finished")
-    up = upstream_factory(slow)
+    up, gate = gated_upstream(upstream_factory, b"finished", 10)
     config = h2_listener(up)
     config["listeners"]["x"] = {"listen": "127.0.0.1:0", "cluster": "svc", "codec": "auto"}
     amb = ambassador(config)
